@@ -1,0 +1,203 @@
+"""Live training dashboard: a read-only web page over the runs' status files.
+
+    python dashboard.py                  # reads logs/, serves http://127.0.0.1:8765/
+    python dashboard.py runs/ --port 9000
+
+Each training script replaces logs/<RUN_ID>.status.json atomically every few steps (DESIGN.md, "Logs and
+telemetry"); this server only reads those files. It binds to 127.0.0.1, answers GET and HEAD only, and
+has no endpoint that writes or controls anything (TECHNIQUES.md E: the dashboard is read-only).
+
+Routes:
+    /                     dashboard.html (read from next to this file)
+    /api/runs             [{"run_id", "mtime", "state"}, ...] for every *.status.json, newest first
+    /api/status/<run_id>  the run's status JSON, plus "stale": true when it is the last good copy
+
+Stdlib only, so it runs wherever the trainer runs.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+HOST = "127.0.0.1"  # loopback only: the page shows unpublished results
+DEFAULT_PORT = 8765
+STATUS_SUFFIX = ".status.json"
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")  # no "/" and no "%", so no way out of LOGDIR
+PAGE = Path(__file__).resolve().with_name("dashboard.html")
+
+
+# -----------------------------------------------------------------------------
+# STATUS FILES
+#
+# The writer replaces the file atomically, but a file may still be missing (the run has not started,
+# or was cleaned up) or half-written (a writer that does not use os.replace, a copy in progress).
+# We parse on the server and keep the last good copy per run, so the page never sees broken JSON.
+# NaN and Infinity (a diverged loss) become null: browsers' JSON.parse rejects them.
+# -----------------------------------------------------------------------------
+
+
+def _finite_or_none(text):
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+class StatusReader:
+    def __init__(self, logdir):
+        self.logdir = Path(logdir)
+        self._last_good = {}
+        self._lock = threading.Lock()  # requests are served on several threads
+
+    def read(self, run_id):
+        """The run's status dict ("stale": False), else its last good copy ("stale": True), else None."""
+        path = self.logdir / (run_id + STATUS_SUFFIX)
+        try:
+            status = json.loads(path.read_text(encoding="utf-8"),
+                                parse_float=_finite_or_none, parse_constant=lambda _: None)
+            if not isinstance(status, dict):
+                raise ValueError("status is not a JSON object")
+        except (OSError, ValueError):  # missing, unreadable, truncated or not UTF-8
+            with self._lock:
+                last_good = self._last_good.get(run_id)
+            return None if last_good is None else {**last_good, "stale": True}
+        status["stale"] = False
+        with self._lock:
+            self._last_good[run_id] = status
+        return status
+
+    def runs(self):
+        """Every run with a status file in LOGDIR, newest first; [] when LOGDIR does not exist."""
+        if not self.logdir.is_dir():
+            return []
+        runs = []
+        for path in self.logdir.glob("*" + STATUS_SUFFIX):
+            run_id = path.name[: -len(STATUS_SUFFIX)]
+            if not RUN_ID_RE.fullmatch(run_id):
+                continue
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:  # removed since the glob
+                continue
+            status = self.read(run_id)
+            runs.append({"run_id": run_id, "mtime": mtime, "state": status.get("state") if status else None})
+        runs.sort(key=lambda run: run["mtime"], reverse=True)
+        return runs
+
+
+# -----------------------------------------------------------------------------
+# HTTP SERVER
+#
+# HTTP/1.0 (the http.server default): one request per connection, so an unread request body of a
+# refused POST cannot be mistaken for the next request. Request logging is off; errors go to the
+# client as one-line JSON, and no request can take the server down.
+# -----------------------------------------------------------------------------
+
+
+class DashboardHandler(BaseHTTPRequestHandler):
+    server_version = "dashboard"
+
+    def do_GET(self):
+        self._serve(send_body=True)
+
+    def do_HEAD(self):
+        self._serve(send_body=False)
+
+    def __getattr__(self, name):
+        # http.server answers a method it has no do_<METHOD> for with 501; a read-only server says
+        # 405 to every method but GET and HEAD.
+        if name.startswith("do_"):
+            return self._refuse_method
+        raise AttributeError(name)
+
+    def _refuse_method(self):
+        self._send_json(405, {"error": f"{self.command} not allowed: the dashboard is read-only"},
+                        send_body=True, extra_headers={"Allow": "GET, HEAD"})
+
+    def _serve(self, send_body):
+        path = unquote(urlsplit(self.path).path)
+        reader = self.server.reader
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8", send_body)
+            elif path == "/api/runs":
+                self._send_json(200, reader.runs(), send_body)
+            elif path.startswith("/api/status/"):
+                run_id = path[len("/api/status/"):]
+                if not RUN_ID_RE.fullmatch(run_id):
+                    self._send_json(400, {"error": "bad run id: use letters, digits, _ . -"}, send_body)
+                    return
+                status = reader.read(run_id)
+                if status is None:
+                    self._send_json(404, {"error": f"no status file for run {run_id}"}, send_body)
+                else:
+                    self._send_json(200, status, send_body)
+            else:
+                self._send_json(404, {"error": f"no such page: {path}"}, send_body)
+        except ConnectionError:  # the browser went away mid-answer
+            pass
+        except Exception as exc:  # a bad file or a bug must cost one request, not the server
+            try:
+                self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"}, send_body)
+            except OSError:
+                pass
+
+    def _send_json(self, code, obj, send_body, extra_headers=None):
+        body = json.dumps(obj, allow_nan=False).encode("utf-8")
+        self._send(code, body, "application/json", send_body, extra_headers)
+
+    def _send(self, code, body, content_type, send_body, extra_headers=None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # every poll must see the file as it is now
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (extra_headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass  # quiet: a poll every 10 s per run would drown the terminal
+
+
+class DashboardServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck browser connection must not block Ctrl-C
+
+    def __init__(self, logdir, port):
+        super().__init__((HOST, port), DashboardHandler)
+        self.reader = StatusReader(logdir)
+
+
+def make_server(logdir, port=DEFAULT_PORT):
+    """A DashboardServer on 127.0.0.1:port (0 = any free port), not yet serving."""
+    return DashboardServer(logdir, port)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Read-only live dashboard of the training runs' status files.")
+    parser.add_argument("logdir", nargs="?", default="logs",
+                        help="directory holding <RUN_ID>.status.json files (default: logs)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port on 127.0.0.1 to serve on, 0 for any free one (default: {DEFAULT_PORT})")
+    args = parser.parse_args(argv)
+    try:
+        server = make_server(args.logdir, args.port)
+    except OSError as exc:
+        sys.exit(f"dashboard: cannot listen on {HOST}:{args.port}: {exc.strerror or exc}")
+    print(f"dashboard: http://{HOST}:{server.server_address[1]}/ (reading {args.logdir})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The official shard format (RULES.md section 5).
+
+A shard is a 1,024-byte header of 256 little-endian int32 ([0]=20240520 magic, [1]=1 version,
+[2]=num_tokens, the rest zero) followed by num_tokens little-endian uint16 token ids. Every reader
+check fails with a one-line ValueError naming the file, because a bad shard found at step 5,000 of a
+paid run is the most expensive way to learn about a truncated download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+SHARD_SIZE = 10**8  # tokens per file in the official export
+MAX_TOKEN_ID = 2**16 - 1
+
+
+def check_shard(path: str | os.PathLike) -> int:
+    """Validate the header and the file size without reading the body; return num_tokens.
+
+    Cheap enough to run on every cached 200 MB shard before deciding to skip a download.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    return _check_header(path, header, size)
+
+
+def _check_header(path: Path, header: np.ndarray, size: int) -> int:
+    if header[0] != MAGIC:
+        raise ValueError(f"{path}: bad magic {int(header[0])} (expected {MAGIC})")
+    if header[1] != VERSION:
+        raise ValueError(f"{path}: unsupported version {int(header[1])} (expected {VERSION})")
+    num_tokens = int(header[2])
+    if num_tokens < 0:
+        raise ValueError(f"{path}: negative token count {num_tokens} in header")
+    expected = HEADER_BYTES + 2 * num_tokens
+    if size < expected:
+        held = (size - HEADER_BYTES) // 2
+        raise ValueError(f"{path}: truncated: header says {num_tokens} tokens, file holds {held}")
+    if size > expected:
+        raise ValueError(
+            f"{path}: {size - expected} trailing bytes: header says {num_tokens} tokens "
+            f"({expected} bytes), file is {size} bytes"
+        )
+    return num_tokens
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Read a whole shard into a writable uint16 array after validating header and size."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_BYTES:
+            raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+        num_tokens = _check_header(path, header, size)
+        tokens = np.fromfile(f, dtype="<u2", count=num_tokens)
+    if tokens.size != num_tokens:  # the file shrank while we read it
+        raise ValueError(f"{path}: truncated: header says {num_tokens} tokens, file holds {tokens.size}")
+    return tokens.astype(np.uint16, copy=False)
+
+
+def write_shard(path: str | os.PathLike, tokens) -> Path:
+    """Write tokens as one shard, atomically: a crash never leaves a half-written file behind.
+
+    Ids outside 0..65535 are refused (a vocab above 65,535 does not fit the uint16 format).
+    """
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > MAX_TOKEN_ID:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{path}: token id {bad} outside 0..{MAX_TOKEN_ID} (vocab above 65,535 is refused)"
+            )
+    if arr.size > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 header count")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, arr.size
+    body = arr.astype("<u2", copy=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, header.tobytes(), np.ascontiguousarray(body))
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, *chunks) -> None:
+    """Write through a temporary file in the same directory, then os.replace: readers see the old file
+    or the whole new one, never a half-written one, and a failure leaves no temporary behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_info(path: str | os.PathLike) -> dict:
+    """num_tokens, bytes and sha256 of a valid shard: what a manifest records per file."""
+    path = Path(path)
+    return {"num_tokens": check_shard(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}

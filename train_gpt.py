@@ -60,6 +60,7 @@ class Hyperparameters:
     log_dir: str = "logs"
     artifact_path: str = ""
     val_batch_size: int = 524288
+    val_max_tokens: int = 0
     val_loss_every: int = 1000
     train_log_every: int = 200
     status_every: int = 50
@@ -471,8 +472,11 @@ def val_token_count(data_path):
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
 
 
-def load_validation_tokens(data_path, seq_len):
+def load_validation_tokens(data_path, seq_len, max_tokens=0):
+    """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")]).to(torch.int64)
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens + 1]
     if tokens.numel() < seq_len + 1:
         raise ValueError(f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
                          f"shorter than one sequence of {seq_len} + 1")
@@ -665,10 +669,11 @@ def muon_momentum_at(h, step):
 
 
 class EMA:
-    """theta_bar <- d * theta_bar + (1 - d) * theta after every step, in fp32; the EMA is what gets saved."""
+    """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
+    d_t = min(d, (1 + t) / (10 + t)) so that a short run is not dominated by its random initialization."""
 
     def __init__(self, model, decay):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
         state = model.state_dict()
         self.shadow = [state[k].detach().float().clone() for k in self.names]
@@ -676,7 +681,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model):
         state = model.state_dict()
-        torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - self.decay)
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
 
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -1527,7 +1534,7 @@ def train_model(h, rt, model, logger, ledger):
             _sync(device)
             train_ms += 1000.0 * (time.perf_counter() - t0)
             if val_tokens is None:
-                val_tokens = load_validation_tokens(h.data_path, h.train_seq_len)
+                val_tokens = load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens)
                 luts = build_sentencepiece_luts(load_tokenizer(h.tokenizer_path, h.vocab_size), h.vocab_size, device)
             res = eval_val(h, model, val_tokens, luts)
             logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
@@ -1649,7 +1656,9 @@ def main():
         model.load_state_dict(ema.state_dict(model))
     logger.update_status(force=True, state="evaluating")
 
-    val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len))
+    val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
+    if h.val_max_tokens:
+        logger.log0(f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): not an official score")
     luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
     pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
 
@@ -1701,7 +1710,7 @@ def main():
         "total_bytes": sizes["total_bytes"], "budget_bytes": h.size_budget, "eval_mode": mode,
         "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "tokens": final["tokens"], "bytes": final["bytes"],
         "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
-        "roundtrip_val_bpb": rt_res["val_bpb"], "model_params": n_params, "seed": h.seed,
+        "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params, "seed": h.seed,
         "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
         "audits": {k: {"passed": v["passed"], **({"failures": v.get("failures")} if not v["passed"] else {})}
                    for k, v in audits.items()}, **stats,

@@ -1,0 +1,959 @@
+"""Size accounting, record folders and significance for Parameter Golf submissions.
+
+  python pack.py size ARTIFACT --script train_gpt.py [--json]
+  python pack.py record logs/run_s1.txt logs/run_s2.txt --name MyStack --author "A. Person" --github-id aperson
+  python pack.py check records/track_10min_16mb/2026-05-01_MyStack
+  python pack.py significance --new logs/a.txt logs/b.txt --baseline-values 1.2244,1.2250 --metric val_bpb
+
+Counted size = artifact file bytes + script bytes, against 16,000,000 (decimal). The log parser reads the
+baseline log family (`step:N/M ...`, `final_int8_zlib_roundtrip_exact ...`), the late family (`N/M
+train_loss: ...`, `quantized_ttt val_loss:...`) and this harness's `summary: {json}` line (preferred).
+Exit status: 0 ok, 1 over budget / a check failed / a record refused, 2 bad input.
+"""
+
+import argparse
+import hashlib
+import json
+import lzma
+import math
+import os
+import py_compile
+import re
+import shlex
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import zlib
+
+BUDGET_BYTES = 16_000_000
+THRESHOLD_NATS = 0.005
+TRACKS = ("track_10min_16mb", "track_non_record_16mb")
+ARTIFACT_MAGIC = b"PGOLFART"
+ARTIFACT_PREFIX = struct.Struct("<8sII")
+RUN_ONLY_HPARAMS = ("run_id", "seed", "log_dir", "artifact_path")
+SEPARATOR = "=" * 100
+
+
+class InputError(Exception):
+    """Bad input (exit 2): a file that is missing, unreadable or not what it claims to be."""
+
+
+class Refused(Exception):
+    """A budget, audit or consistency rule says no (exit 1)."""
+
+
+# -----------------------------------------------------------------------------
+# ARTIFACTS
+# -----------------------------------------------------------------------------
+# pack.py reads the containers itself rather than importing a training script, so its size figures are an
+# independent recomputation. The official .ptz is only decompressed here, never unpickled.
+
+
+def _inflate(name, data, limit):
+    if name == "zlib":
+        out = zlib.decompressobj().decompress(data, limit + 1)
+    elif name == "lzma":
+        out = lzma.LZMADecompressor().decompress(data, limit + 1)
+    elif name == "zstd":
+        import zstandard
+
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit + 1)
+    else:
+        raise InputError(f"unknown compressor {name!r}")
+    if len(out) > limit:
+        raise InputError(f"payload inflates beyond {limit} bytes")
+    return out
+
+
+def read_container(path):
+    """{format, header, raw, overhead_bytes, file_bytes}: raw is the decompressed payload (ours) or the raw
+    torch.save bytes (official int8 .ptz). InputError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    if blob[:8] == ARTIFACT_MAGIC:
+        if len(blob) < ARTIFACT_PREFIX.size:
+            raise InputError(f"{path}: truncated artifact ({len(blob)} bytes)")
+        _, version, head_len = ARTIFACT_PREFIX.unpack_from(blob)
+        start = ARTIFACT_PREFIX.size + head_len
+        if head_len > len(blob) - ARTIFACT_PREFIX.size:
+            raise InputError(f"{path}: truncated artifact header (declares {head_len} bytes)")
+        try:
+            header = json.loads(blob[ARTIFACT_PREFIX.size:start].decode("utf-8"))
+            payload = blob[start:]
+            if len(payload) != header["payload_bytes"] or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+                raise InputError(f"{path}: payload is truncated or corrupted (length or sha256 differs from the header)")
+            raw = _inflate(header["compressor"], payload, int(header["raw_bytes"]))
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: corrupt artifact ({type(exc).__name__}: {exc})") from None
+        return {"format": header.get("format", "pgolf-artifact"), "version": version, "header": header, "raw": raw,
+                "overhead_bytes": start, "file_bytes": len(blob)}
+    try:
+        raw = _inflate("zlib", blob, 1 << 31)
+    except (zlib.error, InputError):
+        raise InputError(f"{path}: neither a Parameter Golf artifact nor a zlib-compressed official .ptz") from None
+    if not raw.startswith((b"PK", b"\x80")):
+        raise InputError(f"{path}: zlib data that is not a torch.save payload")
+    return {"format": "int8_clean_per_row_v1 (zlib .ptz)", "version": None, "header": None, "raw": raw,
+            "overhead_bytes": 0, "file_bytes": len(blob)}
+
+
+def compressor_table(raw):
+    """Bytes each compressor makes of the same raw payload (brotli and zstd when installed)."""
+    table = {"zlib-9": len(zlib.compress(raw, 9))}
+    try:
+        import zstandard
+
+        table["zstd-22"] = len(zstandard.ZstdCompressor(level=22).compress(raw))
+    except ImportError:
+        pass
+    table["lzma-9e"] = len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
+    try:
+        import brotli
+
+        table["brotli-11"] = len(brotli.compress(raw, quality=11))
+    except ImportError:
+        pass
+    return table
+
+
+def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
+    info = read_container(artifact)
+    try:
+        with open(script, "rb") as f:
+            code = f.read()
+    except OSError as exc:
+        raise InputError(f"{script}: {exc.strerror or exc}") from None
+    total = info["file_bytes"] + len(code)
+    report = {"artifact": artifact, "format": info["format"], "artifact_bytes": info["file_bytes"],
+              "script": script, "code_bytes": len(code), "total_bytes": total, "budget_bytes": budget,
+              "margin_bytes": budget - total, "over_budget": total > budget,
+              "code_bytes_lzma_info_only": len(lzma.compress(code, preset=9 | lzma.PRESET_EXTREME)),
+              "raw_payload_bytes": len(info["raw"])}
+    header = info["header"]
+    if header is not None:
+        report["compressor"] = header.get("compressor")
+        report["script_sha256_matches"] = hashlib.sha256(code).hexdigest() == header.get("script_sha256")
+    if table:
+        report["compressors"] = {name: {"payload_bytes": n, "total_bytes": info["overhead_bytes"] + n + len(code)}
+                                 for name, n in compressor_table(info["raw"]).items()}
+    return report
+
+
+# -----------------------------------------------------------------------------
+# LOGS
+# -----------------------------------------------------------------------------
+# One parser for three families. Figures from our `summary:` line win; otherwise the final score is the
+# most evolved exact line: TTT, then sliding window, then the int8 roundtrip (later labels follow).
+
+NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+PATTERNS = {
+    "train": re.compile(rf"^step:(\d+)/(\d+) train_loss:({NUM}) train_time:({NUM})ms step_avg:({NUM})ms"),
+    "val": re.compile(rf"^step:(\d+)/(\d+) val_loss:({NUM}) val_bpb:({NUM}) train_time:({NUM})ms"),
+    "late_train": re.compile(rf"^(\d+)/(\d+) train_loss: ?({NUM}) train_time: ?({NUM})(ms|m|s)\b"),
+    "late_val": re.compile(rf"^(\d+)/(\d+) val_loss: ?({NUM}) val_bpb: ?({NUM})"),
+    "stop": re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)"),
+    "params": re.compile(r"^model_params:(\d+)"),
+    "serialized": re.compile(r"^Serialized model (\S+): (\d+) bytes"),
+    "code": re.compile(r"^Code size: (\d+) bytes"),
+    "code_compressed": re.compile(r"^Code size \(compressed\): (\d+) bytes"),
+    "total": re.compile(r"^Total submission size (\S+): (\d+) bytes"),
+    "exact": re.compile(rf"^(\S+)_exact val_loss:({NUM}) val_bpb:({NUM})"),
+    "eval": re.compile(rf"^(.+?) val_loss:({NUM}) val_bpb:({NUM}) eval_time:({NUM})ms"),
+    "audit": re.compile(r"^audit:(\S+) passed:(True|False)"),
+    "invalid": re.compile(r"^score INVALID: ?(.*)"),
+    "ledger": re.compile(r"^time_ledger: (\{.*\})\s*$"),
+    "summary": re.compile(r"^summary: (\{.*\})\s*$"),
+    "versions": re.compile(r"^versions: (.*)"),
+    "hardware": re.compile(r"^hardware: (.*?)(?: world_size:(\d+).*)?$"),
+    "total_eval": re.compile(rf"^total_eval_time: ?({NUM})s"),
+    "seed_in_name": re.compile(r"seed_?(\d+)"),
+}
+
+
+def _final_label(labels):
+    """The label that carries the final score: TTT, then sliding, then roundtrip/quantized, else the last."""
+    for key in ("ttt", "sliding", "roundtrip", "quantized"):
+        hits = [lb for lb in labels if key in lb and "pre-quant" not in lb]
+        if hits:
+            return hits[-1]
+    return labels[-1] if labels else None
+
+
+def parse_log(path):
+    """Figures of one training log as a dict (see the README of records/ for the fields)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    log = {"path": path, "family": "baseline", "source_sha256": None, "source_bytes": None, "hparams": {},
+           "train": [], "val": [], "evals": {}, "exact": {}, "audits": {}, "invalid": None, "summary": None,
+           "time_ledger": None, "versions": {}, "hardware": None, "world_size": None, "seed": None}
+    sep = re.search(rf"^{SEPARATOR}$", text, flags=re.M)
+    body = text
+    if sep and sep.start() > 0:
+        source = text[:sep.start() - 1].encode("utf-8")
+        log["source_sha256"] = hashlib.sha256(source).hexdigest()
+        log["source_bytes"] = len(source)
+        body = text[sep.end():]
+    in_hparams = False
+    for line in body.splitlines():
+        if line == "Hyperparameters:":
+            in_hparams = True
+            continue
+        if in_hparams:
+            if line.startswith("  ") and ":" in line:
+                key, _, value = line.strip().partition(":")
+                log["hparams"][key] = value.strip()
+                continue
+            in_hparams = False
+        _parse_line(log, line)
+    if log["summary"]:
+        _apply_summary(log)
+    else:
+        _final_from_lines(log)
+    if log["seed"] is None:
+        m = PATTERNS["seed_in_name"].search(os.path.basename(path))
+        log["seed"] = int(m.group(1)) if m else None
+    return log
+
+
+def _parse_line(log, line):
+    P = PATTERNS
+    if m := P["train"].match(line):
+        log["train"].append({"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4])})
+        log["iterations"] = int(m[2])
+    elif m := P["val"].match(line):
+        log["val"].append({"step": int(m[1]), "val_loss": float(m[3]), "val_bpb": float(m[4])})
+    elif m := P["late_train"].match(line):
+        scale = {"ms": 1.0, "s": 1000.0, "m": 60000.0}[m[5]]
+        log["train"].append({"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4]) * scale})
+        log["iterations"] = int(m[2])
+        log["family"] = "late"
+    elif m := P["late_val"].match(line):
+        log["val"].append({"step": int(m[1]), "val_loss": float(m[3]), "val_bpb": float(m[4])})
+        log["family"] = "late"
+    elif m := P["stop"].match(line):
+        log["stopped_early"] = {"train_time_ms": int(m[1]), "step": int(m[2])}
+    elif m := P["params"].match(line):
+        log["model_params"] = int(m[1])
+    elif m := P["serialized"].match(line):
+        log["artifact_bytes"], log["artifact_kind"] = int(m[2]), m[1]
+    elif m := P["code"].match(line):
+        log["code_bytes_raw"] = int(m[1])
+    elif m := P["code_compressed"].match(line):
+        log["code_bytes_compressed"] = int(m[1])
+        log["family"] = "late"
+    elif m := P["total"].match(line):
+        log["total_bytes"] = int(m[2])
+    elif m := P["exact"].match(line):
+        log["exact"][m[1]] = {"val_loss": float(m[2]), "val_bpb": float(m[3])}
+    elif m := P["eval"].match(line):
+        log["evals"][m[1]] = {"val_loss": float(m[2]), "val_bpb": float(m[3]), "eval_time_ms": float(m[4])}
+        if m[1].startswith("quantized"):
+            log["family"] = "late"
+    elif m := P["audit"].match(line):
+        log["audits"][m[1]] = {"passed": m[2] == "True"}
+    elif m := P["invalid"].match(line):
+        log["invalid"] = m[1] or "INVALID"
+    elif m := P["ledger"].match(line):
+        log["time_ledger"] = json.loads(m[1])
+    elif m := P["summary"].match(line):
+        log["summary"] = json.loads(m[1])
+    elif m := P["versions"].match(line):
+        words = m[1].split()
+        log["versions"] = dict(zip(words[::2], words[1::2]))
+    elif m := P["hardware"].match(line):
+        log["hardware"] = m[1]
+        log["world_size"] = int(m[2]) if m[2] else None
+    elif m := P["total_eval"].match(line):
+        log["total_eval_time_s"] = float(m[1])
+
+
+def _apply_summary(log):
+    s = log["summary"]
+    log["family"] = "ours"
+    for key in ("run_id", "script", "preset", "valid", "artifact_path", "artifact_bytes", "code_bytes", "total_bytes",
+                "budget_bytes", "eval_mode", "val_loss", "val_bpb", "tokens", "bytes", "eval_time_ms",
+                "pre_quant_val_bpb", "roundtrip_val_bpb", "model_params", "seed", "world_size", "hardware",
+                "steps", "train_time_ms", "step_avg_ms"):
+        if key in s:
+            log[key] = s[key]
+    log["time_ledger"] = s.get("time_ledger", log["time_ledger"])
+    log["audits"] = {k: {"passed": bool(v.get("passed"))} for k, v in s.get("audits", {}).items()}
+    log["final_label"] = "summary"
+
+
+def _final_from_lines(log):
+    exact, evals = log["exact"], log["evals"]
+    label = _final_label(list(exact)) or _final_label(list(evals))
+    final = exact.get(label) or evals.get(label) or {}
+    log["final_label"] = label
+    log["val_loss"], log["val_bpb"] = final.get("val_loss"), final.get("val_bpb")
+    timed = evals.get(label) or evals.get(_final_label(list(evals))) or {}
+    log["eval_time_ms"] = timed.get("eval_time_ms")
+    if log.get("total_eval_time_s") is not None:
+        log["eval_time_ms"] = 1000.0 * log["total_eval_time_s"]
+    pre = [v for k, v in evals.items() if k.startswith("pre-quant")]
+    log["pre_quant_val_bpb"] = pre[-1]["val_bpb"] if pre else None
+    log["code_bytes"] = log.get("code_bytes_compressed", log.get("code_bytes_raw"))
+    if log.get("total_bytes") is None and log.get("artifact_bytes") is not None and log["code_bytes"] is not None:
+        log["total_bytes"] = log["artifact_bytes"] + log["code_bytes"]
+    label_text = label or ""
+    log["eval_mode"] = "ttt" if "ttt" in label_text else "sliding" if "sliding" in label_text else "standard"
+    log["seed"] = int(log["hparams"]["seed"]) if log["hparams"].get("seed", "").isdigit() else None
+    if log["train"]:
+        last = log["train"][-1]
+        log["steps"], log["train_time_ms"] = last["step"], last["train_time_ms"]
+        log["step_avg_ms"] = last["train_time_ms"] / max(last["step"], 1)
+    if log.get("stopped_early"):
+        log["steps"] = log["stopped_early"]["step"]
+    log["valid"] = (not log["invalid"] and all(a["passed"] for a in log["audits"].values())
+                    and (log.get("total_bytes") or 0) <= BUDGET_BYTES)
+    log["tokens"] = log["bytes"] = None
+
+
+def tokens_per_byte(log):
+    """tokens/bytes from the summary, else from the loss pair (val_bpb = val_loss / ln 2 x tokens/bytes)."""
+    if log.get("tokens") and log.get("bytes"):
+        return log["tokens"] / log["bytes"]
+    if log.get("val_loss") and log.get("val_bpb"):
+        return log["val_bpb"] * math.log(2) / log["val_loss"]
+    return None
+
+
+def read_events(path):
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return events
+
+
+# -----------------------------------------------------------------------------
+# SIGNIFICANCE
+# -----------------------------------------------------------------------------
+# The record rule (RULES.md section 14): at least 0.005 nats better at p < 0.01, one-sided Welch t-test of
+# the new seeds against the old ones shifted by the threshold. In bpb the threshold is
+# 0.005 x tokens/byte / ln 2.
+
+
+def welch_significance(new, old, metric="val_loss", tpb=None, threshold_nats=THRESHOLD_NATS, alpha=0.01):
+    from scipy import stats
+
+    if metric not in ("val_loss", "val_bpb"):
+        raise InputError(f"metric must be val_loss or val_bpb, not {metric!r}")
+    if metric == "val_bpb" and not tpb:
+        raise InputError("val_bpb significance needs tokens per byte (from the new runs' logs)")
+    threshold = threshold_nats if metric == "val_loss" else threshold_nats * tpb / math.log(2)
+    if len(new) < 2 or len(old) < 2:
+        raise InputError(f"the Welch test needs at least 2 values on each side (new {len(new)}, baseline {len(old)})")
+    res = stats.ttest_ind(list(new), [o - threshold for o in old], equal_var=False, alternative="less")
+    delta = statistics.fmean(old) - statistics.fmean(new)
+    to_nats = 1.0 if metric == "val_loss" else (math.log(2) / tpb if tpb else float("nan"))
+    out = {"metric": metric, "n_new": len(new), "n_baseline": len(old), "mean_new": statistics.fmean(new),
+           "mean_baseline": statistics.fmean(old), "improvement": delta, "improvement_nats": delta * to_nats,
+           "threshold": threshold, "threshold_nats": threshold_nats, "t_statistic": float(res.statistic),
+           "welch_df": float(getattr(res, "df", float("nan"))), "p_value": float(res.pvalue), "alpha": alpha,
+           "baseline_values": list(old), "new_values": list(new)}
+    if tpb:
+        out["tokens_per_byte"] = tpb
+        out["improvement_bpb"] = delta if metric == "val_bpb" else delta * tpb / math.log(2)
+    out["significant"] = bool(out["p_value"] < alpha)
+    return out
+
+
+def significance_from(new_logs, baseline_logs=None, baseline_values=None, metric="val_loss"):
+    new = [lg[metric] for lg in new_logs]
+    if any(v is None for v in new):
+        raise InputError(f"a new log has no final {metric}")
+    tpbs = [t for t in (tokens_per_byte(lg) for lg in new_logs) if t]
+    tpb = statistics.fmean(tpbs) if tpbs else None
+    if baseline_logs:
+        old = [lg[metric] for lg in baseline_logs]
+        if any(v is None for v in old):
+            raise InputError(f"a baseline log has no final {metric}")
+    else:
+        old = list(baseline_values or [])
+    return welch_significance(new, old, metric=metric, tpb=tpb)
+
+
+def parse_values(text):
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InputError(f"--baseline-values {text!r}: expected numbers separated by commas") from None
+
+
+# -----------------------------------------------------------------------------
+# RECORD FOLDERS
+# -----------------------------------------------------------------------------
+# `record` proves before it writes: every seed's artifact is the one its log measured, the shipped script is
+# the one that wrote the artifacts (sha256 in their headers) and logged itself, the seeds share one config,
+# and the compliance block holds only what the logs show. It writes into a temp folder and renames it.
+
+
+def compliance_of(logs):
+    """Each field True/False only where the logs prove it; None where they cannot."""
+    def all_of(values):
+        values = list(values)
+        return None if not values or any(v is None for v in values) else all(values)
+
+    on_8xh100 = [bool(lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8) for lg in logs]
+    train_s = []
+    for lg in logs:
+        ledger = lg.get("time_ledger") or {}
+        if "train_loop_s" in ledger:
+            train_s.append(ledger["train_loop_s"] + ledger.get("precompute_s", 0.0) + ledger.get("gptq_s", 0.0))
+        elif lg.get("train_time_ms") is not None:
+            train_s.append(lg["train_time_ms"] / 1000.0)
+        else:
+            train_s.append(None)
+    eval_s = [None if lg.get("eval_time_ms") is None else lg["eval_time_ms"] / 1000.0 for lg in logs]
+    causality = [[a["passed"] for n, a in lg["audits"].items() if n.startswith("causality")] for lg in logs]
+    ttt = [lg.get("eval_mode") == "ttt" for lg in logs]
+    score_first = None
+    if all(ttt):
+        score_first = all(lg["audits"].get("score_first", {}).get("passed", False) for lg in logs)
+    elif any(ttt):
+        score_first = False
+    return {
+        "artifact_under_16mb": all_of(None if lg.get("total_bytes") is None else lg["total_bytes"] <= BUDGET_BYTES
+                                      for lg in logs),
+        "training_under_600s": all_of(None if s is None else (s <= 600.0 and hw) for s, hw in zip(train_s, on_8xh100)),
+        "eval_under_600s": all_of(None if s is None else (s <= 600.0 and hw) for s, hw in zip(eval_s, on_8xh100)),
+        "score_first_ttt": score_first,
+        "causality_audit_passed": all_of(all(c) if c else None for c in causality),
+        "no_val_data_in_training": None,
+        "three_seeds": len(logs) >= 3,
+    }
+
+
+COMPLIANCE_NOTES = {
+    "training_under_600s": "train loop + precompute within 600 s on 8xH100 (world_size 8), from the time ledger",
+    "eval_under_600s": "the final eval's timed figure within 600 s on 8xH100",
+    "score_first_ttt": "null when the eval mode is not TTT; true only if the score_first audit passed",
+    "no_val_data_in_training": "null: a log cannot prove it (the shipped script's loader reads fineweb_train_* only)",
+}
+
+
+def problems_of(logs):
+    """Why these logs cannot be a record (over budget, failed audit, INVALID, not proven 8xH100 in time)."""
+    out = []
+    for lg in logs:
+        name = os.path.basename(lg["path"])
+        if lg.get("total_bytes") is not None and lg["total_bytes"] > BUDGET_BYTES:
+            out.append(f"{name}: total {lg['total_bytes']} bytes is over the {BUDGET_BYTES} budget")
+        for audit, res in lg["audits"].items():
+            if not res["passed"]:
+                out.append(f"{name}: audit {audit} failed")
+        if lg.get("invalid"):
+            out.append(f"{name}: score INVALID: {lg['invalid']}")
+        elif lg.get("valid") is False and not any(not r["passed"] for r in lg["audits"].values()):
+            out.append(f"{name}: the run marked its score invalid")
+    comp = compliance_of(logs)
+    for key in ("training_under_600s", "eval_under_600s"):
+        if comp[key] is not True:
+            out.append(f"{key} is not proven by the logs (needs 8xH100 and the 600 s bound)")
+    return out
+
+
+def _config_of(log):
+    return {k: v for k, v in log["hparams"].items() if k not in RUN_ONLY_HPARAMS}
+
+
+def check_same_config(logs):
+    first = logs[0]
+    for lg in logs[1:]:
+        if lg["source_sha256"] != first["source_sha256"]:
+            raise Refused(f"{lg['path']} was written by a different script than {first['path']} "
+                          "(logged source differs)")
+        a, b = _config_of(first), _config_of(lg)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            shown = ", ".join(f"{k}={a.get(k)!r}/{b.get(k)!r}" for k in diff[:4])
+            raise Refused(f"{lg['path']} and {first['path']} use different configs: {shown}")
+    seeds = [lg["seed"] for lg in logs]
+    if len(set(seeds)) != len(seeds):
+        raise Refused(f"seeds repeat across the logs: {seeds}")
+
+
+def _find_file(candidates):
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    return None
+
+
+def locate_artifact(log):
+    path = log.get("artifact_path")
+    here = os.path.dirname(os.path.abspath(log["path"]))
+    stem = os.path.splitext(os.path.basename(log["path"]))[0]
+    cands = [path, path and os.path.join(here, os.path.basename(path)),
+             log.get("run_id") and os.path.join(here, f"{log['run_id']}.pga"), os.path.join(here, f"{stem}.pga")]
+    return _find_file(cands)
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def env_lines(log, script_path):
+    """Env assignments that reproduce the run: PRESET and every hyperparameter off the preset's defaults."""
+    hp = log["hparams"]
+    defaults = {}
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"_pack_script_{os.getpid()}", script_path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        import dataclasses
+
+        base = mod.Hyperparameters.from_env({"PRESET": hp.get("preset", "record")})
+        defaults = {k: str(v) for k, v in dataclasses.asdict(base).items()}
+    except Exception:
+        defaults = {}
+    finally:
+        sys.modules.pop(f"_pack_script_{os.getpid()}", None)
+    env = {"PRESET": hp.get("preset")} if hp.get("preset") else {}
+    for key, value in sorted(hp.items()):
+        if key in ("preset", "log_dir", "artifact_path", "run_id", "seed") or defaults.get(key) == value:
+            continue
+        env[key.upper()] = {"True": "1", "False": "0"}.get(value, value)
+    return env
+
+
+def plot_curves(runs, path):
+    """Train loss and periodic val_bpb per seed from the JSONL events; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for seed, events in runs:
+        train = [(e["step"], e["train_loss"]) for e in events if e.get("event") == "train"]
+        val = [(e["step"], e["val_bpb"]) for e in events if e.get("event") == "eval" and e.get("label") == "periodic"]
+        if train:
+            ax1.plot(*zip(*train), label=f"seed {seed}")
+        if val:
+            ax2.plot(*zip(*val), marker="o", label=f"seed {seed}")
+    ax1.set(xlabel="step", ylabel="train loss (nats/token)", title="train loss")
+    ax2.set(xlabel="step", ylabel="val_bpb", title="validation bpb (periodic)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def build_record(args):
+    logs = [parse_log(p) for p in args.logs]
+    for lg in logs:
+        if lg.get("val_bpb") is None or lg.get("seed") is None:
+            raise InputError(f"{lg['path']}: no final val_bpb or seed in this log (did the run finish?)")
+    check_same_config(logs)
+    artifacts = args.artifact or [locate_artifact(lg) for lg in logs]
+    if len(artifacts) != len(logs):
+        raise InputError(f"{len(artifacts)} --artifact paths for {len(logs)} logs")
+    headers = []
+    for lg, art in zip(logs, artifacts):
+        if not art or not os.path.isfile(art):
+            raise InputError(f"{lg['path']}: artifact not found (pass --artifact)")
+        size = os.path.getsize(art)
+        if lg.get("artifact_bytes") is not None and size != lg["artifact_bytes"]:
+            raise Refused(f"{art}: {size} bytes, but {lg['path']} logged {lg['artifact_bytes']}: not that run's artifact")
+        headers.append(read_container(art)["header"])
+    script_name = (headers[0] or {}).get("script") or logs[0].get("script") or "train_gpt.py"
+    script = args.script or _find_file([os.path.join(os.path.dirname(os.path.abspath(logs[0]["path"])), "..",
+                                                     script_name), script_name])
+    if not script:
+        raise InputError(f"script {script_name} not found (pass --script)")
+    script_sha = sha256_file(script)
+    for lg, head in zip(logs, headers):
+        if lg["source_sha256"] and lg["source_sha256"] != script_sha:
+            raise Refused(f"{script}: sha256 differs from the source logged in {lg['path']}")
+        if head is not None and head.get("script_sha256") != script_sha:
+            raise Refused(f"{script}: sha256 differs from the artifact header's script_sha256")
+    problems = problems_of(logs)
+    if problems and not args.non_record:
+        raise Refused("refusing to write a record: " + "; ".join(problems) + " (pass --non-record to file it "
+                      "as a non-record submission)")
+    sig = None
+    if args.baseline or args.baseline_values:
+        base_logs = [parse_log(p) for p in args.baseline] if args.baseline else None
+        sig = significance_from(logs, base_logs, parse_values(args.baseline_values) if args.baseline_values else None,
+                                metric=args.metric)
+    track = TRACKS[1] if args.non_record else TRACKS[0]
+    date = args.date or time.strftime("%Y-%m-%d")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
+        raise InputError(f"--name {args.name!r}: use letters, digits and _ . + - only")
+    final = os.path.join(args.out, track, f"{date}_{args.name}")
+    if os.path.exists(final):
+        raise InputError(f"{final} already exists")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{args.name}.", dir=os.path.dirname(final))
+    try:
+        sub = _write_record(tmp, args, logs, artifacts, script, script_name, track, date, problems, sig)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, sub
+
+
+def _write_record(folder, args, logs, artifacts, script, script_name, track, date, problems, sig):
+    logs = sorted(zip(logs, artifacts), key=lambda p: p[0]["seed"])
+    shutil.copyfile(script, os.path.join(folder, script_name))
+    seed_results, curves = {}, []
+    for lg, art in logs:
+        seed = lg["seed"]
+        shutil.copyfile(lg["path"], os.path.join(folder, f"train_seed{seed}.log"))
+        events_path = os.path.splitext(lg["path"])[0] + ".jsonl"
+        if os.path.isfile(events_path):
+            shutil.copyfile(events_path, os.path.join(folder, f"train_seed{seed}.jsonl"))
+            curves.append((seed, read_events(events_path)))
+        art_name = f"final_model_seed{seed}{os.path.splitext(art)[1] or '.pga'}"
+        shutil.copyfile(art, os.path.join(folder, art_name))
+        seed_results[str(seed)] = {
+            "val_loss": lg["val_loss"], "val_bpb": lg["val_bpb"], "artifact_bytes": os.path.getsize(art),
+            "total_bytes": os.path.getsize(art) + os.path.getsize(script), "steps": lg.get("steps"),
+            "step_avg_ms": lg.get("step_avg_ms"),
+            "eval_time_s": None if lg.get("eval_time_ms") is None else lg["eval_time_ms"] / 1000.0,
+            "pre_quant_val_bpb": lg.get("pre_quant_val_bpb"), "artifact": art_name, "artifact_sha256": sha256_file(art)}
+    plain_logs = [lg for lg, _ in logs]
+    bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in plain_logs])
+    loss_mean, _ = mean_std([lg["val_loss"] for lg in plain_logs])
+    first = plain_logs[0]
+    sub = {
+        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb, "date": date,
+        "track": track, "val_loss": loss_mean, "val_bpb": bpb_mean, "val_bpb_std": bpb_std,
+        "bytes_total": max(r["total_bytes"] for r in seed_results.values()), "bytes_code": os.path.getsize(script),
+        "script": script_name, "eval_mode": first.get("eval_mode"), "seeds": [lg["seed"] for lg in plain_logs],
+        "seed_results": seed_results, "hardware": first.get("hardware"), "world_size": first.get("world_size"),
+        "versions": first.get("versions") or {}, "compliance": compliance_of(plain_logs),
+        "compliance_notes": COMPLIANCE_NOTES, "non_record": bool(args.non_record), "non_record_reasons": problems,
+    }
+    if sig:
+        sub.update(p_value=sig["p_value"], t_statistic=sig["t_statistic"], welch_df=sig["welch_df"], significance=sig)
+    with open(os.path.join(folder, "submission.json"), "w", encoding="utf-8") as f:
+        json.dump(sub, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
+        f.write(_requirements(first, artifacts))
+    has_plot = plot_curves(curves, os.path.join(folder, "loss_curve.png")) if curves else False
+    env = env_lines(first, script)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(_readme(sub, plain_logs, env, script_name, has_plot, track, date))
+    return sub
+
+
+def _requirements(log, artifacts):
+    vers = log.get("versions") or {}
+    lines = [f"torch=={vers['torch'].split('+')[0]}" if vers.get("torch") else "torch",
+             f"numpy=={vers['numpy']}" if vers.get("numpy") else "numpy", "sentencepiece"]
+    compressors = {(read_container(a)["header"] or {}).get("compressor") for a in artifacts}
+    if "zstd" in compressors:
+        lines.append("zstandard")
+    return "\n".join(lines) + "\n"
+
+
+def _readme(sub, logs, env, script_name, has_plot, track, date):
+    folder = f"records/{track}/{date}_{sub['name']}"
+    out = [f"# {sub['name']}", ""]
+    if sub["non_record"]:
+        out += ["> **NON-RECORD SUBMISSION.** This folder is not a record-track entry: "
+                + ("; ".join(sub["non_record_reasons"]) or "filed as non-record by its author") + ".", ""]
+    out += [sub["blurb"] or "", "",
+            f"val_bpb **{sub['val_bpb']:.8f}** (mean of {len(logs)} seed{'s' * (len(logs) > 1)}, std "
+            f"{sub['val_bpb_std']:.8f}), val_loss {sub['val_loss']:.8f}, eval mode `{sub['eval_mode']}`; largest "
+            f"submission {sub['bytes_total']:,} bytes of {BUDGET_BYTES:,} (code {sub['bytes_code']:,}). "
+            f"Hardware: {sub['hardware']}, world size {sub['world_size']}.", "", "## Results", "",
+            "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes | steps | step_avg ms | eval s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for seed, r in sub["seed_results"].items():
+        pre = "" if r["pre_quant_val_bpb"] is None else f"{r['pre_quant_val_bpb']:.8f}"
+        avg = "" if r["step_avg_ms"] is None else f"{r['step_avg_ms']:.2f}"
+        ev = "" if r["eval_time_s"] is None else f"{r['eval_time_s']:.1f}"
+        out.append(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {pre} | {r['artifact_bytes']:,} | "
+                   f"{r['total_bytes']:,} | {r['steps']} | {avg} | {ev} |")
+    if has_plot:
+        out += ["", "![loss curves](loss_curve.png)"]
+    out += ["", "## Compliance (from the logs only)", "", "| check | value |", "|---|---|"]
+    out += [f"| {k} | {json.dumps(v)} |" for k, v in sub["compliance"].items()]
+    out += ["", "`null` means the logs cannot prove it: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                   sub["compliance_notes"].items()) + "."]
+    if "significance" in sub:
+        s = sub["significance"]
+        out += ["", "## Significance", "",
+                f"One-sided Welch t-test on {s['metric']} (new < baseline - {s['threshold']:.6g}, i.e. "
+                f"{s['threshold_nats']} nats): t = {s['t_statistic']:.4f}, df = {s['welch_df']:.2f}, "
+                f"p = {s['p_value']:.3g} ({'significant' if s['significant'] else 'not significant'} at p < "
+                f"{s['alpha']}); improvement {s['improvement_nats']:.5f} nats."]
+    launch = (f"torchrun --standalone --nproc_per_node={sub['world_size']} {folder}/{script_name}"
+              if (sub["world_size"] or 1) > 1 or "cpu" not in str(sub["hardware"]) else f"python {folder}/{script_name}")
+    env_text = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
+    art = next(iter(sub["seed_results"].values()))["artifact"]
+    out += ["", "## Reproduce", "", "From the repository root, with the data and tokenizer of the run in place:",
+            "", "```bash", "pip install -r " + f"{folder}/requirements.txt"]
+    for seed in sub["seeds"]:
+        out.append(f"RUN_ID=seed{seed} SEED={seed} {env_text} {launch}")
+    out += [f"python eval_bpb.py {folder}/{art}   # re-score an artifact from this folder",
+            f"python pack.py check {folder}        # sizes, hashes and figures against the logs", "```", "",
+            "## Files", "", f"- `{script_name}`: the training script (its sha256 is in every artifact header)",
+            "- `final_model_seed<N>.pga`: the artifacts", "- `train_seed<N>.log`, `train_seed<N>.jsonl`: the run logs",
+            "- `submission.json`, `requirements.txt`" + (", `loss_curve.png`" if has_plot else ""), ""]
+    return "\n".join(out)
+
+
+def check_record(folder):
+    """Problems found in a record folder (empty list: consistent)."""
+    problems = []
+    sub_path = os.path.join(folder, "submission.json")
+    for name in ("README.md", "submission.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            problems.append(f"missing {name}")
+    if not os.path.isfile(sub_path):
+        return problems
+    try:
+        with open(sub_path, encoding="utf-8") as f:
+            sub = json.load(f)
+    except json.JSONDecodeError as exc:
+        return problems + [f"submission.json is not JSON ({exc})"]
+    for key in ("author", "github_id", "name", "date", "val_bpb", "val_loss", "bytes_total", "bytes_code", "seeds",
+                "seed_results", "track"):
+        if key not in sub:
+            problems.append(f"submission.json lacks {key}")
+    if problems:
+        return problems
+    logs = {}
+    for seed in sub["seeds"]:
+        path = os.path.join(folder, f"train_seed{seed}.log")
+        if not os.path.isfile(path):
+            problems.append(f"missing train_seed{seed}.log")
+            continue
+        logs[seed] = parse_log(path)
+    script = os.path.join(folder, sub.get("script", "train_gpt.py"))
+    if not os.path.isfile(script):
+        return problems + [f"missing the script {os.path.basename(script)}"]
+    try:
+        py_compile.compile(script, cfile=os.path.join(tempfile.gettempdir(), f"pack_check_{os.getpid()}.pyc"),
+                           doraise=True)
+    except py_compile.PyCompileError as exc:
+        problems.append(f"{os.path.basename(script)} does not compile: {exc.msg.strip().splitlines()[-1]}")
+    script_sha, code_bytes = sha256_file(script), os.path.getsize(script)
+    if sub["bytes_code"] != code_bytes:
+        problems.append(f"bytes_code {sub['bytes_code']} but the script has {code_bytes} bytes")
+    totals = []
+    for seed in sub["seeds"]:
+        r = sub["seed_results"].get(str(seed))
+        lg = logs.get(seed)
+        if r is None:
+            problems.append(f"seed_results lacks seed {seed}")
+            continue
+        art = os.path.join(folder, r.get("artifact") or f"final_model_seed{seed}.pga")
+        if not os.path.isfile(art):
+            problems.append(f"seed {seed}: missing artifact {os.path.basename(art)}")
+            continue
+        size = os.path.getsize(art)
+        totals.append(size + code_bytes)
+        if r.get("artifact_sha256") and sha256_file(art) != r["artifact_sha256"]:
+            problems.append(f"seed {seed}: {os.path.basename(art)} sha256 differs from submission.json")
+        if r.get("artifact_bytes") != size:
+            problems.append(f"seed {seed}: artifact_bytes {r.get('artifact_bytes')} but the file has {size}")
+        try:
+            header = read_container(art)["header"]
+        except InputError as exc:
+            problems.append(f"seed {seed}: {exc}")
+            header = None
+        if header is not None and header.get("script_sha256") != script_sha:
+            problems.append(f"seed {seed}: the script's sha256 does not match {os.path.basename(art)}'s header")
+        if lg is None:
+            continue
+        if lg.get("artifact_bytes") is not None and lg["artifact_bytes"] != size:
+            problems.append(f"seed {seed}: the log measured a {lg['artifact_bytes']}-byte artifact, the file has {size}")
+        if lg["source_sha256"] and lg["source_sha256"] != script_sha:
+            problems.append(f"seed {seed}: the script differs from the source in train_seed{seed}.log")
+        for key in ("val_bpb", "val_loss"):
+            if lg.get(key) is None or not _close(r.get(key), lg[key]):
+                problems.append(f"seed {seed}: {key} {r.get(key)} in submission.json, {lg.get(key)} in the log")
+    if len(logs) == len(sub["seeds"]) and logs:
+        seq = [logs[s] for s in sub["seeds"]]
+        bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in seq])
+        loss_mean, _ = mean_std([lg["val_loss"] for lg in seq])
+        for key, want in (("val_bpb", bpb_mean), ("val_bpb_std", bpb_std), ("val_loss", loss_mean)):
+            if not _close(sub.get(key), want):
+                problems.append(f"{key} {sub.get(key)} but the logs give {want}")
+        comp = compliance_of(seq)
+        if "compliance" in sub and sub["compliance"] != comp:
+            diff = [k for k in comp if sub["compliance"].get(k) != comp[k]]
+            problems.append(f"compliance differs from the logs at {', '.join(diff) or 'extra keys'}")
+        if sub["track"] == TRACKS[0]:
+            problems += [f"record track: {p}" for p in problems_of(seq)]
+        if sub.get("significance"):
+            s = sub["significance"]
+            redo = significance_from(seq, baseline_values=s["baseline_values"], metric=s["metric"])
+            if not _close(redo["p_value"], s["p_value"]) or not _close(sub.get("p_value"), redo["p_value"]):
+                problems.append(f"p_value {sub.get('p_value')} but the logs give {redo['p_value']}")
+    if totals and sub["bytes_total"] != max(totals):
+        problems.append(f"bytes_total {sub['bytes_total']} but the files give {max(totals)}")
+    if sub["track"] not in TRACKS:
+        problems.append(f"unknown track {sub['track']!r}")
+    parent = os.path.basename(os.path.dirname(os.path.abspath(folder)))
+    if parent in TRACKS and parent != sub["track"]:
+        problems.append(f"the folder sits in {parent} but submission.json says {sub['track']}")
+    return problems
+
+
+def _close(a, b, tol=1e-9):
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol * max(1.0, abs(b))
+
+
+# -----------------------------------------------------------------------------
+# COMMAND LINE
+# -----------------------------------------------------------------------------
+
+
+def _emit(obj, as_json, keys=None):
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True))
+        return
+    for k in keys or obj:
+        if k in obj and not isinstance(obj[k], (dict, list)):
+            print(f"{k}: {obj[k]}")
+
+
+def cmd_size(args):
+    rep = size_report(args.artifact, args.script, budget=args.budget, table=not args.no_table)
+    if args.json:
+        _emit(rep, True)
+    else:
+        _emit(rep, False, ["artifact", "format", "artifact_bytes", "script", "code_bytes", "total_bytes",
+                           "budget_bytes", "margin_bytes", "over_budget", "compressor", "script_sha256_matches",
+                           "raw_payload_bytes", "code_bytes_lzma_info_only"])
+        for name, row in rep.get("compressors", {}).items():
+            print(f"compressor {name}: payload {row['payload_bytes']} bytes, total {row['total_bytes']} bytes")
+    if rep["over_budget"]:
+        print(f"error: total {rep['total_bytes']} bytes is over the {rep['budget_bytes']} budget", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_record(args):
+    folder, sub = build_record(args)
+    out = {"record": folder, "track": sub["track"], "val_bpb": sub["val_bpb"], "val_bpb_std": sub["val_bpb_std"],
+           "bytes_total": sub["bytes_total"], "seeds": sub["seeds"], "non_record": sub["non_record"]}
+    if "p_value" in sub:
+        out["p_value"] = sub["p_value"]
+    _emit(out, args.json)
+    return 0
+
+
+def cmd_check(args):
+    if not os.path.isdir(args.folder):
+        raise InputError(f"{args.folder}: not a folder")
+    problems = check_record(args.folder)
+    if args.json:
+        _emit({"folder": args.folder, "ok": not problems, "problems": problems}, True)
+    else:
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"ok: {not problems}")
+    return 1 if problems else 0
+
+
+def cmd_significance(args):
+    new = [parse_log(p) for p in args.new]
+    base = [parse_log(p) for p in args.baseline] if args.baseline else None
+    res = significance_from(new, base, parse_values(args.baseline_values) if args.baseline_values else None,
+                            metric=args.metric)
+    _emit(res, args.json, ["metric", "n_new", "n_baseline", "mean_new", "mean_baseline", "improvement",
+                           "improvement_nats", "threshold", "threshold_nats", "tokens_per_byte", "t_statistic",
+                           "welch_df", "p_value", "significant"])
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("size", help="counted size of an artifact + script against the budget")
+    s.add_argument("artifact", help="our .pga artifact or an official final_model.int8.ptz")
+    s.add_argument("--script", required=True, help="the training script whose raw bytes count")
+    s.add_argument("--budget", type=int, default=BUDGET_BYTES, help="byte budget (default 16,000,000)")
+    s.add_argument("--no-table", action="store_true", help="skip the per-compressor table (slow on full models)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_size)
+
+    r = sub.add_parser("record", help="assemble records/<track>/<date>_<name>/ from run logs")
+    r.add_argument("logs", nargs="+", help="text logs logs/<RUN_ID>.txt, one per seed")
+    r.add_argument("--artifact", action="append", help="artifact of each log, in order (default: from the log)")
+    r.add_argument("--script", help="training script (default: the one the artifacts name, beside logs/)")
+    r.add_argument("--name", required=True, help="short description, becomes <date>_<name>")
+    r.add_argument("--author", required=True, help="author's name")
+    r.add_argument("--github-id", required=True, help="author's GitHub id")
+    r.add_argument("--blurb", default="", help="one paragraph on what is new")
+    r.add_argument("--date", help="YYYY-MM-DD (default today)")
+    r.add_argument("--out", default="records", help="records root (default records)")
+    r.add_argument("--non-record", action="store_true",
+                   help="file under track_non_record_16mb even if over budget, invalid or not 8xH100-timed")
+    r.add_argument("--baseline", nargs="+", help="baseline logs for the significance test")
+    r.add_argument("--baseline-values", help="baseline scores, comma separated, instead of logs")
+    r.add_argument("--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_record)
+
+    c = sub.add_parser("check", help="validate a record folder against its logs and files")
+    c.add_argument("folder", help="records/<track>/<date>_<name>")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_check)
+
+    g = sub.add_parser("significance", help="one-sided Welch t-test against the 0.005-nat threshold")
+    g.add_argument("--new", nargs="+", required=True, help="logs of the new runs (one per seed)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--baseline", nargs="+", help="logs of the baseline runs")
+    src.add_argument("--baseline-values", help="baseline scores, comma separated (in --metric units)")
+    g.add_argument("--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_significance)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared fixtures: the repository root, the scripts under test, real data beside the checkout, and a
+small dataset built offline (the embedded corpus) once per session."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+SCRIPTS = [name for name in ("train_gpt.py", "train_manifold.py", "train_hydra.py") if (REPO / name).exists()]
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# A model small enough to train a few steps in seconds on a 2-core CPU.
+TINY_ENV = {
+    "PRESET": "smoke", "ITERATIONS": "6", "WARMUP_STEPS": "0", "NUM_LAYERS": "2", "MODEL_DIM": "64",
+    "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096",
+    "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "MAX_WALLCLOCK_SECONDS": "0",
+    "VAL_BATCH_SIZE": "16384", "TTT_CHUNK_TOKENS": "4096", "VAL_MAX_TOKENS": "16384",
+}
+
+
+def load_script(name):
+    """Import a training script as a module (they are importable with no side effects)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session", params=SCRIPTS)
+def script(request):
+    return load_script(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt():
+    return load_script("train_gpt.py")
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    """The embedded corpus (tokenizer + shards), built offline into a temp dir, or the repo's copy."""
+    from data.embedded import build_embedded
+
+    root = tmp_path_factory.mktemp("embedded")
+    build_embedded(str(root), vocab_size=1024)
+    return {"DATA_PATH": str(root / "datasets" / "pydoc_sp1024"),
+            "TOKENIZER_PATH": str(root / "tokenizers" / "pydoc_1024_bpe.model")}
+
+
+@pytest.fixture(scope="session")
+def real_sp1024():
+    shards = SHARED_DATA / "shards" / "realtext_sp1024"
+    tok = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
+    if not (shards / "fineweb_val_000000.bin").exists() or not tok.exists():
+        pytest.skip("../shared/data (real FineWeb shards) is not present beside the checkout")
+    return {"DATA_PATH": str(shards), "TOKENIZER_PATH": str(tok)}
+
+
+def run_script(script_name, env_overrides, cwd, nproc=None, timeout=600):
+    """Run a training script as a user would (python or torchrun); returns the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc else env.get("OMP_NUM_THREADS", "2")})
+    env.update(env_overrides)
+    path = str(REPO / script_name)
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path]
+    else:
+        cmd = [sys.executable, path]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(log_text):
+    import json
+
+    lines = [line for line in log_text.splitlines() if line.startswith("summary: ")]
+    return json.loads(lines[-1][len("summary: "):]) if lines else None

@@ -174,6 +174,7 @@ PATTERNS = {
     "versions": re.compile(r"^versions: (.*)"),
     "hardware": re.compile(r"^hardware: (.*?)(?: world_size:(\d+).*)?$"),
     "total_eval": re.compile(rf"^total_eval_time: ?({NUM})s"),
+    "seed": re.compile(r"^seed:(\d+)$"),
     "seed_in_name": re.compile(r"seed_?(\d+)"),
 }
 
@@ -276,6 +277,8 @@ def _parse_line(log, line):
         log["world_size"] = int(m[2]) if m[2] else None
     elif m := P["total_eval"].match(line):
         log["total_eval_time_s"] = float(m[1])
+    elif m := P["seed"].match(line):
+        log["seed_line"] = int(m[1])
 
 
 def _apply_summary(log):
@@ -309,13 +312,14 @@ def _final_from_lines(log):
         log["total_bytes"] = log["artifact_bytes"] + log["code_bytes"]
     label_text = label or ""
     log["eval_mode"] = "ttt" if "ttt" in label_text else "sliding" if "sliding" in label_text else "standard"
-    log["seed"] = int(log["hparams"]["seed"]) if log["hparams"].get("seed", "").isdigit() else None
+    log["seed"] = int(log["hparams"]["seed"]) if log["hparams"].get("seed", "").isdigit() else log.get("seed_line")
     if log["train"]:
         last = log["train"][-1]
         log["steps"], log["train_time_ms"] = last["step"], last["train_time_ms"]
         log["step_avg_ms"] = last["train_time_ms"] / max(last["step"], 1)
     if log.get("stopped_early"):
-        log["steps"] = log["stopped_early"]["step"]
+        log["steps"], log["train_time_ms"] = log["stopped_early"]["step"], log["stopped_early"]["train_time_ms"]
+        log["step_avg_ms"] = log["train_time_ms"] / max(log["steps"], 1)
     log["valid"] = (not log["invalid"] and all(a["passed"] for a in log["audits"].values())
                     and (log.get("total_bytes") or 0) <= BUDGET_BYTES)
     log["tokens"] = log["bytes"] = None
@@ -464,10 +468,16 @@ def problems_of(logs):
             out.append(f"{name}: score INVALID: {lg['invalid']}")
         elif lg.get("valid") is False and not any(not r["passed"] for r in lg["audits"].values()):
             out.append(f"{name}: the run marked its score invalid")
+    hardware = sorted({f"{lg.get('hardware')} (world_size {lg.get('world_size')})" for lg in logs
+                       if not (lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8)})
+    if hardware:
+        out.append(f"ran on {', '.join(hardware)}, not 8xH100, so the 600 s bounds are not proven")
     comp = compliance_of(logs)
     for key in ("training_under_600s", "eval_under_600s"):
-        if comp[key] is not True:
-            out.append(f"{key} is not proven by the logs (needs 8xH100 and the 600 s bound)")
+        if comp[key] is False and not hardware:
+            out.append(f"{key} is false: the logged time exceeds 600 s")
+        elif comp[key] is None:
+            out.append(f"{key} cannot be proven from these logs (no time figure)")
     return out
 
 

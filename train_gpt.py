@@ -12,6 +12,7 @@ Run:
     TOKENIZER_PATH=data/tokenizers/pydoc_1024_bpe.model python train_gpt.py   # laptop CPU, minutes
 """
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -65,6 +66,16 @@ class Hyperparameters:
     train_log_every: int = 200
     status_every: int = 50
     compile: bool = True
+    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer (TECHNIQUES.md part E).
+    sample_prompt: str = "The history of the city"
+    sample_tokens: int = 64
+    halt_on_collapse: bool = False
+    data_mixer: bool = False
+    mixer_phase_steps: int = 20
+    mixer_ucb_c: float = 1.0
+    mixer_floor: float = 0.02
+    mixer_cap: float = 0.5
+    mixer_heldout_tokens: int = 65536
     # Schedule: steps, batch and the wallclock budget.
     iterations: int = 20000
     warmup_steps: int = 20
@@ -409,61 +420,68 @@ def shard_files(data_path, split):
 
 
 class TokenStream:
-    """Reads the train shards in order, wrapping around, and hands out contiguous spans."""
+    """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
 
-    def __init__(self, files):
-        self.files = list(files)
-        self.file_idx = 0
-        self.tokens = load_data_shard(self.files[0])
-        self.pos = 0
-
-    def _advance_file(self):
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens = load_data_shard(self.files[self.file_idx])
-        self.pos = 0
+    def __init__(self, files, start=0):
+        self.files, self.start = list(files), start
+        self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
 
     def take(self, n):
         chunks = []
-        remaining = n
-        while remaining > 0:
-            avail = self.tokens.numel() - self.pos
-            if avail <= 0:
-                self._advance_file()
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), self.start
                 continue
-            k = min(remaining, avail)
+            k = min(n, self.tokens.numel() - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
-            self.pos += k
-            remaining -= k
+            self.pos, n = self.pos + k, n - k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def state(self):
         return (self.file_idx, self.pos)
 
     def restore(self, state):
-        file_idx, pos = state
-        if file_idx != self.file_idx:
-            self.file_idx = file_idx
-            self.tokens = load_data_shard(self.files[file_idx])
-        self.pos = pos
+        if state[0] != self.file_idx:
+            self.tokens = load_data_shard(self.files[state[0]])
+        self.file_idx, self.pos = state
 
 
 class DistributedTokenLoader:
     """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
     the r-th span, shifted by one for targets. Over one optimizer step every world size sees the same
-    tokens, which is what makes 1, 2, 4 and 8 processes run the same maths."""
+    tokens, which is what makes 1, 2, 4 and 8 processes run the same maths. With `shard=k` (the shard
+    mixer) the span comes from shard k's own stream instead of the sequential one."""
 
     def __init__(self, data_path, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(shard_files(data_path, "train"))
+        self.files = shard_files(data_path, "train")
+        self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
 
-    def next_batch(self, global_tokens, seq_len, grad_accum_steps):
-        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
+    def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
+        span = global_tokens // (self.world_size * grad_accum_steps) + 1
+        if shard is not None and shard not in self.shard_streams:
+            self.shard_streams[shard] = TokenStream([self.files[shard]], start=self.skip if shard == 0 else 0)
+        stream = self.stream if shard is None else self.shard_streams[shard]
+        chunk = stream.take(span * self.world_size)
         local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
+        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def heldout(self, n_tokens, seq_len):
+        """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
+        tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
+        self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
+        return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
+
+    def state(self):
+        return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
+
+    def restore(self, state):
+        self.stream.restore(state[0])
+        self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
+        for k, st in state[1].items():
+            self.shard_streams[k].restore(st)
 
 
 def val_token_count(data_path):
@@ -1288,6 +1306,446 @@ def _audit_jacobian(model, x, positions):
 
 # ===== END SHARED BLOCK: eval v1 =====
 
+# ===== BEGIN SHARED BLOCK: train v1 =====
+# The training pipeline every script runs: warmup-then-restore (compile priming outside the clock), the
+# wallclock-capped loop with the stop decision all-reduced, the EMA, periodic validation with a coherence
+# sample, then serialize -> re-read from disk -> audits -> final eval -> summary. Models plug in through
+# optional methods: `prepare_training(h, rt, logger)` (statistics built from train shards, timed inside the
+# budget), `set_training_progress(frac)` (recurrence, auxiliary schedules), `validation_probes()` (a dict
+# shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
+# sample audits, embedding probes, and an optional UCB1 shard mixer.
+
+
+class Smma:
+    """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
+
+    def __init__(self, n):
+        self.n, self.value = n, None
+
+    def update(self, x):
+        self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
+        return self.value
+
+
+def coherence_score(text):
+    """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
+    characters (10). "region region ..." scores about 23, ordinary prose 70 or more."""
+    words = text.split()
+    if not words:
+        return 0.0
+
+    def diversity(n):
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        return len(set(grams)) / len(grams) if grams else 0.0
+
+    english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
+    return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
+
+
+@torch.no_grad()
+def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
+    """Greedy (temperature 0) or sampled continuation of a fixed prompt, for the sample audit."""
+    device = _model_device(model)
+    ids = [1] + sp.encode(prompt)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    for _ in range(n_tokens):
+        x = torch.tensor([ids[-seq_len:]], device=device)
+        with _autocast(device):
+            logits = model.forward_logits(x)[0, -1].float().cpu()
+        if temperature > 0:
+            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
+        else:
+            ids.append(int(logits.argmax()))
+    model.train(was_training)
+    return sp.decode(ids[1 + len(sp.encode(prompt)):])
+
+
+def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
+    """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
+    of a fixed probe list, and (with `other`, e.g. the dequantized copy) neighbour overlap@5."""
+    w = F.normalize(weight.detach().float().cpu(), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    i, j = torch.randint(0, w.size(0), (2, 4096), generator=gen)
+    s2 = torch.linalg.svdvals(weight.detach().float().cpu()).square()
+    cum = torch.cumsum(s2, 0) / s2.sum()
+    probes = [sp.piece_to_id("\u2581" + t) for t in words]
+    probes = [p for p in probes if 0 < p < w.size(0) and not sp.is_unknown(p)]
+
+    def top5(m):
+        sim = m[probes] @ m.T
+        sim[torch.arange(len(probes)), probes] = -2.0
+        return sim.topk(5, dim=-1).indices
+
+    nb = top5(w) if probes else torch.zeros(0, 5, dtype=torch.long)
+    out = {"anisotropy": float((w[i] * w[j]).sum(-1).mean()), "rank90": int((cum < 0.90).sum()) + 1,
+           "rank95": int((cum < 0.95).sum()) + 1,
+           "neighbours": {sp.id_to_piece(p): [sp.id_to_piece(int(q)) for q in row] for p, row in zip(probes, nb)}}
+    if other is not None and probes:
+        nb2 = top5(F.normalize(other.detach().float().cpu(), dim=-1))
+        out["neighbour_overlap"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nb, nb2))
+                                         / (5 * len(probes)))
+    return out
+
+
+def project_capped_simplex(w, lo, hi, iters=100):
+    """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
+    w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (w, lo, hi))
+    if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12 or (lo > hi).any():
+        raise ValueError(f"shard mixer: infeasible bounds (sum of floors {lo.sum():.3f}, of caps {hi.sum():.3f})")
+    a, b = (lo - w).min() - 1, (hi - w).max() + 1
+    for _ in range(iters):
+        tau = (a + b) / 2
+        a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
+    return np.clip(w + (a + b) / 2, lo, hi)
+
+
+class ShardMixer:
+    """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
+    samples shards from weights = the projection of the UCB scores onto the floor/cap simplex; the reward
+    of a phase is the loss drop on a held-out slice of *training* data, never val."""
+
+    def __init__(self, h, n_shards):
+        self.h, self.k = h, n_shards
+        self.counts, self.rewards = np.zeros(n_shards), np.zeros(n_shards)
+        self.weights = np.full(n_shards, 1.0 / n_shards)
+        self.rng = np.random.default_rng(h.seed)
+        self.last_loss, self.phase_arms = None, []
+
+    def pick(self):
+        arm = int(self.rng.choice(self.k, p=self.weights))
+        self.phase_arms.append(arm)
+        return arm
+
+    def end_phase(self, heldout_loss):
+        if self.last_loss is not None and self.phase_arms:
+            reward = self.last_loss - heldout_loss
+            for arm in self.phase_arms:
+                self.counts[arm] += 1
+                self.rewards[arm] += reward / len(self.phase_arms)
+        self.last_loss, self.phase_arms = heldout_loss, []
+        n = max(self.counts.sum(), 1)
+        mean = self.rewards / np.maximum(self.counts, 1)
+        ucb = mean + self.h.mixer_ucb_c * np.sqrt(np.log(n + 1) / np.maximum(self.counts, 1e-9))
+        ucb = np.where(self.counts == 0, ucb.max(initial=0) + 1, ucb)
+        raw = np.exp(ucb - ucb.max())
+        lo, hi = np.full(self.k, self.h.mixer_floor), np.full(self.k, max(self.h.mixer_cap, 1.0 / self.k))
+        self.weights = project_capped_simplex(raw / raw.sum(), np.minimum(lo, 1.0 / self.k), hi)
+        return self.weights
+
+
+def build_optimizers(model, h, device):
+    matrices, adam_groups = param_groups(model, h)
+    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                weight_decay=h.muon_wd, row_norm=h.muon_row_norm)
+    for g in muon.param_groups:
+        g["base_lr"] = h.matrix_lr
+    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                             fused=device.type == "cuda")
+    return [muon, adam]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Validator:
+    """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
+
+    def __init__(self, h, rt, model, sp, logger):
+        self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
+        self.val_tokens, self.luts, self.low_streak = None, None, 0
+
+    def __call__(self, step, train_ms):
+        h, logger = self.h, self.logger
+        if self.val_tokens is None:
+            self.val_tokens = load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens)
+            self.luts = build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device)
+        res = eval_val(h, self.model, self.val_tokens, self.luts)
+        logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+        sample = generate_sample(self.model, self.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
+        score = coherence_score(sample)
+        self.low_streak = self.low_streak + 1 if score < 30 else 0
+        collapsed = self.low_streak >= 5
+        logger.log0(f"sample:{step} coherence:{score:.1f}{' COLLAPSE' if collapsed else ''} text:{sample[:160]!r}")
+        probes = self.model.validation_probes() if hasattr(self.model, "validation_probes") else None
+        logger.event("eval", step=step, label="periodic", val_loss=res["val_loss"], val_bpb=res["val_bpb"],
+                     coherence=score, collapse=collapsed, sample=sample, probes=probes)
+        history = {"val_step": step, "val_bpb": res["val_bpb"], "coherence_step": step, "coherence": score}
+        if probes:
+            history.update({"geometry_step": step, **{k: probes[k] for k in
+                            ("analogy", "cluster_gap", "direction", "word_order") if k in probes}})
+        logger.update_status(force=True, val_loss=res["val_loss"], val_bpb=res["val_bpb"], coherence=score,
+                             collapse=collapsed, sample=sample, geometry=probes, history=history,
+                             artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
+        return collapsed and h.halt_on_collapse
+
+
+def estimate_artifact_bytes(model, h):
+    """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
+    _, raw = quantize_state_dict(artifact_state(model), h)
+    return len(zlib.compress(raw, 1))
+
+
+def train_model(h, rt, model, logger, ledger, validator=None):
+    """Train in place; returns the EMA (or None) and the loop statistics."""
+    device = rt.device
+    step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_model = DDP(step_model, device_ids=[rt.local_rank] if device.type == "cuda" else None,
+                         broadcast_buffers=False)
+    optimizers = build_optimizers(model, h, device)
+    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
+    mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
+    heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
+    progress_hook = getattr(model, "set_training_progress", None)
+
+    def train_step(step, lr_scale):
+        total = torch.zeros((), device=device)
+        for micro in range(rt.grad_accum_steps):
+            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps,
+                                     shard=mixer.pick() if mixer else None)
+            last_micro = micro == rt.grad_accum_steps - 1
+            ctx = step_model.no_sync() if rt.distributed and not last_micro else contextlib.nullcontext()
+            with ctx, _autocast(device):
+                loss = step_model(x, y)
+            (loss / rt.grad_accum_steps).backward()
+            total += loss.detach()
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_scale
+        for g in optimizers[0].param_groups:
+            g["momentum"] = muon_momentum_at(h, step)
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total / rt.grad_accum_steps
+
+    if h.warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
+        t0 = time.perf_counter()
+        initial = copy.deepcopy(model.state_dict())
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        loader_state = loader.state()
+        for step in range(h.warmup_steps):
+            train_step(step, 1.0)
+        model.load_state_dict(initial)
+        for opt, state in zip(optimizers, opt_states):
+            opt.load_state_dict(state)
+        loader.restore(loader_state)
+        ledger["warmup_s_excluded"] = time.perf_counter() - t0
+        logger.log0(f"warmup: {h.warmup_steps} steps in {ledger['warmup_s_excluded']:.1f}s (excluded from the clock)")
+
+    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
+    smmas = {n: Smma(n) for n in (10, 100, 1000)}
+    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0), 0.0) \
+        if h.max_wallclock_seconds > 0 else 0.0
+    cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
+    train_ms, step, stop_after, halted = 0.0, 0, None, False
+    _sync(device)
+    t0 = time.perf_counter()
+    while True:
+        last = step == h.iterations or (stop_after is not None and step >= stop_after) or halted
+        if validator and h.val_loss_every > 0 and step > 0 and (last or step % h.val_loss_every == 0):
+            _sync(device)
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            halted = validator(step, train_ms) or halted
+            if halted and not last:
+                logger.log0(f"halting: coherence collapse at step {step} (HALT_ON_COLLAPSE=1)")
+            t0 = time.perf_counter()
+        if last or halted:
+            _sync(device)
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        if progress_hook:
+            progress_hook(frac)
+        lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
+        loss = train_step(step, lr_scale)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        if mixer and step % h.mixer_phase_steps == 0:
+            with torch.no_grad(), _autocast(device):
+                weights = mixer.end_phase(float(model(*heldout)))
+            logger.event("mixer", step=step, weights=[round(float(w), 4) for w in weights])
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        if log_now or step % max(h.status_every, 1) == 0:
+            value = float(loss)
+            smoothed = {f"smma{n}": s.update(value) for n, s in smmas.items()}
+            step_ms, tok_s = approx_ms / step, h.train_batch_tokens * step * 1000.0 / max(approx_ms, 1e-9)
+            if value < 0.5 * smoothed["smma100"]:
+                logger.event("cliff", step=step, train_loss=value, smma100=smoothed["smma100"])
+            if log_now:
+                logger.log0(f"step:{step}/{h.iterations} train_loss:{value:.4f} "
+                            f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms tok/s:{tok_s:.0f}")
+                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms,
+                             **smoothed)
+            logger.update_status(state="training", step=step, iterations=h.iterations, elapsed_s=approx_ms / 1000,
+                                 tokens_seen=step * h.train_batch_tokens, lr_scale=lr_scale, train_loss=value,
+                                 step_ms=step_ms, tokens_per_s=tok_s, **smoothed,
+                                 history={"step": step, "train_loss": value, "smma100": smoothed["smma100"],
+                                          "lr_scale": lr_scale, "tokens_per_s": tok_s})
+        reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
+        if stop_after is None and bool(dist_max(reached)):
+            stop_after = step
+            logger.log0(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
+    ledger["train_loop_s"] = train_ms / 1000.0
+    if device.type == "cuda":
+        logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
+
+
+def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
+    """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
+    fn = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode]
+    res = fn(h, model, val_tokens, luts)
+    ledger[f"eval_{label}_s"] = res["eval_time_ms"] / 1000.0
+    logger.log0(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
+                f"eval_time:{res['eval_time_ms']:.0f}ms")
+    logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
+    return res
+
+
+def run_audits(h, model, sp, val_tokens, luts, logger):
+    """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
+    audits = {}
+    lengths = {"causality": h.audit_seq_len or h.train_seq_len, "causality_eval": h.eval_len}
+    for name, length in lengths.items():
+        if name == "causality" or length != lengths["causality"]:
+            audits[name] = audit_causality(model, length, h.vocab_size)
+    audits["bytes"] = audit_bytes(sp, val_tokens, luts)
+    for name, res in audits.items():
+        detail = "" if res["passed"] else f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
+        logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
+        logger.event("audit", name=name, **res)
+    return audits
+
+
+def run_main(h):
+    """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
+    rt = setup_runtime()
+    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
+    if rt.distributed:
+        holder = [run_id]
+        dist.broadcast_object_list(holder, src=0)
+        run_id = holder[0]
+    artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
+    logger = RunLogger(h.log_dir, run_id, rt.is_main)
+    code = code_bytes_of()
+    logger.log0(code.decode("utf-8"), console=False)
+    logger.log0("=" * 100, console=False)
+    device_name = device_description(rt.device)
+    logger.log0(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
+    logger.log0(f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
+    logger.log0("Hyperparameters:")
+    for key, value in sorted(dataclasses.asdict(h).items()):
+        logger.log0(f"  {key}: {value}")
+
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    n_train = len(shard_files(h.data_path, "train"))
+    n_val = val_token_count(h.data_path)
+    if n_val < max(h.train_seq_len, h.eval_len) + 1:
+        raise ValueError(f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
+                         f"sequence of {max(h.train_seq_len, h.eval_len)} + 1")
+    seed_everything(h.seed)
+    model = build_model(h).to(rt.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log0(f"model_params:{n_params}")
+    logger.log0(f"train_shards:{n_train} val_tokens:{n_val}")
+    logger.event("start", run_id=run_id, preset=h.preset, device=device_name, world_size=rt.world_size,
+                 model_params=n_params, hparams=dataclasses.asdict(h))
+    logger.update_status(force=True, script=os.path.basename(CODE_PATH), preset=h.preset, device=device_name,
+                         state="starting", step=0, iterations=h.iterations, code_bytes=len(code))
+
+    ledger = {"hardware": device_name, "precompute_s": 0.0}
+    if hasattr(model, "prepare_training"):
+        t0 = time.perf_counter()
+        model.prepare_training(h, rt, logger)
+        ledger["precompute_s"] = time.perf_counter() - t0
+        logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
+    ema, stats = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
+    if ema is not None:
+        model.load_state_dict(ema.state_dict(model))
+    logger.update_status(force=True, state="evaluating")
+    val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
+    if h.val_max_tokens:
+        logger.log0(f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): not an official score")
+    luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
+    pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
+    embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
+
+    t0 = time.perf_counter()
+    sizes = save_artifact(model, h, artifact_path) if rt.is_main else None
+    if rt.distributed:
+        holder = [sizes]
+        dist.broadcast_object_list(holder, src=0)
+        sizes = holder[0]
+    ledger["serialize_s"] = time.perf_counter() - t0
+    model, _ = load_artifact(artifact_path)
+    model = model.to(rt.device)
+    logger.log0(f"Serialized model int{h.quant_bits}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
+                f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
+    logger.log0(f"Code size: {sizes['code_bytes']} bytes")
+    logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
+    over = sizes["total_bytes"] > h.size_budget
+    logger.log0(f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
+                f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}")
+    logger.event("artifact", path=artifact_path, **sizes)
+    probes = embedding_probes(embed_before, sp, model.tok_emb.weight) if embed_before is not None else None
+    logger.update_status(force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True, probes=probes)
+    if probes:
+        logger.log0(f"embedding_probes: {json.dumps(probes)}")
+
+    t0 = time.perf_counter()
+    audits = run_audits(h, model, sp, val_tokens, luts, logger)
+    ledger["audit_s"] = time.perf_counter() - t0
+    rt_res = timed_eval("final_int8_zlib_roundtrip", h, model, val_tokens, luts, "standard", logger, ledger)
+    logger.log0(f"final_int8_zlib_roundtrip_exact val_loss:{rt_res['val_loss']:.8f} val_bpb:{rt_res['val_bpb']:.8f}")
+    final, mode = rt_res, ("ttt" if h.ttt_enabled else h.eval_mode)
+    if mode != "standard":
+        label = {"sliding": "final_sliding_window", "ttt": "legal_ttt"}[mode]
+        final = timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger)
+        logger.log0(f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
+                    f"stride:{h.eval_stride} seq_len:{h.eval_len}")
+        sf = audits["score_first"] = final["score_first"]
+        logger.log0(f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} updates:{sf['updates']} "
+                    f"targets:{sf['targets']} scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}")
+    valid = all(a["passed"] for a in audits.values()) and not over
+    if not valid:
+        why = [name for name, a in audits.items() if not a["passed"]] + (["over budget"] if over else [])
+        logger.log0(f"score INVALID: failed {', '.join(why)}")
+    logger.log0(f"time_ledger: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in ledger.items()})}")
+    summary = {
+        "run_id": run_id, "script": os.path.basename(CODE_PATH), "preset": h.preset, "valid": valid,
+        "artifact_path": artifact_path, "artifact_bytes": sizes["artifact_bytes"], "code_bytes": sizes["code_bytes"],
+        "total_bytes": sizes["total_bytes"], "budget_bytes": h.size_budget, "eval_mode": mode,
+        "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "tokens": final["tokens"], "bytes": final["bytes"],
+        "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
+        "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
+        "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
+        "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
+                   for k, v in audits.items()}, **stats,
+    }
+    logger.event("end", **summary)
+    logger.update_status(force=True, state="done" if valid else "failed", val_loss=final["val_loss"],
+                         val_bpb=final["val_bpb"], audits=summary["audits"])
+    logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
+    if rt.distributed:
+        dist.destroy_process_group()
+    return 0 if valid else 3
+
+# ===== END SHARED BLOCK: train v1 =====
+
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
@@ -1445,283 +1903,11 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
-# train_model runs warmup-then-restore (compile priming outside the clock), the wallclock-capped loop with
-# the stop decision all-reduced, and the EMA. serialize writes the artifact and the run re-reads it from
-# disk: the reported score is the score of those bytes, after the audits have run on that same model.
-
-
-class Smma:
-    """Smoothed moving average SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
-
-    def __init__(self, n):
-        self.n, self.value = n, None
-
-    def update(self, x):
-        self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
-        return self.value
-
-
-def build_optimizers(model, h, device):
-    matrices, adam_groups = param_groups(model, h)
-    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd, row_norm=h.muon_row_norm)
-    for g in muon.param_groups:
-        g["base_lr"] = h.matrix_lr
-    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
-                             fused=device.type == "cuda")
-    return [muon, adam]
-
-
-def train_model(h, rt, model, logger, ledger):
-    """Train in place; returns the EMA (or None) and the loop statistics."""
-    device = rt.device
-    step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        step_model = DDP(step_model, device_ids=[rt.local_rank] if device.type == "cuda" else None,
-                         broadcast_buffers=False)
-    optimizers = build_optimizers(model, h, device)
-    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
-
-    def train_step(step, lr_scale):
-        total = torch.zeros((), device=device)
-        for micro in range(rt.grad_accum_steps):
-            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)
-            sync = micro == rt.grad_accum_steps - 1 or not rt.distributed
-            ctx = step_model.no_sync() if not sync else torch.autocast(device.type, enabled=False)
-            with ctx, _autocast(device):
-                loss = step_model(x, y)
-            (loss / rt.grad_accum_steps).backward()
-            total += loss.detach()
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
-        for g in optimizers[0].param_groups:
-            g["momentum"] = muon_momentum_at(h, step)
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return total / rt.grad_accum_steps
-
-    # Warmup primes compile and kernels, then model, optimizers and loader go back to their initial state.
-    if h.warmup_steps > 0:
-        t0 = time.perf_counter()
-        initial = copy.deepcopy(model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        stream_state = loader.stream.state()
-        for step in range(h.warmup_steps):
-            train_step(step, 1.0)
-        model.load_state_dict(initial)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-        loader.stream.restore(stream_state)
-        ledger["warmup_s_excluded"] = time.perf_counter() - t0
-        logger.log0(f"warmup: {h.warmup_steps} steps in {ledger['warmup_s_excluded']:.1f}s (excluded from the clock)")
-
-    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    tokens_per_step = h.train_batch_tokens
-    cap_ms = 1000.0 * h.max_wallclock_seconds
-    train_ms, step, stop_after, val_tokens = 0.0, 0, None, None
-    _sync(device)
-    t0 = time.perf_counter()
-    while True:
-        last = step == h.iterations or (stop_after is not None and step >= stop_after)
-        if h.val_loss_every > 0 and step > 0 and (last or step % h.val_loss_every == 0):
-            _sync(device)
-            train_ms += 1000.0 * (time.perf_counter() - t0)
-            if val_tokens is None:
-                val_tokens = load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens)
-                luts = build_sentencepiece_luts(load_tokenizer(h.tokenizer_path, h.vocab_size), h.vocab_size, device)
-            res = eval_val(h, model, val_tokens, luts)
-            logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
-                        f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            logger.event("eval", step=step, label="periodic", val_loss=res["val_loss"], val_bpb=res["val_bpb"])
-            logger.update_status(force=True, val_loss=res["val_loss"], val_bpb=res["val_bpb"],
-                                 history={"val_step": step, "val_bpb": res["val_bpb"]})
-            _sync(device)
-            t0 = time.perf_counter()
-        if last:
-            _sync(device)
-            train_ms += 1000.0 * (time.perf_counter() - t0)
-            break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        lr_scale = lr_multiplier(h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
-        if log_now or step % max(h.status_every, 1) == 0:
-            loss_value = float(loss)
-            smoothed = {f"smma{n}": s.update(loss_value) for n, s in smmas.items()}
-            step_ms = approx_ms / step
-            if log_now:
-                logger.log0(f"step:{step}/{h.iterations} train_loss:{loss_value:.4f} "
-                            f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms")
-                logger.event("train", step=step, train_loss=loss_value, lr_scale=lr_scale, train_time_ms=approx_ms,
-                             **smoothed)
-            logger.update_status(state="training", step=step, iterations=h.iterations, elapsed_s=approx_ms / 1000,
-                                 tokens_seen=step * tokens_per_step, lr_scale=lr_scale, train_loss=loss_value,
-                                 step_ms=step_ms, tokens_per_s=tokens_per_step / step_ms * 1000, **smoothed,
-                                 history={"step": step, "train_loss": loss_value, "smma100": smoothed["smma100"],
-                                          "lr_scale": lr_scale, "tokens_per_s": tokens_per_step / step_ms * 1000})
-        reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
-        if rt.distributed:
-            dist_max(reached)
-        if stop_after is None and bool(reached):
-            stop_after = step
-            logger.log0(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
-    ledger["train_loop_s"] = train_ms / 1000.0
-    if device.type == "cuda":
-        logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1)}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
-    """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
-    fn = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode]
-    res = fn(h, model, val_tokens, luts)
-    ledger[f"eval_{label}_s"] = res["eval_time_ms"] / 1000.0
-    logger.log0(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
-                f"eval_time:{res['eval_time_ms']:.0f}ms")
-    logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
-    return res
-
-
-def run_audits(h, model, sp, val_tokens, luts, logger):
-    """Causality at the train length and the eval window, and the byte accounting on a val sample."""
-    audits = {}
-    for name, length in (("causality", h.audit_seq_len or h.train_seq_len), ("causality_eval", h.eval_len)):
-        if name == "causality_eval" and length == (h.audit_seq_len or h.train_seq_len):
-            continue
-        audits[name] = audit_causality(model, length, h.vocab_size)
-    audits["bytes"] = audit_bytes(sp, val_tokens, luts)
-    for name, res in audits.items():
-        detail = "" if res["passed"] else f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
-        logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
-        logger.event("audit", name=name, **res)
-    return audits
+# The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
 
 
 def main():
-    h = Hyperparameters.from_env()
-    rt = setup_runtime()
-    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
-    if rt.distributed:
-        holder = [run_id]
-        dist.broadcast_object_list(holder, src=0)
-        run_id = holder[0]
-    artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
-    logger = RunLogger(h.log_dir, run_id, rt.is_main)
-    code = code_bytes_of().decode("utf-8")
-    logger.log0(code, console=False)
-    logger.log0("=" * 100, console=False)
-    device_name = device_description(rt.device)
-    logger.log0(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
-    logger.log0(f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
-    logger.log0("Hyperparameters:")
-    for key, value in sorted(dataclasses.asdict(h).items()):
-        logger.log0(f"  {key}: {value}")
-
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    shard_files(h.data_path, "train")
-    n_val = val_token_count(h.data_path)
-    if n_val < max(h.train_seq_len, h.eval_len) + 1:
-        raise ValueError(f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
-                         f"sequence of {max(h.train_seq_len, h.eval_len)} + 1")
-    seed_everything(h.seed)
-    model = build_model(h).to(rt.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log0(f"model_params:{n_params}")
-    logger.log0(f"train_shards:{len(shard_files(h.data_path, 'train'))} val_tokens:{n_val}")
-    logger.event("start", run_id=run_id, preset=h.preset, device=device_name, world_size=rt.world_size,
-                 model_params=n_params, hparams=dataclasses.asdict(h))
-    logger.update_status(force=True, script=os.path.basename(CODE_PATH), preset=h.preset, device=device_name,
-                         state="starting", step=0, iterations=h.iterations, code_bytes=len(code.encode("utf-8")))
-
-    ledger = {"hardware": device_name, "precompute_s": 0.0}
-    ema, stats = train_model(h, rt, model, logger, ledger)
-    if ema is not None:
-        model.load_state_dict(ema.state_dict(model))
-    logger.update_status(force=True, state="evaluating")
-
-    val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
-    if h.val_max_tokens:
-        logger.log0(f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): not an official score")
-    luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
-    pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
-
-    t0 = time.perf_counter()
-    if rt.is_main:
-        sizes = save_artifact(model, h, artifact_path)
-    if rt.distributed:
-        dist.barrier()
-    ledger["serialize_s"] = time.perf_counter() - t0
-    model, _ = load_artifact(artifact_path)
-    model = model.to(rt.device)
-    if not rt.is_main:
-        sizes = {"artifact_bytes": os.path.getsize(artifact_path), "code_bytes": len(code.encode("utf-8"))}
-        sizes["total_bytes"] = sizes["artifact_bytes"] + sizes["code_bytes"]
-    logger.log0(f"Serialized model int{h.quant_bits}+{sizes.get('compressor', '?')}: {sizes['artifact_bytes']} bytes "
-                f"(payload:{sizes.get('raw_bytes', 0)} compressed:{sizes.get('payload_bytes', 0)})")
-    logger.log0(f"Code size: {sizes['code_bytes']} bytes")
-    logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
-    over = sizes["total_bytes"] > h.size_budget
-    logger.log0(f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
-                f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}")
-    logger.event("artifact", path=artifact_path, **sizes)
-    logger.update_status(force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True)
-
-    t0 = time.perf_counter()
-    audits = run_audits(h, model, sp, val_tokens, luts, logger)
-    ledger["audit_s"] = time.perf_counter() - t0
-    rt_res = timed_eval("final_int8_zlib_roundtrip", h, model, val_tokens, luts, "standard", logger, ledger)
-    logger.log0(f"final_int8_zlib_roundtrip_exact val_loss:{rt_res['val_loss']:.8f} val_bpb:{rt_res['val_bpb']:.8f}")
-    final = rt_res
-    mode = "ttt" if h.ttt_enabled else h.eval_mode
-    if mode != "standard":
-        label = {"sliding": "final_sliding_window", "ttt": "legal_ttt"}[mode]
-        final = timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger)
-        logger.log0(f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
-                    f"stride:{h.eval_stride} seq_len:{h.eval_len}")
-        audits["score_first"] = final["score_first"]
-        logger.log0(f"audit:score_first passed:{final['score_first']['passed']} "
-                    f"chunks:{final['score_first']['chunks_scored']} updates:{final['score_first']['updates']} "
-                    f"targets:{final['score_first']['targets']} scored_twice:{final['score_first']['scored_twice']}")
-    valid = all(a["passed"] for a in audits.values()) and not over
-    if not valid:
-        why = [name for name, a in audits.items() if not a["passed"]] + (["over budget"] if over else [])
-        logger.log0(f"score INVALID: failed {', '.join(why)}")
-    logger.log0(f"time_ledger: {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in ledger.items()})}")
-    summary = {
-        "run_id": run_id, "script": os.path.basename(CODE_PATH), "preset": h.preset, "valid": valid,
-        "artifact_path": artifact_path, "artifact_bytes": sizes["artifact_bytes"], "code_bytes": sizes["code_bytes"],
-        "total_bytes": sizes["total_bytes"], "budget_bytes": h.size_budget, "eval_mode": mode,
-        "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "tokens": final["tokens"], "bytes": final["bytes"],
-        "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
-        "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params, "seed": h.seed,
-        "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
-        "audits": {k: {"passed": v["passed"], **({"failures": v.get("failures")} if not v["passed"] else {})}
-                   for k, v in audits.items()}, **stats,
-    }
-    logger.event("end", **summary)
-    logger.update_status(force=True, state="done" if valid else "failed", val_loss=final["val_loss"],
-                         val_bpb=final["val_bpb"], audits=summary["audits"])
-    logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
-    if rt.distributed:
-        dist.destroy_process_group()
-    return 0 if valid else 3
+    return run_main(Hyperparameters.from_env())
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARTIFACT_MAGIC = b"PGOLFART"
@@ -76,7 +77,7 @@ def find_script(artifact, header, given):
         return given
     here = os.path.dirname(os.path.abspath(artifact))
     seen = []
-    for folder in (here, os.path.dirname(here), os.getcwd(), HERE):
+    for folder in (here, os.path.dirname(here), os.getcwd()):
         cand = os.path.join(folder, os.path.basename(header["script"]))
         if os.path.isfile(cand) and cand not in seen:
             seen.append(cand)
@@ -168,9 +169,11 @@ def load(args, env):
     else:
         script = args.script or os.path.join(HERE, "train_gpt.py")
         if not os.path.isfile(script):
-            raise BadInput(f"{script}: the baseline format is evaluated with train_gpt.py; pass --script")
+            raise BadInput(f"{script}: no such file (the baseline format is evaluated with train_gpt.py)")
         mod = import_script(script)
-        state = mod.load_official_int8(args.artifact)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: keep one line
+            warnings.simplefilter("ignore")
+            state = mod.load_official_int8(args.artifact)
         arch = infer_baseline(state)
         h = replace_h(mod, mod.Hyperparameters.from_env({"PRESET": "baseline"}), arch)
         h = replace_h(mod, h, env_overrides(mod, h, env, lambda f: not is_eval_field(f)))
@@ -270,6 +273,8 @@ def main(argv=None, env=None):
 
 
 def _fail(msg):
+    if "Weights only load failed" in msg:  # torch's text goes on to suggest weights_only=False: never do that
+        msg = msg.split("(Weights only load failed")[0] + "(torch.load weights_only=True refused a non-tensor object)"
     print(f"error: {msg}", file=sys.stderr)
     return 2
 

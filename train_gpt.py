@@ -1403,35 +1403,32 @@ def project_capped_simplex(w, lo, hi, iters=100):
 
 class ShardMixer:
     """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
-    samples shards from weights = the projection of the UCB scores onto the floor/cap simplex; the reward
-    of a phase is the loss drop on a held-out slice of *training* data, never val."""
+    plays the arm with the best UCB = mean reward + C sqrt(ln N / n_k); shard weights are that one-hot
+    vector projected onto {floor <= w <= cap, sum w = 1}, and micro-batches sample shards from them. The
+    reward of a phase is the loss drop on a held-out slice of *training* data, never val."""
 
     def __init__(self, h, n_shards):
         self.h, self.k = h, n_shards
         self.counts, self.rewards = np.zeros(n_shards), np.zeros(n_shards)
-        self.weights = np.full(n_shards, 1.0 / n_shards)
         self.rng = np.random.default_rng(h.seed)
-        self.last_loss, self.phase_arms = None, []
+        self.arm, self.last_loss = 0, None
+        self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
+        self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
+        self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
 
     def pick(self):
-        arm = int(self.rng.choice(self.k, p=self.weights))
-        self.phase_arms.append(arm)
-        return arm
+        return int(self.rng.choice(self.k, p=self.weights))
 
     def end_phase(self, heldout_loss):
-        if self.last_loss is not None and self.phase_arms:
-            reward = self.last_loss - heldout_loss
-            for arm in self.phase_arms:
-                self.counts[arm] += 1
-                self.rewards[arm] += reward / len(self.phase_arms)
-        self.last_loss, self.phase_arms = heldout_loss, []
-        n = max(self.counts.sum(), 1)
-        mean = self.rewards / np.maximum(self.counts, 1)
-        ucb = mean + self.h.mixer_ucb_c * np.sqrt(np.log(n + 1) / np.maximum(self.counts, 1e-9))
-        ucb = np.where(self.counts == 0, ucb.max(initial=0) + 1, ucb)
-        raw = np.exp(ucb - ucb.max())
-        lo, hi = np.full(self.k, self.h.mixer_floor), np.full(self.k, max(self.h.mixer_cap, 1.0 / self.k))
-        self.weights = project_capped_simplex(raw / raw.sum(), np.minimum(lo, 1.0 / self.k), hi)
+        if self.last_loss is not None:
+            self.counts[self.arm] += 1
+            self.rewards[self.arm] += self.last_loss - heldout_loss
+        self.last_loss = heldout_loss
+        n = self.counts.sum()
+        ucb = self.rewards / np.maximum(self.counts, 1) + self.h.mixer_ucb_c * np.sqrt(
+            np.log(max(n, 1)) / np.maximum(self.counts, 1))
+        self.arm = int(np.argmax(np.where(self.counts == 0, np.inf, ucb)))
+        self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
 
 

@@ -112,8 +112,12 @@ def baseline_h(tg, **over):
 @pytest.fixture(scope="module")
 def official(tiny, tmp_path_factory):
     """A tiny baseline-architecture model with random weights, written by the reference int8 writer."""
-    import train_gpt as tg
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("train_gpt_snapshot", tiny["s1"]["script"])
+    tg = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tg
+    spec.loader.exec_module(tg)
     h = baseline_h(tg)
     torch.manual_seed(0)
     model = tg.build_model(h)
@@ -144,7 +148,7 @@ def reference_score(official, tiny, **over):
 def test_official_int8_rescores_to_the_reference_figure(official, tiny, capsys, env):
     ref = reference_score(official, tiny, **env)
     code, out, _ = rescore(capsys, official["path"], "--json", "--data-path", tiny["s1"]["data"],
-                           "--tokenizer-path", tiny["s1"]["tokenizer"], "--script", REPO / "train_gpt.py", env=env)
+                           "--tokenizer-path", tiny["s1"]["tokenizer"], "--script", tiny["s1"]["script"], env=env)
     res = json.loads(out)
     assert code == 0 and res["format"] == "int8_clean_per_row_v1" and res["mode"] == "standard"
     assert res["inferred"] == {"vocab_size": 1024, "model_dim": 256, "num_layers": 2, "num_heads": 4,
@@ -179,7 +183,7 @@ def test_truncated_and_bit_flipped_artifacts_are_refused(tiny, official, tmp_pat
         err = refused(capsys, path, "--script", tiny["s1"]["script"], "--data-path", tiny["s1"]["data"],
                       "--tokenizer-path", tiny["s1"]["tokenizer"])
         assert str(path) in err or "artifact" in err, (name, err)
-    assert "truncated or corrupted" in refused(capsys, tmp_path / "flip.pga")
+    assert "truncated or corrupted" in refused(capsys, tmp_path / "flip.pga", "--script", tiny["s1"]["script"])
 
 
 class Bomb:
@@ -211,23 +215,20 @@ def test_wrong_tokenizer_is_refused(tiny, official, tmp_path, capsys):
     sp8192 = runs.SHARED / "tokenizers" / "fineweb_8192_bpe.model"
     if sp8192.is_file():  # the official format has no tokenizer hash: the vocabulary size must agree
         err = refused(capsys, official["path"], "--data-path", tiny["s1"]["data"], "--tokenizer-path", sp8192,
-                      "--script", REPO / "train_gpt.py")
+                      "--script", tiny["s1"]["script"])
         assert "8192" in err and "VOCAB_SIZE=1024" in err
 
 
-def test_mismatching_script_is_refused(tiny, tmp_path, capsys):
-    script = tmp_path / "train_gpt.py"
-    script.write_bytes(Path(tiny["s1"]["script"]).read_bytes() + b"\n# edited\n")
-    err = refused(capsys, tiny["s1"]["artifact"], "--script", script)
-    assert "does not match" in err
-    art = tmp_path / "run.pga"  # beside an edited copy of its script, and no other copy to be found
-    art.write_bytes(Path(tiny["s1"]["artifact"]).read_bytes())
-    os.chdir(tmp_path)
-    try:
-        if not (REPO / "train_gpt.py").read_bytes() == Path(tiny["s1"]["script"]).read_bytes():
-            assert "does not match" in refused(capsys, art)
-    finally:
-        os.chdir(REPO)
+def test_mismatching_script_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    edited = Path(tiny["s1"]["script"]).read_bytes() + b"\n# edited\n"
+    (tmp_path / "train_gpt.py").write_bytes(edited)
+    assert "does not match" in refused(capsys, tiny["s1"]["artifact"], "--script", tmp_path / "train_gpt.py")
+    folder = tmp_path / "record"  # an artifact beside an edited copy of its script
+    folder.mkdir()
+    (folder / "train_gpt.py").write_bytes(edited)
+    (folder / "run.pga").write_bytes(Path(tiny["s1"]["artifact"]).read_bytes())
+    monkeypatch.chdir(folder)
+    assert "does not match" in refused(capsys, folder / "run.pga")
 
 
 def test_failed_causality_audit_exits_3_with_score_invalid(tiny, tmp_path, capsys):

@@ -256,6 +256,8 @@ def main(argv=None, env=None):
         else:
             for key in ("artifact", "format", "script", "mode", "data_path", "tokenizer_path", "tokens", "bytes"):
                 print(f"{key}: {out[key]}")
+            if args.max_tokens:
+                print(f"max_tokens: {args.max_tokens} (a partial score, not the run's figure)")
             for name, a in out["audits"].items():
                 print(f"audit:{name} passed:{a['passed']}" + ("" if a["passed"] else f" failures:{a['failures']}"))
             print(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "

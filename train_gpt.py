@@ -1107,8 +1107,9 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     seq_len, stride, chunk = h.eval_len, h.eval_stride, h.ttt_chunk_tokens
     starts, firsts, lasts = sliding_windows(tokens.numel(), seq_len, stride)
-    chunk_of = firsts // chunk
+    chunk_of = firsts // chunk  # sorted, so each chunk's windows are one contiguous range
     chunk_ids = np.unique(chunk_of)
+    bounds = np.searchsorted(chunk_of, np.append(chunk_ids, chunk_ids[-1] + 1))
     batch = max(1, h.val_batch_size // (8 * seq_len))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
@@ -1116,7 +1117,7 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
     for n, ci in enumerate(chunk_ids):
-        sel = np.nonzero(chunk_of == ci)[0]
+        sel = np.arange(bounds[n], bounds[n + 1])
         mine = sel[len(sel) * rank // world:len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
@@ -1175,12 +1176,12 @@ class _TTTTrainer:
         for _ in range(h.ttt_epochs):
             for b0 in range(0, n_seqs, h.ttt_batch_seqs):
                 ids = list(range(b0, min(b0 + h.ttt_batch_seqs, n_seqs)))
-                mine = ids[rank::world]
+                mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
                 self.opt.zero_grad(set_to_none=False)
-                for i in mine:
-                    x = seqs[i * seq:(i + 1) * seq][None]
-                    y = seqs[i * seq + 1:(i + 1) * seq + 1][None]
-                    (token_nll(self.model, x, y).sum() / (len(ids) * seq)).backward()
+                if len(mine):
+                    idx = mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]
+                    win = seqs[idx]
+                    (token_nll(self.model, win[:, :-1], win[:, 1:]).sum() / (len(ids) * seq)).backward()
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)

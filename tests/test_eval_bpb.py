@@ -44,11 +44,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    runs_ = runs.tiny_runs(tmp_path_factory.getbasetemp() / "pgolf_tiny")
-    if runs_ is None:
-        pytest.skip("no shards: build the embedded corpus with `python -m data.embedded`")
-    return runs_
+def tiny(request):
+    """Two seeds of one tiny sliding-window config, and a TTT run (tests/fixtures/pack/runs.py)."""
+    return runs.tiny_runs(request)
 
 
 def rescore(capsys, *argv, env=None):

@@ -28,12 +28,9 @@ import runs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Two seeds of one tiny sliding-window config, plus a TTT run (a different config)."""
-    runs_ = runs.tiny_runs(tmp_path_factory.getbasetemp() / "pgolf_tiny")
-    if runs_ is None:
-        pytest.skip("no shards: build the embedded corpus with `python -m data.embedded`")
-    return runs_
+def tiny(request):
+    """Two seeds of one tiny sliding-window config, and a TTT run (tests/fixtures/pack/runs.py)."""
+    return runs.tiny_runs(request)
 
 
 def run(argv, capsys):

@@ -312,3 +312,16 @@ def test_two_process_gloo_run_matches_one_process_with_accumulation(embedded, tm
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     assert abs(s1["pre_quant_val_bpb"] - s2["pre_quant_val_bpb"]) < 1e-4
     assert abs(s1["val_bpb"] - s2["val_bpb"]) < 1e-3
+
+
+def test_training_with_the_shard_mixer_logs_its_weights(gpt, embedded, tmp_path):
+    tokens = gpt.load_data_shard(os.path.join(embedded["DATA_PATH"], "fineweb_train_000000.bin")).numpy()
+    for i in range(3):
+        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", tokens[i * 50000:(i + 1) * 50000])
+    h = tiny_h(gpt, data_path=str(tmp_path), iterations=6, data_mixer=1, mixer_phase_steps=2,
+               mixer_heldout_tokens=4096, log_dir=str(tmp_path))
+    logger = gpt.RunLogger(str(tmp_path), "mix", enabled=True)
+    gpt.train_model(h, gpt.setup_runtime({}), gpt.build_model(h), logger, {})
+    events = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    weights = [e["weights"] for e in events if e["event"] == "mixer"]
+    assert len(weights) == 3 and all(abs(sum(w) - 1) < 1e-6 and len(w) == 3 for w in weights)

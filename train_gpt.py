@@ -1369,7 +1369,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(h.model_dim, h.model_dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
+        self.rotary = Rotary(min(h.rope_dims, self.head_dim) or self.head_dim, h.rope_base)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
         self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
@@ -1586,11 +1586,10 @@ def _recur_layers(h):
 
 
 def build_model(h):
-    head_dim = h.model_dim // h.num_heads
     for name, ok, why in (
             ("MLP_ACTIVATION", h.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
-            ("ROPE_DIMS", 0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0, f"must be even, <= {head_dim}"),
-            ("XSA_LAST_N", 0 <= h.xsa_last_n <= h.num_layers, f"must be in 0..NUM_LAYERS={h.num_layers}"),
+            ("ROPE_DIMS", h.rope_dims >= 0 and h.rope_dims % 2 == 0, "must be even and non-negative"),
+            ("XSA_LAST_N", h.xsa_last_n >= 0, "must be non-negative"),
             ("ATTN_GATE_WINDOW", 0 < h.attn_gate_window <= h.model_dim, "must be in 1..MODEL_DIM"),
             ("BIGRAM_DIM", h.bigram_dim > 0, "must be positive"), ("FLOW_DIM", h.flow_dim > 0, "must be positive"),
             ("RECUR_LOOPS", h.recur_loops >= 1, "must be at least 1")):

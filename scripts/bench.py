@@ -131,6 +131,8 @@ def main(argv=None):
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup non-negative")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as train_gpt.py on CPU: denormal weights slow matmuls several-fold
     env = {k: v for k, v in os.environ.items() if k != "PRESET"}
     runs = [bench(p, args, env, device) for p in [args.preset] + ([args.compare] if args.compare else [])]
     out = {r["preset"]: r for r in runs}

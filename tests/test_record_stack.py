@@ -65,9 +65,9 @@ def test_each_technique_runs_forward_and_backward(gpt, flag):
 
 def test_new_flags_are_off_by_default_and_validated(gpt):
     h = gpt.Hyperparameters.from_env({"PRESET": "baseline"})
-    assert (h.mlp_activation, h.rope_dims, h.xsa_last_n, h.bigram_vocab_size, h.recur_layers) == ("relu2", 0, 0, 0, "")
+    assert (h.mlp_activation, h.rope_dims, h.xsa_last_n, h.bigram_vocab_size) == ("relu2", 0, 0, 0)
+    assert h.recur_layers == "" and h.parallel_residual_start == -1
     assert not (h.ln_scale or h.skip_gates or h.smear_gate or h.value_residual or h.attn_gate or h.flow_matcher)
-    assert h.parallel_residual_start == -1
     for name, value in (("MLP_ACTIVATION", "gelu"), ("RECUR_LAYERS", "7"), ("RECUR_LAYERS", "a,b"),
                         ("ROPE_DIMS", "7")):
         with pytest.raises(ValueError, match=name):

@@ -102,6 +102,7 @@ def bench(preset, args, env, device):
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"preset": preset, "device": tg.device_description(device), "compiled": compiled,
+            "threads": torch.get_num_threads() if device.type == "cpu" else "n/a",
             "world_size": world, "grad_accum_steps": grad_accum, "micro_batch_seqs": seqs,
             "seq_len": h.train_seq_len, "tokens_per_step_rank": tokens,
             "params": sum(p.numel() for p in model.parameters()),
@@ -126,6 +127,8 @@ def main(argv=None):
                     help="depth recurrence state to time (built: as build_model leaves it, on)")
     ap.add_argument("--no-compile", action="store_true", help="eager on CUDA too")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default torch's; on a shared machine 1 "
+                    "avoids OpenMP spin-waits that slow steps tens of times)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of key: value lines")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -133,6 +136,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as train_gpt.py on CPU: denormal weights slow matmuls several-fold
+        if args.threads:
+            torch.set_num_threads(args.threads)
     env = {k: v for k, v in os.environ.items() if k != "PRESET"}
     runs = [bench(p, args, env, device) for p in [args.preset] + ([args.compare] if args.compare else [])]
     out = {r["preset"]: r for r in runs}

@@ -200,14 +200,14 @@ def test_record_and_baseline_parameter_counts(gpt):
 
 def test_bench_script_runs_on_cpu_in_a_tiny_configuration():
     env = {"NUM_LAYERS": "6", "MODEL_DIM": "64", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096",
-           "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+           "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--cpu", "--steps", "2", "--warmup",
-                          "1", "--compare", "baseline", "--json"], env=env, capture_output=True, text=True,
+                          "1", "--threads", "1", "--compare", "baseline", "--json"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
     for preset in ("record", "baseline"):
         r = res[preset]
         assert r["ms_per_step"] > 0 and r["tokens_per_s_rank"] > 0 and r["peak_memory_mib"] > 0
-        assert r["mfu"] == "n/a" and r["tokens_per_step_rank"] == 4096 // 8
+        assert r["mfu"] == "n/a" and r["tokens_per_step_rank"] == 4096 // 8 and r["threads"] == 1
     assert res["record"]["layer_passes"] == 12 and res["baseline"]["layer_passes"] == 6  # layers 3-5 loop twice

@@ -97,6 +97,25 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official model.
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2
+    rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
+    ln_scale: bool = False
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
+    skip_gates: bool = False
+    smear_gate: bool = False
+    bigram_vocab_size: int = 0  # BigramHash buckets; 0 = off
+    bigram_dim: int = 128
+    value_residual: bool = False
+    attn_gate: bool = False
+    attn_gate_window: int = 12
+    parallel_residual_start: int = -1  # first layer with parallel residuals; -1 = off
+    recur_layers: str = ""  # e.g. "3,4,5": layers run again after the last of them
+    recur_loops: int = 1  # extra passes over RECUR_LAYERS
+    recur_start_frac: float = 0.0  # training fraction at which the loop calls model.set_recurrence(True)
+    flow_matcher: bool = False
+    flow_dim: int = 256
+    flow_loss_weight: float = 0.1
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -219,11 +238,19 @@ def _parse_env_value(name, raw, kind):
 PRESETS = {
     "baseline": {},
     "record": {
-        "ema_decay": 0.997,
-        "muon_wd": 0.04,
-        "muon_row_norm": True,
-        "warmdown_frac": 0.75,
-        "eval_mode": "sliding",
+        # 11L x 512, MLP 3x LeakyReLU(0.5)^2, XSA on all layers, partial RoPE, LN scale (#549, #1019 at sp1024);
+        # QK gain 5.0, gated attention, BOS-safe SmearGate, parallel residuals, loops of layers 3-5 from 35% (#1855)
+        "num_layers": 11, "mlp_mult": 3.0, "mlp_activation": "leaky_relu2", "xsa_last_n": 11, "rope_dims": 16,
+        "ln_scale": True, "qk_gain_init": 5.0, "skip_gates": True, "smear_gate": True, "bigram_vocab_size": 3072,
+        "bigram_dim": 112, "attn_gate": True, "parallel_residual_start": 7, "recur_layers": "3,4,5",
+        "recur_loops": 2, "recur_start_frac": 0.35,
+        # Muon WD 0.095, momentum 0.92 -> 0.97 over 1500 steps, MATRIX_LR 0.026, Adam LRs (#1855); MuonEq-R (#1260);
+        # EMA 0.997 (#287); MIN_LR 0.10 (#1787); clip 0.3 and 786,432 x 2048 batches (#549 lineage)
+        "matrix_lr": 0.026, "scalar_lr": 0.02, "tied_embed_lr": 0.03, "muon_momentum": 0.97,
+        "muon_momentum_warmup_start": 0.92, "muon_momentum_warmup_steps": 1500, "muon_wd": 0.095,
+        "muon_row_norm": True, "adam_wd": 0.02, "grad_clip_norm": 0.3, "ema_decay": 0.997, "warmdown_frac": 0.75,
+        "min_lr": 0.1, "train_seq_len": 2048, "train_batch_tokens": 786432, "eval_seq_len": 2048,
+        "eval_stride": 64, "eval_mode": "sliding",
     },
     "smoke": {
         "data_path": "data/datasets/pydoc_sp1024",
@@ -252,7 +279,7 @@ PRESETS = {
 }
 
 CODE_PATH = os.path.abspath(__file__)
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "gate", "v_mix")
 
 # ===== BEGIN SHARED BLOCK: runtime v1 =====
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
@@ -1750,7 +1777,11 @@ def run_main(h):
 # The official baseline GPT, parameter for parameter (RULES.md section 8), so that its state_dict loads
 # with strict=True: tok_emb, U-Net skip_weights, blocks.N.{attn.c_q,c_k,c_v,proj,q_gain; mlp.fc,proj;
 # attn_scale, mlp_scale, resid_mix}. Weights are kept in fp32 and cast at use (CastedLinear), so the same
-# module runs under bf16 autocast on GPU and in fp32 on CPU.
+# module runs under bf16 autocast on GPU and in fp32 on CPU. The record stack (TECHNIQUES.md A.3) adds
+# modules and flags that are all off by default; each is credited where it is built. Everything is a tensor
+# op without data-dependent Python branches, so torch.compile sees one graph (two with depth recurrence).
+
+BOS_ID = 1  # SentencePiece <s>: the first token of every document in the shards
 
 
 class RMSNorm(nn.Module):
@@ -1776,13 +1807,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary_emb(x, cos, sin):
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+    """Rotate the first 2 x cos.size(-1) dims of each head; partial RoPE (#315) leaves the rest position-free."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, h):
+    def __init__(self, h, layer=0):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
@@ -1793,20 +1825,43 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(h.model_dim, h.model_dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, h.rope_base)
+        self.rotary = Rotary(min(h.rope_dims, self.head_dim) or self.head_dim, h.rope_base)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
 
-    def forward(self, x):
+    def attend(self, x, v_first=None):
+        """Per-head output before the projection, (B, H, T, head_dim), and this layer's values (B, KV, T, hd)."""
         B, T, D = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.v_mix is not None and v_first is not None:
+            # Value residual (ResFormer, arXiv 2410.17897; the #940/#1170 stack): v <- a v + b v_first, with
+            # learned scalars (a, b) per layer, init (0.5, 0.5); v_first is the first layer's raw values.
+            v = self.v_mix[0].to(v.dtype) * v + self.v_mix[1].to(v.dtype) * v_first
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        if self.xsa:
+            # XSA (#287 lineage, all layers from #1019): y <- y - (y . v_hat) v_hat with the token's own value;
+            # a (KV, group) reshape shares each v_hat across its query heads instead of repeating v.
+            vn = F.normalize(v, dim=-1).unsqueeze(2)
+            yg = y.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, self.num_heads, T, self.head_dim)
+        if self.attn_gate is not None:
+            # Gated attention (#1667; input window as SparseAttnGate #1787/#1855): head h is scaled by
+            # 2 sigmoid(w_h . x[:window]); w starts at zero, so the gate starts at exactly 1.
+            gate = 2 * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
+            y = y * gate.transpose(1, 2)[..., None]
+        return y, v
+
+    def forward(self, x, v_first=None):
+        y, v = self.attend(x, v_first)
+        return self.proj(y.transpose(1, 2).reshape(x.shape)), v
 
 
 class MLP(nn.Module):
@@ -1816,26 +1871,78 @@ class MLP(nn.Module):
         self.fc = CastedLinear(h.model_dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
+        self.leaky = h.mlp_activation == "leaky_relu2"
 
     def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)).square())
+        # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2 is the baseline.
+        u = self.fc(x)
+        return self.proj((F.leaky_relu(u, 0.5) if self.leaky else torch.relu(u)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, h):
+    def __init__(self, h, layer=0):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-        self.attn = CausalSelfAttention(h)
+        self.attn = CausalSelfAttention(h, layer)
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0  # LN scale 1/sqrt(layer + 1) (#315)
+        # Parallel residuals (modded-nanogpt #230; 2026-03-31 record from layer 7): x + attn(x) + mlp(x).
+        self.parallel = 0 <= h.parallel_residual_start <= layer
 
-    def forward(self, x, x0):
+    def forward(self, x, x0, v_first=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None] * x + mix[1][None, None] * x0
-        x = x + self.attn_scale.to(x.dtype)[None, None] * self.attn(self.attn_norm(x))
-        return x + self.mlp_scale.to(x.dtype)[None, None] * self.mlp(self.mlp_norm(x))
+        a, v = self.attn(self.attn_norm(x) * self.ln_scale, v_first)
+        x_mlp = x
+        x = x + self.attn_scale.to(x.dtype)[None, None] * a
+        m = self.mlp(self.mlp_norm(x_mlp if self.parallel else x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype)[None, None] * m, v
+
+
+class BigramHash(nn.Module):
+    """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
+    bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at zero (a no-op)."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(h.bigram_dim, h.model_dim, bias=False)
+
+    def forward(self, ids):
+        prev = F.pad(ids[:, :-1], (1, 0))
+        return self.proj(self.embed((prev * 92821 + ids) % self.embed.num_embeddings))
+
+
+class NativeFlowMatcher(nn.Module):
+    """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field v(x, t) on
+    the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x (x detached, so only the
+    matcher learns from it); every forward takes one Euler step x <- x + sigmoid(g) v(x, 1), per position."""
+
+    def __init__(self, h):
+        super().__init__()
+        d, f = h.model_dim, h.flow_dim
+        self.time_fc, self.fc = CastedLinear(d, f), CastedLinear(d, f)
+        self.out = CastedLinear(f, d, bias=False)
+        self.out._zero_init = True
+        self.flow_gate = nn.Parameter(torch.tensor(-5.0))
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(d // 2) / (d // 2)), persistent=False)
+
+    def velocity(self, x, t):
+        angles = 1000.0 * t.float() * self.freqs
+        temb = F.gelu(self.time_fc(torch.cat((angles.sin(), angles.cos()), dim=-1).to(x.dtype)))
+        return self.out(F.gelu(self.fc(x) + temb))
+
+    def forward(self, x):
+        return x + torch.sigmoid(self.flow_gate).to(x.dtype) * self.velocity(x, torch.ones_like(x[..., :1]))
+
+    def loss(self, x):
+        x = x.detach()
+        t, z = torch.rand_like(x[..., :1]), torch.randn_like(x)
+        return F.mse_loss(self.velocity((1 - t) * z + t * x, t).float(), (x - z).float())
 
 
 class GPT(nn.Module):
@@ -1843,12 +1950,23 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.num_encoder_layers = h.num_layers // 2
-        self.num_decoder_layers = h.num_layers - self.num_encoder_layers
-        self.num_skip_weights = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
+        # SmearGate (#65): x_t += sigmoid(g) (x_{t-1} - x_t), g init -3; never across a BOS (#1851/#1855).
+        self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0)) if h.smear_gate else None
+        # Depth recurrence (#1394, #1493/#1855): after the last of RECUR_LAYERS, run them RECUR_LOOPS more times
+        # with the same weights; set_recurrence switches between the two layer orders and their U-Net split.
+        recur = _recur_layers(h)
+        plain = list(range(h.num_layers))
+        looped = plain[:recur[-1] + 1] + recur * h.recur_loops + plain[recur[-1] + 1:] if recur else plain
+        self.orders, self.recur_active = {False: plain, True: looped}, bool(recur)
+        self.num_skip_weights = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (plain, looped))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, h.model_dim))
-        self.blocks = nn.ModuleList([Block(h) for _ in range(h.num_layers)])
+        # Gated U-Net skips (#1218, #1855): x <- lerp(w * skip, x, sigmoid(g)), g init 0.
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_weights, h.model_dim)) if h.skip_gates else None
+        self.blocks = nn.ModuleList([Block(h, layer) for layer in range(h.num_layers)])
         self.final_norm = RMSNorm()
+        self.flow = NativeFlowMatcher(h) if h.flow_matcher else None
+        self.flow_loss_weight = h.flow_loss_weight
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
         self._init_weights(h)
 
@@ -1859,40 +1977,97 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
 
-    def forward_logits(self, input_ids):
-        x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
-        x0, skips = x, []
-        for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0)
-            skips.append(x)
-        for i in range(self.num_decoder_layers):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype)[None, None] * skips.pop()
-            x = self.blocks[self.num_encoder_layers + i](x, x0)
-        x = self.final_norm(x)
+    def set_recurrence(self, active):
+        """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and compiles
+        once more when it flips. Built on, the state in which a finished run is evaluated."""
+        self.recur_active = bool(active)
+
+    def embed(self, input_ids):
+        """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0 and BOS
+        tokens have no previous token in their document, so they get neither bigram nor smear."""
+        x = self.tok_emb(input_ids)
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids) * keep
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear_gate is not None:
+            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
+        return x
+
+    def hidden(self, input_ids):
+        x = x0 = self.embed(input_ids)
+        order = self.orders[self.recur_active]
+        n_enc, skips, v_first = len(order) // 2, [], None
+        for j, i in enumerate(order):
+            if j >= n_enc and skips:
+                skip = self.skip_weights[j - n_enc].to(x.dtype)[None, None] * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j - n_enc].to(x.dtype))[None, None])
+            x, v = self.blocks[i](x, x0, v_first)
+            v_first = v if v_first is None else v_first
+            if j < n_enc:
+                skips.append(x)
+        return self.final_norm(x)
+
+    def logits(self, x):
+        if self.flow is not None:
+            x = self.flow(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight.to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
+    def forward_logits(self, input_ids):
+        return self.logits(self.hidden(input_ids))
+
     def forward(self, input_ids, target_ids):
-        logits = self.forward_logits(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+        x = self.hidden(input_ids)
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+        if self.flow is not None and self.training:
+            loss = loss + self.flow_loss_weight * self.flow.loss(x)
+        return loss
+
+
+def _recur_layers(h):
+    try:
+        layers = sorted({int(s) for s in h.recur_layers.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: expected comma-separated layer indices") from None
+    if layers and not 0 <= layers[0] <= layers[-1] < h.num_layers:
+        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: layers must lie in 0..{h.num_layers - 1}")
+    return layers
 
 
 def build_model(h):
+    for name, ok, why in (
+            ("MLP_ACTIVATION", h.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
+            ("ROPE_DIMS", h.rope_dims >= 0 and h.rope_dims % 2 == 0, "must be even and non-negative"),
+            ("XSA_LAST_N", h.xsa_last_n >= 0, "must be non-negative"),
+            ("ATTN_GATE_WINDOW", 0 < h.attn_gate_window <= h.model_dim, "must be in 1..MODEL_DIM"),
+            ("BIGRAM_DIM", h.bigram_dim > 0, "must be positive"), ("FLOW_DIM", h.flow_dim > 0, "must be positive"),
+            ("RECUR_LOOPS", h.recur_loops >= 1, "must be at least 1")):
+        if not ok:
+            raise ValueError(f"{name}={getattr(h, name.lower())!r}: {why}")
     return GPT(h)
 
 
 def param_groups(model, h):
-    """Muon for 2-D block matrices; Adam for the embedding, the head, and scalars/vectors."""
-    matrices, scalars = [], []
+    """Muon for 2-D block matrices and the BigramHash projection; Adam for the embeddings, the head, and
+    scalars, vectors and control tensors (gates, mixes)."""
+    matrices, embeds, scalars = [], [model.tok_emb.weight], []
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2 and not any(c in name for c in CONTROL_TENSOR_PATTERNS):
+        control = any(c in name for c in CONTROL_TENSOR_PATTERNS)
+        if (name.startswith("blocks.") or name == "bigram.proj.weight") and p.ndim == 2 and not control:
             matrices.append(p)
+        elif name == "bigram.embed.weight":
+            embeds.append(p)
         elif name not in ("tok_emb.weight", "lm_head.weight"):
             scalars.append(p)
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    adam_groups = [{"params": [model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr},
+    adam_groups = [{"params": embeds, "lr": embed_lr, "base_lr": embed_lr},
                    {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}]
     if model.lm_head is not None:
         adam_groups.append({"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr})

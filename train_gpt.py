@@ -112,7 +112,7 @@ class Hyperparameters:
     parallel_residual_start: int = -1  # first layer with parallel residuals; -1 = off
     recur_layers: str = ""  # e.g. "3,4,5": layers run again after the last of them
     recur_loops: int = 1  # extra passes over RECUR_LAYERS
-    recur_start_frac: float = 0.0  # training fraction at which the loop calls model.set_recurrence(True)
+    recur_start_frac: float = 0.0  # fraction of the training budget at which recurrence switches on
     flow_matcher: bool = False
     flow_dim: int = 256
     flow_loss_weight: float = 0.1
@@ -1959,6 +1959,7 @@ class GPT(nn.Module):
         plain = list(range(h.num_layers))
         looped = plain[:recur[-1] + 1] + recur * h.recur_loops + plain[recur[-1] + 1:] if recur else plain
         self.orders, self.recur_active = {False: plain, True: looped}, bool(recur)
+        self.recur_start_frac = h.recur_start_frac
         self.num_skip_weights = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (plain, looped))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, h.model_dim))
         # Gated U-Net skips (#1218, #1855): x <- lerp(w * skip, x, sigmoid(g)), g init 0.
@@ -1981,6 +1982,11 @@ class GPT(nn.Module):
         """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and compiles
         once more when it flips. Built on, the state in which a finished run is evaluated."""
         self.recur_active = bool(active)
+
+    def set_training_progress(self, frac):
+        """Called by the training loop every step: recurrence joins at RECUR_START_FRAC of the budget."""
+        if len(self.orders[True]) != len(self.orders[False]):
+            self.set_recurrence(frac >= self.recur_start_frac)
 
     def embed(self, input_ids):
         """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0 and BOS

@@ -211,3 +211,14 @@ def test_bench_script_runs_on_cpu_in_a_tiny_configuration():
         assert r["ms_per_step"] > 0 and r["tokens_per_s_rank"] > 0 and r["peak_memory_mib"] > 0
         assert r["mfu"] == "n/a" and r["tokens_per_step_rank"] == 4096 // 8 and r["threads"] == 1
     assert res["record"]["layer_passes"] == 12 and res["baseline"]["layer_passes"] == 6  # layers 3-5 loop twice
+
+
+def test_training_progress_switches_recurrence_on_at_its_fraction(gpt):
+    h = gpt.Hyperparameters.from_env({"PRESET": "record", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "2",
+                                      "NUM_KV_HEADS": "1", "RECUR_LAYERS": "1,2", "RECUR_START_FRAC": "0.4",
+                                      "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16"})
+    model = gpt.build_model(h)
+    model.set_training_progress(0.1)
+    assert not model.recur_active
+    model.set_training_progress(0.4)
+    assert model.recur_active

@@ -12,8 +12,8 @@ figures agree to the printed digits). Our format holds no pickle; the official .
 torch.load(weights_only=True) only, through train_gpt.py's `load_official_int8`, and evaluated with the
 `baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or TRAIN_SEQ_LEN override).
 Eval settings come from the artifact's hyperparameters; env vars EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*,
-AUDIT_SEQ_LEN and VAL_BATCH_SIZE override them. The causality audit (at TRAIN_SEQ_LEN) and the byte audit
-run before scoring. Exit status: 0 ok, 2 bad input (one line on stderr), 3 an audit failed (score INVALID).
+AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them. The causality audit (at TRAIN_SEQ_LEN and
+at the eval window) and the byte audit run before scoring. Exit status: 0 ok, 2 bad input (one line on stderr), 3 an audit failed (score INVALID).
 """
 
 import argparse
@@ -130,7 +130,7 @@ def env_overrides(mod, h, env, names):
 
 
 def is_eval_field(name):
-    return name.startswith(("eval_", "ttt_", "audit_")) or name == "val_batch_size"
+    return name.startswith(("eval_", "ttt_", "audit_")) or name in ("val_batch_size", "val_max_tokens")
 
 
 def replace_h(mod, h, changes):
@@ -203,12 +203,15 @@ def load(args, env):
 def evaluate(mod, model, h, rt, max_tokens=None):
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
     val_tokens = mod.load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len))
-    if max_tokens:
-        val_tokens = val_tokens[:max_tokens]
+    limit = max_tokens or getattr(h, "val_max_tokens", 0)  # the run's VAL_MAX_TOKENS: the first N + 1 tokens
+    if limit:
+        val_tokens = val_tokens[:limit + 1]
     model = model.to(rt.device)
     luts = mod.build_sentencepiece_luts(sp, h.vocab_size, rt.device)
-    audits = {"causality": mod.audit_causality(model, h.audit_seq_len or h.train_seq_len, h.vocab_size),
-              "bytes": mod.audit_bytes(sp, val_tokens, luts)}
+    audits = {"causality": mod.audit_causality(model, h.audit_seq_len or h.train_seq_len, h.vocab_size)}
+    if h.eval_len != (h.audit_seq_len or h.train_seq_len):
+        audits["causality_eval"] = mod.audit_causality(model, h.eval_len, h.vocab_size)
+    audits["bytes"] = mod.audit_bytes(sp, val_tokens, luts)
     mode = "ttt" if h.ttt_enabled else h.eval_mode
     fn = {"standard": mod.eval_val, "sliding": mod.eval_val_sliding, "ttt": mod.eval_val_ttt}[mode]
     res = fn(h, model, val_tokens, luts)
@@ -225,7 +228,8 @@ def build_parser():
     p.add_argument("--tokenizer-path", help="SentencePiece model (default: the artifact's TOKENIZER_PATH)")
     p.add_argument("--mode", choices=("standard", "sliding", "ttt"), help="eval mode (default: the run's)")
     p.add_argument("--script", help="training script (ours: must match the header's sha256; official: train_gpt.py)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N val tokens (quick look, not the figure)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N val targets, like VAL_MAX_TOKENS "
+                   "(a quick look, not the official figure)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -464,6 +464,8 @@ def problems_of(logs):
         for audit, res in lg["audits"].items():
             if not res["passed"]:
                 out.append(f"{name}: audit {audit} failed")
+        if lg.get("summary", {}) and lg["summary"].get("val_truncated"):
+            out.append(f"{name}: scored on a truncated val split (VAL_MAX_TOKENS), not an official score")
         if lg.get("invalid"):
             out.append(f"{name}: score INVALID: {lg['invalid']}")
         elif lg.get("valid") is False and not any(not r["passed"] for r in lg["audits"].values()):
@@ -628,6 +630,9 @@ def build_record(args):
         raise InputError(f"{final} already exists")
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{args.name}.", dir=os.path.dirname(final))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a record folder is for everyone
     try:
         sub = _write_record(tmp, args, logs, artifacts, script, script_name, track, date, problems, sig)
         os.rename(tmp, final)
@@ -771,11 +776,11 @@ def check_record(folder):
     script = os.path.join(folder, sub.get("script", "train_gpt.py"))
     if not os.path.isfile(script):
         return problems + [f"missing the script {os.path.basename(script)}"]
-    try:
-        py_compile.compile(script, cfile=os.path.join(tempfile.gettempdir(), f"pack_check_{os.getpid()}.pyc"),
-                           doraise=True)
-    except py_compile.PyCompileError as exc:
-        problems.append(f"{os.path.basename(script)} does not compile: {exc.msg.strip().splitlines()[-1]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            py_compile.compile(script, cfile=os.path.join(tmp, "check.pyc"), doraise=True)
+        except py_compile.PyCompileError as exc:
+            problems.append(f"{os.path.basename(script)} does not compile: {exc.msg.strip().splitlines()[-1]}")
     script_sha, code_bytes = sha256_file(script), os.path.getsize(script)
     if sub["bytes_code"] != code_bytes:
         problems.append(f"bytes_code {sub['bytes_code']} but the script has {code_bytes} bytes")

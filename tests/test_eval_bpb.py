@@ -90,7 +90,7 @@ def test_rescore_command_line_json(tiny):
 
 
 def test_eval_env_overrides_apply_to_the_artifact_hyperparameters(tiny, capsys):
-    code, out, _ = rescore(capsys, tiny["s1"]["artifact"], "--json", "--max-tokens", "2049",
+    code, out, _ = rescore(capsys, tiny["s1"]["artifact"], "--json", "--max-tokens", "2048",
                            env={"EVAL_STRIDE": "16", "NUM_LAYERS": "7"})
     res = json.loads(out)
     assert code == 0 and res["mode"] == "sliding" and res["tokens"] == 2048 and res["seq_len"] == 64

@@ -1559,6 +1559,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader_state = loader.state()
         for step in range(h.warmup_steps):
+            if progress_hook:  # both halves of a schedule that changes the graph (recurrence) get compiled
+                progress_hook(float(step >= h.warmup_steps // 2))
             train_step(step, 1.0)
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
@@ -1589,7 +1591,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             train_ms += 1000.0 * (time.perf_counter() - t0)
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)

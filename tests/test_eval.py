@@ -199,7 +199,8 @@ def test_audit_passes_on_every_preset(name):
     module = load_script(name)
     for preset in module.PRESETS:
         env = {"PRESET": preset, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
-               "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "EVAL_SEQ_LEN": "128"}
+               "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "EVAL_SEQ_LEN": "128",
+               "RECUR_LAYERS": "0,1", "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16"}
         h = module.Hyperparameters.from_env(env)
         torch.manual_seed(0)
         model = module.build_model(h)

@@ -1,19 +1,12 @@
 """Manifold token-graph LM for Parameter Golf: a frozen token manifold built from training statistics steers
 causal sparsemax message passing, scored in bits per byte.
 
-Before training (inside the 600 s budget, train shards only) the script counts co-occurrences and builds the
-token manifold of PR #663 ("V18 Manifold-Guided Architecture", raahilg): PPMI springs, directional torsion,
-entropic mass, directed springs, syntactic bigram coordinates, a seeded physics simulation, then spectral
-coordinates (eigenvectors of the coupling matrix) and 12 static cosine neighbours per token. Both tables ship
-in the artifact. The model is a looped gated hop cell with spectral FiLM, sparsemax routing over causal top-k
-candidates (Martins & Astudillo 2016), static-neighbour routing, manifold-guided attention, Householder
-transport between hops and a capped geodesic mixer, with the corrections of TECHNIQUES.md B.2 (the token
-itself is always a valid candidate, masks after any clamp, recent tokens dominate the velocity).
-Memory at large vocabularies: counts are three V x V float64 matrices, every derived matrix is one V x V
-float32 transient, eigendecompositions run in float64 up to V = 4096 and float32 above (V = 8192: ~4 GB
-peak on the GPU); no frequent-token subset is needed up to 8192.
-Credits: openai/parameter-golf baseline and record stack (shared blocks), PR #663 (manifold ideas, none of its
-code), TECHNIQUES.md B.2 (the fixes).
+Inside the training budget, from train shards only, co-occurrence counts become the token manifold of PR #663
+("V18 Manifold-Guided Architecture"): springs, torsion, mass, directed springs, syntactic coordinates, a seeded
+physics layout, spectral coordinates and static neighbours, all shipped in the artifact. A looped gated hop
+cell routes messages by sparsemax (Martins & Astudillo 2016) over causal top-k candidates, with the fixes of
+TECHNIQUES.md B.2. Large vocabularies: counts are three V x V float64 matrices and the build holds about a dozen
+V x V float32 transients (V = 8192: ~4 GB on the GPU; eigh in float32 above V = 4096), so no token subset.
 
 Run:
   torchrun --standalone --nproc_per_node=8 train_manifold.py     # 8xH100, PRESET=record (default)
@@ -238,7 +231,7 @@ def _parse_env_value(name, raw, kind):
 # cosine to 0.1, hold, linear to 0) is mapped onto the shared one: flat, then linear over WARMDOWN_FRAC.
 PRESETS = {
     "record": {"embed_lr": 0.05, "ema_decay": 0.999, "muon_wd": 0.04, "warmdown_frac": 0.75, "grad_clip_norm": 1.0,
-               "eval_mode": "sliding", "eval_stride": 256, "quant_bits": 8, "compressor": "zlib"},
+               "eval_mode": "sliding", "eval_stride": 128, "quant_bits": 8, "compressor": "zlib"},
     "smoke": {
         "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
         "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
@@ -1748,11 +1741,11 @@ def run_main(h):
 # -----------------------------------------------------------------------------
 # The manifold (PR #663 "V18" ideas, TECHNIQUES.md B.1, rewritten): co-occurrence counts of train shards ->
 # springs, torsion, mass, directed springs, syntactic coordinates -> a seeded physics layout -> spectral
-# coordinates `sc` (V x S) and static neighbours `static_nb` (V x K). Both are frozen state that ships in the
-# artifact (zeros until `prepare_training` builds them). The network: h0 = Linear([MLP(sc[x]); emb(x)]), no
-# position embedding (recency terms carry order, so any window length works), then NUM_LAYERS hops of one
-# shared gated cell with per-hop spectral FiLM. Every score over positions is masked to j <= i before its
-# top-k or softmax, and the token itself is always a valid candidate (B.2 items 1-5).
+# coordinates `sc` (V x S) and static neighbours `static_nb` (V x K), frozen state that ships in the artifact
+# (zeros until `prepare_training` builds them). The network: h0 = Linear([MLP(sc[x]); emb(x)]) with no position
+# embedding (recency terms carry order, so any window length works), then NUM_LAYERS hops of one shared gated
+# cell with per-hop spectral FiLM. Every score over positions is masked to j <= i before its top-k or softmax,
+# and the token itself is always a valid candidate (B.2 items 1-5).
 
 RECENCY_BUCKETS = 16  # learned score bias per log2(1 + i - j) bucket
 
@@ -1764,7 +1757,7 @@ def manifold_dims(h):
 
 
 def count_cooccurrence(shards, V, device, chunk=1 << 24):
-    """float64 (V, V) counts: n1 of offset 1, r5 = offsets 1..5, c10 = offsets 1..10 weighted 1/offset, from
+    """float64 (V, V) counts: n1 of offset 1, r5 of offsets 1..5, c10 of offsets 1..10 weighted 1/offset, by
     torch.bincount of prev * V + next over chunks of `chunk` first positions."""
     n1, r5, c10 = (torch.zeros(V * V, dtype=torch.float64, device=device) for _ in range(3))
     for shard in shards:
@@ -1775,10 +1768,8 @@ def count_cooccurrence(shards, V, device, chunk=1 << 24):
                 m = min(chunk, a.numel() - o)
                 c = torch.bincount(a[:m] * V + a[o:o + m], minlength=V * V).double()
                 c10 += c / o
-                if o <= 5:
-                    r5 += c
-                if o == 1:
-                    n1 += c
+                r5 += c if o <= 5 else 0.0
+                n1 += c if o == 1 else 0.0
     return [c.view(V, V) for c in (n1, r5, c10)]
 
 
@@ -1792,33 +1783,41 @@ def top_modes(sym, k):
     return (evecs[:, -k:] * evals[-k:].abs().sqrt()).flip(-1).float().to(sym.device)
 
 
-def row_norm(m):
-    return m / m.sum(1, keepdim=True).clamp_min(1e-12)
-
-
-def edge_list(w, cap, gen):
-    """Upper-triangle edges (i, j, weight) of a weighted adjacency; a seeded subsample of `cap` if larger."""
-    i, j = torch.triu(w, 1).nonzero(as_tuple=True)
-    if i.numel() > cap:
-        keep = torch.randperm(i.numel(), generator=gen, device=w.device)[:cap]
-        i, j = i[keep], j[keep]
-    return i, j, w[i, j]
-
-
-def physics_layout(ws, wd, asym, mass, h, gen):
-    """Positions (V x dim) minimizing the B.1 energy: springs w_s|d|^2 + 0.3 w_d|d|^2 over fixed edge samples,
-    (1 - 0.1 m_i m_j)/|d| over P fresh random pairs per step and 0.5 a_i a_j/|d| over the first P/40 of them;
-    Adam lr 0.05 cosine to 5e-4, gradient clip 10."""
-    V, dev, P, steps = ws.size(0), ws.device, h.manifold_pairs, h.manifold_physics_steps
-    si, sj, sw = edge_list(ws, int(2.5 * P), gen)
-    di, dj, dw = edge_list(wd, int(1.25 * P), gen)
+def build_manifold(counts, h):
+    """(sc float32 (V, S), static_nb int32 (V, K), stats) from the counts; the same bytes for the same seed."""
+    n1, r5, c10 = (c.float() for c in counts)
+    V, (modes, coords, _), dev = n1.size(0), manifold_dims(h), n1.device
+    gen = torch.Generator(device=dev).manual_seed(h.manifold_seed)
+    row_norm = lambda m: m / m.sum(1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    c = c10 + c10.T  # 1. springs: sqrt PPMI > 0.5 of the symmetric windowed co-occurrence, zero diagonal
+    c.fill_diagonal_(0)
+    ppmi = torch.log(c * c.sum() / (c.sum(1)[:, None] * c.sum(1)[None, :]).clamp_min(1e-12)).clamp_min(0)
+    ws = torch.where(ppmi > 0.5, ppmi.sqrt(), 0.0)
+    tors = row_norm(r5.T) - row_norm(r5)  # 2. torsion: left minus right context; U S of its SVD (Gram eigh)
+    asym, dirc = tors.norm(dim=1), top_modes(tors @ tors.T, coords)
+    pf, pb = row_norm(n1), row_norm(n1.T)  # 3. mass: successor entropy (the maximum below 10 successors)
+    ent = torch.where(n1.sum(1) < 10, math.log(V), -(pf * pf.clamp_min(1e-12).log()).sum(1))
+    mass = (1 / (ent + 1)) / (1 / (ent + 1)).max()
+    dd = ((pf - pb).abs() + (pf - pb).abs().T) / 2  # 4. directed springs above the 90th percentile
+    nz = dd[dd > 0]
+    wd = torch.where(dd > (nz.kthvalue(max(1, int(0.9 * nz.numel()))).values if nz.numel() else 0), dd, 0.0)
+    syn = top_modes(pb @ pb.T + pf @ pf.T, coords)  # 5. U S of the SVD of [left bigram | right bigram]
+    # 6. physics: springs w_s|d|^2 + 0.3 w_d|d|^2 over fixed seeded edge samples; (1 - 0.1 m_i m_j)/|d| over P
+    # fresh random pairs per step and 0.5 a_i a_j/|d| over the first P/40 of them; Adam 0.05 cosine to 5e-4.
+    P, steps = h.manifold_pairs, h.manifold_physics_steps
+    edges = []
+    for w, cap in ((ws, int(2.5 * P)), (wd, int(1.25 * P))):
+        i, j = torch.triu(w, 1).nonzero(as_tuple=True)
+        keep = torch.randperm(i.numel(), generator=gen, device=dev)[:cap] if i.numel() > cap else slice(None)
+        edges.append((i[keep], j[keep], w[i[keep], j[keep]]))
+    (si, sj, sw), (di, dj, dw) = edges
     pos = (0.1 * torch.randn(V, h.manifold_physics_dim, generator=gen, device=dev)).requires_grad_()
     opt, energy = torch.optim.Adam([pos], lr=0.05), torch.zeros(())
+    sq = lambda a, b: (F.embedding(a, pos) - F.embedding(b, pos)).square().sum(-1)  # noqa: E731 (fast backward)
     for step in range(steps):
         opt.param_groups[0]["lr"] = 5e-4 + 0.5 * (0.05 - 5e-4) * (1 + math.cos(math.pi * step / steps))
         ri = torch.randint(0, V, (P,), generator=gen, device=dev)
         rj = (ri + torch.randint(1, V, (P,), generator=gen, device=dev)) % V  # never a self pair
-        sq = lambda a, b: (F.embedding(a, pos) - F.embedding(b, pos)).square().sum(-1)  # fast CPU backward
         d, na = (sq(ri, rj) + 1e-6).sqrt(), max(1, P // 40)
         energy = ((sw * sq(si, sj)).sum() + 0.3 * (dw * sq(di, dj)).sum() + ((1 - 0.1 * mass[ri] * mass[rj]) / d).sum()
                   + 0.5 * (asym[ri[:na]] * asym[rj[:na]] / d[:na]).sum())
@@ -1826,100 +1825,73 @@ def physics_layout(ws, wd, asym, mass, h, gen):
         energy.backward()
         torch.nn.utils.clip_grad_norm_([pos], 10.0)
         opt.step()
-    return pos.detach(), float(energy.detach())
-
-
-def build_manifold(counts, h):
-    """(sc float32 (V, S), static_nb int32 (V, K), stats) from the counts; the same bytes for the same seed."""
-    n1, r5, c10 = (c.float() for c in counts)
-    V, (modes, coords, _) = n1.size(0), manifold_dims(h)
-    gen = torch.Generator(device=n1.device).manual_seed(h.manifold_seed)
-    c = c10 + c10.T  # 1. springs: PPMI of the symmetric windowed co-occurrence, zero diagonal
-    c.fill_diagonal_(0)
-    row = c.sum(1)
-    ppmi = torch.log(c * c.sum() / (row[:, None] * row[None, :]).clamp_min(1e-12)).clamp_min(0)
-    ws = torch.where(ppmi > 0.5, ppmi.sqrt(), 0.0)
-    tors = row_norm(r5.T) - row_norm(r5)  # 2. torsion: left minus right context distributions
-    asym, dirc = tors.norm(dim=1), top_modes(tors @ tors.T, coords)  # U S of the SVD, via the Gram matrix
-    pf, pb = row_norm(n1), row_norm(n1.T)  # 3. mass: successor entropy (max entropy below 10 successors)
-    ent = torch.where(n1.sum(1) < 10, math.log(V), -(pf * pf.clamp_min(1e-12).log()).sum(1))
-    mass = 1 / (ent + 1)
-    mass = mass / mass.max()
-    dd = (pf - pb).abs()  # 4. directed springs above the 90th percentile
-    dd, nz = (dd + dd.T) / 2, dd[dd > 0]
-    wd = torch.where(dd > (nz.kthvalue(max(1, int(0.9 * nz.numel()))).values if nz.numel() else 0), dd, 0.0)
-    syn = top_modes(pb @ pb.T + pf @ pf.T, coords)  # 5. SVD of [left bigram | right bigram]
-    pos, energy = physics_layout(ws, wd, asym, mass, h, gen)  # 6. physics
-    inv = torch.cdist(pos, pos).clamp_min(1e-3).pow(-3)  # 7. spectral modes of the coupling matrix
+    inv = torch.cdist(pos.detach(), pos.detach()).clamp_min(1e-3).pow(-3)  # 7. spectral modes of the coupling
     inv.fill_diagonal_(0)
     spec = top_modes(2 * ws + 0.1 * mass[:, None] * mass[None, :] + 0.3 * wd + inv, modes)
     sc = torch.cat([spec] + [f * spec.std() / m.std().clamp_min(1e-12) * m for f, m in ((0.5, dirc), (0.3, syn))], 1)
     sc = sc / sc.std().clamp_min(1e-12)  # unit scale for the network's inputs
     cos = F.normalize(sc, dim=1) @ F.normalize(sc, dim=1).T
     cos.fill_diagonal_(-2.0)
-    stats = {"springs": int((ws > 0).sum()) // 2, "directed": int((wd > 0).sum()) // 2, "energy": energy}
+    stats = {"springs": si.numel(), "directed": di.numel(), "energy": float(energy.detach())}
     return sc, cos.topk(h.manifold_neighbours, dim=1).indices.int(), stats
 
 
 class CastedLinear(nn.Linear):
+    """fp32 weights cast at use (bf16 autocast on GPU); `zero=True` starts the layer at exactly zero."""
+
+    def __init__(self, n_in, n_out, bias=True, zero=False):
+        super().__init__(n_in, n_out, bias=bias)
+        for p in self.parameters() if zero else ():
+            nn.init.zeros_(p)
+
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
 
-def zero_linear(n_in, n_out, bias=True):
-    layer = CastedLinear(n_in, n_out, bias=bias)
-    nn.init.zeros_(layer.weight)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
 def sparsemax(z):
-    """Sparsemax over the last dim (Martins & Astudillo 2016); tau comes from the valid entries only. -inf
-    entries are masked and come out exactly 0; every row must hold one finite entry (the caller's guarantee)."""
+    """Sparsemax over the last dim (Martins & Astudillo 2016), tau from the valid entries only: -inf entries are
+    masked and come out exactly 0. Every row must hold one finite entry (the caller's always-valid candidate)."""
     zs = z.sort(dim=-1, descending=True).values
     cs = zs.cumsum(-1)
-    r = torch.arange(1, z.size(-1) + 1, device=z.device, dtype=z.dtype)
-    k = (1 + r * zs > cs).sum(-1, keepdim=True)
+    k = (1 + torch.arange(1, z.size(-1) + 1, device=z.device, dtype=z.dtype) * zs > cs).sum(-1, keepdim=True)
     return (z - (cs.gather(-1, k - 1) - 1) / k).clamp_min(0)
 
 
-def route(score, allowed, k):
-    """Sparsemax over the top-k allowed candidates of each row (the mask comes before the top-k), scattered
-    back to a dense (..., T, T) weight matrix whose disallowed entries are exactly 0."""
-    val, idx = score.masked_fill(~allowed, float("-inf")).topk(min(k, score.size(-1)), dim=-1)
+def route(score, blocked, k):
+    """Sparsemax over each row's top-k unblocked candidates (masked before the top-k), scattered back to a dense
+    (..., T, T) weight matrix whose blocked entries are exactly 0."""
+    val, idx = score.masked_fill(blocked, float("-inf")).topk(min(k, score.size(-1)), dim=-1)
     return torch.zeros_like(score).scatter(-1, idx, sparsemax(val))
 
 
 class HopCell(nn.Module):
-    """One hop: messages routed by sparsemax (causal top-k, plus static neighbours behind a gate), a gated update
-    MLP, manifold-guided attention, then the geodesic mixer capped at 0.2 |h|. FiLM comes from the caller."""
+    """One hop: messages routed by sparsemax (causal top-k, plus static neighbours behind a gate) into a gated
+    update MLP, manifold-guided attention, then the geodesic mixer capped at 0.2 |h|. FiLM comes from the caller."""
 
     def __init__(self, h, S):
         super().__init__()
         D, hidden, H = h.model_dim, int(h.mlp_mult * h.model_dim), h.num_heads
         self.heads, self.topk, self.nb_k = H, h.route_topk, h.manifold_neighbours + 1
-        self.msg = CastedLinear(D, D)
-        self.up, self.down = CastedLinear(2 * D, hidden), zero_linear(hidden, D)
+        self.msg, self.up = CastedLinear(D, D), CastedLinear(2 * D, hidden)
         self.c_q, self.c_k, self.c_v = CastedLinear(D + 2 * S, D), CastedLinear(D + S, D), CastedLinear(D, D)
-        self.proj = zero_linear(D, D)
-        self.mix_in, self.mix_gate, self.mix_out = CastedLinear(D, hidden), CastedLinear(S, hidden), zero_linear(hidden, D)
+        self.mix_in, self.mix_gate = CastedLinear(D, hidden), CastedLinear(S, hidden)
+        self.down, self.proj, self.mix_out = (CastedLinear(n, D, zero=True) for n in (hidden, D, hidden))
         self.route_scale = nn.Parameter(torch.tensor([5.0, 2.5]))  # seed: 5 (endpoint_sim * H + 0.5 msg_sim)
         self.manifold_bias = nn.Parameter(torch.ones(H))  # w_m in the attention score w_m scn_i . scn_j
         self.rel_bias = nn.Parameter(torch.zeros(H + 1, RECENCY_BUCKETS))  # attention heads, then the router
         self.nb_gate = nn.Parameter(torch.tensor(-4.0))  # the static-neighbour route starts nearly shut (seed)
 
     def attention(self, z, c):
+        """Q from [z; scn; velocity], K from [z; scn]; score bias w_m scn_i . scn_j; no clamp, the mask last, fp32."""
         B, T, D = z.shape
         H, dh = self.heads, D // self.heads
         scn, vel = c["scn"].to(z.dtype), c["vel"].to(z.dtype)
         q = F.rms_norm(self.c_q(torch.cat([z, scn, vel], -1)).view(B, T, H, dh).transpose(1, 2), (dh,))
         k = F.rms_norm(self.c_k(torch.cat([z, scn], -1)).view(B, T, H, dh).transpose(1, 2), (dh,))
-        v = self.c_v(z).view(B, T, H, dh).transpose(1, 2)
         s = (q @ k.transpose(-1, -2)).float() / math.sqrt(dh) + self.manifold_bias[:, None, None] * c["sim"][:, None]
-        s = s + self.rel_bias[:H][:, c["bucket"]]
-        p = torch.softmax(s.masked_fill(~c["causal"], float("-inf")), dim=-1)  # no clamp; mask last; fp32
-        return self.proj((p.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, D))
+        p = torch.softmax((s + self.rel_bias[:H][:, c["bucket"]]).masked_fill(c["future"], float("-inf")), dim=-1)
+        y = p.to(z.dtype) @ self.c_v(z).view(B, T, H, dh).transpose(1, 2)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
     def forward(self, h, film, sc, c, entropy):
         scale, shift, gate = film.chunk(3, dim=-1)
@@ -1928,8 +1900,8 @@ class HopCell(nn.Module):
         mn = F.normalize(msg.float(), dim=-1)
         score = (self.route_scale[0] * c["sim"] * entropy[..., None] + self.route_scale[1] * (mn @ mn.transpose(1, 2))
                  + self.rel_bias[-1][c["bucket"]])
-        A = route(score, c["causal"], self.topk)
-        routed = (A + torch.sigmoid(self.nb_gate) * route(score, c["nb"], self.nb_k)).to(msg.dtype) @ msg
+        A = route(score, c["future"], self.topk)
+        routed = (A + torch.sigmoid(self.nb_gate) * route(score, c["not_nb"], self.nb_k)).to(msg.dtype) @ msg
         h = h + torch.sigmoid(gate) * self.down(F.gelu(self.up(torch.cat([z, routed], -1)))) + self.attention(z, c)
         mix = self.mix_out(F.gelu(self.mix_in(F.rms_norm(h, (h.size(-1),)))) * torch.sigmoid(self.mix_gate(sc)))
         cap = 0.2 * h.norm(dim=-1, keepdim=True) / mix.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -1946,61 +1918,56 @@ class ManifoldLM(nn.Module):
         self.register_buffer("static_nb", torch.zeros(V, h.manifold_neighbours, dtype=torch.int32))
         self.sc_mlp = nn.Sequential(CastedLinear(S, D), nn.GELU(), CastedLinear(D, D))
         self.in_proj = CastedLinear(2 * D, D)
-        self.films = nn.ModuleList(zero_linear(S, 3 * D) for _ in range(h.num_layers))  # scale, shift, gate
+        self.films = nn.ModuleList(CastedLinear(S, 3 * D, zero=True) for _ in range(h.num_layers))  # scale, shift, gate
         self.cells = nn.ModuleList(HopCell(h, S) for _ in range(min(h.hop_cells, h.num_layers)))
         self.transport = CastedLinear(S, D, bias=False) if h.num_layers > 1 else None
         # Untied head with bias (the seed's): the input embedding is fused with sc through in_proj, so its
         # geometry is not the output's; the bias holds the unigram. TIE_EMBEDDINGS=1 shares tok_emb.
-        self.lm_head = None if h.tie_embeddings else zero_linear(D, V, bias=False)
+        self.lm_head = None if h.tie_embeddings else CastedLinear(D, V, bias=False, zero=True)
         self.lm_bias = nn.Parameter(torch.zeros(V))
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
 
     @torch.no_grad()
     def prepare_training(self, h, rt, logger):
-        """Count the first MANIFOLD_TOKENS train tokens (whole shards, split over ranks, counts all-reduced),
-        build the manifold, and give every rank rank 0's bytes (GPU atomics may differ in the last bit)."""
+        """Count the first MANIFOLD_TOKENS train tokens (whole shards split over ranks, counts all-reduced), build
+        the manifold, and give every rank rank 0's bytes (GPU atomics may differ in the last bit)."""
         t0 = time.perf_counter()
         files = shard_files(h.data_path, "train")
         if any("_val_" in os.path.basename(p) for p in files):
             raise RuntimeError(f"DATA_PATH={h.data_path!r}: a validation shard is in the manifold's train list")
         sizes = np.cumsum([(os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in files])
         files = files[:int(np.searchsorted(sizes, h.manifold_tokens)) + 1]
-        counts = count_cooccurrence((load_data_shard(p) for p in files[rt.rank::rt.world_size]), h.vocab_size,
-                                    rt.device)
-        for c in counts:
-            dist_sum(c)
+        mine = (load_data_shard(p) for p in files[rt.rank::rt.world_size])
+        counts = [dist_sum(c) for c in count_cooccurrence(mine, h.vocab_size, rt.device)]
         t1 = time.perf_counter()
         with torch.enable_grad():
             sc, nb, stats = build_manifold(counts, h)
         self.sc_emb.weight.copy_(sc)
         self.static_nb.copy_(nb)
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.sc_emb.weight.data, 0)
-            dist.broadcast(self.static_nb, 0)
-        logger.log0(f"manifold: bigrams:{int(counts[0].sum())} shards:{len(files)} sc:{tuple(sc.shape)} "
-                    f"springs:{stats['springs']} directed:{stats['directed']} energy:{stats['energy']:.4g} "
+        for t in (self.sc_emb.weight.data, self.static_nb) if dist.is_available() and dist.is_initialized() else ():
+            dist.broadcast(t, 0)
+        logger.log0(f"manifold: bigrams:{int(counts[0].sum())} shards:{len(files)} sc:{tuple(sc.shape)} {stats} "
                     f"count:{t1 - t0:.1f}s build:{time.perf_counter() - t1:.1f}s")
 
     def context(self, x, scn):
-        """Per-forward causal tables shared by the hops: masks, recency buckets, velocity, manifold similarity,
-        and the static-neighbour candidates (j < i holding a static neighbour of x_i, each neighbour token at
-        its most recent occurrence before i)."""
+        """Causal tables shared by the hops: masks, recency buckets, velocity (w_ij ~ exp(-(i-j)/tau) over j < i,
+        recent tokens dominate), manifold similarity, and the static-neighbour candidates: j < i holding a static
+        neighbour of x_i, each neighbour token at its most recent occurrence before i, plus i itself."""
         B, T = x.shape
         i = torch.arange(T, device=x.device)
-        dist_ = i[:, None] - i[None, :]
-        past = dist_ > 0
-        bucket = torch.log2(1 + dist_.clamp_min(0).float()).long().clamp_max(RECENCY_BUCKETS - 1)
-        w = torch.exp(-dist_.clamp_min(0).float() / self.tau) * past  # recent tokens dominate (B.2 item 3)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)  # row 0 has no past and stays all zero
-        vel = (scn - w @ scn) * past.any(-1)[:, None]
-        key = (x * T + i).sort(dim=-1).values  # next occurrence of the same token, T if none
+        gap = i[:, None] - i[None, :]
+        past = gap > 0
+        w = torch.exp(-gap.clamp_min(0).float() / self.tau) * past
+        vel = scn - (w / w.sum(-1, keepdim=True).clamp_min(1e-30)) @ scn  # row 0 has no past: velocity 0
+        key = (x * T + i).sort(dim=-1).values  # nxt[j]: next occurrence of token x_j (T if none)
         tok, p = key // T, key % T
         nxt = torch.full_like(x, T).scatter(1, p[:, :-1], torch.where(tok[:, 1:] == tok[:, :-1], p[:, 1:], T))
         V = self.sc_emb.num_embeddings
         adj = torch.zeros(V, V, dtype=torch.bool, device=x.device).scatter_(1, self.static_nb.long(), True)
-        nb = (adj[x[:, :, None], x[:, None, :]] & past & (nxt[:, None, :] >= i[:, None])) | (dist_ == 0)
-        return {"causal": dist_ >= 0, "bucket": bucket, "scn": scn, "vel": vel, "nb": nb,
+        nb = (adj[x[:, :, None], x[:, None, :]] & past & (nxt[:, None, :] >= i[:, None])) | (gap == 0)
+        return {"future": gap < 0, "not_nb": ~nb, "scn": scn, "vel": vel * past.any(-1)[:, None],
+                "bucket": torch.log2(1 + gap.clamp_min(0).float()).long().clamp_max(RECENCY_BUCKETS - 1),
                 "sim": scn @ scn.transpose(1, 2)}
 
     def logits(self, h):
@@ -2014,12 +1981,12 @@ class ManifoldLM(nn.Module):
         h = self.in_proj(torch.cat([self.sc_mlp(sc), self.tok_emb(input_ids)], -1))
         A = None
         for layer, film in enumerate(self.films):
-            if A is not None:  # parallel transport, blend 0.2: h <- 0.8 h + 0.2 (I - 2 u u^T) h, u from the
-                p = self.transport(sc)  # token's point towards its routed context's point (unit or shorter)
+            if A is not None:  # parallel transport, blend 0.2: h <- 0.8 h + 0.2 (I - 2 u u^T) h, u pointing from
+                p = self.transport(sc)  # the token's point to its routed context's point (unit length or less)
                 d = (p - A.to(p.dtype) @ p).float()
                 u = (d * torch.rsqrt(d.square().sum(-1, keepdim=True) + 1e-6)).to(h.dtype)
                 h = h - 0.4 * u * (u * h).sum(-1, keepdim=True)
-            with torch.no_grad():  # normalized output entropy steers the router (seed)
+            with torch.no_grad():  # the normalized output entropy steers the router (seed)
                 lp = self.logits(h).log_softmax(-1)
                 entropy = -(lp.exp() * lp).sum(-1) / math.log(lp.size(-1))
             h, A = self.cells[layer % len(self.cells)](h, film(sc), sc, c, entropy)
@@ -2028,10 +1995,6 @@ class ManifoldLM(nn.Module):
     def forward(self, input_ids, target_ids):
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
-
-    def validation_probes(self):
-        cell = self.cells[0]
-        return {"nb_gate": float(torch.sigmoid(cell.nb_gate)), "route_scale": cell.route_scale.tolist()}
 
 
 def build_model(h):

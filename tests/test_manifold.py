@@ -13,8 +13,8 @@ from torch import nn
 from conftest import TINY_ENV, load_script
 
 V = 64
-SMALL = {**TINY_ENV, "VOCAB_SIZE": str(V), "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4", "ROUTE_TOPK": "8",
-         "MANIFOLD_PHYSICS_STEPS": "5", "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400", "EVAL_SEQ_LEN": "128"}
+SMALL = {**TINY_ENV, "VOCAB_SIZE": str(V), "MODEL_DIM": "32", "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4",
+         "ROUTE_TOPK": "8", "MANIFOLD_PHYSICS_STEPS": "5", "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400", "EVAL_SEQ_LEN": "128"}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_sparsemax_gradient_is_zero_on_masked_entries(mf):
 def test_routing_row_with_no_past_keeps_its_own_token(mf):
     T = 5
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    A = mf.route(torch.randn(2, T, T), causal, k=3)
+    A = mf.route(torch.randn(2, T, T), ~causal, k=3)
     assert torch.allclose(A[:, 0, 0], torch.ones(2)) and (A[:, 0, 1:] == 0).all()
     assert (A[:, ~causal] == 0).all() and torch.allclose(A.sum(-1), torch.ones(2, T))
 
@@ -99,7 +99,7 @@ def test_static_neighbour_candidates_are_past_and_most_recent(mf, shards):
     model.static_nb.zero_()
     model.static_nb[9, 0], model.static_nb[9, 1] = 5, 6  # token 9's neighbours: 5 and 6
     x = torch.tensor([[5, 6, 5, 9, 5, 9, 6]])
-    nb = model.context(x, torch.zeros(1, 7, 3))["nb"][0]
+    nb = ~model.context(x, torch.zeros(1, 7, 3))["not_nb"][0]
     assert nb[3].nonzero().flatten().tolist() == [1, 2, 3]  # latest 6 (pos 1), latest 5 (pos 2), itself
     assert nb[5].nonzero().flatten().tolist() == [1, 4, 5]
     assert not nb.triu(1).any()

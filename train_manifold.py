@@ -6,7 +6,7 @@ Inside the training budget, from train shards only, co-occurrence counts become 
 physics layout, spectral coordinates and static neighbours, all shipped in the artifact. A looped gated hop
 cell routes messages by sparsemax (Martins & Astudillo 2016) over causal top-k candidates, with the fixes of
 TECHNIQUES.md B.2. Large vocabularies: counts are three V x V float64 matrices and the build holds about a dozen
-V x V float32 transients (V = 8192: ~4 GB on the GPU; eigh in float32 above V = 4096), so no token subset.
+V x V float32 transients (V = 8192: ~6 GB on the GPU, est.; eigh in float32 above V = 4096), so no token subset.
 
 Run:
   torchrun --standalone --nproc_per_node=8 train_manifold.py     # 8xH100, PRESET=record (default)

@@ -107,9 +107,7 @@ class Hyperparameters:
     hydra_chunk: int = 64
     hydra_slots: int = 32
     hydra_slot_dim: int = 16
-    hydra_pool_dim: int = 64
     hydra_pred_dim: int = 128
-    hydra_pred_layers: int = 2
     hydra_head_dim: int = 256
     hydra_recon_layers: int = 2
     # Auxiliary and geometry losses: HYDRA_AUX=0 trains the same model on CE alone; HYDRA_MODE=record turns
@@ -123,8 +121,6 @@ class Hyperparameters:
     hydra_lambda_pred: float = 0.1
     hydra_lambda_geo: float = 0.05
     hydra_aux_chunks: int = 256
-    hydra_aug_rows: int = 4
-    hydra_unigram_tokens: int = 50_000_000
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -250,33 +246,14 @@ RECORD = {"ema_decay": 0.997, "muon_wd": 0.04, "muon_row_norm": True, "warmdown_
 PRESETS = {
     "record": RECORD,
     "research": {**RECORD, "hydra_mode": "research"},
-    "smoke": {
-        "data_path": "data/datasets/pydoc_sp1024",
-        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000,
-        "warmup_steps": 2,
-        "warmdown_frac": 0.3,
-        "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384,
-        "train_seq_len": 256,
-        "num_layers": 4,
-        "model_dim": 192,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "val_batch_size": 32768,
-        "val_loss_every": 100,
-        "train_log_every": 25,
-        "status_every": 10,
-        "compile": False,
-        "matrix_lr": 0.03,
-        "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding",
-        "eval_stride": 64,
-        "hydra_encoder_layers": 2,
-        "hydra_pred_dim": 64,
-        "hydra_head_dim": 128,
-        "hydra_recon_layers": 1,
+    "smoke": {  # train_gpt.py's smoke preset, with a smaller predictor and heads
+        "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
+        "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
+        "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
+        "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
+        "compile": False, "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50,
+        "eval_mode": "sliding", "eval_stride": 64,
+        "hydra_encoder_layers": 2, "hydra_pred_dim": 64, "hydra_head_dim": 128, "hydra_recon_layers": 1,
     },
 }
 
@@ -1788,16 +1765,11 @@ def run_main(h):
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
 GEO_LAYOUT = (16, 2, 6, 4, 4)  # R base sentences (+ R word-order swaps), Q relations x P pairs, G x M clusters
 GEO_ROWS = 2 * GEO_LAYOUT[0] + 2 * GEO_LAYOUT[1] * GEO_LAYOUT[2] + GEO_LAYOUT[3] * GEO_LAYOUT[4]
-GEO_LEN = 32  # tokens per template sentence, BOS included
+GEO_LEN = 20  # tokens per template sentence, BOS included (the longest takes 19 with the pydoc sp1024)
 GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3, "analogy": 2.0, "direction": 1.5,
                "cluster": 1.5}
 PRIME_CYCLE = ((True, "para"), (True, "parse"), (True, None), (False, None))  # (aux_on, aux_kind)
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
-
-
-class RMSNorm(nn.Module):
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),))
 
 
 class CastedLinear(nn.Linear):
@@ -1851,7 +1823,6 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, kv_heads, mlp_mult, h, causal=True):
         super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
         self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, h, causal), MLP(dim, mlp_mult)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -1859,8 +1830,8 @@ class Block(nn.Module):
     def forward(self, x, x0, mask=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
 
 
 def run_stack(blocks, x, mask=None):
@@ -1875,8 +1846,8 @@ class ConceptPool(nn.Module):
 
     def __init__(self, dim, h):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(h.hydra_slots, h.hydra_pool_dim))
-        self.key, self.value = CastedLinear(dim, h.hydra_pool_dim), CastedLinear(dim, h.hydra_slot_dim)
+        self.queries = nn.Parameter(torch.randn(h.hydra_slots, 64))
+        self.key, self.value = CastedLinear(dim, 64), CastedLinear(dim, h.hydra_slot_dim)
 
     def forward(self, x, valid):  # (N, L, dim), (N, L) bool -> (N, slots, slot_dim)
         scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / self.queries.size(1) ** 0.5
@@ -1967,54 +1938,32 @@ def encode_sentences(sp, sentences, length=GEO_LEN):
     return ids, lengths
 
 
-def _geo_parts(f, layout):
-    R, Q, P, G, M = layout
-    f = F.normalize(f.float(), dim=-1)
-    pairs, clusters = f[2 * R:2 * R + 2 * Q * P].view(Q, P, 2, -1), f[2 * R + 2 * Q * P:]
-    same = (torch.arange(G * M, device=f.device)[:, None] // M == torch.arange(G * M, device=f.device) // M).float()
-    within = same - torch.eye(G * M, device=f.device)
-    return f[:R], f[R:2 * R], pairs[:, :, 0], pairs[:, :, 1], clusters @ clusters.T, within, 1 - same
-
-
 def _masked_mean(x, mask):
     return (x * mask).sum() / mask.expand_as(x).sum()
 
 
-def _off_diag(n, device):
-    return 1 - torch.eye(n, device=device)
-
-
-def geometry_losses(f, layout=GEO_LAYOUT):
-    """The seed's six losses on f (template order, L2-normalized here); analogy a - b + c ~ d with (a, b) the
-    pair i and (d, c) the pair i+1 of the same relation."""
-    base, swap, pos, neg, sc, within, cross = _geo_parts(f, layout)
-    R, P = base.size(0), pos.size(1)
-    s = base @ base.T
-    delta = F.normalize(pos - neg, dim=-1)
-    guess = F.normalize(pos - neg + neg.roll(-1, 1), dim=-1)
-    return {
-        "word_order": torch.relu((base * swap).sum(-1) - 0.5).mean(),
-        "hard_repulsion": torch.relu((s - 2 * torch.eye(R, device=f.device)).topk(min(8, R - 1), dim=1).values
-                                     - 0.10).mean(),
-        "batch_repulsion": _masked_mean(torch.relu(s - 0.3), _off_diag(R, f.device)),
-        "analogy": torch.relu(0.9 - (guess * pos.roll(-1, 1)).sum(-1)).mean(),
-        "direction": _masked_mean(torch.relu(0.8 - delta @ delta.transpose(1, 2)), _off_diag(P, f.device)),
-        "cluster": _masked_mean(torch.relu(0.5 - sc), within) + _masked_mean(torch.relu(sc - 0.2), cross),
-    }
-
-
-def geometry_probes(f, layout=GEO_LAYOUT):
-    """Analogy cos(a - b + c, d) beside its trivial baseline max(cos(c, d), cos(a, d)), cluster gap (within -
-    between), direction consistency (mean delta_i . delta_j, i != j), word-order similarity cos(s, swap(s))."""
-    base, swap, a, b, sc, within, cross = _geo_parts(f, layout)
-    c, d = b.roll(-1, 1), a.roll(-1, 1)
+def geometry(f, layout=GEO_LAYOUT):
+    """The seed's six losses and the probes on sentence embeddings f in template order (L2-normalized here).
+    Analogy: a - b + c ~ d with (a, b) the pair i and (d, c) the pair i+1 of the same relation; the probe's
+    trivial baseline is max(cos(c, d), cos(a, d)). Cluster gap: mean cos within groups minus between them."""
+    R, Q, P, G, M = layout
+    f = F.normalize(f.float(), dim=-1)
+    base, swap, pairs, cl = f[:R], f[R:2 * R], f[2 * R:2 * R + 2 * Q * P].view(Q, P, 2, -1), f[2 * R + 2 * Q * P:]
+    a, b, eye = pairs[:, :, 0], pairs[:, :, 1], lambda n: torch.eye(n, device=f.device)
+    c, d, s, sc, order = b.roll(-1, 1), a.roll(-1, 1), base @ base.T, cl @ cl.T, (base * swap).sum(-1)
+    same = (torch.arange(G * M, device=f.device)[:, None] // M == torch.arange(G * M, device=f.device) // M).float()
     delta = F.normalize(a - b, dim=-1)
-    out = {"analogy": (F.normalize(a - b + c, dim=-1) * d).sum(-1).mean(),
-           "analogy_baseline": torch.maximum((c * d).sum(-1), (a * d).sum(-1)).mean(),
-           "cluster_gap": _masked_mean(sc, within) - _masked_mean(sc, cross),
-           "direction": _masked_mean(delta @ delta.transpose(1, 2), _off_diag(a.size(1), f.device)),
-           "word_order": (base * swap).sum(-1).mean()}
-    return {k: float(v) for k, v in out.items()}
+    dd, analogy = delta @ delta.transpose(1, 2), (F.normalize(a - b + c, dim=-1) * d).sum(-1)
+    losses = {"word_order": torch.relu(order - 0.5).mean(),
+              "hard_repulsion": torch.relu((s - 2 * eye(R)).topk(min(8, R - 1), dim=1).values - 0.10).mean(),
+              "batch_repulsion": _masked_mean(torch.relu(s - 0.3), 1 - eye(R)),
+              "analogy": torch.relu(0.9 - analogy).mean(),
+              "direction": _masked_mean(torch.relu(0.8 - dd), 1 - eye(P)),
+              "cluster": _masked_mean(torch.relu(0.5 - sc), same - eye(G * M)) + _masked_mean(torch.relu(sc - 0.2), 1 - same)}
+    probes = {"analogy": analogy.mean(), "analogy_baseline": torch.maximum((c * d).sum(-1), (a * d).sum(-1)).mean(),
+              "cluster_gap": _masked_mean(sc, same - eye(G * M)) - _masked_mean(sc, 1 - same),
+              "direction": _masked_mean(dd, 1 - eye(P)), "word_order": order.mean()}
+    return losses, probes
 
 
 def effective_rank(x, p):
@@ -2036,14 +1985,11 @@ class Hydra(nn.Module):
         self.pool, self.null_code = ConceptPool(D, h), nn.Parameter(torch.randn(S, sd))
         P = h.hydra_pred_dim
         self.pred_in, self.pred_out = CastedLinear(S * sd, P), CastedLinear(P, S * sd)
-        self.pred_blocks = nn.ModuleList(Block(P, max(1, P // 32), max(1, P // 32), 4.0, h)
-                                         for _ in range(h.hydra_pred_layers))
+        self.pred_blocks = nn.ModuleList(Block(P, max(1, P // 32), max(1, P // 32), 4.0, h) for _ in range(2))
         self.mem_prev, self.mem_hat = CastedLinear(S * sd, D, zero_init=True), CastedLinear(S * sd, D, zero_init=True)
-        self.lm_head = None if h.tie_embeddings else CastedLinear(D, V, zero_init=True)
         self.heads = nn.ModuleDict({"recon": ChunkDecoder(h, V, h.hydra_recon_layers),
                                     "parse": ChunkDecoder(h, 6 + 8, 1), "bow": CastedLinear(S * sd, V)})
-        if h.tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for name, init in (("case_map", torch.arange(V)), ("digit_map", torch.arange(V)), ("flags", torch.zeros(V, 6)),
                            ("bucket", torch.zeros(V, dtype=torch.long)), ("geo_scale", torch.zeros(())),
                            ("geo_ids", torch.zeros(GEO_ROWS, GEO_LEN, dtype=torch.long)),
@@ -2104,8 +2050,7 @@ class Hydra(nn.Module):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(F.rms_norm(x, (x.size(-1),)), w.to(x.dtype)).float()
+        logits = F.linear(F.rms_norm(x, (x.size(-1),)), self.tok_emb.weight.to(x.dtype)).float()
         return self.h.logit_softcap * torch.tanh(logits / self.h.logit_softcap), z, zhat
 
     def forward_logits(self, input_ids, code_noise=None):
@@ -2152,7 +2097,7 @@ class Hydra(nn.Module):
                 bag = torch.zeros(n, V, device=ids.device).scatter_add_(1, t, valid.float())
                 logp = F.log_softmax(self.heads["bow"](hf.flatten(0, 1)[:n]).float(), dim=-1)
                 st["bow"] = -(bag / bag.sum(1, keepdim=True) * logp).sum(1).mean()
-                rows = min(ids.size(0), h.hydra_aug_rows)
+                rows = min(ids.size(0), 4)
                 za = self.chunk_codes(self.encode(self.augment(ids[:rows]))[0]).flatten(2).flatten(0, 1).float()
                 sim = F.normalize(zf[:rows].flatten(0, 1), dim=-1) @ F.normalize(za, dim=-1).T / 0.07
                 lab = torch.arange(sim.size(0), device=sim.device)
@@ -2164,7 +2109,7 @@ class Hydra(nn.Module):
                 bucket = self.bucket[t].masked_fill(~valid, -100)
                 second = st["parse"] = _masked_mean(flag, valid.float()) + F.cross_entropy(
                     out[..., 6:].flatten(0, 1), bucket.flatten(), ignore_index=-100)
-            geo = geometry_losses(self.embed_sentences(self.geo_ids, self.geo_len))
+            geo = geometry(self.embed_sentences(self.geo_ids, self.geo_len))[0]
             st["geo"] = sum(GEO_WEIGHTS[k] * v for k, v in geo.items())
             total = total + h.hydra_lambda_aux * (st["recon"] + second) + h.hydra_lambda_geo * self.geo_scale * st["geo"]
         with torch.no_grad():
@@ -2221,10 +2166,10 @@ class Hydra(nn.Module):
         for buf, values in ((self.flags, flags), (self.case_map, case_map), (self.digit_map, digit_map)):
             buf.copy_(torch.tensor(values, dtype=buf.dtype))
         counts, n, files = torch.zeros(V, dtype=torch.float64), 0, shard_files(h.data_path, "train")
-        for path in files:
-            tokens = load_data_shard(path)[:h.hydra_unigram_tokens - n].to(torch.int64)
+        for path in files:  # the first 50M tokens are plenty for 8 log-rank buckets
+            tokens = load_data_shard(path)[:50_000_000 - n].to(torch.int64)
             counts, n = counts + torch.bincount(tokens, minlength=V)[:V].double(), n + tokens.numel()
-            if n >= h.hydra_unigram_tokens:
+            if n >= 50_000_000:
                 break
         rank = torch.empty(V, dtype=torch.long)
         rank[counts.argsort(descending=True, stable=True)] = torch.arange(V)
@@ -2254,8 +2199,8 @@ class Hydra(nn.Module):
         self.eval()
         ids, lengths = self.probe_set
         f = self.embed_sentences(ids.flatten(0, 1), lengths.flatten()).view(*ids.shape[:2], -1)
-        runs = [geometry_probes(fb) for fb in f]
-        out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        runs = [geometry(fb)[1] for fb in f]
+        out = {k: float(sum(r[k] for r in runs)) / len(runs) for k in runs[0]}
         out["analogy_gap"] = out["analogy"] - out["analogy_baseline"]
         codes = self.chunk_codes(self.encode(self.heldout)[0]).flatten(2).flatten(0, 1)
         out.update(rank90=effective_rank(codes, 0.90), rank95=effective_rank(codes, 0.95), codes=codes.size(0))
@@ -2266,31 +2211,24 @@ class Hydra(nn.Module):
 
 
 def build_model(h):
-    for name in ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_pool_dim", "hydra_pred_dim", "hydra_head_dim",
-                 "hydra_aux_every", "hydra_aug_rows", "hydra_unigram_tokens", "hydra_aux_chunks"):
-        if getattr(h, name) <= 0 or (name in ("hydra_pred_dim", "hydra_head_dim") and getattr(h, name) % 2):
-            raise ValueError(f"{name.upper()}={getattr(h, name)!r}: must be positive (and even for a model width)")
-    if h.num_layers < 2:
-        raise ValueError(f"NUM_LAYERS={h.num_layers!r}: the hydra needs at least one encoder and one decoder block")
-    if h.hydra_mode not in ("record", "research"):
-        raise ValueError(f"HYDRA_MODE={h.hydra_mode!r}: must be record or research")
+    bad = [n for n in ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_aux_every", "hydra_aux_chunks")
+           if getattr(h, n) <= 0] + [n for n in ("hydra_pred_dim", "hydra_head_dim") if getattr(h, n) % 2 or getattr(h, n) <= 0]
+    bad += [n for n, ok in (("num_layers", h.num_layers >= 2), ("tie_embeddings", h.tie_embeddings),
+                            ("hydra_mode", h.hydra_mode in ("record", "research"))) if not ok]
+    if bad:
+        raise ValueError(f"{bad[0].upper()}={getattr(h, bad[0])!r}: the hydra needs positive sizes (even widths), "
+                         "at least 2 layers, tied embeddings, HYDRA_MODE record or research")
     return Hydra(h)
 
 
 def param_groups(model, h):
-    """Muon for every CastedLinear matrix (trunk, pooling, predictor, memory, heads); Adam for the embedding,
-    an untied output head, and vectors, learned queries and the null code."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
+    """Muon for every CastedLinear matrix (trunk, pooling, predictor, memory, heads); Adam for the tied
+    embedding and for vectors, learned queries and the null code."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
     special = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    if model.lm_head is not None:
-        special.add(id(model.lm_head.weight))
-    embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    adam_groups = [{"params": [model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr},
-                   {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
-                    "base_lr": h.scalar_lr}]
-    if model.lm_head is not None:
-        adam_groups.append({"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr})
-    return matrices, adam_groups
+    return matrices, [{"params": [model.tok_emb.weight], "lr": h.tied_embed_lr, "base_lr": h.tied_embed_lr},
+                      {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
+                       "base_lr": h.scalar_lr}]
 
 # -----------------------------------------------------------------------------
 # TRAINING

@@ -156,35 +156,34 @@ def analogy_embeddings():
 def test_geometry_losses_on_identical_vectors():
     f = torch.zeros(N, 16)
     f[:, 0] = 1.0
-    losses = {k: float(v) for k, v in hydra.geometry_losses(f).items()}
+    losses = {k: float(v) for k, v in hydra.geometry(f)[0].items()}
     assert losses == pytest.approx({"word_order": 0.5, "hard_repulsion": 0.9, "batch_repulsion": 0.7,
                                     "analogy": 0.0, "direction": 0.8, "cluster": 0.8})
 
 
 def test_geometry_losses_on_orthogonal_vectors():
-    losses = {k: float(v) for k, v in hydra.geometry_losses(torch.eye(N)).items()}
+    losses = {k: float(v) for k, v in hydra.geometry(torch.eye(N))[0].items()}
     assert losses == pytest.approx({"word_order": 0.0, "hard_repulsion": 0.0, "batch_repulsion": 0.0,
                                     "analogy": 0.9, "direction": 0.8, "cluster": 0.5})
 
 
 def test_geometry_losses_and_probes_on_a_known_analogy():
     f = analogy_embeddings()
-    losses = hydra.geometry_losses(f)
+    losses, probes = hydra.geometry(f)
     assert float(losses["analogy"]) == pytest.approx(0.0) and float(losses["direction"]) == pytest.approx(0.0)
-    probes = hydra.geometry_probes(f)
-    assert probes["analogy"] == pytest.approx(1.0) and probes["direction"] == pytest.approx(1.0)
-    assert probes["analogy_baseline"] == pytest.approx(0.5)  # cos(c, d) = 0, cos(a, d) = 1/2
+    assert float(probes["analogy"]) == pytest.approx(1.0) and float(probes["direction"]) == pytest.approx(1.0)
+    assert float(probes["analogy_baseline"]) == pytest.approx(0.5)  # cos(c, d) = 0, cos(a, d) = 1/2
 
 
 def test_probes_on_identical_and_grouped_vectors():
     f = torch.zeros(N, 16)
     f[:, 0] = 1.0
-    probes = hydra.geometry_probes(f)
-    assert probes["word_order"] == pytest.approx(1.0) and probes["cluster_gap"] == pytest.approx(0.0)
+    probes = hydra.geometry(f)[1]
+    assert float(probes["word_order"]) == pytest.approx(1.0) and float(probes["cluster_gap"]) == pytest.approx(0.0)
     start = 2 * R + 2 * Q * P
     for g in range(G):
         f[start + g * M:start + (g + 1) * M] = F.one_hot(torch.tensor(g + 1), 16).float()
-    assert hydra.geometry_probes(f)["cluster_gap"] == pytest.approx(1.0)
+    assert float(hydra.geometry(f)[1]["cluster_gap"]) == pytest.approx(1.0)
 
 
 def test_effective_rank_counts_components_to_the_variance_threshold():

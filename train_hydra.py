@@ -1752,15 +1752,13 @@ def run_main(h):
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# Causal chunk-concept LM (TECHNIQUES.md C.2). The first L_e trunk blocks encode tokens causally. Chunk j
-# (HYDRA_CHUNK tokens) is pooled into Z_j, HYDRA_SLOTS x HYDRA_SLOT_DIM, by attention with learned queries
-# that sees the whole chunk (only later chunks read Z_j). A causal transformer over codes predicts
-# Zhat_k = P(Z_<k). The decoder blocks receive U_a Z_{k-1} + U_b Zhat_k, added once to every token of chunk
-# k (the spec's cheaper variant of cross-attention). Concept memory resets at BOS: a token whose last BOS is
-# at b reads Z_{k-1} only if chunk k-1 starts at or after b, and Zhat_k only if b < kC; otherwise a learned
-# null code. The predictor's chunk mask obeys the same rule, so no code of an earlier document reaches a
-# token. The trunk's own attention still spans the packed window, as in train_gpt.py. Training-only heads
-# live under `heads.`; a state without them (an artifact) turns them into stubs that raise.
+# Causal chunk-concept LM (TECHNIQUES.md C.2; docs/hydra.md). The first L_e trunk blocks encode tokens
+# causally; chunk j (C = HYDRA_CHUNK tokens) is pooled into a code Z_j that only later chunks read; a causal
+# transformer over codes predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to
+# every token of chunk k (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose
+# last BOS is at b reads Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code, and
+# the predictor obeys the same rule. Training-only heads live under `heads.`: a state without them (an
+# artifact) turns them into stubs that raise. Scoring is the causal softmax of `forward_logits` alone.
 
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
 GEO_LAYOUT = (16, 2, 6, 4, 4)  # R base sentences (+ R word-order swaps), Q relations x P pairs, G x M clusters
@@ -1768,7 +1766,7 @@ GEO_ROWS = 2 * GEO_LAYOUT[0] + 2 * GEO_LAYOUT[1] * GEO_LAYOUT[2] + GEO_LAYOUT[3]
 GEO_LEN = 20  # tokens per template sentence, BOS included (the longest takes 19 with the pydoc sp1024)
 GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3, "analogy": 2.0, "direction": 1.5,
                "cluster": 1.5}
-PRIME_CYCLE = ((True, "para"), (True, "parse"), (True, None), (False, None))  # (aux_on, aux_kind)
+PRIME_CYCLE = ((True, "para"), (True, "parse"), (True, None), (False, None))  # (aux_on, aux_kind) variants
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
 
 
@@ -1783,7 +1781,6 @@ class CastedLinear(nn.Linear):
 
 
 def apply_rotary(x, base):
-    """RoPE over the sequence axis of (B, H, T, d)."""
     T, d = x.shape[-2:]
     inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
@@ -1828,10 +1825,10 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
     def forward(self, x, x0, mask=None):
-        mix = self.resid_mix.to(x.dtype)
+        mix, norm = self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(norm(x), mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
 
 
 def run_stack(blocks, x, mask=None):
@@ -1850,14 +1847,14 @@ class ConceptPool(nn.Module):
         self.key, self.value = CastedLinear(dim, 64), CastedLinear(dim, h.hydra_slot_dim)
 
     def forward(self, x, valid):  # (N, L, dim), (N, L) bool -> (N, slots, slot_dim)
-        scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / self.queries.size(1) ** 0.5
+        scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / 64 ** 0.5
         w = torch.softmax(scores.float().masked_fill(~valid[:, None], float("-inf")), dim=-1)
         return F.rms_norm(w.to(x.dtype) @ self.value(x), (self.value.out_features,))
 
 
 class ChunkDecoder(nn.Module):
-    """Training-only: reads one chunk code (its slots as tokens) with HYDRA_CHUNK position queries,
-    bidirectionally, and predicts `out` values per position (H1: the tokens; H3: structural classes)."""
+    """Training-only: one chunk code (its slots as tokens) plus C position queries through bidirectional
+    blocks; `out` values per position (H1: the chunk's tokens; H3: its structural classes)."""
 
     def __init__(self, h, out, layers):
         super().__init__()
@@ -1906,9 +1903,9 @@ def vocabulary(split):
 
 
 def template_batch(rng, split, layout=GEO_LAYOUT):
-    """Sentences in the order the geometry losses read: R base sentences, their R word-order swaps (two
-    adjacent words exchanged), Q relations x P (positive, negative) pairs sharing one word pair, G clusters
-    of M sentences about one animal."""
+    """Sentences in the order `geometry` reads: R base sentences, their R word-order swaps (two adjacent words
+    exchanged), Q relations x P (positive, negative) pairs sharing one word pair, G clusters of M sentences
+    about one animal."""
     R, Q, P, G, M = layout
     voc, names = vocabulary(split), list(RELATIONS)
 
@@ -1918,28 +1915,17 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         return [t.format(a=a, o=rng.choice(voc["object"]), j=rng.choice(voc["adj"]), x=x, y=y) for t in RELATIONS[rel]]
 
     out = [fill(rng.choice(names))[0] for _ in range(R)]
-    for s in out[:R]:
-        w = s.split()
-        i = rng.randrange(len(w) - 1)
+    for w, i in ((s.split(), rng.randrange(len(s.split()) - 1)) for s in out[:R]):
         out.append(" ".join(w[:i] + [w[i + 1], w[i]] + w[i + 2:]))
     for rel in rng.sample(names, Q):
         pair = rng.choice(voc.get(rel, ["-:-"]))
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
-    for a in rng.sample(voc["animal"], G):
-        out += [fill(rel, a=a)[0] for rel in rng.sample(names, M)]
-    return out
+    return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
 
 
 def encode_sentences(sp, sentences, length=GEO_LEN):
-    ids, lengths = torch.zeros(len(sentences), length, dtype=torch.long), torch.zeros(len(sentences), dtype=torch.long)
-    for i, toks in enumerate(sp.encode(sentences)):
-        toks = [BOS_ID] + toks[:length - 1]
-        ids[i, :len(toks)], lengths[i] = torch.tensor(toks), len(toks)
-    return ids, lengths
-
-
-def _masked_mean(x, mask):
-    return (x * mask).sum() / mask.expand_as(x).sum()
+    rows = [[BOS_ID] + t[:length - 1] for t in sp.encode(sentences)]
+    return (torch.tensor([r + [0] * (length - len(r)) for r in rows]), torch.tensor([len(r) for r in rows]))
 
 
 def geometry(f, layout=GEO_LAYOUT):
@@ -1947,22 +1933,22 @@ def geometry(f, layout=GEO_LAYOUT):
     Analogy: a - b + c ~ d with (a, b) the pair i and (d, c) the pair i+1 of the same relation; the probe's
     trivial baseline is max(cos(c, d), cos(a, d)). Cluster gap: mean cos within groups minus between them."""
     R, Q, P, G, M = layout
-    f = F.normalize(f.float(), dim=-1)
+    f, eye = F.normalize(f.float(), dim=-1), lambda n: torch.eye(n, device=f.device)
+    mean = lambda x, mask: (x * mask).sum() / mask.expand_as(x).sum()  # noqa: E731
     base, swap, pairs, cl = f[:R], f[R:2 * R], f[2 * R:2 * R + 2 * Q * P].view(Q, P, 2, -1), f[2 * R + 2 * Q * P:]
-    a, b, eye = pairs[:, :, 0], pairs[:, :, 1], lambda n: torch.eye(n, device=f.device)
+    a, b = pairs[:, :, 0], pairs[:, :, 1]
     c, d, s, sc, order = b.roll(-1, 1), a.roll(-1, 1), base @ base.T, cl @ cl.T, (base * swap).sum(-1)
     same = (torch.arange(G * M, device=f.device)[:, None] // M == torch.arange(G * M, device=f.device) // M).float()
     delta = F.normalize(a - b, dim=-1)
     dd, analogy = delta @ delta.transpose(1, 2), (F.normalize(a - b + c, dim=-1) * d).sum(-1)
     losses = {"word_order": torch.relu(order - 0.5).mean(),
               "hard_repulsion": torch.relu((s - 2 * eye(R)).topk(min(8, R - 1), dim=1).values - 0.10).mean(),
-              "batch_repulsion": _masked_mean(torch.relu(s - 0.3), 1 - eye(R)),
-              "analogy": torch.relu(0.9 - analogy).mean(),
-              "direction": _masked_mean(torch.relu(0.8 - dd), 1 - eye(P)),
-              "cluster": _masked_mean(torch.relu(0.5 - sc), same - eye(G * M)) + _masked_mean(torch.relu(sc - 0.2), 1 - same)}
+              "batch_repulsion": mean(torch.relu(s - 0.3), 1 - eye(R)), "analogy": torch.relu(0.9 - analogy).mean(),
+              "direction": mean(torch.relu(0.8 - dd), 1 - eye(P)),
+              "cluster": mean(torch.relu(0.5 - sc), same - eye(G * M)) + mean(torch.relu(sc - 0.2), 1 - same)}
     probes = {"analogy": analogy.mean(), "analogy_baseline": torch.maximum((c * d).sum(-1), (a * d).sum(-1)).mean(),
-              "cluster_gap": _masked_mean(sc, same - eye(G * M)) - _masked_mean(sc, 1 - same),
-              "direction": _masked_mean(dd, 1 - eye(P)), "word_order": order.mean()}
+              "cluster_gap": mean(sc, same - eye(G * M)) - mean(sc, 1 - same), "direction": mean(dd, 1 - eye(P)),
+              "word_order": order.mean()}
     return losses, probes
 
 
@@ -1977,31 +1963,29 @@ class Hydra(nn.Module):
 
     def __init__(self, h):
         super().__init__()
-        D, S, sd, V = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size
+        D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, h.hydra_pred_dim
         self.h, self.chunk, self.n_enc = h, h.hydra_chunk, min(h.hydra_encoder_layers, h.num_layers - 1)
         self.tok_emb = nn.Embedding(V, D)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(D, h.num_heads, h.num_kv_heads, h.mlp_mult, h) for _ in range(h.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), D))
         self.pool, self.null_code = ConceptPool(D, h), nn.Parameter(torch.randn(S, sd))
-        P = h.hydra_pred_dim
         self.pred_in, self.pred_out = CastedLinear(S * sd, P), CastedLinear(P, S * sd)
         self.pred_blocks = nn.ModuleList(Block(P, max(1, P // 32), max(1, P // 32), 4.0, h) for _ in range(2))
         self.mem_prev, self.mem_hat = CastedLinear(S * sd, D, zero_init=True), CastedLinear(S * sd, D, zero_init=True)
         self.heads = nn.ModuleDict({"recon": ChunkDecoder(h, V, h.hydra_recon_layers),
                                     "parse": ChunkDecoder(h, 6 + 8, 1), "bow": CastedLinear(S * sd, V)})
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for name, init in (("case_map", torch.arange(V)), ("digit_map", torch.arange(V)), ("flags", torch.zeros(V, 6)),
                            ("bucket", torch.zeros(V, dtype=torch.long)), ("geo_scale", torch.zeros(())),
                            ("geo_ids", torch.zeros(GEO_ROWS, GEO_LEN, dtype=torch.long)),
                            ("geo_len", torch.ones(GEO_ROWS, dtype=torch.long)), ("stats", torch.zeros(len(STAT_KEYS)))):
-            self.register_buffer(name, init, persistent=False)
+            self.register_buffer(name, init, persistent=False)  # training state: never in the artifact
         self.prepared = self.priming = self.aux_on = self.heads_stripped = False
         self.aux_kind, self.steps, self.unk_id, self.aux_counts = None, 0, 0, {"para": 0, "parse": 0}
         self.rng = random.Random(h.seed)  # the same draws on every rank
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """A state without `heads.*` (an artifact) strips the training-only heads: they become stubs that raise."""
-        if not any(k.startswith(self.training_only_prefixes) for k in state_dict):
+        if not any(k.startswith(self.training_only_prefixes) for k in state_dict):  # an artifact: strip the heads
             self.heads, self.heads_stripped = nn.ModuleDict({k: StrippedHead() for k in self.heads}), True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -2014,8 +1998,8 @@ class Hydra(nn.Module):
         return x, x0, skips
 
     def chunk_codes(self, x):  # (B, T, D) -> (B, K, slots, slot_dim), the last chunk padded and masked
-        B, T, D = x.shape
-        K, C = -(-T // self.chunk), self.chunk
+        (B, T, D), C = x.shape, self.chunk
+        K = -(-T // C)
         valid = (torch.arange(K * C, device=x.device) < T).view(K, C).repeat(B, 1)
         return self.pool(F.pad(x, (0, 0, 0, K * C - T)).view(B * K, C, D), valid).view(B, K, *self.null_code.shape)
 
@@ -2027,17 +2011,14 @@ class Hydra(nn.Module):
         null = F.rms_norm(self.null_code, (z.size(-1),)).to(z.dtype)
         # predictor position p holds Z_{p-1} and outputs Zhat_p; it uses Z_{q-1} (q <= p, as input or key) only
         # if chunk q-1 starts at or after the last BOS before chunk p, else the null code (always at p = 0)
-        seen = last_bos[:, (j * C - 1).clamp(min=0)]
-        ok = (j - 1) * C >= seen[:, :, None]  # (B, p, q)
+        ok = (j - 1) * C >= last_bos[:, (j * C - 1).clamp(min=0), None]  # (B, p, q)
         inp = torch.where(ok.diagonal(dim1=1, dim2=2)[..., None, None], z[:, (j - 1).clamp(min=0)], null)
-        mask = (j[:, None] >= j) & (ok | (j == 0))
-        y = F.rms_norm(run_stack(self.pred_blocks, self.pred_in(inp.flatten(2)), mask[:, None]), (self.h.hydra_pred_dim,))
-        zhat = F.rms_norm(self.pred_out(y).view_as(z), (z.size(-1),))
+        y = run_stack(self.pred_blocks, self.pred_in(inp.flatten(2)), ((j[:, None] >= j) & (ok | (j == 0)))[:, None])
+        zhat = F.rms_norm(self.pred_out(F.rms_norm(y, (y.size(-1),))).view_as(z), (z.size(-1),))
         k = pos // C
-        prev = torch.where(((k - 1) * C >= last_bos)[..., None], self.mem_prev(z.flatten(2))[:, (k - 1).clamp(min=0)],
-                           self.mem_prev(null.flatten()))
-        hat = torch.where((k * C > last_bos)[..., None], self.mem_hat(zhat.flatten(2))[:, k], self.mem_hat(null.flatten()))
-        return prev + hat, zhat
+        prev, hat = self.mem_prev(z.flatten(2))[:, (k - 1).clamp(min=0)], self.mem_hat(zhat.flatten(2))[:, k]
+        return (torch.where(((k - 1) * C >= last_bos)[..., None], prev, self.mem_prev(null.flatten()))
+                + torch.where((k * C > last_bos)[..., None], hat, self.mem_hat(null.flatten()))), zhat
 
     def trunk(self, ids, code_noise=None):
         x, x0, skips = self.encode(ids)
@@ -2077,41 +2058,40 @@ class Hydra(nn.Module):
         return F.normalize(self.pool(self.encode(ids)[0], valid).flatten(1).float(), dim=-1)
 
     def aux_loss(self, ids, z, zhat):
-        h, st = self.h, {}
+        h, st, C, V = self.h, {}, self.chunk, self.h.vocab_size
         zf, hf = z.flatten(2).float(), zhat.flatten(2).float()
-        floor = lambda v: torch.relu(1 - torch.sqrt(v.flatten(0, 1).var(0, correction=0) + 1e-4)).mean()  # VICReg
-        st["pred"] = (1 - F.cosine_similarity(hf, zf.detach(), dim=-1)).mean() + floor(zf) + floor(hf)
+        floor = lambda v: torch.relu(1 - (v.flatten(0, 1).var(0, correction=0) + 1e-4).sqrt()).mean()  # noqa: E731
+        st["pred"] = (1 - F.cosine_similarity(hf, zf.detach(), dim=-1)).mean() + floor(zf) + floor(hf)  # VICReg floor
         total = h.hydra_lambda_pred * st["pred"]
         if self.aux_kind:
-            n, C, V = min(zf.size(0) * zf.size(1), h.hydra_aux_chunks), self.chunk, h.vocab_size
+            n = min(zf.size(0) * zf.size(1), h.hydra_aux_chunks)
             tgt = F.pad(ids, (0, z.size(1) * C - ids.size(1)), value=-100).view(-1, C)[:n]
             valid, t = tgt >= 0, tgt.clamp(min=0)
             logits = self.heads["recon"](z.flatten(0, 1)[:n]).float()
             st["recon"] = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
             with torch.no_grad():
-                hit = (logits.argmax(-1) == tgt) | ~valid
-                st["recon_acc"] = _masked_mean((logits.argmax(-1) == tgt).float(), valid.float())
-                st["recon_exact"] = hit.all(dim=1).float().mean()
+                hit = logits.argmax(-1) == tgt
+                st["recon_acc"] = (hit & valid).sum() / valid.sum()
+                st["recon_exact"] = (hit | ~valid).all(dim=1).float().mean()
                 st["recon_exact_ema"] = 0.99 * self.stats[STAT_KEYS.index("recon_exact_ema")] + 0.01 * st["recon_exact"]
             if self.aux_kind == "para":  # H2: the bag of words of chunk k from Zhat_k, and InfoNCE on aug(chunk)
                 bag = torch.zeros(n, V, device=ids.device).scatter_add_(1, t, valid.float())
                 logp = F.log_softmax(self.heads["bow"](hf.flatten(0, 1)[:n]).float(), dim=-1)
                 st["bow"] = -(bag / bag.sum(1, keepdim=True) * logp).sum(1).mean()
-                rows = min(ids.size(0), 4)
-                za = self.chunk_codes(self.encode(self.augment(ids[:rows]))[0]).flatten(2).flatten(0, 1).float()
-                sim = F.normalize(zf[:rows].flatten(0, 1), dim=-1) @ F.normalize(za, dim=-1).T / 0.07
+                za = self.chunk_codes(self.encode(self.augment(ids[:4]))[0]).flatten(2).flatten(0, 1).float()
+                sim = F.normalize(zf[:4].flatten(0, 1), dim=-1) @ F.normalize(za, dim=-1).T / 0.07
                 lab = torch.arange(sim.size(0), device=sim.device)
-                st["infonce"] = 0.5 * (F.cross_entropy(sim, lab) + F.cross_entropy(sim.T, lab))
+                st["infonce"] = 0.5 * (F.cross_entropy(sim, lab) + F.cross_entropy(sim.T, lab))  # van den Oord 2018
                 second = st["bow"] + st["infonce"]
             else:  # H3: six structural flags and the unigram log-rank bucket of every position of chunk j
                 out = self.heads["parse"](z.flatten(0, 1)[:n]).float()
                 flag = F.binary_cross_entropy_with_logits(out[..., :6], self.flags[t], reduction="none").mean(-1)
-                bucket = self.bucket[t].masked_fill(~valid, -100)
-                second = st["parse"] = _masked_mean(flag, valid.float()) + F.cross_entropy(
-                    out[..., 6:].flatten(0, 1), bucket.flatten(), ignore_index=-100)
+                second = st["parse"] = (flag * valid).sum() / valid.sum() + F.cross_entropy(
+                    out[..., 6:].flatten(0, 1), self.bucket[t].masked_fill(~valid, -100).flatten(), ignore_index=-100)
             geo = geometry(self.embed_sentences(self.geo_ids, self.geo_len))[0]
             st["geo"] = sum(GEO_WEIGHTS[k] * v for k, v in geo.items())
-            total = total + h.hydra_lambda_aux * (st["recon"] + second) + h.hydra_lambda_geo * self.geo_scale * st["geo"]
+            total = total + h.hydra_lambda_aux * (st["recon"] + second)
+            total = total + h.hydra_lambda_geo * self.geo_scale * st["geo"]
         with torch.no_grad():
             for key, value in st.items():
                 self.stats[STAT_KEYS.index(key)] = value.detach().float()
@@ -2149,24 +2129,23 @@ class Hydra(nn.Module):
 
     def prepare_training(self, h, rt, logger):
         """Inside the clock: structural classes and augmentation maps from the tokenizer's pieces, unigram
-        log-rank buckets from the train shards, template batches (train words for the losses, test words for
-        the probes), and the tail of the last train shard for the rank probe."""
+        log-rank buckets from the first 50M train tokens, template batches (train words for the losses, test
+        words for the probes), and the tail of the last train shard for the rank probe."""
         sp, dev, V = load_tokenizer(h.tokenizer_path, h.vocab_size), self.tok_emb.weight.device, h.vocab_size
         pieces = [sp.id_to_piece(i) for i in range(V)]
-        index, shift = {p: i for i, p in enumerate(pieces)}, str.maketrans("0123456789", "1234567890")
-        flags, case_map, digit_map = [], [], []
+        index, flags, case_map = {p: i for i, p in enumerate(pieces)}, [], []
         for i, p in enumerate(pieces):
-            text = "" if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) else p.replace("\u2581", "")
-            flags.append([p.startswith("\u2581"), any(c in string.punctuation for c in text),
-                          any(c.isdigit() for c in text), any(c.isupper() for c in text),
-                          p == "<0x0A>" or "\n" in text, sp.is_byte(i)])
+            t = "" if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) else p.replace("\u2581", "")
+            flags.append([p.startswith("\u2581"), any(c in string.punctuation for c in t), any(c.isdigit() for c in t),
+                          any(c.isupper() for c in t), p == "<0x0A>" or "\n" in t, sp.is_byte(i)])
             k = next((k for k, c in enumerate(p) if c.isalpha()), None)
             case_map.append(index.get(p if k is None else p[:k] + p[k].swapcase() + p[k + 1:], i))
-            digit_map.append(index.get(p.translate(shift), i))
-        for buf, values in ((self.flags, flags), (self.case_map, case_map), (self.digit_map, digit_map)):
-            buf.copy_(torch.tensor(values, dtype=buf.dtype))
+        self.flags.copy_(torch.tensor(flags, dtype=torch.float))
+        self.case_map.copy_(torch.tensor(case_map))
+        shift = str.maketrans("0123456789", "1234567890")
+        self.digit_map.copy_(torch.tensor([index.get(p.translate(shift), i) for i, p in enumerate(pieces)]))
         counts, n, files = torch.zeros(V, dtype=torch.float64), 0, shard_files(h.data_path, "train")
-        for path in files:  # the first 50M tokens are plenty for 8 log-rank buckets
+        for path in files:
             tokens = load_data_shard(path)[:50_000_000 - n].to(torch.int64)
             counts, n = counts + torch.bincount(tokens, minlength=V)[:V].double(), n + tokens.numel()
             if n >= 50_000_000:
@@ -2180,8 +2159,7 @@ class Hydra(nn.Module):
         for name, split, count in (("geo_pool", "train", 128), ("probe_set", "test", 8)):
             batches = [encode_sentences(sp, template_batch(rng, split)) for _ in range(count)]
             setattr(self, name, tuple(torch.stack(parts).to(dev) for parts in zip(*batches)))
-        self.unk_id, self.prepared = sp.unk_id(), True
-        self.priming = h.hydra_aux and h.warmup_steps > 0
+        self.unk_id, self.prepared, self.priming = sp.unk_id(), True, h.hydra_aux and h.warmup_steps > 0
         self.aux_on, kind = PRIME_CYCLE[0] if self.priming else (False, None)
         self.set_kind(kind)
         n_heads = sum(p.numel() for p in self.heads.parameters())
@@ -2192,27 +2170,26 @@ class Hydra(nn.Module):
     @torch.no_grad()
     def validation_probes(self):
         """Geometry probes on test-vocabulary templates, effective rank of held-out chunk codes, the last
-        auxiliary losses, reconstruction accuracy / exact match (and its EMA 0.99), and the head counts."""
+        auxiliary losses (reconstruction accuracy, exact match and its EMA 0.99) and the head counts."""
         if not self.prepared:
             return {}
-        was_training = self.training
+        was_training, (ids, lengths) = self.training, self.probe_set
         self.eval()
-        ids, lengths = self.probe_set
         f = self.embed_sentences(ids.flatten(0, 1), lengths.flatten()).view(*ids.shape[:2], -1)
         runs = [geometry(fb)[1] for fb in f]
         out = {k: float(sum(r[k] for r in runs)) / len(runs) for k in runs[0]}
-        out["analogy_gap"] = out["analogy"] - out["analogy_baseline"]
         codes = self.chunk_codes(self.encode(self.heldout)[0]).flatten(2).flatten(0, 1)
-        out.update(rank90=effective_rank(codes, 0.90), rank95=effective_rank(codes, 0.95), codes=codes.size(0))
-        out.update({k: float(v) for k, v in zip(STAT_KEYS, self.stats)})
+        out.update(analogy_gap=out["analogy"] - out["analogy_baseline"], rank90=effective_rank(codes, 0.90),
+                   rank95=effective_rank(codes, 0.95), codes=codes.size(0), **dict(zip(STAT_KEYS, self.stats.tolist())))
         out.update(aux_para_steps=self.aux_counts["para"], aux_parse_steps=self.aux_counts["parse"])
         self.train(was_training)
         return out
 
 
 def build_model(h):
-    bad = [n for n in ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_aux_every", "hydra_aux_chunks")
-           if getattr(h, n) <= 0] + [n for n in ("hydra_pred_dim", "hydra_head_dim") if getattr(h, n) % 2 or getattr(h, n) <= 0]
+    sizes = ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_aux_every", "hydra_aux_chunks")
+    bad = [n for n in sizes if getattr(h, n) <= 0]
+    bad += [n for n in ("hydra_pred_dim", "hydra_head_dim") if getattr(h, n) % 2 or getattr(h, n) <= 0]
     bad += [n for n, ok in (("num_layers", h.num_layers >= 2), ("tie_embeddings", h.tie_embeddings),
                             ("hydra_mode", h.hydra_mode in ("record", "research"))) if not ok]
     if bad:
@@ -2222,13 +2199,17 @@ def build_model(h):
 
 
 def param_groups(model, h):
-    """Muon for every CastedLinear matrix (trunk, pooling, predictor, memory, heads); Adam for the tied
-    embedding and for vectors, learned queries and the null code."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
-    special = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    return matrices, [{"params": [model.tok_emb.weight], "lr": h.tied_embed_lr, "base_lr": h.tied_embed_lr},
-                      {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
-                       "base_lr": h.scalar_lr}]
+    """Muon for the CastedLinear matrices of the shipped model (trunk, pooling, predictor, memory); Adam for the
+    tied embedding, for vectors, queries and the null code, and (at HEAD_LR) for the training-only heads, which
+    see a gradient only every HYDRA_AUX_EVERY steps and need no orthogonalized update."""
+    heads = list(model.heads.parameters())
+    matrices = [m.weight for n, m in model.named_modules()
+                if isinstance(m, CastedLinear) and not n.startswith(model.training_only_prefixes)]
+    special = {id(p) for p in matrices + heads} | {id(model.tok_emb.weight)}
+    adam = [{"params": [model.tok_emb.weight], "lr": h.tied_embed_lr, "base_lr": h.tied_embed_lr},
+            {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
+             "base_lr": h.scalar_lr}]
+    return matrices, adam + ([{"params": heads, "lr": h.head_lr, "base_lr": h.head_lr}] if heads else [])
 
 # -----------------------------------------------------------------------------
 # TRAINING

@@ -265,3 +265,28 @@ def test_structural_classes_and_augmentation_maps_come_from_the_tokenizer(prepar
     assert int(model.case_map[the]) == The and int(model.case_map[The]) == the
     assert model.flags[sp.piece_to_id("<0x0A>")].tolist() == [0, 0, 0, 0, 1, 1]
     assert int(model.bucket[the]) <= 1 and int(model.bucket.max()) == 7
+
+
+def test_param_groups_cover_every_parameter_once_and_keep_heads_off_muon():
+    h = tiny()
+    model = hydra.build_model(h)
+    matrices, adam = hydra.param_groups(model, h)
+    ids = [id(p) for p in matrices] + [id(p) for g in adam for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    heads = {id(p) for p in model.heads.parameters()}
+    assert heads and not heads & {id(p) for p in matrices}
+    assert all("lr" in g and "base_lr" in g for g in adam)
+
+
+def test_warmup_priming_cycles_every_forward_variant_then_resets(prepared):
+    h, model = prepared
+    model.priming, model.steps = True, 0
+    model.aux_on, kind = hydra.PRIME_CYCLE[0]
+    model.set_kind(kind)
+    seen = [(model.aux_on, model.aux_kind)]
+    for _ in range(len(hydra.PRIME_CYCLE) - 1):
+        model.zero_grad()
+        seen.append((model.aux_on, model.aux_kind))
+    assert seen == list(hydra.PRIME_CYCLE)
+    model.set_training_progress(0.0)
+    assert not model.priming and model.steps == 1 and sum(model.aux_counts.values()) == 1

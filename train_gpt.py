@@ -1182,6 +1182,7 @@ class _TTTTrainer:
         self.model = copy.deepcopy(model)
         blocks = getattr(self.model, "blocks", [])
         frozen = {id(p) for b in list(blocks)[:h.ttt_freeze_blocks] for p in b.parameters()}
+        frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}  # e.g. a fixed manifold
         self.params = [p for p in self.model.parameters() if id(p) not in frozen]
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)

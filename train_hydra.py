@@ -1113,8 +1113,9 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     seq_len, stride, chunk = h.eval_len, h.eval_stride, h.ttt_chunk_tokens
     starts, firsts, lasts = sliding_windows(tokens.numel(), seq_len, stride)
-    chunk_of = firsts // chunk
+    chunk_of = firsts // chunk  # sorted, so each chunk's windows are one contiguous range
     chunk_ids = np.unique(chunk_of)
+    bounds = np.searchsorted(chunk_of, np.append(chunk_ids, chunk_ids[-1] + 1))
     batch = max(1, h.val_batch_size // (8 * seq_len))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
@@ -1122,7 +1123,7 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
     for n, ci in enumerate(chunk_ids):
-        sel = np.nonzero(chunk_of == ci)[0]
+        sel = np.arange(bounds[n], bounds[n + 1])
         mine = sel[len(sel) * rank // world:len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
@@ -1160,6 +1161,7 @@ class _TTTTrainer:
         self.model = copy.deepcopy(model)
         blocks = getattr(self.model, "blocks", [])
         frozen = {id(p) for b in list(blocks)[:h.ttt_freeze_blocks] for p in b.parameters()}
+        frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}  # e.g. a fixed manifold
         self.params = [p for p in self.model.parameters() if id(p) not in frozen]
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
@@ -1181,12 +1183,12 @@ class _TTTTrainer:
         for _ in range(h.ttt_epochs):
             for b0 in range(0, n_seqs, h.ttt_batch_seqs):
                 ids = list(range(b0, min(b0 + h.ttt_batch_seqs, n_seqs)))
-                mine = ids[rank::world]
+                mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
                 self.opt.zero_grad(set_to_none=False)
-                for i in mine:
-                    x = seqs[i * seq:(i + 1) * seq][None]
-                    y = seqs[i * seq + 1:(i + 1) * seq + 1][None]
-                    (token_nll(self.model, x, y).sum() / (len(ids) * seq)).backward()
+                if len(mine):
+                    idx = mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]
+                    win = seqs[idx]
+                    (token_nll(self.model, win[:, :-1], win[:, 1:]).sum() / (len(ids) * seq)).backward()
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -1537,6 +1539,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader_state = loader.state()
         for step in range(h.warmup_steps):
+            if progress_hook:  # both halves of a schedule that changes the graph (recurrence) get compiled
+                progress_hook(float(step >= h.warmup_steps // 2))
             train_step(step, 1.0)
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
@@ -1567,7 +1571,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             train_ms += 1000.0 * (time.perf_counter() - t0)
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)

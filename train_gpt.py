@@ -729,7 +729,6 @@ ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 16 << 20
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
-FP16_TINY = float(torch.finfo(torch.float16).tiny)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (PR #414)
 ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no record shipped int4 weights
 TRITON_BLOCK = 1024
@@ -764,8 +763,7 @@ COMPRESSORS = {
 
 
 def compress_payload(raw, compressor, zstd_level=22):
-    """Compress with the named compressor, or with each available one ('auto', in parallel threads: all
-    three release the GIL) keeping the smallest; ties go to the first name, so the choice is deterministic."""
+    """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
     from concurrent.futures import ThreadPoolExecutor
     names = [compressor] if compressor != "auto" else [n for n in COMPRESSORS if n != "zstd" or zstandard]
     with ThreadPoolExecutor(len(names)) as pool:
@@ -774,6 +772,12 @@ def compress_payload(raw, compressor, zstd_level=22):
 
 
 # --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
+def _row_scales(clip, qmax):
+    """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
+    scale = (clip / qmax).to(torch.float16)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _round_clamp(w, c, s, qmax):
     """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
@@ -792,7 +796,7 @@ def _triton_kernels():
             def quant(w_ptr, clip_ptr, scale_ptr, q_ptr, n_cols, qmax, BLOCK: tl.constexpr):
                 row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
                 c = tl.load(clip_ptr + row)
-                s = tl.maximum(tl.load(scale_ptr + row).to(tl.float32), 6.103515625e-05)  # FP16_TINY
+                s = tl.load(scale_ptr + row).to(tl.float32)
                 w = tl.load(w_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0)
                 x = tl.math.div_rn(tl.minimum(tl.maximum(w, -c), c), s)  # IEEE division, as torch
                 x = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, as torch.round (|x| < 2^22)
@@ -817,9 +821,9 @@ def quantize_rows(w, bits, clip, use_triton=None):
     s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
     qmax = 2 ** (bits - 1) - 1
     w, clip = w.float().contiguous(), clip.float().clamp_min(0).contiguous()
-    scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).to(torch.float16)
+    scale = _row_scales(clip, qmax)
     if not (use_triton if use_triton is not None else w.is_cuda and _triton_kernels()):
-        return _round_clamp(w, clip[:, None], scale.float().clamp_min(FP16_TINY)[:, None], qmax).to(torch.int8), scale
+        return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
     triton, quant, _ = _triton_kernels()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
@@ -871,7 +875,7 @@ def collect_hessians(model, batches):
 
     def hook(module, inputs, output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        sums.setdefault(module, torch.zeros(x.shape[1], x.shape[1], device=x.device)).addmm_(x.T, x)
+        sums[module] = x.T @ x + sums.get(module, 0.0)
 
     linears = _block_linears(model)
     hooks = [m.register_forward_hook(hook) for _, m in linears]
@@ -902,16 +906,15 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
 
 
 def gptq_calibrate(model, h, next_batch=None):
-    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns input
-    ids, or (inputs, targets)) or the model's own samples (GPTQ_CALIB_SOURCE=self). It counts against the
-    600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
+    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
+    (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
+    It counts against the 600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, seqs = max(1, h.gptq_calib_seqs // world), []
     if h.gptq_calib_source == "self":
         seqs = list(generate_calibration_tokens(model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank).split(8))
     while sum(x.shape[0] for x in seqs) < n:
-        batch = next_batch()
-        seqs.append((batch[0] if isinstance(batch, (tuple, list)) else batch)[:n - sum(x.shape[0] for x in seqs)])
+        seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs)
 
 
@@ -920,8 +923,8 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
     yet quantized through the upper Cholesky factor of the damped inverse Hessian (in-block per column, onto later
     blocks by one matmul). Row scales are fixed from `clip`."""
     W, H, c, qmax = w.float().clone(), H.float().clone(), clip.float().clamp_min(0), 2 ** (bits - 1) - 1
-    scale = torch.where(c > 0, c / qmax, torch.ones_like(c)).to(torch.float16)
-    s = scale.float().clamp_min(FP16_TINY)
+    scale = _row_scales(c, qmax)
+    s = scale.float()
     diag = torch.diagonal(H)
     diag[diag <= 0] = 1.0  # a column never seen in calibration: plain rounding, no error spread onto it
     order = torch.argsort(diag, descending=True, stable=True)
@@ -946,7 +949,7 @@ def _qat_linear_forward(self, x):
     sees it when qat_on is 1 and the gradient passes straight through to the fp32 weight."""
     w, wd = self.weight, self.weight.detach().float()
     c = (self.qat_k * wd.std(dim=1, correction=0) if self.qat_k > 0 else wd.abs().amax(dim=1))[:, None]
-    s = (c / self.qat_qmax).to(torch.float16).float().clamp_min(FP16_TINY)
+    s = _row_scales(c, self.qat_qmax).float()
     w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -1072,11 +1075,8 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
-        off, n = e["data"]
+        (off, n), shape, dtype, scheme = e["data"], tuple(e["shape"]), getattr(torch, e["dtype"]), e["scheme"]
         blob = raw[off:off + n]
-        shape = tuple(e["shape"])
-        dtype = getattr(torch, e["dtype"])
-        scheme = e["scheme"]
         if scheme.startswith("int"):
             q = torch.from_numpy(np.frombuffer(blob, dtype=np.int8).copy()).reshape(shape)
             so, sn = e["scale"]
@@ -1161,10 +1161,9 @@ def save_artifact(model, h, path, state=None, hessians=None):
     >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
     state = artifact_state(model) if state is None else state
     code = code_bytes_of()
-    tokenizer_sha = file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None
     cache, ratio, compressor, plan, tries = {}, 1.0, h.compressor, None, []
     table = width_table(state, h, hessians, cache) if h.bit_alloc else None
-    for attempt in range(4 if h.bit_alloc else 1):
+    for _ in range(4 if h.bit_alloc else 1):
         if h.bit_alloc:
             previous, plan = plan, plan_bits(state, h, len(code), hessians, table, ratio)
             if plan == previous:
@@ -1172,7 +1171,8 @@ def save_artifact(model, h, path, state=None, hessians=None):
         entries, raw = quantize_state_dict(state, h, {r["name"]: r["bits"] for r in plan or []}, hessians, cache)
         compressor, payload = compress_payload(raw, compressor, h.zstd_level)  # later tries keep the winner
         header = {"format": "pgolf-artifact", "script": os.path.basename(CODE_PATH),
-                  "script_sha256": hashlib.sha256(code).hexdigest(), "tokenizer_sha256": tokenizer_sha,
+                  "script_sha256": hashlib.sha256(code).hexdigest(), "tokenizer_sha256":
+                  file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None,
                   "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
                   "vocab_size": h.vocab_size, "compressor": compressor, "raw_bytes": len(raw),
                   "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -1184,10 +1184,10 @@ def save_artifact(model, h, path, state=None, hessians=None):
     fitting = [t for t in tries if t[0] <= h.size_budget]
     _, header, payload, plan = max(fitting, key=lambda t: t[0]) if fitting else min(tries, key=lambda t: t[0])
     artifact_bytes = write_artifact(path, header, payload)
-    sizes = {"artifact_bytes": artifact_bytes, "code_bytes": len(code), "total_bytes": artifact_bytes + len(code),
-             "payload_bytes": len(payload), "raw_bytes": header["raw_bytes"], "compressor": header["compressor"],
-             "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code)}
-    return {**sizes, "plan": plan} if plan else sizes
+    return {"artifact_bytes": artifact_bytes, "code_bytes": len(code), "total_bytes": artifact_bytes + len(code),
+            "payload_bytes": len(payload), "raw_bytes": header["raw_bytes"], "compressor": header["compressor"],
+            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
+            "tries": len(tries)}
 
 
 def load_artifact(path, allow_script_mismatch=False):

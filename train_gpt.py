@@ -52,10 +52,12 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 
 @dataclass
 class Hyperparameters:
+# ===== BEGIN SHARED BLOCK: hparams v1 =====
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
     run_id: str = ""
     seed: int = 1337
     log_dir: str = "logs"
@@ -85,37 +87,6 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
-    # Model: the official baseline shape unless a preset says otherwise.
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official model.
-    mlp_activation: str = "relu2"  # relu2 | leaky_relu2
-    rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
-    ln_scale: bool = False
-    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
-    skip_gates: bool = False
-    smear_gate: bool = False
-    bigram_vocab_size: int = 0  # BigramHash buckets; 0 = off
-    bigram_dim: int = 128
-    value_residual: bool = False
-    attn_gate: bool = False
-    attn_gate_window: int = 12
-    parallel_residual_start: int = -1  # first layer with parallel residuals; -1 = off
-    recur_layers: str = ""  # e.g. "3,4,5": layers run again after the last of them
-    recur_loops: int = 1  # extra passes over RECUR_LAYERS
-    recur_start_frac: float = 0.0  # fraction of the training budget at which recurrence switches on
-    flow_matcher: bool = False
-    flow_dim: int = 256
-    flow_loss_weight: float = 0.1
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -178,82 +149,107 @@ class Hyperparameters:
         for f in dataclasses.fields(cls):
             name = f.name.upper()
             if name in env and f.name != "preset":
-                values[f.name] = _parse_env_value(name, env[name], f.type)
+                values[f.name] = cls.parse_env_value(name, env[name], f.type)
         h = cls(**values)
         h.validate()
         return h
 
-    def validate(self):
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name.lower())!r}: {why}")
+    @staticmethod
+    def parse_env_value(name, raw, kind):
+        text = str(raw).strip()
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                    return text.lower() in ("1", "true", "yes", "on")
+                raise ValueError
+            if kind is int:
+                try:
+                    return int(text.replace("_", ""))
+                except ValueError:
+                    number = float(text)  # accepts 5e5, rejects 0.5 below
+                    if not number.is_integer():
+                        raise
+                    return int(number)
+            return float(text) if kind is float else text
+        except ValueError:
+            expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
+            raise ValueError(f"{name}={raw!r}: expected {expected}") from None
 
-        positive = ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "num_layers",
-                    "model_dim", "num_heads", "num_kv_heads", "val_batch_size", "eval_stride",
-                    "ttt_chunk_tokens", "size_budget")
-        for name in positive:
+    def bad(self, name, why):
+        raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
+
+    def validate(self):
+        """Checks of the shared fields, then the script's own `validate_model`."""
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
+                     "eval_stride", "ttt_chunk_tokens", "size_budget", "sdclip_k_mlp", "sdclip_k_attn",
+                     "sdclip_k_embed", "gptq_calib_seqs"):
             if getattr(self, name) <= 0:
-                bad(name.upper(), "must be positive")
+                self.bad(name, "must be positive")
         if self.vocab_size > 65536:
-            bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
-        if self.model_dim % self.num_heads:
-            bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+            self.bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
         if self.train_batch_tokens % (8 * self.train_seq_len):
-            bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
-        if self.eval_mode not in ("standard", "sliding", "ttt"):
-            bad("EVAL_MODE", "must be standard, sliding or ttt")
+            self.bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
         if self.eval_stride > self.eval_len:
-            bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad("EMA_DECAY", "must be in [0, 1)")
-        if not 0.0 <= self.warmdown_frac <= 1.0:
-            bad("WARMDOWN_FRAC", "must be in [0, 1]")
-        for name, allowed in (("QUANT_BITS", (4, 5, 6, 7, 8)), ("EMBED_BITS", (4, 5, 6, 7, 8)),
-                              ("QAT_BITS", (0, 4, 5, 6, 7, 8)), ("CLIP_METHOD", ("percentile", "search", "sdclip")),
-                              ("GPTQ_CALIB_SOURCE", ("train", "self"))):
+            self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
+        for name, allowed in (("EVAL_MODE", ("standard", "sliding", "ttt")), ("QUANT_BITS", (4, 5, 6, 7, 8)),
+                              ("EMBED_BITS", (4, 5, 6, 7, 8)), ("QAT_BITS", (0, 4, 5, 6, 7, 8)),
+                              ("CLIP_METHOD", ("percentile", "search", "sdclip")),
+                              ("GPTQ_CALIB_SOURCE", ("train", "self")), ("COMPRESSOR", ("auto", *COMPRESSORS))):
             if getattr(self, name.lower()) not in allowed:
-                bad(name, f"must be one of {', '.join(map(str, allowed))}")
-        for name in ("SDCLIP_K_MLP", "SDCLIP_K_ATTN", "SDCLIP_K_EMBED", "GPTQ_CALIB_SEQS"):
-            if getattr(self, name.lower()) <= 0:
-                bad(name, "must be positive")
+                self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
+        for name, lo, hi in (("ema_decay", 0.0, 0.999999), ("warmdown_frac", 0.0, 1.0), ("min_lr", 0.0, 1.0),
+                             ("qat_start_frac", 0.0, 0.999999)):
+            if not lo <= getattr(self, name) <= hi:
+                self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
         if min(self.size_margin, self.gptq_reserve_seconds) < 0:
-            bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
-        if not 0.0 <= self.qat_start_frac < 1.0:
-            bad("QAT_START_FRAC", "must be in [0, 1) (0 = no QAT)")
-        if self.compressor not in ("auto",) + tuple(COMPRESSORS):
-            bad("COMPRESSOR", f"must be auto or one of {', '.join(COMPRESSORS)}")
+            self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
+        self.validate_model()
 
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+# ===== END SHARED BLOCK: hparams v1 =====
+    # Model: the official baseline shape unless a preset says otherwise.
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official model.
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2
+    rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
+    ln_scale: bool = False
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
+    skip_gates: bool = False
+    smear_gate: bool = False
+    bigram_vocab_size: int = 0  # BigramHash buckets; 0 = off
+    bigram_dim: int = 128
+    value_residual: bool = False
+    attn_gate: bool = False
+    attn_gate_window: int = 12
+    parallel_residual_start: int = -1  # first layer with parallel residuals; -1 = off
+    recur_layers: str = ""  # e.g. "3,4,5": layers run again after the last of them
+    recur_loops: int = 1  # extra passes over RECUR_LAYERS
+    recur_start_frac: float = 0.0  # fraction of the training budget at which recurrence switches on
+    flow_matcher: bool = False
+    flow_dim: int = 256
+    flow_loss_weight: float = 0.1
 
-
-def _parse_env_value(name, raw, kind):
-    text = str(raw).strip()
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if kind is int:
-            try:
-                return int(text.replace("_", ""))
-            except ValueError:
-                number = float(text)  # accepts 5e5, rejects 0.5 below
-                if not number.is_integer():
-                    raise
-                return int(number)
-        if kind is float:
-            return float(text)
-        return text
-    except ValueError:
-        expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+    def validate_model(self):
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                self.bad(name, "must be positive")
+        if self.model_dim % self.num_heads:
+            self.bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            self.bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
 
 
 # Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections 8-11);

@@ -57,10 +57,12 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 
 @dataclass
 class Hyperparameters:
+# ===== BEGIN SHARED BLOCK: hparams v1 =====
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
     run_id: str = ""
     seed: int = 1337
     log_dir: str = "logs"
@@ -90,37 +92,6 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
-    # Model: a GPT trunk split at HYDRA_ENCODER_LAYERS (clamped to NUM_LAYERS - 1), one code of HYDRA_SLOTS x
-    # HYDRA_SLOT_DIM per HYDRA_CHUNK tokens, the code predictor, and the training-only heads (HYDRA_HEAD_DIM).
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    hydra_encoder_layers: int = 4
-    hydra_chunk: int = 64
-    hydra_slots: int = 32
-    hydra_slot_dim: int = 16
-    hydra_pred_dim: int = 128
-    hydra_head_dim: int = 256
-    hydra_recon_layers: int = 2
-    # Auxiliary and geometry losses: HYDRA_AUX=0 trains the same model on CE alone; HYDRA_MODE=record turns
-    # them off for the last HYDRA_AUX_CUTOFF of the budget, research keeps them through warmdown.
-    hydra_aux: bool = True
-    hydra_mode: str = "record"
-    hydra_aux_every: int = 5
-    hydra_aux_cutoff: float = 0.3
-    hydra_geo_warmup: float = 0.1
-    hydra_lambda_aux: float = 0.1
-    hydra_lambda_pred: float = 0.1
-    hydra_lambda_geo: float = 0.05
-    hydra_aux_chunks: int = 256
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -152,13 +123,26 @@ class Hyperparameters:
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
     audit_seq_len: int = 0
-    # Artifact: quantization and compression.
+    # Artifact: quantization (widths, clipping, GPTQ, late QAT, bit allocation) and compression.
     quant_bits: int = 8
+    embed_bits: int = 8
     int8_clip_percentile: float = 99.99984
+    clip_method: str = "percentile"
+    sdclip_k_mlp: float = 11.5
+    sdclip_k_attn: float = 13.0
+    sdclip_k_embed: float = 20.0
     keep_float_max_numel: int = 65536
+    bit_alloc: bool = False
+    size_margin: int = 20000
     compressor: str = "auto"
     zstd_level: int = 22
     size_budget: int = 16_000_000
+    gptq_enabled: bool = False
+    gptq_reserve_seconds: float = 8.0
+    gptq_calib_seqs: int = 32
+    gptq_calib_source: str = "train"
+    qat_start_frac: float = 0.0
+    qat_bits: int = 0
 
     @classmethod
     def from_env(cls, env=None):
@@ -170,72 +154,107 @@ class Hyperparameters:
         for f in dataclasses.fields(cls):
             name = f.name.upper()
             if name in env and f.name != "preset":
-                values[f.name] = _parse_env_value(name, env[name], f.type)
+                values[f.name] = cls.parse_env_value(name, env[name], f.type)
         h = cls(**values)
         h.validate()
         return h
 
-    def validate(self):
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name.lower())!r}: {why}")
+    @staticmethod
+    def parse_env_value(name, raw, kind):
+        text = str(raw).strip()
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                    return text.lower() in ("1", "true", "yes", "on")
+                raise ValueError
+            if kind is int:
+                try:
+                    return int(text.replace("_", ""))
+                except ValueError:
+                    number = float(text)  # accepts 5e5, rejects 0.5 below
+                    if not number.is_integer():
+                        raise
+                    return int(number)
+            return float(text) if kind is float else text
+        except ValueError:
+            expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
+            raise ValueError(f"{name}={raw!r}: expected {expected}") from None
 
-        positive = ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "num_layers",
-                    "model_dim", "num_heads", "num_kv_heads", "val_batch_size", "eval_stride",
-                    "ttt_chunk_tokens", "size_budget")
-        for name in positive:
+    def bad(self, name, why):
+        raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
+
+    def validate(self):
+        """Checks of the shared fields, then the script's own `validate_model`."""
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
+                     "eval_stride", "ttt_chunk_tokens", "size_budget", "sdclip_k_mlp", "sdclip_k_attn",
+                     "sdclip_k_embed", "gptq_calib_seqs"):
             if getattr(self, name) <= 0:
-                bad(name.upper(), "must be positive")
+                self.bad(name, "must be positive")
         if self.vocab_size > 65536:
-            bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
-        if self.model_dim % self.num_heads:
-            bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+            self.bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
         if self.train_batch_tokens % (8 * self.train_seq_len):
-            bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
-        if self.eval_mode not in ("standard", "sliding", "ttt"):
-            bad("EVAL_MODE", "must be standard, sliding or ttt")
+            self.bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
         if self.eval_stride > self.eval_len:
-            bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad("EMA_DECAY", "must be in [0, 1)")
-        if not 0.0 <= self.warmdown_frac <= 1.0:
-            bad("WARMDOWN_FRAC", "must be in [0, 1]")
-        if self.quant_bits not in (4, 5, 6, 7, 8):
-            bad("QUANT_BITS", "must be one of 4, 5, 6, 7, 8")
-        if self.compressor not in ("auto",) + tuple(COMPRESSORS):
-            bad("COMPRESSOR", f"must be auto or one of {', '.join(COMPRESSORS)}")
+            self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
+        for name, allowed in (("EVAL_MODE", ("standard", "sliding", "ttt")), ("QUANT_BITS", (4, 5, 6, 7, 8)),
+                              ("EMBED_BITS", (4, 5, 6, 7, 8)), ("QAT_BITS", (0, 4, 5, 6, 7, 8)),
+                              ("CLIP_METHOD", ("percentile", "search", "sdclip")),
+                              ("GPTQ_CALIB_SOURCE", ("train", "self")), ("COMPRESSOR", ("auto", *COMPRESSORS))):
+            if getattr(self, name.lower()) not in allowed:
+                self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
+        for name, lo, hi in (("ema_decay", 0.0, 0.999999), ("warmdown_frac", 0.0, 1.0), ("min_lr", 0.0, 1.0),
+                             ("qat_start_frac", 0.0, 0.999999)):
+            if not lo <= getattr(self, name) <= hi:
+                self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
+        if min(self.size_margin, self.gptq_reserve_seconds) < 0:
+            self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
+        self.validate_model()
 
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+# ===== END SHARED BLOCK: hparams v1 =====
+    # Model: a GPT trunk split at HYDRA_ENCODER_LAYERS (clamped to NUM_LAYERS - 1), one code of HYDRA_SLOTS x
+    # HYDRA_SLOT_DIM per HYDRA_CHUNK tokens, the code predictor, and the training-only heads (HYDRA_HEAD_DIM).
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    hydra_encoder_layers: int = 4
+    hydra_chunk: int = 64
+    hydra_slots: int = 32
+    hydra_slot_dim: int = 16
+    hydra_pred_dim: int = 128
+    hydra_head_dim: int = 256
+    hydra_recon_layers: int = 2
+    # Auxiliary and geometry losses: HYDRA_AUX=0 trains the same model on CE alone; HYDRA_MODE=record turns
+    # them off for the last HYDRA_AUX_CUTOFF of the budget, research keeps them through warmdown.
+    hydra_aux: bool = True
+    hydra_mode: str = "record"
+    hydra_aux_every: int = 5
+    hydra_aux_cutoff: float = 0.3
+    hydra_geo_warmup: float = 0.1
+    hydra_lambda_aux: float = 0.1
+    hydra_lambda_pred: float = 0.1
+    hydra_lambda_geo: float = 0.05
+    hydra_aux_chunks: int = 256
 
-
-def _parse_env_value(name, raw, kind):
-    text = str(raw).strip()
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if kind is int:
-            try:
-                return int(text.replace("_", ""))
-            except ValueError:
-                number = float(text)  # accepts 5e5, rejects 0.5 below
-                if not number.is_integer():
-                    raise
-                return int(number)
-        if kind is float:
-            return float(text)
-        return text
-    except ValueError:
-        expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+    def validate_model(self):
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                self.bad(name, "must be positive")
+        if self.model_dim % self.num_heads:
+            self.bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            self.bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
 
 
 # Named groups of defaults. `record` is the 8xH100 configuration (train_gpt.py's record options, 8 blocks so
@@ -718,17 +737,22 @@ class EMA:
 # ===== END SHARED BLOCK: optim v1 =====
 
 # ===== BEGIN SHARED BLOCK: quant v1 =====
-# Quantization and the artifact container. Large 2-D tensors are stored as per-row symmetric int-k with
-# fp16 scales (clip at a percentile of |w| per row, as the baseline); small tensors stay fp16 (control
-# tensors fp32). The container is ours: magic, version, a JSON header that names the script (and its
-# sha256), the hyperparameters, the tokenizer and every tensor's scheme, then one compressed payload of
-# raw little-endian arrays. No pickle anywhere; the official int8 format is read with weights_only=True.
+# Quantization and the artifact container. Large 2-D tensors are stored as per-row symmetric int-k (k = 4..8)
+# with fp16 scales (Triton kernels on GPU, the same maths in torch as reference and CPU path), small tensors as
+# fp16 (control tensors fp32). Clips: CLIP_METHOD; GPTQ where a calibration Hessian is given; late QAT through
+# a straight-through fake quant; BIT_ALLOC fits per-tensor widths to the byte budget. The container is ours:
+# magic, version, a JSON header (script and its sha256, hyperparameters, tokenizer, every tensor's scheme), one
+# compressed payload of raw little-endian arrays. No pickle; the official int8 format is read weights_only.
 
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 16 << 20
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (PR #414)
+ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no record shipped int4 weights
+TRITON_BLOCK = 1024
+_TRITON = None  # the kernels, built on first use
 
 
 def _zstd_compress(data, level):
@@ -759,69 +783,304 @@ COMPRESSORS = {
 
 
 def compress_payload(raw, compressor, zstd_level=22):
-    """Compress with the named compressor, or with each available one ('auto') keeping the smallest."""
+    """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
+    from concurrent.futures import ThreadPoolExecutor
     names = [compressor] if compressor != "auto" else [n for n in COMPRESSORS if n != "zstd" or zstandard]
-    best = None
-    for name in names:
-        blob = COMPRESSORS[name][0](raw, zstd_level)
-        if best is None or len(blob) < len(best[1]):
-            best = (name, blob)
-    return best
+    with ThreadPoolExecutor(len(names)) as pool:
+        blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
+    return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
 
-def quantize_rows(w, bits, clip):
-    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16.
-    Returns (q int8, s fp16). The reference maths for every kernel of this block."""
+# --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
+def _row_scales(clip, qmax):
+    """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
+    scale = (clip / qmax).to(torch.float16)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _round_clamp(w, c, s, qmax):
+    """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
+    return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
+
+
+def _triton_kernels():
+    """(triton, quantize kernel, dequantize kernel), built on first use and not at import: @triton.jit reads
+    the source file, which an exec'd or minified script lacks. None where Triton is missing or fails."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton
+            import triton.language as tl
+
+            @triton.jit
+            def quant(w_ptr, clip_ptr, scale_ptr, q_ptr, n_cols, qmax, BLOCK: tl.constexpr):
+                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                c = tl.load(clip_ptr + row)
+                s = tl.load(scale_ptr + row).to(tl.float32)
+                w = tl.load(w_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0)
+                x = tl.math.div_rn(tl.minimum(tl.maximum(w, -c), c), s)  # IEEE division, as torch
+                x = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, as torch.round (|x| < 2^22)
+                q = tl.minimum(tl.maximum(x, -qmax), qmax)
+                tl.store(q_ptr + row * n_cols + cols, q.to(tl.int8), mask=cols < n_cols)
+
+            @triton.jit
+            def dequant(q_ptr, scale_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                q = tl.load(q_ptr + row * n_cols + cols, mask=cols < n_cols, other=0).to(tl.float32)
+                s = tl.load(scale_ptr + row).to(tl.float32)
+                tl.store(out_ptr + row * n_cols + cols, q * s, mask=cols < n_cols)
+
+            _TRITON = (triton, quant, dequant)
+        except Exception:
+            _TRITON = False
+    return _TRITON or None
+
+
+def quantize_rows(w, bits, clip, use_triton=None):
+    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns (q int8,
+    s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    clip = clip.float().clamp_min(0)
-    scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).to(torch.float16)
-    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[:, None]
-    q = torch.clamp(torch.round(torch.clamp(w, -clip[:, None], clip[:, None]) / s), -qmax, qmax)
-    return q.to(torch.int8).contiguous(), scale.contiguous()
+    w, clip = w.float().contiguous(), clip.float().clamp_min(0).contiguous()
+    scale = _row_scales(clip, qmax)
+    if not (use_triton if use_triton is not None else w.is_cuda and _triton_kernels()):
+        return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
+    triton, quant, _ = _triton_kernels()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
+    return q, scale
 
 
-def dequantize_rows(q, scale):
-    return q.float() * scale.float()[:, None]
+def dequantize_rows(q, scale, use_triton=None):
+    if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
+        return q.float() * scale.float()[:, None]
+    triton, _, dequant = _triton_kernels()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dequant[(q.shape[0], triton.cdiv(q.shape[1], TRITON_BLOCK))](q.contiguous(), scale.contiguous(), out, q.shape[1],
+                                                                  BLOCK=TRITON_BLOCK)
+    return out
 
 
-def row_clip_percentile(w, percentile):
-    a = w.float().abs()
-    if percentile >= 100.0:
-        return a.amax(dim=1)
-    return torch.quantile(a, percentile / 100.0, dim=1)
+# --- clip selection ----------------------------------------------------------------------------------------
+def tensor_role(name):
+    return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
 
-def tensor_plan(name, t, h):
-    """Storage scheme of one tensor: raw (non-float), per-row int-k (large matrices), fp32 (control
-    tensors) or fp16 (other small tensors)."""
+def sdclip_k(name, h):
+    return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
+
+
+def row_clip(w, bits, h, name=""):
+    """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row costs
+    (PR #1394); search: per row, the quantile of |w| whose int-k roundtrip has the least squared error."""
+    if h.clip_method == "sdclip":
+        return sdclip_k(name, h) * w.std(dim=1, correction=0)
+    if h.clip_method == "percentile":  # the baseline's INT8_CLIP_PERCENTILE
+        return torch.quantile(w.abs(), min(h.int8_clip_percentile / 100.0, 1.0), dim=1)
+    cands = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1)
+    errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
+    return cands.gather(0, errs.argmin(0, keepdim=True))[0]
+
+
+# --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------------------
+def _block_linears(model):
+    return [(f"{n}.weight", m) for n, m in model.named_modules()
+            if n.startswith("blocks.") and isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def collect_hessians(model, batches):
+    """{param name: H = X^T X / tokens} for every nn.Linear under `blocks.`, from forward hooks while the model
+    reads `batches` (input id tensors); summed over ranks. Pass the bare model, not a compiled or DDP wrapper."""
+    sums, count, device = {}, torch.zeros((), dtype=torch.float64), next(model.parameters()).device
+
+    def hook(module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        sums[module] = x.T @ x + sums.get(module, 0.0)
+
+    linears = _block_linears(model)
+    hooks = [m.register_forward_hook(hook) for _, m in linears]
+    try:
+        for x in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model.forward_logits(x.to(device))
+            count += x.numel()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    count = float(dist_sum(count.to(device)))
+    return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
+
+
+@torch.no_grad()
+def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
+    """Sample from the model itself, from a random first token (self-generated calibration: legal and about
+    as good as training data, PR #1019). No KV cache: the cost grows with seq_len squared."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (n_seqs, 1), generator=g, device=device)
+    for _ in range(seq_len - 1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model.forward_logits(tokens)[:, -1].float()
+        tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
+    return tokens
+
+
+def gptq_calibrate(model, h, next_batch=None):
+    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
+    (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
+    It counts against the 600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n, seqs = max(1, h.gptq_calib_seqs // world), []
+    if h.gptq_calib_source == "self":
+        seqs = list(generate_calibration_tokens(model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank).split(8))
+    while sum(x.shape[0] for x in seqs) < n:
+        seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
+    return collect_hessians(model, seqs)
+
+
+def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
+    """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto the columns not
+    yet quantized through the upper Cholesky factor of the damped inverse Hessian (in-block per column, onto later
+    blocks by one matmul). Row scales are fixed from `clip`."""
+    W, H, c, qmax = w.float().clone(), H.float().clone(), clip.float().clamp_min(0), 2 ** (bits - 1) - 1
+    scale = _row_scales(c, qmax)
+    s = scale.float()
+    diag = torch.diagonal(H)
+    diag[diag <= 0] = 1.0  # a column never seen in calibration: plain rounding, no error spread onto it
+    order = torch.argsort(diag, descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
+    H += torch.eye(H.shape[0], device=H.device) * (damp * diag.mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i0 in range(0, W.shape[1], block):
+        i1 = min(i0 + block, W.shape[1])
+        Wb, Eb = W[:, i0:i1].clone(), torch.zeros(W.shape[0], i1 - i0, device=W.device)
+        for j in range(i1 - i0):
+            Q[:, i0 + j] = q = _round_clamp(Wb[:, j], c, s, qmax)
+            Eb[:, j] = err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
+            Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j:i1][None, :]
+        W[:, i1:] -= Eb @ U[i0:i1, i1:]
+    return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
+
+
+# --- late QAT: a straight-through fake quant in the forward of every quantized block matrix ------------------
+def _qat_linear_forward(self, x):
+    """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip); the forward
+    sees it when qat_on is 1 and the gradient passes straight through to the fp32 weight."""
+    w, wd = self.weight, self.weight.detach().float()
+    c = (self.qat_k * wd.std(dim=1, correction=0) if self.qat_k > 0 else wd.abs().amax(dim=1))[:, None]
+    s = _row_scales(c, self.qat_qmax).float()
+    w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
+    return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def enable_qat(model, h):
+    """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
+    buffers: torch.compile constant-folded #315's class-attribute flag. Call before compile; keys are unchanged."""
+    qmax = 2 ** ((h.qat_bits or h.quant_bits) - 1) - 1
+    mods = [(n, m) for n, m in _block_linears(model) if m.weight.numel() > h.keep_float_max_numel]
+    for name, m in mods:
+        m.register_buffer("qat_on", torch.zeros((), device=m.weight.device), persistent=False)
+        m.register_buffer("qat_qmax", torch.tensor(float(qmax), device=m.weight.device), persistent=False)
+        m.qat_k = sdclip_k(name, h) if h.clip_method == "sdclip" else 0.0
+        m.forward = _qat_linear_forward.__get__(m)
+    return len(mods)
+
+
+def set_qat(model, on):
+    """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
+    for m in model.modules():
+        if hasattr(m, "qat_on"):
+            m.qat_on.fill_(float(on))
+    return on
+
+
+def qat_step_hook(model, h, progress):
+    """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
+    return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
+
+
+# --- bit allocation ------------------------------------------------------------------------------------------
+def tensor_plan(name, t, h, bits=None):
+    """raw (non-float), int-k (large matrices: bits[name], EMBED_BITS, QUANT_BITS), fp32 (control) or fp16."""
     if not t.is_floating_point():
         return "raw"
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
-        return f"int{h.quant_bits}"
-    if any(p in name for p in CONTROL_TENSOR_PATTERNS):
-        return "fp32"
-    return "fp16"
+        return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
+    return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
+
+
+def width_table(state, h, hessians=None, cache=None):
+    """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the embedding) to 8. Bytes:
+    order-0 entropy of the int-k values + 2 per fp16 scale (zstd-22 lands within ~1%, lzma ~3-7%). Error: squared
+    roundtrip error; tr(E H E^T) / mean diag(H) where a Hessian is known, to keep sum-of-squares units."""
+    table = {}
+    for name in sorted(state):
+        t = state[name].detach().float()
+        if not tensor_plan(name, t, h).startswith("int"):
+            continue
+        H, table[name] = (hessians or {}).get(name), {}
+        clip = None if h.clip_method == "search" else row_clip(t, 8, h, name)
+        for bits in range(h.embed_bits if tensor_role(name) == "embed" else ALLOC_MIN_BITS, 9):
+            q, scale = quantize_rows(t, bits, row_clip(t, bits, h, name) if clip is None else clip)
+            if cache is not None and H is None:
+                cache[(name, f"int{bits}")] = (q, scale)
+            e = t - dequantize_rows(q, scale)
+            err = ((e @ H) * e).sum() / torch.diagonal(H).mean().clamp_min(1e-12) if H is not None else e.square().sum()
+            p = torch.bincount(q.flatten().view(torch.uint8), minlength=256).double() / q.numel()
+            table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
+    return table
+
+
+def _fixed_bytes(state, h, code_bytes):
+    """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
+    size = {"fp16": 2, "fp32": 4}
+    return code_bytes + 4096 + 200 * len(state) + sum(
+        t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
+        if not tensor_plan(n, t, h).startswith("int"))
+
+
+def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
+    """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the tensor whose
+    step adds the least error per byte saved. ratio: compressed per estimated byte. [{name, bits, bytes, est_error}]"""
+    table = width_table(state, h, hessians) if table is None else table
+    budget = h.size_budget - h.size_margin - _fixed_bytes(state, h, code_bytes)
+    bits = {n: max(row) for n, row in table.items()}
+    total = ratio * sum(table[n][b][0] for n, b in bits.items())
+    while total > budget:
+        steps = [((row[bits[n] - 1][1] - row[bits[n]][1]) / max(row[bits[n]][0] - row[bits[n] - 1][0], 1.0), n)
+                 for n, row in table.items() if bits[n] - 1 in row]
+        if not steps:
+            raise RuntimeError(f"SIZE_BUDGET={h.size_budget}: the model does not fit even at the narrowest widths "
+                               f"({int(total)} estimated bytes for {int(budget)} available)")
+        n = min(steps)[1]
+        total -= ratio * (table[n][bits[n]][0] - table[n][bits[n] - 1][0])
+        bits[n] -= 1
+    return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
+            for n, b in sorted(bits.items())]
 
 
 def _to_bytes(t):
     return t.detach().cpu().contiguous().numpy().tobytes()
 
 
-def quantize_state_dict(state, h):
-    """Returns (tensor entries for the header, raw payload bytes)."""
-    entries, chunks, offset = [], [], 0
+def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
+    """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per tensor; tensors
+    with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
+    entries, chunks, offset, cache = [], [], 0, {} if cache is None else cache
     for name in sorted(state):
-        t = state[name].detach().cpu()
-        scheme = tensor_plan(name, t, h)
+        t = state[name].detach()
+        scheme = tensor_plan(name, t, h, bits)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                  "scheme": scheme}
         if scheme.startswith("int"):
-            bits = int(scheme[3:])
-            q, scale = quantize_rows(t, bits, row_clip_percentile(t, h.int8_clip_percentile))
-            parts = [("data", _to_bytes(q)), ("scale", _to_bytes(scale))]
+            H, b = (hessians or {}).get(name), int(scheme[3:])
+            if (name, scheme) not in cache:  # the CLIP_METHOD clip, then GPTQ given a Hessian, else rounding
+                clip = row_clip(t.float(), b, h, name)
+                cache[(name, scheme)] = gptq_quantize(t, H, b, clip) if H is not None else quantize_rows(t, b, clip)
+            entry["method"] = "gptq" if H is not None else h.clip_method
+            parts = [("data", _to_bytes(cache[(name, scheme)][0])), ("scale", _to_bytes(cache[(name, scheme)][1]))]
         elif scheme == "raw":
-            entry["dtype"] = str(t.dtype).removeprefix("torch.")
             parts = [("data", _to_bytes(t))]
         else:
             parts = [("data", _to_bytes(t.to(torch.float16 if scheme == "fp16" else torch.float32)))]
@@ -836,20 +1095,15 @@ def quantize_state_dict(state, h):
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
-        off, n = e["data"]
+        (off, n), shape, dtype, scheme = e["data"], tuple(e["shape"]), getattr(torch, e["dtype"]), e["scheme"]
         blob = raw[off:off + n]
-        shape = tuple(e["shape"])
-        dtype = getattr(torch, e["dtype"])
-        scheme = e["scheme"]
         if scheme.startswith("int"):
             q = torch.from_numpy(np.frombuffer(blob, dtype=np.int8).copy()).reshape(shape)
             so, sn = e["scale"]
             scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], dtype=np.float16).copy())
             state[e["name"]] = dequantize_rows(q, scale).to(dtype)
         else:
-            np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme)
-            if np_dtype is None:
-                np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme) or torch.empty(0, dtype=dtype).numpy().dtype
             arr = np.frombuffer(blob, dtype=np_dtype).copy()
             state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
     return state
@@ -860,17 +1114,19 @@ def code_bytes_of(path=None):
         return f.read()
 
 
-def write_artifact(path, header, payload):
+def _artifact_prefix_and_head(header):
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    blob = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head + payload
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
+
+
+def write_artifact(path, header, payload):
+    blob = _artifact_prefix_and_head(header) + payload
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(blob)
     os.replace(tmp, path)
     return len(blob)
-
-
 def read_artifact_header(path):
     """(header, payload offset). ValueError naming the file for anything that is not our artifact."""
     size = os.path.getsize(path)
@@ -906,9 +1162,7 @@ def read_artifact(path):
         raise ValueError(f"{path}: unknown compressor {name!r}")
     try:
         raw = COMPRESSORS[name][1](payload, int(header["raw_bytes"]))
-    except (zlib.error, lzma.LZMAError, ValueError) as exc:
-        raise ValueError(f"{path}: payload does not decompress ({exc})") from None
-    except Exception as exc:  # zstandard raises its own error type
+    except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
         raise ValueError(f"{path}: payload does not decompress ({exc})") from None
     if len(raw) != header["raw_bytes"]:
         raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
@@ -921,30 +1175,39 @@ def artifact_state(model):
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
 
-def save_artifact(model, h, path, state=None):
-    """Quantize, compress and write the artifact; returns its byte accounting."""
+def save_artifact(model, h, path, state=None, hessians=None):
+    """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting. BIT_ALLOC: plan,
+    compress for real, re-plan with the measured bytes-per-estimate ratio until the total fits SIZE_BUDGET using
+    >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
     state = artifact_state(model) if state is None else state
-    entries, raw = quantize_state_dict(state, h)
-    compressor, payload = compress_payload(raw, h.compressor, h.zstd_level)
     code = code_bytes_of()
-    tokenizer_sha = file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None
-    header = {
-        "format": "pgolf-artifact",
-        "script": os.path.basename(CODE_PATH),
-        "script_sha256": hashlib.sha256(code).hexdigest(),
-        "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
-        "tokenizer_sha256": tokenizer_sha,
-        "vocab_size": h.vocab_size,
-        "compressor": compressor,
-        "raw_bytes": len(raw),
-        "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "tensors": entries,
-    }
+    cache, ratio, compressor, plan, tries = {}, 1.0, h.compressor, None, []
+    table = width_table(state, h, hessians, cache) if h.bit_alloc else None
+    for _ in range(4 if h.bit_alloc else 1):
+        if h.bit_alloc:
+            previous, plan = plan, plan_bits(state, h, len(code), hessians, table, ratio)
+            if plan == previous:
+                break
+        entries, raw = quantize_state_dict(state, h, {r["name"]: r["bits"] for r in plan or []}, hessians, cache)
+        compressor, payload = compress_payload(raw, compressor, h.zstd_level)  # later tries keep the winner
+        header = {"format": "pgolf-artifact", "script": os.path.basename(CODE_PATH),
+                  "script_sha256": hashlib.sha256(code).hexdigest(), "tokenizer_sha256":
+                  file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None,
+                  "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
+                  "vocab_size": h.vocab_size, "compressor": compressor, "raw_bytes": len(raw),
+                  "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                  "tensors": entries}
+        tries.append((len(_artifact_prefix_and_head(header)) + len(payload) + len(code), header, payload, plan))
+        if not h.bit_alloc or h.size_budget >= tries[-1][0] >= 0.99 * (h.size_budget - h.size_margin):
+            break
+        ratio *= (tries[-1][0] - _fixed_bytes(state, h, len(code))) / max(sum(r["bytes"] for r in plan), 1)
+    fitting = [t for t in tries if t[0] <= h.size_budget]
+    _, header, payload, plan = max(fitting, key=lambda t: t[0]) if fitting else min(tries, key=lambda t: t[0])
     artifact_bytes = write_artifact(path, header, payload)
     return {"artifact_bytes": artifact_bytes, "code_bytes": len(code), "total_bytes": artifact_bytes + len(code),
-            "payload_bytes": len(payload), "raw_bytes": len(raw), "compressor": compressor,
-            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code)}
+            "payload_bytes": len(payload), "raw_bytes": header["raw_bytes"], "compressor": header["compressor"],
+            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
+            "tries": len(tries)}
 
 
 def load_artifact(path, allow_script_mismatch=False):

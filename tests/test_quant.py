@@ -29,13 +29,14 @@ def odd_matrices():
     w[1, 17] = 1e4
     w[2] *= 1e-9
     w[4] *= 1e-4  # subnormal fp16 scales
-    w[3] = torch.arange(300) * 0.5 - 75.0
+    w[3] = torch.arange(300) * 0.5 - 74.75  # odd multiples of 0.25: exact ties on a grid of step 0.5
     return out + [w]
 
 
-def clips_for(w):
-    """The row max (no clipping) and the 90th percentile (a tenth of every row clipped)."""
-    return [w.abs().amax(1), torch.quantile(w.abs(), 0.9, dim=1)]
+def clips_for(w, bits):
+    """The row max (no clipping), the 90th percentile (a tenth of every row clipped) and a clip whose scale is
+    exactly 0.5 (ties on the half steps)."""
+    return [w.abs().amax(1), torch.quantile(w.abs(), 0.9, dim=1), torch.full((len(w),), 0.5 * (2 ** (bits - 1) - 1))]
 
 
 # --- per-row int-k -------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def clips_for(w):
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_torch_quantizer_equals_the_numpy_reference(gpt, bits):
     for w in odd_matrices():
-        for clip in clips_for(w):
+        for clip in clips_for(w, bits):
             q, s = gpt.quantize_rows(w, bits, clip)
             rq, rs = ref.quantize_rows(w.numpy(), bits, clip.numpy())
             assert np.array_equal(q.numpy(), rq) and np.array_equal(s.numpy(), rs)
@@ -78,7 +79,7 @@ def interpreted():
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_triton_kernels_equal_the_torch_maths(interpreted, bits):
     for w in odd_matrices():
-        for clip in clips_for(w):
+        for clip in clips_for(w, bits):
             q, s = interpreted.quantize_rows(w, bits, clip, use_triton=True)
             tq, ts = interpreted.quantize_rows(w, bits, clip, use_triton=False)
             assert torch.equal(q, tq) and torch.equal(s, ts)
@@ -90,7 +91,7 @@ def test_triton_kernels_equal_the_torch_maths(interpreted, bits):
 def test_triton_kernels_equal_the_torch_maths_on_gpu(gpt):
     for bits in WIDTHS:
         for w in odd_matrices():
-            for clip in clips_for(w):
+            for clip in clips_for(w, bits):
                 q, s = gpt.quantize_rows(w.cuda(), bits, clip.cuda())  # the kernel
                 tq, ts = gpt.quantize_rows(w, bits, clip)  # the torch maths on CPU
                 assert torch.equal(q.cpu(), tq) and torch.equal(s.cpu(), ts)

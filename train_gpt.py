@@ -49,7 +49,6 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 # `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
 # variable in every error.
 
-
 @dataclass
 class Hyperparameters:
 # ===== BEGIN SHARED BLOCK: hparams v1 =====
@@ -251,7 +250,6 @@ class Hyperparameters:
         if (self.model_dim // self.num_heads) % 2:
             self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
 
-
 # Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections 8-11);
 # `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few minutes.
 PRESETS = {
@@ -304,7 +302,6 @@ CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "sk
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
 
-
 @dataclass
 class Runtime:
     rank: int
@@ -317,7 +314,6 @@ class Runtime:
     @property
     def is_main(self):
         return self.rank == 0
-
 
 def setup_runtime(env=None):
     env = os.environ if env is None else env
@@ -346,31 +342,26 @@ def setup_runtime(env=None):
     return Runtime(rank=ints["RANK"], world_size=world_size, local_rank=ints["LOCAL_RANK"], device=device,
                    distributed=distributed, grad_accum_steps=8 // world_size)
 
-
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
-
 def dist_sum(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
 
 def dist_max(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
-
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
 
 def write_json_atomic(path, obj):
     """Write JSON so a concurrent reader sees the old file or the new one, never half of one."""
@@ -378,7 +369,6 @@ def write_json_atomic(path, obj):
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, separators=(",", ":"))
     os.replace(tmp, path)
-
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
@@ -435,7 +425,6 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_BYTES = 256 * 4
 
-
 def load_data_shard(path):
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
@@ -453,7 +442,6 @@ def load_data_shard(path):
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
-
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
     if split not in ("train", "val"):
@@ -463,7 +451,6 @@ def shard_files(data_path, split):
     if not files:
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
-
 
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
@@ -491,7 +478,6 @@ class TokenStream:
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
         self.file_idx, self.pos = state
-
 
 class DistributedTokenLoader:
     """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
@@ -529,12 +515,10 @@ class DistributedTokenLoader:
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
 
-
 def val_token_count(data_path):
     """Number of val tokens from the file sizes alone, so a too-short split fails before training
     without opening a val file."""
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
-
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
@@ -553,7 +537,6 @@ def load_validation_tokens(data_path, seq_len, max_tokens=0):
 # tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous token is a
 # boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla bug, PR #1271).
 
-
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
 
@@ -569,14 +552,12 @@ def load_tokenizer(path, vocab_size):
                          f"but VOCAB_SIZE={vocab_size}")
     return sp
 
-
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table_size = max(sp.vocab_size(), vocab_size)
@@ -599,13 +580,11 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(has_leading_space, dtype=torch.bool, device=device),
             torch.tensor(is_boundary_token, dtype=torch.bool, device=device))
 
-
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
     base_bytes, has_leading_space, is_boundary_token = luts
     nbytes = base_bytes[target_ids].to(torch.int64)
     return nbytes + (has_leading_space[target_ids] & ~is_boundary_token[prev_ids]).to(torch.int64)
-
 
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
@@ -627,7 +606,6 @@ def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     if not result["passed"]:
         result["first_mismatch_ids"] = _first_byte_mismatch(sp, sample, cpu_luts)
     return result
-
 
 def _first_byte_mismatch(sp, sample, luts):
     """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
@@ -652,7 +630,6 @@ def _first_byte_mismatch(sp, sample, luts):
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
@@ -665,7 +642,6 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.T if transposed else X
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False):
@@ -707,7 +683,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def lr_multiplier(h, step, elapsed_ms):
     """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the wallclock
     budget (or of ITERATIONS when uncapped). Otherwise the baseline: WARMDOWN_ITERS x the mean step time."""
@@ -726,11 +701,9 @@ def lr_multiplier(h, step, elapsed_ms):
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
 
-
 def muon_momentum_at(h, step):
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
 
 class EMA:
     """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
@@ -775,18 +748,15 @@ ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no recor
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
 
-
 def _zstd_compress(data, level):
     if zstandard is None:
         raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
     return zstandard.ZstdCompressor(level=level).compress(data)
 
-
 def _zstd_decompress(data, limit):
     if zstandard is None:
         raise RuntimeError("artifact is zstd-compressed but the zstandard package is not installed")
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-
 
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
@@ -794,14 +764,12 @@ def _bounded(decompressor, data, limit):
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-
 COMPRESSORS = {
     "zstd": (_zstd_compress, _zstd_decompress),
     "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
              lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
     "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
 }
-
 
 def compress_payload(raw, compressor, zstd_level=22):
     """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
@@ -811,18 +779,15 @@ def compress_payload(raw, compressor, zstd_level=22):
         blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
     return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
-
 # --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
 def _row_scales(clip, qmax):
     """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
     scale = (clip / qmax).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-
 def _round_clamp(w, c, s, qmax):
     """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
-
 
 def _triton_kernels():
     """(triton, quantize kernel, dequantize kernel), built on first use and not at import: @triton.jit reads
@@ -856,7 +821,6 @@ def _triton_kernels():
             _TRITON = False
     return _TRITON or None
 
-
 def quantize_rows(w, bits, clip, use_triton=None):
     """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns (q int8,
     s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
@@ -870,7 +834,6 @@ def quantize_rows(w, bits, clip, use_triton=None):
     quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
     return q, scale
 
-
 def dequantize_rows(q, scale, use_triton=None):
     if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
         return q.float() * scale.float()[:, None]
@@ -880,15 +843,12 @@ def dequantize_rows(q, scale, use_triton=None):
                                                                   BLOCK=TRITON_BLOCK)
     return out
 
-
 # --- clip selection ----------------------------------------------------------------------------------------
 def tensor_role(name):
     return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
-
 def sdclip_k(name, h):
     return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
-
 
 def row_clip(w, bits, h, name=""):
     """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row costs
@@ -901,12 +861,10 @@ def row_clip(w, bits, h, name=""):
     errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
     return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
-
 # --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------------------
 def _block_linears(model):
     return [(f"{n}.weight", m) for n, m in model.named_modules()
             if n.startswith("blocks.") and isinstance(m, nn.Linear)]
-
 
 @torch.no_grad()
 def collect_hessians(model, batches):
@@ -931,7 +889,6 @@ def collect_hessians(model, batches):
     count = float(dist_sum(count.to(device)))
     return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
 
-
 @torch.no_grad()
 def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
     """Sample from the model itself, from a random first token (self-generated calibration: legal and about
@@ -945,7 +902,6 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
         tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
     return tokens
 
-
 def gptq_calibrate(model, h, next_batch=None):
     """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
     (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
@@ -957,7 +913,6 @@ def gptq_calibrate(model, h, next_batch=None):
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs)
-
 
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
     """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto the columns not
@@ -983,7 +938,6 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
     return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
 
-
 # --- late QAT: a straight-through fake quant in the forward of every quantized block matrix ------------------
 def _qat_linear_forward(self, x):
     """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip); the forward
@@ -993,7 +947,6 @@ def _qat_linear_forward(self, x):
     s = _row_scales(c, self.qat_qmax).float()
     w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
 
 def enable_qat(model, h):
     """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
@@ -1007,7 +960,6 @@ def enable_qat(model, h):
         m.forward = _qat_linear_forward.__get__(m)
     return len(mods)
 
-
 def set_qat(model, on):
     """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
     for m in model.modules():
@@ -1015,11 +967,9 @@ def set_qat(model, on):
             m.qat_on.fill_(float(on))
     return on
 
-
 def qat_step_hook(model, h, progress):
     """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
     return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
-
 
 # --- bit allocation ------------------------------------------------------------------------------------------
 def tensor_plan(name, t, h, bits=None):
@@ -1029,7 +979,6 @@ def tensor_plan(name, t, h, bits=None):
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
         return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
     return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
-
 
 def width_table(state, h, hessians=None, cache=None):
     """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the embedding) to 8. Bytes:
@@ -1052,14 +1001,12 @@ def width_table(state, h, hessians=None, cache=None):
             table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
     return table
 
-
 def _fixed_bytes(state, h, code_bytes):
     """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
     size = {"fp16": 2, "fp32": 4}
     return code_bytes + 4096 + 200 * len(state) + sum(
         t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
         if not tensor_plan(n, t, h).startswith("int"))
-
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the tensor whose
@@ -1080,10 +1027,8 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
             for n, b in sorted(bits.items())]
 
-
 def _to_bytes(t):
     return t.detach().cpu().contiguous().numpy().tobytes()
-
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per tensor; tensors
@@ -1112,7 +1057,6 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         entries.append(entry)
     return entries, b"".join(chunks)
 
-
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
@@ -1129,16 +1073,13 @@ def dequantize_entries(entries, raw):
             state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
     return state
 
-
 def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
-
 def _artifact_prefix_and_head(header):
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
-
 
 def write_artifact(path, header, payload):
     blob = _artifact_prefix_and_head(header) + payload
@@ -1170,7 +1111,6 @@ def read_artifact_header(path):
         raise ValueError(f"{path}: artifact header lacks its tensor table")
     return header, ARTIFACT_PREFIX.size + head_len
 
-
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
@@ -1189,12 +1129,10 @@ def read_artifact(path):
         raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
     return header, raw
 
-
 def artifact_state(model):
     """The state that ships: training-only heads (prefixes listed by the model) are left out."""
     drop = tuple(getattr(model, "training_only_prefixes", ()))
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
-
 
 def save_artifact(model, h, path, state=None, hessians=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting. BIT_ALLOC: plan,
@@ -1230,7 +1168,6 @@ def save_artifact(model, h, path, state=None, hessians=None):
             "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
             "tries": len(tries)}
 
-
 def load_artifact(path, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
     header, raw = read_artifact(path)
@@ -1247,7 +1184,6 @@ def load_artifact(path, allow_script_mismatch=False):
         raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
     model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
     return model.eval(), h
-
 
 def load_official_int8(path, max_bytes=1 << 31):
     """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
@@ -1294,22 +1230,18 @@ def load_official_int8(path, max_bytes=1 << 31):
 # share one code path and agree exactly at TTT_LR=0. The causality audit (RULES.md C1) runs on any model
 # with `forward_logits`.
 
-
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def _model_device(model):
     return next(model.parameters()).device
-
 
 def _autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
@@ -1318,13 +1250,11 @@ def token_nll(model, x, y):
     nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
     return nll.view_as(y)
 
-
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
     return {"mode": mode, "val_loss": nll / tokens, "val_bpb": nll / (math.log(2) * nbytes),
             "tokens": int(tokens), "bytes": int(nbytes), "nll_sum": nll,
             "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
-
 
 def eval_val(h, model, val_tokens, luts):
     t0 = time.perf_counter()
@@ -1351,7 +1281,6 @@ def eval_val(h, model, val_tokens, luts):
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
 
-
 def sliding_windows(num_tokens, seq_len, stride):
     """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1. Target j
     (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as context."""
@@ -1364,7 +1293,6 @@ def sliding_windows(num_tokens, seq_len, stride):
     starts, firsts = starts[keep], firsts[keep]
     lasts = np.minimum(starts + seq_len, n_targets)
     return starts, firsts, lasts
-
 
 def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, sums, coverage):
     """Score a list of windows (all on this rank) into sums; count every scored target in coverage."""
@@ -1387,7 +1315,6 @@ def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, s
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
-
 
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
@@ -1427,14 +1354,11 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     return _eval_result(sums, t0, mode, chunks=len(chunk_ids), windows=len(starts), seq_len=seq_len,
                         stride=stride, score_first=audit)
 
-
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
 
-
 def eval_val_ttt(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=True)
-
 
 class _TTTTrainer:
     """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
@@ -1484,7 +1408,6 @@ class _TTTTrainer:
                 yield self.steps
         self.model.eval()
 
-
 def audit_score_first(ledger, coverage):
     """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and every
     target 1..N-1 was scored exactly once."""
@@ -1509,7 +1432,6 @@ def audit_score_first(ledger, coverage):
     return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
         e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
         "scored_twice": twice, "never_scored": missing}
-
 
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
     """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do not
@@ -1564,7 +1486,6 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     return {"passed": not failures, "failures": failures[:8], "seq_len": seq_len, "cuts": cuts,
             "max_prefix_diff": max_diff}
 
-
 def _audit_jacobian(model, x, positions):
     outputs = []
 
@@ -1607,7 +1528,6 @@ def _audit_jacobian(model, x, positions):
 # shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
 # sample audits, embedding probes, and an optional UCB1 shard mixer.
 
-
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
 
@@ -1617,7 +1537,6 @@ class Smma:
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
-
 
 def coherence_score(text):
     """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
@@ -1632,7 +1551,6 @@ def coherence_score(text):
 
     english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
     return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
-
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
@@ -1652,7 +1570,6 @@ def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=
             ids.append(int(logits.argmax()))
     model.train(was_training)
     return sp.decode(ids[1 + len(sp.encode(prompt)):])
-
 
 def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
     """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
@@ -1680,7 +1597,6 @@ def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "i
                                          / (5 * len(probes)))
     return out
 
-
 def project_capped_simplex(w, lo, hi, iters=100):
     """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
     w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (w, lo, hi))
@@ -1691,7 +1607,6 @@ def project_capped_simplex(w, lo, hi, iters=100):
         tau = (a + b) / 2
         a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
     return np.clip(w + (a + b) / 2, lo, hi)
-
 
 class ShardMixer:
     """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
@@ -1723,7 +1638,6 @@ class ShardMixer:
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
 
-
 def build_optimizers(model, h, device):
     matrices, adam_groups = param_groups(model, h)
     muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
@@ -1734,11 +1648,9 @@ def build_optimizers(model, h, device):
                              fused=device.type == "cuda")
     return [muon, adam]
 
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
 
 class Validator:
     """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
@@ -1772,16 +1684,17 @@ class Validator:
                              artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
         return collapsed and h.halt_on_collapse
 
-
 def estimate_artifact_bytes(model, h):
     """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
     _, raw = quantize_state_dict(artifact_state(model), h)
     return len(zlib.compress(raw, 1))
 
-
 def train_model(h, rt, model, logger, ledger, validator=None):
     """Train in place; returns the EMA (or None) and the loop statistics."""
     device = rt.device
+    if h.qat_start_frac > 0:
+        n = enable_qat(model, h)
+        logger.log0(f"qat: {n} matrices fake-quantized to int{h.qat_bits or h.quant_bits} from {h.qat_start_frac:.2f}")
     step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1835,10 +1748,13 @@ def train_model(h, rt, model, logger, ledger, validator=None):
 
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0), 0.0) \
+    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
+    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
         if h.max_wallclock_seconds > 0 else 0.0
+    if reserve and cap_ms:
+        logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
-    train_ms, step, stop_after, halted = 0.0, 0, None, False
+    train_ms, step, stop_after, halted, qat_on = 0.0, 0, None, False, False
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -1858,6 +1774,9 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
+        if not qat_on and qat_step_hook(model, h, frac):
+            qat_on = True
+            logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
         loss = train_step(step, lr_scale)
         if ema is not None:
@@ -1893,8 +1812,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     if device.type == "cuda":
         logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
-
+    stats = {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
+    return ema, stats, loader
 
 def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
     """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
@@ -1905,7 +1824,6 @@ def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
                 f"eval_time:{res['eval_time_ms']:.0f}ms")
     logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     return res
-
 
 def run_audits(h, model, sp, val_tokens, luts, logger):
     """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
@@ -1920,7 +1838,6 @@ def run_audits(h, model, sp, val_tokens, luts, logger):
         logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
         logger.event("audit", name=name, **res)
     return audits
-
 
 def run_main(h):
     """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
@@ -1964,9 +1881,19 @@ def run_main(h):
         model.prepare_training(h, rt, logger)
         ledger["precompute_s"] = time.perf_counter() - t0
         logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
-    ema, stats = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
+    ema, stats, loader = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
+    hessians = None
+    if h.gptq_enabled:  # on training data (or self-samples), never val; timed against the training budget
+        t0 = time.perf_counter()
+        hessians = gptq_calibrate(model, h, lambda: loader.next_batch(h.train_batch_tokens, h.train_seq_len,
+                                                                       rt.grad_accum_steps))
+        ledger["gptq_calib_s"] = time.perf_counter() - t0
+        logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {ledger['gptq_calib_s']:.1f}s")
+    train_total = ledger["train_loop_s"] + ledger["precompute_s"] + ledger.get("gptq_calib_s", 0.0)
+    logger.log0(f"training_budget: {train_total:.1f}s (loop + precompute + GPTQ) of MAX_WALLCLOCK_SECONDS="
+                f"{h.max_wallclock_seconds:g} on {device_name}")
     logger.update_status(force=True, state="evaluating")
     val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
     if h.val_max_tokens:
@@ -1976,7 +1903,7 @@ def run_main(h):
     embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
 
     t0 = time.perf_counter()
-    sizes = save_artifact(model, h, artifact_path) if rt.is_main else None
+    sizes = save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None
     if rt.distributed:
         holder = [sizes]
         dist.broadcast_object_list(holder, src=0)
@@ -1984,7 +1911,10 @@ def run_main(h):
     ledger["serialize_s"] = time.perf_counter() - t0
     model, _ = load_artifact(artifact_path)
     model = model.to(rt.device)
-    logger.log0(f"Serialized model int{h.quant_bits}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
+    for row in sizes.get("plan") or []:
+        logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
+    widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
+    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
                 f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
     logger.log0(f"Code size: {sizes['code_bytes']} bytes")
     logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
@@ -2024,6 +1954,7 @@ def run_main(h):
         "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
         "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
         "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
+        "train_budget_s": train_total,
         "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
                    for k, v in audits.items()}, **stats,
     }
@@ -2049,16 +1980,13 @@ def run_main(h):
 
 BOS_ID = 1  # SentencePiece <s>: the first token of every document in the shards
 
-
 class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),))
 
-
 class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
-
 
 class Rotary(nn.Module):
     def __init__(self, dim, base):
@@ -2071,13 +1999,11 @@ class Rotary(nn.Module):
         freqs = torch.outer(t, self.inv_freq.to(device))
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
-
 def apply_rotary_emb(x, cos, sin):
     """Rotate the first 2 x cos.size(-1) dims of each head; partial RoPE (#315) leaves the rest position-free."""
     half = cos.size(-1)
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, layer=0):
@@ -2129,7 +2055,6 @@ class CausalSelfAttention(nn.Module):
         y, v = self.attend(x, v_first)
         return self.proj(y.transpose(1, 2).reshape(x.shape)), v
 
-
 class MLP(nn.Module):
     def __init__(self, h):
         super().__init__()
@@ -2143,7 +2068,6 @@ class MLP(nn.Module):
         # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2 is the baseline.
         u = self.fc(x)
         return self.proj((F.leaky_relu(u, 0.5) if self.leaky else torch.relu(u)).square())
-
 
 class Block(nn.Module):
     def __init__(self, h, layer=0):
@@ -2167,7 +2091,6 @@ class Block(nn.Module):
         m = self.mlp(self.mlp_norm(x_mlp if self.parallel else x) * self.ln_scale)
         return x + self.mlp_scale.to(x.dtype)[None, None] * m, v
 
-
 class BigramHash(nn.Module):
     """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
     bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at zero (a no-op)."""
@@ -2181,7 +2104,6 @@ class BigramHash(nn.Module):
     def forward(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
         return self.proj(self.embed((prev * 92821 + ids) % self.embed.num_embeddings))
-
 
 class NativeFlowMatcher(nn.Module):
     """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field v(x, t) on
@@ -2209,7 +2131,6 @@ class NativeFlowMatcher(nn.Module):
         x = x.detach()
         t, z = torch.rand_like(x[..., :1]), torch.randn_like(x)
         return F.mse_loss(self.velocity((1 - t) * z + t * x, t).float(), (x - z).float())
-
 
 class GPT(nn.Module):
     def __init__(self, h):
@@ -2302,7 +2223,6 @@ class GPT(nn.Module):
             loss = loss + self.flow_loss_weight * self.flow.loss(x)
         return loss
 
-
 def _recur_layers(h):
     try:
         layers = sorted({int(s) for s in h.recur_layers.split(",") if s.strip()})
@@ -2311,7 +2231,6 @@ def _recur_layers(h):
     if layers and not 0 <= layers[0] <= layers[-1] < h.num_layers:
         raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: layers must lie in 0..{h.num_layers - 1}")
     return layers
-
 
 def build_model(h):
     for name, ok, why in (
@@ -2324,7 +2243,6 @@ def build_model(h):
         if not ok:
             raise ValueError(f"{name}={getattr(h, name.lower())!r}: {why}")
     return GPT(h)
-
 
 def param_groups(model, h):
     """Muon for 2-D block matrices and the BigramHash projection; Adam for the embeddings, the head, and
@@ -2350,10 +2268,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
 
-
 def main():
     return run_main(Hyperparameters.from_env())
-
 
 if __name__ == "__main__":
     try:

@@ -54,7 +54,6 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 # `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
 # variable in every error.
 
-
 @dataclass
 class Hyperparameters:
 # ===== BEGIN SHARED BLOCK: hparams v1 =====
@@ -256,7 +255,6 @@ class Hyperparameters:
         if (self.model_dim // self.num_heads) % 2:
             self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
 
-
 # Named groups of defaults. `record` is the 8xH100 configuration (train_gpt.py's record options, 8 blocks so
 # that the concept path fits the same bytes, T = 2048 as TECHNIQUES.md C.2); `research` keeps the auxiliary
 # losses through warmdown; `smoke` trains a small model on a laptop CPU in a few minutes.
@@ -283,7 +281,6 @@ CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "sk
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
 
-
 @dataclass
 class Runtime:
     rank: int
@@ -296,7 +293,6 @@ class Runtime:
     @property
     def is_main(self):
         return self.rank == 0
-
 
 def setup_runtime(env=None):
     env = os.environ if env is None else env
@@ -325,31 +321,26 @@ def setup_runtime(env=None):
     return Runtime(rank=ints["RANK"], world_size=world_size, local_rank=ints["LOCAL_RANK"], device=device,
                    distributed=distributed, grad_accum_steps=8 // world_size)
 
-
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
-
 def dist_sum(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
 
 def dist_max(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
-
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
 
 def write_json_atomic(path, obj):
     """Write JSON so a concurrent reader sees the old file or the new one, never half of one."""
@@ -357,7 +348,6 @@ def write_json_atomic(path, obj):
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, separators=(",", ":"))
     os.replace(tmp, path)
-
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
@@ -414,7 +404,6 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_BYTES = 256 * 4
 
-
 def load_data_shard(path):
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
@@ -432,7 +421,6 @@ def load_data_shard(path):
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
-
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
     if split not in ("train", "val"):
@@ -442,7 +430,6 @@ def shard_files(data_path, split):
     if not files:
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
-
 
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
@@ -470,7 +457,6 @@ class TokenStream:
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
         self.file_idx, self.pos = state
-
 
 class DistributedTokenLoader:
     """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
@@ -508,12 +494,10 @@ class DistributedTokenLoader:
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
 
-
 def val_token_count(data_path):
     """Number of val tokens from the file sizes alone, so a too-short split fails before training
     without opening a val file."""
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
-
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
@@ -532,7 +516,6 @@ def load_validation_tokens(data_path, seq_len, max_tokens=0):
 # tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous token is a
 # boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla bug, PR #1271).
 
-
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
 
@@ -548,14 +531,12 @@ def load_tokenizer(path, vocab_size):
                          f"but VOCAB_SIZE={vocab_size}")
     return sp
 
-
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table_size = max(sp.vocab_size(), vocab_size)
@@ -578,13 +559,11 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(has_leading_space, dtype=torch.bool, device=device),
             torch.tensor(is_boundary_token, dtype=torch.bool, device=device))
 
-
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
     base_bytes, has_leading_space, is_boundary_token = luts
     nbytes = base_bytes[target_ids].to(torch.int64)
     return nbytes + (has_leading_space[target_ids] & ~is_boundary_token[prev_ids]).to(torch.int64)
-
 
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
@@ -606,7 +585,6 @@ def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     if not result["passed"]:
         result["first_mismatch_ids"] = _first_byte_mismatch(sp, sample, cpu_luts)
     return result
-
 
 def _first_byte_mismatch(sp, sample, luts):
     """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
@@ -631,7 +609,6 @@ def _first_byte_mismatch(sp, sample, luts):
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
@@ -644,7 +621,6 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.T if transposed else X
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False):
@@ -686,7 +662,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def lr_multiplier(h, step, elapsed_ms):
     """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the wallclock
     budget (or of ITERATIONS when uncapped). Otherwise the baseline: WARMDOWN_ITERS x the mean step time."""
@@ -705,11 +680,9 @@ def lr_multiplier(h, step, elapsed_ms):
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
 
-
 def muon_momentum_at(h, step):
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
 
 class EMA:
     """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
@@ -754,18 +727,15 @@ ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no recor
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
 
-
 def _zstd_compress(data, level):
     if zstandard is None:
         raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
     return zstandard.ZstdCompressor(level=level).compress(data)
 
-
 def _zstd_decompress(data, limit):
     if zstandard is None:
         raise RuntimeError("artifact is zstd-compressed but the zstandard package is not installed")
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-
 
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
@@ -773,14 +743,12 @@ def _bounded(decompressor, data, limit):
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-
 COMPRESSORS = {
     "zstd": (_zstd_compress, _zstd_decompress),
     "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
              lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
     "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
 }
-
 
 def compress_payload(raw, compressor, zstd_level=22):
     """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
@@ -790,18 +758,15 @@ def compress_payload(raw, compressor, zstd_level=22):
         blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
     return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
-
 # --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
 def _row_scales(clip, qmax):
     """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
     scale = (clip / qmax).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-
 def _round_clamp(w, c, s, qmax):
     """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
-
 
 def _triton_kernels():
     """(triton, quantize kernel, dequantize kernel), built on first use and not at import: @triton.jit reads
@@ -835,7 +800,6 @@ def _triton_kernels():
             _TRITON = False
     return _TRITON or None
 
-
 def quantize_rows(w, bits, clip, use_triton=None):
     """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns (q int8,
     s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
@@ -849,7 +813,6 @@ def quantize_rows(w, bits, clip, use_triton=None):
     quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
     return q, scale
 
-
 def dequantize_rows(q, scale, use_triton=None):
     if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
         return q.float() * scale.float()[:, None]
@@ -859,15 +822,12 @@ def dequantize_rows(q, scale, use_triton=None):
                                                                   BLOCK=TRITON_BLOCK)
     return out
 
-
 # --- clip selection ----------------------------------------------------------------------------------------
 def tensor_role(name):
     return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
-
 def sdclip_k(name, h):
     return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
-
 
 def row_clip(w, bits, h, name=""):
     """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row costs
@@ -880,12 +840,10 @@ def row_clip(w, bits, h, name=""):
     errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
     return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
-
 # --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------------------
 def _block_linears(model):
     return [(f"{n}.weight", m) for n, m in model.named_modules()
             if n.startswith("blocks.") and isinstance(m, nn.Linear)]
-
 
 @torch.no_grad()
 def collect_hessians(model, batches):
@@ -910,7 +868,6 @@ def collect_hessians(model, batches):
     count = float(dist_sum(count.to(device)))
     return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
 
-
 @torch.no_grad()
 def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
     """Sample from the model itself, from a random first token (self-generated calibration: legal and about
@@ -924,7 +881,6 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
         tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
     return tokens
 
-
 def gptq_calibrate(model, h, next_batch=None):
     """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
     (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
@@ -936,7 +892,6 @@ def gptq_calibrate(model, h, next_batch=None):
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs)
-
 
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
     """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto the columns not
@@ -962,7 +917,6 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
     return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
 
-
 # --- late QAT: a straight-through fake quant in the forward of every quantized block matrix ------------------
 def _qat_linear_forward(self, x):
     """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip); the forward
@@ -972,7 +926,6 @@ def _qat_linear_forward(self, x):
     s = _row_scales(c, self.qat_qmax).float()
     w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
 
 def enable_qat(model, h):
     """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
@@ -986,7 +939,6 @@ def enable_qat(model, h):
         m.forward = _qat_linear_forward.__get__(m)
     return len(mods)
 
-
 def set_qat(model, on):
     """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
     for m in model.modules():
@@ -994,11 +946,9 @@ def set_qat(model, on):
             m.qat_on.fill_(float(on))
     return on
 
-
 def qat_step_hook(model, h, progress):
     """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
     return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
-
 
 # --- bit allocation ------------------------------------------------------------------------------------------
 def tensor_plan(name, t, h, bits=None):
@@ -1008,7 +958,6 @@ def tensor_plan(name, t, h, bits=None):
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
         return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
     return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
-
 
 def width_table(state, h, hessians=None, cache=None):
     """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the embedding) to 8. Bytes:
@@ -1031,14 +980,12 @@ def width_table(state, h, hessians=None, cache=None):
             table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
     return table
 
-
 def _fixed_bytes(state, h, code_bytes):
     """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
     size = {"fp16": 2, "fp32": 4}
     return code_bytes + 4096 + 200 * len(state) + sum(
         t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
         if not tensor_plan(n, t, h).startswith("int"))
-
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the tensor whose
@@ -1059,10 +1006,8 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
             for n, b in sorted(bits.items())]
 
-
 def _to_bytes(t):
     return t.detach().cpu().contiguous().numpy().tobytes()
-
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per tensor; tensors
@@ -1091,7 +1036,6 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         entries.append(entry)
     return entries, b"".join(chunks)
 
-
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
@@ -1108,16 +1052,13 @@ def dequantize_entries(entries, raw):
             state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
     return state
 
-
 def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
-
 def _artifact_prefix_and_head(header):
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
-
 
 def write_artifact(path, header, payload):
     blob = _artifact_prefix_and_head(header) + payload
@@ -1149,7 +1090,6 @@ def read_artifact_header(path):
         raise ValueError(f"{path}: artifact header lacks its tensor table")
     return header, ARTIFACT_PREFIX.size + head_len
 
-
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
@@ -1168,12 +1108,10 @@ def read_artifact(path):
         raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
     return header, raw
 
-
 def artifact_state(model):
     """The state that ships: training-only heads (prefixes listed by the model) are left out."""
     drop = tuple(getattr(model, "training_only_prefixes", ()))
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
-
 
 def save_artifact(model, h, path, state=None, hessians=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting. BIT_ALLOC: plan,
@@ -1209,7 +1147,6 @@ def save_artifact(model, h, path, state=None, hessians=None):
             "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
             "tries": len(tries)}
 
-
 def load_artifact(path, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
     header, raw = read_artifact(path)
@@ -1226,7 +1163,6 @@ def load_artifact(path, allow_script_mismatch=False):
         raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
     model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
     return model.eval(), h
-
 
 def load_official_int8(path, max_bytes=1 << 31):
     """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
@@ -1273,22 +1209,18 @@ def load_official_int8(path, max_bytes=1 << 31):
 # share one code path and agree exactly at TTT_LR=0. The causality audit (RULES.md C1) runs on any model
 # with `forward_logits`.
 
-
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def _model_device(model):
     return next(model.parameters()).device
-
 
 def _autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
@@ -1297,13 +1229,11 @@ def token_nll(model, x, y):
     nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
     return nll.view_as(y)
 
-
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
     return {"mode": mode, "val_loss": nll / tokens, "val_bpb": nll / (math.log(2) * nbytes),
             "tokens": int(tokens), "bytes": int(nbytes), "nll_sum": nll,
             "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
-
 
 def eval_val(h, model, val_tokens, luts):
     t0 = time.perf_counter()
@@ -1330,7 +1260,6 @@ def eval_val(h, model, val_tokens, luts):
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
 
-
 def sliding_windows(num_tokens, seq_len, stride):
     """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1. Target j
     (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as context."""
@@ -1343,7 +1272,6 @@ def sliding_windows(num_tokens, seq_len, stride):
     starts, firsts = starts[keep], firsts[keep]
     lasts = np.minimum(starts + seq_len, n_targets)
     return starts, firsts, lasts
-
 
 def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, sums, coverage):
     """Score a list of windows (all on this rank) into sums; count every scored target in coverage."""
@@ -1366,7 +1294,6 @@ def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, s
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
-
 
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
@@ -1406,14 +1333,11 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     return _eval_result(sums, t0, mode, chunks=len(chunk_ids), windows=len(starts), seq_len=seq_len,
                         stride=stride, score_first=audit)
 
-
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
 
-
 def eval_val_ttt(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=True)
-
 
 class _TTTTrainer:
     """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
@@ -1463,7 +1387,6 @@ class _TTTTrainer:
                 yield self.steps
         self.model.eval()
 
-
 def audit_score_first(ledger, coverage):
     """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and every
     target 1..N-1 was scored exactly once."""
@@ -1488,7 +1411,6 @@ def audit_score_first(ledger, coverage):
     return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
         e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
         "scored_twice": twice, "never_scored": missing}
-
 
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
     """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do not
@@ -1543,7 +1465,6 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     return {"passed": not failures, "failures": failures[:8], "seq_len": seq_len, "cuts": cuts,
             "max_prefix_diff": max_diff}
 
-
 def _audit_jacobian(model, x, positions):
     outputs = []
 
@@ -1586,7 +1507,6 @@ def _audit_jacobian(model, x, positions):
 # shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
 # sample audits, embedding probes, and an optional UCB1 shard mixer.
 
-
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
 
@@ -1596,7 +1516,6 @@ class Smma:
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
-
 
 def coherence_score(text):
     """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
@@ -1611,7 +1530,6 @@ def coherence_score(text):
 
     english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
     return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
-
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
@@ -1631,7 +1549,6 @@ def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=
             ids.append(int(logits.argmax()))
     model.train(was_training)
     return sp.decode(ids[1 + len(sp.encode(prompt)):])
-
 
 def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
     """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
@@ -1659,7 +1576,6 @@ def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "i
                                          / (5 * len(probes)))
     return out
 
-
 def project_capped_simplex(w, lo, hi, iters=100):
     """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
     w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (w, lo, hi))
@@ -1670,7 +1586,6 @@ def project_capped_simplex(w, lo, hi, iters=100):
         tau = (a + b) / 2
         a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
     return np.clip(w + (a + b) / 2, lo, hi)
-
 
 class ShardMixer:
     """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
@@ -1702,7 +1617,6 @@ class ShardMixer:
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
 
-
 def build_optimizers(model, h, device):
     matrices, adam_groups = param_groups(model, h)
     muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
@@ -1713,11 +1627,9 @@ def build_optimizers(model, h, device):
                              fused=device.type == "cuda")
     return [muon, adam]
 
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
 
 class Validator:
     """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
@@ -1751,16 +1663,17 @@ class Validator:
                              artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
         return collapsed and h.halt_on_collapse
 
-
 def estimate_artifact_bytes(model, h):
     """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
     _, raw = quantize_state_dict(artifact_state(model), h)
     return len(zlib.compress(raw, 1))
 
-
 def train_model(h, rt, model, logger, ledger, validator=None):
     """Train in place; returns the EMA (or None) and the loop statistics."""
     device = rt.device
+    if h.qat_start_frac > 0:
+        n = enable_qat(model, h)
+        logger.log0(f"qat: {n} matrices fake-quantized to int{h.qat_bits or h.quant_bits} from {h.qat_start_frac:.2f}")
     step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1814,10 +1727,13 @@ def train_model(h, rt, model, logger, ledger, validator=None):
 
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0), 0.0) \
+    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
+    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
         if h.max_wallclock_seconds > 0 else 0.0
+    if reserve and cap_ms:
+        logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
-    train_ms, step, stop_after, halted = 0.0, 0, None, False
+    train_ms, step, stop_after, halted, qat_on = 0.0, 0, None, False, False
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -1837,6 +1753,9 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
+        if not qat_on and qat_step_hook(model, h, frac):
+            qat_on = True
+            logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
         loss = train_step(step, lr_scale)
         if ema is not None:
@@ -1872,8 +1791,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     if device.type == "cuda":
         logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
-
+    stats = {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
+    return ema, stats, loader
 
 def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
     """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
@@ -1884,7 +1803,6 @@ def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
                 f"eval_time:{res['eval_time_ms']:.0f}ms")
     logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     return res
-
 
 def run_audits(h, model, sp, val_tokens, luts, logger):
     """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
@@ -1899,7 +1817,6 @@ def run_audits(h, model, sp, val_tokens, luts, logger):
         logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
         logger.event("audit", name=name, **res)
     return audits
-
 
 def run_main(h):
     """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
@@ -1943,9 +1860,19 @@ def run_main(h):
         model.prepare_training(h, rt, logger)
         ledger["precompute_s"] = time.perf_counter() - t0
         logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
-    ema, stats = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
+    ema, stats, loader = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
+    hessians = None
+    if h.gptq_enabled:  # on training data (or self-samples), never val; timed against the training budget
+        t0 = time.perf_counter()
+        hessians = gptq_calibrate(model, h, lambda: loader.next_batch(h.train_batch_tokens, h.train_seq_len,
+                                                                       rt.grad_accum_steps))
+        ledger["gptq_calib_s"] = time.perf_counter() - t0
+        logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {ledger['gptq_calib_s']:.1f}s")
+    train_total = ledger["train_loop_s"] + ledger["precompute_s"] + ledger.get("gptq_calib_s", 0.0)
+    logger.log0(f"training_budget: {train_total:.1f}s (loop + precompute + GPTQ) of MAX_WALLCLOCK_SECONDS="
+                f"{h.max_wallclock_seconds:g} on {device_name}")
     logger.update_status(force=True, state="evaluating")
     val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
     if h.val_max_tokens:
@@ -1955,7 +1882,7 @@ def run_main(h):
     embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
 
     t0 = time.perf_counter()
-    sizes = save_artifact(model, h, artifact_path) if rt.is_main else None
+    sizes = save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None
     if rt.distributed:
         holder = [sizes]
         dist.broadcast_object_list(holder, src=0)
@@ -1963,7 +1890,10 @@ def run_main(h):
     ledger["serialize_s"] = time.perf_counter() - t0
     model, _ = load_artifact(artifact_path)
     model = model.to(rt.device)
-    logger.log0(f"Serialized model int{h.quant_bits}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
+    for row in sizes.get("plan") or []:
+        logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
+    widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
+    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
                 f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
     logger.log0(f"Code size: {sizes['code_bytes']} bytes")
     logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
@@ -2003,6 +1933,7 @@ def run_main(h):
         "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
         "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
         "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
+        "train_budget_s": train_total,
         "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
                    for k, v in audits.items()}, **stats,
     }
@@ -2036,7 +1967,6 @@ GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3,
 PRIME_CYCLE = ((True, "para"), (True, "parse"), (True, None), (False, None))  # (aux_on, aux_kind) variants
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
 
-
 class CastedLinear(nn.Linear):
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -2046,14 +1976,12 @@ class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-
 def apply_rotary(x, base):
     T, d = x.shape[-2:]
     inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
     cos, sin, x1, x2 = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype), x[..., :d // 2], x[..., d // 2:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     """GQA with QK-RMSNorm, RoPE and a learned query gain, as train_gpt.py; causal unless told otherwise."""
@@ -2074,7 +2002,6 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.kv_heads != self.heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
-
 class MLP(nn.Module):
     def __init__(self, dim, mult):
         super().__init__()
@@ -2082,7 +2009,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(torch.relu(self.fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, dim, heads, kv_heads, mlp_mult, h, causal=True):
@@ -2097,13 +2023,11 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(norm(x), mask)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
 
-
 def run_stack(blocks, x, mask=None):
     x0 = x
     for block in blocks:
         x = block(x, x0, mask)
     return x
-
 
 class ConceptPool(nn.Module):
     """Z[s] = sum_t softmax_t(q_s . W_k h_t) W_v h_t over the valid positions of one chunk; RMSNorm per slot."""
@@ -2117,7 +2041,6 @@ class ConceptPool(nn.Module):
         scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / 64 ** 0.5
         w = torch.softmax(scores.float().masked_fill(~valid[:, None], float("-inf")), dim=-1)
         return F.rms_norm(w.to(x.dtype) @ self.value(x), (self.value.out_features,))
-
 
 class ChunkDecoder(nn.Module):
     """Training-only: one chunk code (its slots as tokens) plus C position queries through bidirectional
@@ -2134,11 +2057,9 @@ class ChunkDecoder(nn.Module):
         x = F.pad(self.inp(z), (0, 0, 0, self.queries.size(0) - self.slots)) + self.queries.to(z.dtype)
         return self.out(F.rms_norm(run_stack(self.blocks, x)[:, self.slots:], (x.size(-1),)))
 
-
 class StrippedHead(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
-
 
 # Template sentences for the geometry losses and probes (the seed's slot filling): every filler list is split
 # into disjoint halves, train = even positions and test = odd ones, so the probes see only unseen words.
@@ -2164,10 +2085,8 @@ RELATIONS = {  # (positive, negative); {a} animal, {o} object, {j} adjective, {x
     "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}"),
 }
 
-
 def vocabulary(split):
     return {k: v.split()[split == "test"::2] for k, v in WORDS.items()}
-
 
 def template_batch(rng, split, layout=GEO_LAYOUT):
     """Sentences in the order `geometry` reads: R base sentences, their R word-order swaps (two adjacent words
@@ -2189,11 +2108,9 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
     return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
 
-
 def encode_sentences(sp, sentences, length=GEO_LEN):
     rows = [[BOS_ID] + t[:length - 1] for t in sp.encode(sentences)]
     return (torch.tensor([r + [0] * (length - len(r)) for r in rows]), torch.tensor([len(r) for r in rows]))
-
 
 def geometry(f, layout=GEO_LAYOUT):
     """The seed's six losses and the probes on sentence embeddings f in template order (L2-normalized here).
@@ -2218,12 +2135,10 @@ def geometry(f, layout=GEO_LAYOUT):
               "word_order": order.mean()}
     return losses, probes
 
-
 def effective_rank(x, p):
     """rank_p over the centered rows of x: the first index with cumsum(s^2) / sum(s^2) >= p, plus 1."""
     s2 = torch.linalg.svdvals(x.float() - x.float().mean(0)).square()
     return int((torch.cumsum(s2, 0) / s2.sum() < p).sum()) + 1
-
 
 class Hydra(nn.Module):
     training_only_prefixes = ("heads.",)
@@ -2452,7 +2367,6 @@ class Hydra(nn.Module):
         self.train(was_training)
         return out
 
-
 def build_model(h):
     sizes = ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_aux_every", "hydra_aux_chunks")
     bad = [n for n in sizes if getattr(h, n) <= 0]
@@ -2463,7 +2377,6 @@ def build_model(h):
         raise ValueError(f"{bad[0].upper()}={getattr(h, bad[0])!r}: the hydra needs positive sizes (even widths), "
                          "at least 2 layers, tied embeddings, HYDRA_MODE record or research")
     return Hydra(h)
-
 
 def param_groups(model, h):
     """Muon for the CastedLinear matrices of the shipped model (trunk, pooling, predictor, memory); Adam for the
@@ -2483,10 +2396,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
 
-
 def main():
     return run_main(Hyperparameters.from_env())
-
 
 if __name__ == "__main__":
     try:

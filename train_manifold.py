@@ -50,7 +50,6 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 # `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
 # variable in every error.
 
-
 @dataclass
 class Hyperparameters:
 # ===== BEGIN SHARED BLOCK: hparams v1 =====
@@ -240,7 +239,6 @@ class Hyperparameters:
         if self.model_dim % self.num_heads:
             self.bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
 
-
 # Named groups of defaults. `record` is the 8xH100 configuration (the dataclass defaults are its model
 # shape); `smoke` trains a small model on a laptop CPU in a few minutes. The seed's AdamW schedule (warmup,
 # cosine to 0.1, hold, linear to 0) is mapped onto the shared one: flat, then linear over WARMDOWN_FRAC.
@@ -266,7 +264,6 @@ CONTROL_TENSOR_PATTERNS = ("route_scale", "manifold_bias", "rel_bias", "nb_gate"
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
 
-
 @dataclass
 class Runtime:
     rank: int
@@ -279,7 +276,6 @@ class Runtime:
     @property
     def is_main(self):
         return self.rank == 0
-
 
 def setup_runtime(env=None):
     env = os.environ if env is None else env
@@ -308,31 +304,26 @@ def setup_runtime(env=None):
     return Runtime(rank=ints["RANK"], world_size=world_size, local_rank=ints["LOCAL_RANK"], device=device,
                    distributed=distributed, grad_accum_steps=8 // world_size)
 
-
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
-
 def dist_sum(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
 
 def dist_max(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
-
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
 
 def write_json_atomic(path, obj):
     """Write JSON so a concurrent reader sees the old file or the new one, never half of one."""
@@ -340,7 +331,6 @@ def write_json_atomic(path, obj):
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, separators=(",", ":"))
     os.replace(tmp, path)
-
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
@@ -397,7 +387,6 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_BYTES = 256 * 4
 
-
 def load_data_shard(path):
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
@@ -415,7 +404,6 @@ def load_data_shard(path):
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
-
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
     if split not in ("train", "val"):
@@ -425,7 +413,6 @@ def shard_files(data_path, split):
     if not files:
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
-
 
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
@@ -453,7 +440,6 @@ class TokenStream:
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
         self.file_idx, self.pos = state
-
 
 class DistributedTokenLoader:
     """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
@@ -491,12 +477,10 @@ class DistributedTokenLoader:
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
 
-
 def val_token_count(data_path):
     """Number of val tokens from the file sizes alone, so a too-short split fails before training
     without opening a val file."""
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
-
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
@@ -515,7 +499,6 @@ def load_validation_tokens(data_path, seq_len, max_tokens=0):
 # tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous token is a
 # boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla bug, PR #1271).
 
-
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
 
@@ -531,14 +514,12 @@ def load_tokenizer(path, vocab_size):
                          f"but VOCAB_SIZE={vocab_size}")
     return sp
 
-
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table_size = max(sp.vocab_size(), vocab_size)
@@ -561,13 +542,11 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(has_leading_space, dtype=torch.bool, device=device),
             torch.tensor(is_boundary_token, dtype=torch.bool, device=device))
 
-
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
     base_bytes, has_leading_space, is_boundary_token = luts
     nbytes = base_bytes[target_ids].to(torch.int64)
     return nbytes + (has_leading_space[target_ids] & ~is_boundary_token[prev_ids]).to(torch.int64)
-
 
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
@@ -589,7 +568,6 @@ def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     if not result["passed"]:
         result["first_mismatch_ids"] = _first_byte_mismatch(sp, sample, cpu_luts)
     return result
-
 
 def _first_byte_mismatch(sp, sample, luts):
     """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
@@ -614,7 +592,6 @@ def _first_byte_mismatch(sp, sample, luts):
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
@@ -627,7 +604,6 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.T if transposed else X
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False):
@@ -669,7 +645,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def lr_multiplier(h, step, elapsed_ms):
     """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the wallclock
     budget (or of ITERATIONS when uncapped). Otherwise the baseline: WARMDOWN_ITERS x the mean step time."""
@@ -688,11 +663,9 @@ def lr_multiplier(h, step, elapsed_ms):
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
 
-
 def muon_momentum_at(h, step):
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
 
 class EMA:
     """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
@@ -737,18 +710,15 @@ ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no recor
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
 
-
 def _zstd_compress(data, level):
     if zstandard is None:
         raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
     return zstandard.ZstdCompressor(level=level).compress(data)
 
-
 def _zstd_decompress(data, limit):
     if zstandard is None:
         raise RuntimeError("artifact is zstd-compressed but the zstandard package is not installed")
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-
 
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
@@ -756,14 +726,12 @@ def _bounded(decompressor, data, limit):
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-
 COMPRESSORS = {
     "zstd": (_zstd_compress, _zstd_decompress),
     "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
              lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
     "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
 }
-
 
 def compress_payload(raw, compressor, zstd_level=22):
     """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
@@ -773,18 +741,15 @@ def compress_payload(raw, compressor, zstd_level=22):
         blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
     return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
-
 # --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
 def _row_scales(clip, qmax):
     """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
     scale = (clip / qmax).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-
 def _round_clamp(w, c, s, qmax):
     """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
-
 
 def _triton_kernels():
     """(triton, quantize kernel, dequantize kernel), built on first use and not at import: @triton.jit reads
@@ -818,7 +783,6 @@ def _triton_kernels():
             _TRITON = False
     return _TRITON or None
 
-
 def quantize_rows(w, bits, clip, use_triton=None):
     """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns (q int8,
     s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
@@ -832,7 +796,6 @@ def quantize_rows(w, bits, clip, use_triton=None):
     quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
     return q, scale
 
-
 def dequantize_rows(q, scale, use_triton=None):
     if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
         return q.float() * scale.float()[:, None]
@@ -842,15 +805,12 @@ def dequantize_rows(q, scale, use_triton=None):
                                                                   BLOCK=TRITON_BLOCK)
     return out
 
-
 # --- clip selection ----------------------------------------------------------------------------------------
 def tensor_role(name):
     return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
-
 def sdclip_k(name, h):
     return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
-
 
 def row_clip(w, bits, h, name=""):
     """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row costs
@@ -863,12 +823,10 @@ def row_clip(w, bits, h, name=""):
     errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
     return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
-
 # --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------------------
 def _block_linears(model):
     return [(f"{n}.weight", m) for n, m in model.named_modules()
             if n.startswith("blocks.") and isinstance(m, nn.Linear)]
-
 
 @torch.no_grad()
 def collect_hessians(model, batches):
@@ -893,7 +851,6 @@ def collect_hessians(model, batches):
     count = float(dist_sum(count.to(device)))
     return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
 
-
 @torch.no_grad()
 def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
     """Sample from the model itself, from a random first token (self-generated calibration: legal and about
@@ -907,7 +864,6 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
         tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
     return tokens
 
-
 def gptq_calibrate(model, h, next_batch=None):
     """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
     (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
@@ -919,7 +875,6 @@ def gptq_calibrate(model, h, next_batch=None):
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs)
-
 
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
     """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto the columns not
@@ -945,7 +900,6 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
     return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
 
-
 # --- late QAT: a straight-through fake quant in the forward of every quantized block matrix ------------------
 def _qat_linear_forward(self, x):
     """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip); the forward
@@ -955,7 +909,6 @@ def _qat_linear_forward(self, x):
     s = _row_scales(c, self.qat_qmax).float()
     w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
 
 def enable_qat(model, h):
     """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
@@ -969,7 +922,6 @@ def enable_qat(model, h):
         m.forward = _qat_linear_forward.__get__(m)
     return len(mods)
 
-
 def set_qat(model, on):
     """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
     for m in model.modules():
@@ -977,11 +929,9 @@ def set_qat(model, on):
             m.qat_on.fill_(float(on))
     return on
 
-
 def qat_step_hook(model, h, progress):
     """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
     return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
-
 
 # --- bit allocation ------------------------------------------------------------------------------------------
 def tensor_plan(name, t, h, bits=None):
@@ -991,7 +941,6 @@ def tensor_plan(name, t, h, bits=None):
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
         return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
     return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
-
 
 def width_table(state, h, hessians=None, cache=None):
     """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the embedding) to 8. Bytes:
@@ -1014,14 +963,12 @@ def width_table(state, h, hessians=None, cache=None):
             table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
     return table
 
-
 def _fixed_bytes(state, h, code_bytes):
     """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
     size = {"fp16": 2, "fp32": 4}
     return code_bytes + 4096 + 200 * len(state) + sum(
         t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
         if not tensor_plan(n, t, h).startswith("int"))
-
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the tensor whose
@@ -1042,10 +989,8 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
             for n, b in sorted(bits.items())]
 
-
 def _to_bytes(t):
     return t.detach().cpu().contiguous().numpy().tobytes()
-
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per tensor; tensors
@@ -1074,7 +1019,6 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         entries.append(entry)
     return entries, b"".join(chunks)
 
-
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
@@ -1091,16 +1035,13 @@ def dequantize_entries(entries, raw):
             state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
     return state
 
-
 def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
-
 def _artifact_prefix_and_head(header):
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
-
 
 def write_artifact(path, header, payload):
     blob = _artifact_prefix_and_head(header) + payload
@@ -1132,7 +1073,6 @@ def read_artifact_header(path):
         raise ValueError(f"{path}: artifact header lacks its tensor table")
     return header, ARTIFACT_PREFIX.size + head_len
 
-
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
@@ -1151,12 +1091,10 @@ def read_artifact(path):
         raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
     return header, raw
 
-
 def artifact_state(model):
     """The state that ships: training-only heads (prefixes listed by the model) are left out."""
     drop = tuple(getattr(model, "training_only_prefixes", ()))
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
-
 
 def save_artifact(model, h, path, state=None, hessians=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting. BIT_ALLOC: plan,
@@ -1192,7 +1130,6 @@ def save_artifact(model, h, path, state=None, hessians=None):
             "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
             "tries": len(tries)}
 
-
 def load_artifact(path, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
     header, raw = read_artifact(path)
@@ -1209,7 +1146,6 @@ def load_artifact(path, allow_script_mismatch=False):
         raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
     model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
     return model.eval(), h
-
 
 def load_official_int8(path, max_bytes=1 << 31):
     """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
@@ -1256,22 +1192,18 @@ def load_official_int8(path, max_bytes=1 << 31):
 # share one code path and agree exactly at TTT_LR=0. The causality audit (RULES.md C1) runs on any model
 # with `forward_logits`.
 
-
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def _model_device(model):
     return next(model.parameters()).device
-
 
 def _autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
@@ -1280,13 +1212,11 @@ def token_nll(model, x, y):
     nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
     return nll.view_as(y)
 
-
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
     return {"mode": mode, "val_loss": nll / tokens, "val_bpb": nll / (math.log(2) * nbytes),
             "tokens": int(tokens), "bytes": int(nbytes), "nll_sum": nll,
             "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
-
 
 def eval_val(h, model, val_tokens, luts):
     t0 = time.perf_counter()
@@ -1313,7 +1243,6 @@ def eval_val(h, model, val_tokens, luts):
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
 
-
 def sliding_windows(num_tokens, seq_len, stride):
     """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1. Target j
     (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as context."""
@@ -1326,7 +1255,6 @@ def sliding_windows(num_tokens, seq_len, stride):
     starts, firsts = starts[keep], firsts[keep]
     lasts = np.minimum(starts + seq_len, n_targets)
     return starts, firsts, lasts
-
 
 def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, sums, coverage):
     """Score a list of windows (all on this rank) into sums; count every scored target in coverage."""
@@ -1349,7 +1277,6 @@ def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, s
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
-
 
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
@@ -1389,14 +1316,11 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     return _eval_result(sums, t0, mode, chunks=len(chunk_ids), windows=len(starts), seq_len=seq_len,
                         stride=stride, score_first=audit)
 
-
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
 
-
 def eval_val_ttt(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=True)
-
 
 class _TTTTrainer:
     """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
@@ -1446,7 +1370,6 @@ class _TTTTrainer:
                 yield self.steps
         self.model.eval()
 
-
 def audit_score_first(ledger, coverage):
     """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and every
     target 1..N-1 was scored exactly once."""
@@ -1471,7 +1394,6 @@ def audit_score_first(ledger, coverage):
     return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
         e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
         "scored_twice": twice, "never_scored": missing}
-
 
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
     """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do not
@@ -1526,7 +1448,6 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     return {"passed": not failures, "failures": failures[:8], "seq_len": seq_len, "cuts": cuts,
             "max_prefix_diff": max_diff}
 
-
 def _audit_jacobian(model, x, positions):
     outputs = []
 
@@ -1569,7 +1490,6 @@ def _audit_jacobian(model, x, positions):
 # shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
 # sample audits, embedding probes, and an optional UCB1 shard mixer.
 
-
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
 
@@ -1579,7 +1499,6 @@ class Smma:
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
-
 
 def coherence_score(text):
     """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
@@ -1594,7 +1513,6 @@ def coherence_score(text):
 
     english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
     return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
-
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
@@ -1614,7 +1532,6 @@ def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=
             ids.append(int(logits.argmax()))
     model.train(was_training)
     return sp.decode(ids[1 + len(sp.encode(prompt)):])
-
 
 def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
     """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
@@ -1642,7 +1559,6 @@ def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "i
                                          / (5 * len(probes)))
     return out
 
-
 def project_capped_simplex(w, lo, hi, iters=100):
     """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
     w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (w, lo, hi))
@@ -1653,7 +1569,6 @@ def project_capped_simplex(w, lo, hi, iters=100):
         tau = (a + b) / 2
         a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
     return np.clip(w + (a + b) / 2, lo, hi)
-
 
 class ShardMixer:
     """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
@@ -1685,7 +1600,6 @@ class ShardMixer:
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
 
-
 def build_optimizers(model, h, device):
     matrices, adam_groups = param_groups(model, h)
     muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
@@ -1696,11 +1610,9 @@ def build_optimizers(model, h, device):
                              fused=device.type == "cuda")
     return [muon, adam]
 
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
 
 class Validator:
     """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
@@ -1734,16 +1646,17 @@ class Validator:
                              artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
         return collapsed and h.halt_on_collapse
 
-
 def estimate_artifact_bytes(model, h):
     """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
     _, raw = quantize_state_dict(artifact_state(model), h)
     return len(zlib.compress(raw, 1))
 
-
 def train_model(h, rt, model, logger, ledger, validator=None):
     """Train in place; returns the EMA (or None) and the loop statistics."""
     device = rt.device
+    if h.qat_start_frac > 0:
+        n = enable_qat(model, h)
+        logger.log0(f"qat: {n} matrices fake-quantized to int{h.qat_bits or h.quant_bits} from {h.qat_start_frac:.2f}")
     step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1797,10 +1710,13 @@ def train_model(h, rt, model, logger, ledger, validator=None):
 
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0), 0.0) \
+    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
+    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
         if h.max_wallclock_seconds > 0 else 0.0
+    if reserve and cap_ms:
+        logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
-    train_ms, step, stop_after, halted = 0.0, 0, None, False
+    train_ms, step, stop_after, halted, qat_on = 0.0, 0, None, False, False
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -1820,6 +1736,9 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
+        if not qat_on and qat_step_hook(model, h, frac):
+            qat_on = True
+            logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
         loss = train_step(step, lr_scale)
         if ema is not None:
@@ -1855,8 +1774,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     if device.type == "cuda":
         logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
-
+    stats = {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
+    return ema, stats, loader
 
 def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
     """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
@@ -1867,7 +1786,6 @@ def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
                 f"eval_time:{res['eval_time_ms']:.0f}ms")
     logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     return res
-
 
 def run_audits(h, model, sp, val_tokens, luts, logger):
     """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
@@ -1882,7 +1800,6 @@ def run_audits(h, model, sp, val_tokens, luts, logger):
         logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
         logger.event("audit", name=name, **res)
     return audits
-
 
 def run_main(h):
     """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
@@ -1926,9 +1843,19 @@ def run_main(h):
         model.prepare_training(h, rt, logger)
         ledger["precompute_s"] = time.perf_counter() - t0
         logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
-    ema, stats = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
+    ema, stats, loader = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
+    hessians = None
+    if h.gptq_enabled:  # on training data (or self-samples), never val; timed against the training budget
+        t0 = time.perf_counter()
+        hessians = gptq_calibrate(model, h, lambda: loader.next_batch(h.train_batch_tokens, h.train_seq_len,
+                                                                       rt.grad_accum_steps))
+        ledger["gptq_calib_s"] = time.perf_counter() - t0
+        logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {ledger['gptq_calib_s']:.1f}s")
+    train_total = ledger["train_loop_s"] + ledger["precompute_s"] + ledger.get("gptq_calib_s", 0.0)
+    logger.log0(f"training_budget: {train_total:.1f}s (loop + precompute + GPTQ) of MAX_WALLCLOCK_SECONDS="
+                f"{h.max_wallclock_seconds:g} on {device_name}")
     logger.update_status(force=True, state="evaluating")
     val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
     if h.val_max_tokens:
@@ -1938,7 +1865,7 @@ def run_main(h):
     embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
 
     t0 = time.perf_counter()
-    sizes = save_artifact(model, h, artifact_path) if rt.is_main else None
+    sizes = save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None
     if rt.distributed:
         holder = [sizes]
         dist.broadcast_object_list(holder, src=0)
@@ -1946,7 +1873,10 @@ def run_main(h):
     ledger["serialize_s"] = time.perf_counter() - t0
     model, _ = load_artifact(artifact_path)
     model = model.to(rt.device)
-    logger.log0(f"Serialized model int{h.quant_bits}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
+    for row in sizes.get("plan") or []:
+        logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
+    widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
+    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
                 f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
     logger.log0(f"Code size: {sizes['code_bytes']} bytes")
     logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
@@ -1986,6 +1916,7 @@ def run_main(h):
         "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
         "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
         "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
+        "train_budget_s": train_total,
         "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
                    for k, v in audits.items()}, **stats,
     }
@@ -2012,12 +1943,10 @@ def run_main(h):
 
 RECENCY_BUCKETS = 16  # learned score bias per log2(1 + i - j) bucket
 
-
 def manifold_dims(h):
     """(spectral modes, directional and syntactic coordinates each, total width S) for the vocabulary."""
     modes, coords = min(h.manifold_modes, h.vocab_size // 4), min(h.manifold_coords, h.vocab_size // 8)
     return modes, coords, modes + 2 * coords
-
 
 def count_cooccurrence(shards, V, device, chunk=1 << 24):
     """float64 (V, V) counts: n1 of offset 1, r5 of offsets 1..5, c10 of offsets 1..10 weighted 1/offset, by
@@ -2035,7 +1964,6 @@ def count_cooccurrence(shards, V, device, chunk=1 << 24):
                 n1 += c if o == 1 else 0.0
     return [c.view(V, V) for c in (n1, r5, c10)]
 
-
 def top_modes(sym, k):
     """Top-k eigenpairs of a symmetric matrix as eigenvectors x sqrt|eigenvalue|: torch on the GPU (float64 up to
     V = 4096), numpy's LAPACK on the CPU (several times faster than torch's eigh there)."""
@@ -2044,7 +1972,6 @@ def top_modes(sym, k):
     else:
         evals, evecs = (torch.from_numpy(a) for a in np.linalg.eigh(sym.double().numpy()))
     return (evecs[:, -k:] * evals[-k:].abs().sqrt()).flip(-1).float().to(sym.device)
-
 
 def build_manifold(counts, h):
     """(sc float32 (V, S), static_nb int32 (V, K), stats) from the counts; the same bytes for the same seed."""
@@ -2098,7 +2025,6 @@ def build_manifold(counts, h):
     stats = {"springs": si.numel(), "directed": di.numel(), "energy": float(energy.detach())}
     return sc, cos.topk(h.manifold_neighbours, dim=1).indices.int(), stats
 
-
 class CastedLinear(nn.Linear):
     """fp32 weights cast at use (bf16 autocast on GPU); `zero=True` starts the layer at exactly zero."""
 
@@ -2110,7 +2036,6 @@ class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
-
 def sparsemax(z):
     """Sparsemax over the last dim (Martins & Astudillo 2016), tau from the valid entries only: -inf entries are
     masked and come out exactly 0. Every row must hold one finite entry (the caller's always-valid candidate)."""
@@ -2119,13 +2044,11 @@ def sparsemax(z):
     k = (1 + torch.arange(1, z.size(-1) + 1, device=z.device, dtype=z.dtype) * zs > cs).sum(-1, keepdim=True)
     return (z - (cs.gather(-1, k - 1) - 1) / k).clamp_min(0)
 
-
 def route(score, blocked, k):
     """Sparsemax over each row's top-k unblocked candidates (masked before the top-k), scattered back to a dense
     (..., T, T) weight matrix whose blocked entries are exactly 0."""
     val, idx = score.masked_fill(blocked, float("-inf")).topk(min(k, score.size(-1)), dim=-1)
     return torch.zeros_like(score).scatter(-1, idx, sparsemax(val))
-
 
 class HopCell(nn.Module):
     """One hop: messages routed by sparsemax (causal top-k, plus static neighbours behind a gate) into a gated
@@ -2169,7 +2092,6 @@ class HopCell(nn.Module):
         mix = self.mix_out(F.gelu(self.mix_in(F.rms_norm(h, (h.size(-1),)))) * torch.sigmoid(self.mix_gate(sc)))
         cap = 0.2 * h.norm(dim=-1, keepdim=True) / mix.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return h + mix * cap.clamp(max=1.0).detach(), A
-
 
 class ManifoldLM(nn.Module):
     def __init__(self, h):
@@ -2259,12 +2181,10 @@ class ManifoldLM(nn.Module):
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
-
 def build_model(h):
     if h.route_topk < 1 or h.hop_cells < 1:
         raise ValueError(f"ROUTE_TOPK={h.route_topk} and HOP_CELLS={h.hop_cells} must be positive")
     return ManifoldLM(h)
-
 
 def param_groups(model, h):
     """Muon for the 2-D weights of linear layers; Adam for the embedding, the head, biases, gates and tables;
@@ -2286,10 +2206,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
 
-
 def main():
     return run_main(Hyperparameters.from_env())
-
 
 if __name__ == "__main__":
     try:

@@ -11,7 +11,7 @@ spec = importlib.util.spec_from_file_location("sync_blocks", REPO / "scripts" / 
 sync_blocks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sync_blocks)
 
-EXPECTED_BLOCKS = {"runtime", "data", "bpb", "optim", "quant", "eval", "train"}
+EXPECTED_BLOCKS = {"hparams", "runtime", "data", "bpb", "optim", "quant", "eval", "train"}
 
 
 def test_canonical_script_has_every_shared_block():

@@ -1809,6 +1809,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             stop_after = step
             logger.log0(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
     ledger["train_loop_s"] = train_ms / 1000.0
+    logger.update_status(force=True, step=step, elapsed_s=train_ms / 1000, tokens_seen=step * h.train_batch_tokens)
     if device.type == "cuda":
         logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")

@@ -4,7 +4,8 @@ Every HYDRA_CHUNK trunk tokens are pooled into a 32x16 concept code, a small cau
 chunk's code, and the later blocks read earlier chunks' codes only. Training-only heads and six geometry losses
 shape the codes; they are not in the artifact. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings,
 ideas only), InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py.
-Run: torchrun --standalone --nproc_per_node=8 train_hydra.py (PRESET=record|research|smoke, HYDRA_AUX=0|1).
+Run: torchrun --standalone --nproc_per_node=8 train_hydra.py; every knob is an UPPER_SNAKE environment variable
+(PRESET=record|research|smoke picks defaults, explicit variables win; HYDRA_AUX=0 trains on CE alone).
 """
 
 import contextlib
@@ -37,8 +38,6 @@ try:
     import zstandard
 except ImportError:  # zstd is optional: zlib and lzma are in the standard library
     zstandard = None
-
-# Every knob is an UPPER_SNAKE environment variable; PRESET picks defaults first, explicit variables win.
 
 @dataclass
 class Hyperparameters:
@@ -199,9 +198,8 @@ class Hyperparameters:
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
 # ===== END SHARED BLOCK: hparams v1 =====
-    # Model: a GPT trunk (its first NUM_LAYERS // 2 blocks encode), one HYDRA_SLOTS x HYDRA_SLOT_DIM code per
-    # HYDRA_CHUNK tokens. HYDRA_AUX=0 trains the same model on CE alone; HYDRA_MODE=record turns the auxiliary
-    # losses off for the last AUX_CUTOFF of the budget, research keeps them through warmdown.
+    # Model: a GPT trunk (its first NUM_LAYERS // 2 blocks encode), a HYDRA_SLOTS x HYDRA_SLOT_DIM code per HYDRA_CHUNK
+    # tokens; HYDRA_MODE=record drops the aux losses for the last AUX_CUTOFF of the budget, research keeps them.
     num_layers: int = 9
     model_dim: int = 512
     num_heads: int = 8
@@ -239,11 +237,10 @@ RECORD = {"ema_decay": 0.997, "muon_wd": 0.04, "muon_row_norm": True, "warmdown_
           "num_layers": 8, "train_seq_len": 2048}
 PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": {
     "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-    "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
+    "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0, "compile": False,
     "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
     "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
-    "compile": False, "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50,
-    "eval_mode": "sliding", "eval_stride": 64}}
+    "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50, "eval_mode": "sliding"}}
 
 CODE_PATH = os.path.abspath(__file__)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
@@ -1918,10 +1915,7 @@ def run_main(h):
 
 # ===== END SHARED BLOCK: train v1 =====
 
-# -----------------------------------------------------------------------------
-# MODEL
-# -----------------------------------------------------------------------------
-# TECHNIQUES.md C.2: chunk j (C tokens) of the encoder blocks is pooled into a code Z_j; a causal transformer
+# MODEL (TECHNIQUES.md C.2): chunk j (C tokens) of the encoder blocks is pooled into a code Z_j; a causal transformer
 # predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to every token of chunk k
 # (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose last BOS is at b reads
 # Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code; the predictor obeys the same
@@ -2028,8 +2022,7 @@ class StrippedHead(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
 
-# Template sentences for the geometry losses and probes (the seed's slot filling): every filler list is split
-# into disjoint halves, train = even positions and test = odd ones, so the probes see only unseen words.
+# Template fillers (the seed's slot filling), split into disjoint halves: train = even positions, test = odd ones.
 WORDS = {
     "animal": "cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger",
     "object": "book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite",
@@ -2073,10 +2066,6 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         pair = rng.choice(voc.get(rel, ["-:-"]))
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
     return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
-
-def encode_sentences(sp, sentences, length=GEO_LEN):
-    rows = [[BOS_ID] + t[:length - 1] for t in sp.encode(sentences)]
-    return (torch.tensor([r + [0] * (length - len(r)) for r in rows]), torch.tensor([len(r) for r in rows]))
 
 def geometry(f, layout=GEO_LAYOUT):
     """The seed's six losses and the probes on embeddings f in template order. Analogy: a - b + c ~ d with (a, b)
@@ -2297,9 +2286,10 @@ class Hydra(nn.Module):
         tail = load_data_shard(files[-1])[-512 * self.chunk:].to(torch.int64)
         self.heldout = tail[:tail.numel() // self.chunk * self.chunk].view(-1, self.chunk).to(dev)
         rng = random.Random(h.seed)
-        for name, split, count in (("geo_pool", "train", 128), ("probe_set", "test", 8)):
-            batches = [encode_sentences(sp, template_batch(rng, split)) for _ in range(count)]
-            setattr(self, name, tuple(torch.stack(parts).to(dev) for parts in zip(*batches)))
+        for name, split, count in (("geo_pool", "train", 128), ("probe_set", "test", 8)):  # BOS + up to 19 tokens
+            rows = [[[BOS_ID] + t[:GEO_LEN - 1] for t in sp.encode(template_batch(rng, split))] for _ in range(count)]
+            setattr(self, name, (torch.tensor([[r + [0] * (GEO_LEN - len(r)) for r in b] for b in rows]).to(dev),
+                                 torch.tensor([[len(r) for r in b] for b in rows]).to(dev)))
         self.unk_id, self.prepared, self.priming = sp.unk_id(), True, h.warmup_steps > 0
         n_heads = sum(p.numel() for p in self.heads.parameters())
         logger.log0(f"hydra: shipped_params:{sum(p.numel() for p in self.parameters()) - n_heads} "

@@ -1,18 +1,11 @@
-"""Hydra for Parameter Golf: a causal chunk-concept LM (TECHNIQUES.md part C), scored in bits per byte.
+"""Hydra for Parameter Golf: a causal chunk-concept LM (TECHNIQUES.md part C; docs/hydra.md), scored in bits per byte.
 
-A GPT trunk whose first blocks encode tokens causally; every HYDRA_CHUNK tokens are pooled into a 32x16
-concept code, a small causal transformer predicts the next chunk's code, and the remaining blocks read the
-codes of earlier chunks only. Training-only heads (reconstruction, bag of words + InfoNCE, parse) and six
-geometry losses on template sentences shape the codes; they are not in the artifact, and the score is the
-ordinary causal softmax. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings, ideas only),
-InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py.
-
-Run:
-  torchrun --standalone --nproc_per_node=8 train_hydra.py        # 8xH100, PRESET=record (default)
-  PRESET=research torchrun --standalone --nproc_per_node=8 train_hydra.py   # aux losses through warmdown
-  HYDRA_AUX=0 torchrun --standalone --nproc_per_node=8 train_hydra.py       # same model, CE only
-  PRESET=smoke DATA_PATH=data/datasets/pydoc_sp1024 \
-    TOKENIZER_PATH=data/tokenizers/pydoc_1024_bpe.model python train_hydra.py   # laptop CPU, minutes
+Every HYDRA_CHUNK trunk tokens are pooled into a 32x16 concept code, a small causal transformer predicts the next
+chunk's code, and the later blocks read earlier chunks' codes only. Training-only heads and six geometry losses
+shape the codes; they are not in the artifact. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings,
+ideas only), InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py.
+Run: torchrun --standalone --nproc_per_node=8 train_hydra.py; every knob is an UPPER_SNAKE environment variable
+(PRESET=record|research|smoke picks defaults, explicit variables win; HYDRA_AUX=0 trains on CE alone).
 """
 
 import contextlib
@@ -45,14 +38,6 @@ try:
     import zstandard
 except ImportError:  # zstd is optional: zlib and lzma are in the standard library
     zstandard = None
-
-# -----------------------------------------------------------------------------
-# HYPERPARAMETERS
-# -----------------------------------------------------------------------------
-# Every knob is an UPPER_SNAKE environment variable named as in the records (ITERATIONS, MATRIX_LR, ...).
-# PRESET picks a group of defaults first; explicit variables override it. Nothing is read at import time:
-# `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
-# variable in every error.
 
 @dataclass
 class Hyperparameters:
@@ -213,66 +198,49 @@ class Hyperparameters:
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
 # ===== END SHARED BLOCK: hparams v1 =====
-    # Model: a GPT trunk split at HYDRA_ENCODER_LAYERS (clamped to NUM_LAYERS - 1), one code of HYDRA_SLOTS x
-    # HYDRA_SLOT_DIM per HYDRA_CHUNK tokens, the code predictor, and the training-only heads (HYDRA_HEAD_DIM).
+    # Model: a GPT trunk (its first NUM_LAYERS // 2 blocks encode), a HYDRA_SLOTS x HYDRA_SLOT_DIM code per HYDRA_CHUNK
+    # tokens; HYDRA_MODE=record drops the aux losses for the last AUX_CUTOFF of the budget, research keeps them.
     num_layers: int = 9
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: float = 2.0
     tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    hydra_encoder_layers: int = 4
     hydra_chunk: int = 64
     hydra_slots: int = 32
     hydra_slot_dim: int = 16
-    hydra_pred_dim: int = 128
-    hydra_head_dim: int = 256
-    hydra_recon_layers: int = 2
-    # Auxiliary and geometry losses: HYDRA_AUX=0 trains the same model on CE alone; HYDRA_MODE=record turns
-    # them off for the last HYDRA_AUX_CUTOFF of the budget, research keeps them through warmdown.
     hydra_aux: bool = True
     hydra_mode: str = "record"
     hydra_aux_every: int = 5
-    hydra_aux_cutoff: float = 0.3
-    hydra_geo_warmup: float = 0.1
-    hydra_lambda_aux: float = 0.1
-    hydra_lambda_pred: float = 0.1
-    hydra_lambda_geo: float = 0.05
-    hydra_aux_chunks: int = 256
 
     def validate_model(self):
-        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "hydra_chunk", "hydra_slots",
+                     "hydra_slot_dim", "hydra_aux_every"):
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
-        if self.model_dim % self.num_heads:
-            self.bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            self.bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+        if self.num_layers < 2:
+            self.bad("NUM_LAYERS", "the hydra needs an encoder and a decoder block")
+        if self.model_dim % (2 * self.num_heads) or self.num_heads % self.num_kv_heads:
+            self.bad("MODEL_DIM", "must split into NUM_HEADS even heads, NUM_HEADS into NUM_KV_HEADS groups")
+        if self.hydra_mode not in ("record", "research"):
+            self.bad("HYDRA_MODE", "must be one of record, research")
 
-# Named groups of defaults. `record` is the 8xH100 configuration (train_gpt.py's record options, 8 blocks so
-# that the concept path fits the same bytes, T = 2048 as TECHNIQUES.md C.2); `research` keeps the auxiliary
-# losses through warmdown; `smoke` trains a small model on a laptop CPU in a few minutes.
+# Rarely tuned: the predictor and the training-only heads scale with MODEL_DIM (TECHNIQUES.md C.2 sizes at 512).
+ROPE_BASE, LOGIT_SOFTCAP, QK_GAIN_INIT, TIED_EMBED_INIT_STD = 10000.0, 30.0, 1.5, 0.005
+AUX_CUTOFF, GEO_WARMUP = 0.3, 0.1  # fractions of the budget: record mode's aux-free tail, the geometry ramp
+LAMBDA_AUX, LAMBDA_PRED, LAMBDA_GEO = 0.1, 0.1, 0.05
+AUX_CHUNKS = 256  # chunks per step that feed the reconstruction and parse heads
+
+# `record` is train_gpt.py's record options with 8 blocks (the concept path fits the same bytes) and T = 2048
+# (TECHNIQUES.md C.2); `research` keeps the auxiliary losses through warmdown; `smoke` runs on a laptop CPU.
 RECORD = {"ema_decay": 0.997, "muon_wd": 0.04, "muon_row_norm": True, "warmdown_frac": 0.75, "eval_mode": "sliding",
           "num_layers": 8, "train_seq_len": 2048}
-PRESETS = {
-    "record": RECORD,
-    "research": {**RECORD, "hydra_mode": "research"},
-    "smoke": {  # train_gpt.py's smoke preset, with a smaller predictor and heads
-        "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
-        "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
-        "compile": False, "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding", "eval_stride": 64,
-        "hydra_encoder_layers": 2, "hydra_pred_dim": 64, "hydra_head_dim": 128, "hydra_recon_layers": 1,
-    },
-}
+PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": {
+    "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
+    "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0, "compile": False,
+    "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
+    "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
+    "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50, "eval_mode": "sliding"}}
 
 CODE_PATH = os.path.abspath(__file__)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
@@ -1948,16 +1916,11 @@ def run_main(h):
 
 # ===== END SHARED BLOCK: train v1 =====
 
-# -----------------------------------------------------------------------------
-# MODEL
-# -----------------------------------------------------------------------------
-# Causal chunk-concept LM (TECHNIQUES.md C.2; docs/hydra.md). The first L_e trunk blocks encode tokens
-# causally; chunk j (C = HYDRA_CHUNK tokens) is pooled into a code Z_j that only later chunks read; a causal
-# transformer over codes predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to
-# every token of chunk k (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose
-# last BOS is at b reads Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code, and
-# the predictor obeys the same rule. Training-only heads live under `heads.`: a state without them (an
-# artifact) turns them into stubs that raise. Scoring is the causal softmax of `forward_logits` alone.
+# MODEL (TECHNIQUES.md C.2): chunk j (C tokens) of the encoder blocks is pooled into a code Z_j; a causal transformer
+# predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to every token of chunk k
+# (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose last BOS is at b reads
+# Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code; the predictor obeys the same
+# rule. Training-only heads live under `heads.`; scoring is the causal softmax of `forward_logits` alone.
 
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
 GEO_LAYOUT = (16, 2, 6, 4, 4)  # R base sentences (+ R word-order swaps), Q relations x P pairs, G x M clusters
@@ -1965,7 +1928,6 @@ GEO_ROWS = 2 * GEO_LAYOUT[0] + 2 * GEO_LAYOUT[1] * GEO_LAYOUT[2] + GEO_LAYOUT[3]
 GEO_LEN = 20  # tokens per template sentence, BOS included (the longest takes 19 with the pydoc sp1024)
 GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3, "analogy": 2.0, "direction": 1.5,
                "cluster": 1.5}
-PRIME_CYCLE = ((True, "para"), (True, "parse"), (True, None), (False, None))  # (aux_on, aux_kind) variants
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
 
 class CastedLinear(nn.Linear):
@@ -1987,18 +1949,18 @@ def apply_rotary(x, base):
 class CausalSelfAttention(nn.Module):
     """GQA with QK-RMSNorm, RoPE and a learned query gain, as train_gpt.py; causal unless told otherwise."""
 
-    def __init__(self, dim, heads, kv_heads, h, causal=True):
+    def __init__(self, dim, heads, kv_heads, causal=True):
         super().__init__()
-        self.heads, self.kv_heads, self.hd, self.causal, self.base = heads, kv_heads, dim // heads, causal, h.rope_base
+        self.heads, self.kv_heads, self.hd, self.causal = heads, kv_heads, dim // heads, causal
         self.c_q, self.c_k, self.c_v = (CastedLinear(dim, n * dim // heads) for n in (heads, kv_heads, kv_heads))
         self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((heads,), h.qk_gain_init))
+        self.q_gain = nn.Parameter(torch.full((heads,), QK_GAIN_INIT))
 
     def forward(self, x, mask=None):
         B, T, D = x.shape
         q, k, v = (lin(x).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
-        q = apply_rotary(F.rms_norm(q, (self.hd,)), self.base) * self.q_gain.to(x.dtype)[:, None, None]
-        k = apply_rotary(F.rms_norm(k, (self.hd,)), self.base)
+        q = apply_rotary(F.rms_norm(q, (self.hd,)), ROPE_BASE) * self.q_gain.to(x.dtype)[:, None, None]
+        k = apply_rotary(F.rms_norm(k, (self.hd,)), ROPE_BASE)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
                                            enable_gqa=self.kv_heads != self.heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
@@ -2012,9 +1974,9 @@ class MLP(nn.Module):
         return self.proj(torch.relu(self.fc(x)).square())
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, mlp_mult, h, causal=True):
+    def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, h, causal), MLP(dim, mlp_mult)
+        self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, causal), MLP(dim, mlp_mult)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
@@ -2044,15 +2006,14 @@ class ConceptPool(nn.Module):
         return F.rms_norm(w.to(x.dtype) @ self.value(x), (self.value.out_features,))
 
 class ChunkDecoder(nn.Module):
-    """Training-only: one chunk code (its slots as tokens) plus C position queries through bidirectional
-    blocks; `out` values per position (H1: the chunk's tokens; H3: its structural classes)."""
+    """Training-only: a code's slots as tokens plus C position queries, bidirectional; `out` values per position."""
 
     def __init__(self, h, out, layers):
         super().__init__()
-        d, self.slots, heads = h.hydra_head_dim, h.hydra_slots, max(1, h.hydra_head_dim // 64)
+        d, self.slots = 64 * max(2, h.model_dim // 128), h.hydra_slots  # 256 at d 512
         self.inp, self.out = CastedLinear(h.hydra_slot_dim, d), CastedLinear(d, out)
         self.queries = nn.Parameter(0.02 * torch.randn(h.hydra_slots + h.hydra_chunk, d))
-        self.blocks = nn.ModuleList(Block(d, heads, heads, 2.0, h, causal=False) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, d // 64, d // 64, 2.0, causal=False) for _ in range(layers))
 
     def forward(self, z):  # (N, slots, slot_dim) -> (N, chunk, out)
         x = F.pad(self.inp(z), (0, 0, 0, self.queries.size(0) - self.slots)) + self.queries.to(z.dtype)
@@ -2062,8 +2023,7 @@ class StrippedHead(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
 
-# Template sentences for the geometry losses and probes (the seed's slot filling): every filler list is split
-# into disjoint halves, train = even positions and test = odd ones, so the probes see only unseen words.
+# Template fillers (the seed's slot filling), split into disjoint halves: train = even positions, test = odd ones.
 WORDS = {
     "animal": "cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger",
     "object": "book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite",
@@ -2090,9 +2050,8 @@ def vocabulary(split):
     return {k: v.split()[split == "test"::2] for k, v in WORDS.items()}
 
 def template_batch(rng, split, layout=GEO_LAYOUT):
-    """Sentences in the order `geometry` reads: R base sentences, their R word-order swaps (two adjacent words
-    exchanged), Q relations x P (positive, negative) pairs sharing one word pair, G clusters of M sentences
-    about one animal."""
+    """R base sentences, their R word-order swaps, Q relations x P (positive, negative) pairs sharing one word
+    pair, G clusters of M sentences about one animal: the order `geometry` reads."""
     R, Q, P, G, M = layout
     voc, names = vocabulary(split), list(RELATIONS)
 
@@ -2109,14 +2068,9 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
     return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
 
-def encode_sentences(sp, sentences, length=GEO_LEN):
-    rows = [[BOS_ID] + t[:length - 1] for t in sp.encode(sentences)]
-    return (torch.tensor([r + [0] * (length - len(r)) for r in rows]), torch.tensor([len(r) for r in rows]))
-
 def geometry(f, layout=GEO_LAYOUT):
-    """The seed's six losses and the probes on sentence embeddings f in template order (L2-normalized here).
-    Analogy: a - b + c ~ d with (a, b) the pair i and (d, c) the pair i+1 of the same relation; the probe's
-    trivial baseline is max(cos(c, d), cos(a, d)). Cluster gap: mean cos within groups minus between them."""
+    """The seed's six losses and the probes on embeddings f in template order. Analogy: a - b + c ~ d with (a, b)
+    pair i and (d, c) pair i+1 of a relation; trivial baseline max(cos(c, d), cos(a, d))."""
     R, Q, P, G, M = layout
     f, eye = F.normalize(f.float(), dim=-1), lambda n: torch.eye(n, device=f.device)
     mean = lambda x, mask: (x * mask).sum() / mask.expand_as(x).sum()  # noqa: E731
@@ -2146,17 +2100,17 @@ class Hydra(nn.Module):
 
     def __init__(self, h):
         super().__init__()
-        D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, h.hydra_pred_dim
-        self.h, self.chunk, self.n_enc = h, h.hydra_chunk, min(h.hydra_encoder_layers, h.num_layers - 1)
-        self.tok_emb = nn.Embedding(V, D)
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(D, h.num_heads, h.num_kv_heads, h.mlp_mult, h) for _ in range(h.num_layers))
+        D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, 32 * max(2, h.model_dim // 128)
+        self.h, self.chunk, self.n_enc = h, h.hydra_chunk, h.num_layers // 2  # predictor width P: 128 at d 512
+        self.tok_emb = nn.Embedding(V, D)  # tied with the output head
+        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
+        self.blocks = nn.ModuleList(Block(D, h.num_heads, h.num_kv_heads, h.mlp_mult) for _ in range(h.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), D))
         self.pool, self.null_code = ConceptPool(D, h), nn.Parameter(torch.randn(S, sd))
         self.pred_in, self.pred_out = CastedLinear(S * sd, P), CastedLinear(P, S * sd)
-        self.pred_blocks = nn.ModuleList(Block(P, max(1, P // 32), max(1, P // 32), 4.0, h) for _ in range(2))
+        self.pred_blocks = nn.ModuleList(Block(P, P // 32, P // 32, 4.0) for _ in range(2))
         self.mem_prev, self.mem_hat = CastedLinear(S * sd, D, zero_init=True), CastedLinear(S * sd, D, zero_init=True)
-        self.heads = nn.ModuleDict({"recon": ChunkDecoder(h, V, h.hydra_recon_layers),
+        self.heads = nn.ModuleDict({"recon": ChunkDecoder(h, V, max(1, h.num_layers // 4)),
                                     "parse": ChunkDecoder(h, 6 + 8, 1), "bow": CastedLinear(S * sd, V)})
         for name, init in (("case_map", torch.arange(V)), ("digit_map", torch.arange(V)), ("flags", torch.zeros(V, 6)),
                            ("bucket", torch.zeros(V, dtype=torch.long)), ("geo_scale", torch.zeros(())),
@@ -2164,7 +2118,8 @@ class Hydra(nn.Module):
                            ("geo_len", torch.ones(GEO_ROWS, dtype=torch.long)), ("stats", torch.zeros(len(STAT_KEYS)))):
             self.register_buffer(name, init, persistent=False)  # training state: never in the artifact
         self.prepared = self.priming = self.aux_on = self.heads_stripped = False
-        self.aux_kind, self.steps, self.unk_id, self.aux_counts = None, 0, 0, {"para": 0, "parse": 0}
+        self.aux_kind, self.steps, self.unk_id, self.last_frac = None, 0, 0, 0.0
+        self.aux_counts = {"para": 0, "parse": 0}
         self.rng = random.Random(h.seed)  # the same draws on every rank
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -2215,7 +2170,7 @@ class Hydra(nn.Module):
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
         logits = F.linear(F.rms_norm(x, (x.size(-1),)), self.tok_emb.weight.to(x.dtype)).float()
-        return self.h.logit_softcap * torch.tanh(logits / self.h.logit_softcap), z, zhat
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP), z, zhat
 
     def forward_logits(self, input_ids, code_noise=None):
         return self.trunk(input_ids, code_noise)[0]
@@ -2241,13 +2196,13 @@ class Hydra(nn.Module):
         return F.normalize(self.pool(self.encode(ids)[0], valid).flatten(1).float(), dim=-1)
 
     def aux_loss(self, ids, z, zhat):
-        h, st, C, V = self.h, {}, self.chunk, self.h.vocab_size
+        st, C, V = {}, self.chunk, self.h.vocab_size
         zf, hf = z.flatten(2).float(), zhat.flatten(2).float()
         floor = lambda v: torch.relu(1 - (v.flatten(0, 1).var(0, correction=0) + 1e-4).sqrt()).mean()  # noqa: E731
         st["pred"] = (1 - F.cosine_similarity(hf, zf.detach(), dim=-1)).mean() + floor(zf) + floor(hf)  # VICReg floor
-        total = h.hydra_lambda_pred * st["pred"]
+        total = LAMBDA_PRED * st["pred"]
         if self.aux_kind:
-            n = min(zf.size(0) * zf.size(1), h.hydra_aux_chunks)
+            n = min(zf.size(0) * zf.size(1), AUX_CHUNKS)
             tgt = F.pad(ids, (0, z.size(1) * C - ids.size(1)), value=-100).view(-1, C)[:n]
             valid, t = tgt >= 0, tgt.clamp(min=0)
             logits = self.heads["recon"](z.flatten(0, 1)[:n]).float()
@@ -2273,8 +2228,8 @@ class Hydra(nn.Module):
                     out[..., 6:].flatten(0, 1), self.bucket[t].masked_fill(~valid, -100).flatten(), ignore_index=-100)
             geo = geometry(self.embed_sentences(self.geo_ids, self.geo_len))[0]
             st["geo"] = sum(GEO_WEIGHTS[k] * v for k, v in geo.items())
-            total = total + h.hydra_lambda_aux * (st["recon"] + second)
-            total = total + h.hydra_lambda_geo * self.geo_scale * st["geo"]
+            total = total + LAMBDA_AUX * (st["recon"] + second)
+            total = total + LAMBDA_GEO * self.geo_scale * st["geo"]
         with torch.no_grad():
             for key, value in st.items():
                 self.stats[STAT_KEYS.index(key)] = value.detach().float()
@@ -2289,31 +2244,24 @@ class Hydra(nn.Module):
             self.geo_len.copy_(self.geo_pool[1][i])
 
     def set_training_progress(self, frac):
-        """Geometry scale 0 -> 1 over the first HYDRA_GEO_WARMUP of the budget; the predictor loss every step;
-        reconstruction + one of {bag of words + InfoNCE, parse} (50/50) + geometry every HYDRA_AUX_EVERY steps;
-        all of them off for the last HYDRA_AUX_CUTOFF in record mode."""
+        """The predictor loss every step; reconstruction + one of {bag of words + InfoNCE, parse} (50/50) +
+        geometry (ramped in over GEO_WARMUP) every HYDRA_AUX_EVERY steps; none in record mode's last AUX_CUTOFF."""
         h = self.h
-        if self.priming:
+        if self.priming and frac < self.last_frac:  # warmup sent 0.0 then 1.0; the timed run starts again low
             self.priming, self.steps, self.aux_counts = False, 0, {"para": 0, "parse": 0}
-        self.aux_on = self.prepared and h.hydra_aux and (h.hydra_mode == "research" or frac < 1 - h.hydra_aux_cutoff)
-        self.geo_scale.fill_(min(1.0, frac / h.hydra_geo_warmup) if h.hydra_geo_warmup > 0 else 1.0)
-        on_step = self.aux_on and self.steps % h.hydra_aux_every == 0
+        self.last_frac = frac
+        self.aux_on = self.prepared and h.hydra_aux and (h.hydra_mode == "research" or frac < 1 - AUX_CUTOFF)
+        self.geo_scale.fill_(min(1.0, frac / GEO_WARMUP))
+        # warmup cycles para, parse, CE-only (and aux off at 1.0) so torch.compile builds each graph off the clock
+        kind = None
+        if self.aux_on and (self.priming or self.steps % h.hydra_aux_every == 0):
+            kind = ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))
         self.steps += 1
-        self.set_kind(self.rng.choice(("para", "parse")) if on_step else None)
-
-    def zero_grad(self, set_to_none=True):
-        """The shared loop calls this once per step. During warmup (before the first progress call) it cycles
-        the four variants of `forward`, so torch.compile builds their graphs outside the clock."""
-        super().zero_grad(set_to_none=set_to_none)
-        if self.priming:
-            self.steps += 1
-            self.aux_on, kind = PRIME_CYCLE[self.steps % len(PRIME_CYCLE)]
-            self.set_kind(kind)
+        self.set_kind(kind)
 
     def prepare_training(self, h, rt, logger):
-        """Inside the clock: structural classes and augmentation maps from the tokenizer's pieces, unigram
-        log-rank buckets from the first 50M train tokens, template batches (train words for the losses, test
-        words for the probes), and the tail of the last train shard for the rank probe."""
+        """Inside the clock: structural classes and augmentation maps from the tokenizer, unigram log-rank buckets
+        from 50M train tokens, template batches (train words: losses, test words: probes), held-out chunks."""
         sp, dev, V = load_tokenizer(h.tokenizer_path, h.vocab_size), self.tok_emb.weight.device, h.vocab_size
         pieces = [sp.id_to_piece(i) for i in range(V)]
         index, flags, case_map = {p: i for i, p in enumerate(pieces)}, [], []
@@ -2339,12 +2287,11 @@ class Hydra(nn.Module):
         tail = load_data_shard(files[-1])[-512 * self.chunk:].to(torch.int64)
         self.heldout = tail[:tail.numel() // self.chunk * self.chunk].view(-1, self.chunk).to(dev)
         rng = random.Random(h.seed)
-        for name, split, count in (("geo_pool", "train", 128), ("probe_set", "test", 8)):
-            batches = [encode_sentences(sp, template_batch(rng, split)) for _ in range(count)]
-            setattr(self, name, tuple(torch.stack(parts).to(dev) for parts in zip(*batches)))
-        self.unk_id, self.prepared, self.priming = sp.unk_id(), True, h.hydra_aux and h.warmup_steps > 0
-        self.aux_on, kind = PRIME_CYCLE[0] if self.priming else (False, None)
-        self.set_kind(kind)
+        for name, split, count in (("geo_pool", "train", 128), ("probe_set", "test", 8)):  # BOS + up to 19 tokens
+            rows = [[[BOS_ID] + t[:GEO_LEN - 1] for t in sp.encode(template_batch(rng, split))] for _ in range(count)]
+            setattr(self, name, (torch.tensor([[r + [0] * (GEO_LEN - len(r)) for r in b] for b in rows]).to(dev),
+                                 torch.tensor([[len(r) for r in b] for b in rows]).to(dev)))
+        self.unk_id, self.prepared, self.priming = sp.unk_id(), True, h.warmup_steps > 0
         n_heads = sum(p.numel() for p in self.heads.parameters())
         logger.log0(f"hydra: shipped_params:{sum(p.numel() for p in self.parameters()) - n_heads} "
                     f"training_only_params:{n_heads} encoder_layers:{self.n_enc} chunk:{self.chunk} aux:{h.hydra_aux} "
@@ -2352,8 +2299,7 @@ class Hydra(nn.Module):
 
     @torch.no_grad()
     def validation_probes(self):
-        """Geometry probes on test-vocabulary templates, effective rank of held-out chunk codes, the last
-        auxiliary losses (reconstruction accuracy, exact match and its EMA 0.99) and the head counts."""
+        """Geometry probes on test-vocabulary templates, effective rank of held-out codes, the last aux losses."""
         if not self.prepared:
             return {}
         was_training, (ids, lengths) = self.training, self.probe_set
@@ -2369,20 +2315,13 @@ class Hydra(nn.Module):
         return out
 
 def build_model(h):
-    sizes = ("hydra_chunk", "hydra_slots", "hydra_slot_dim", "hydra_aux_every", "hydra_aux_chunks")
-    bad = [n for n in sizes if getattr(h, n) <= 0]
-    bad += [n for n in ("hydra_pred_dim", "hydra_head_dim") if getattr(h, n) % 2 or getattr(h, n) <= 0]
-    bad += [n for n, ok in (("num_layers", h.num_layers >= 2), ("tie_embeddings", h.tie_embeddings),
-                            ("hydra_mode", h.hydra_mode in ("record", "research"))) if not ok]
-    if bad:
-        raise ValueError(f"{bad[0].upper()}={getattr(h, bad[0])!r}: the hydra needs positive sizes (even widths), "
-                         "at least 2 layers, tied embeddings, HYDRA_MODE record or research")
+    if not h.tie_embeddings:  # checked here, not in validate_model: the shared env tests parse TIE_EMBEDDINGS=0
+        raise ValueError("TIE_EMBEDDINGS=False: the hydra's output head is its token embedding")
     return Hydra(h)
 
 def param_groups(model, h):
-    """Muon for the CastedLinear matrices of the shipped model (trunk, pooling, predictor, memory); Adam for the
-    tied embedding, for vectors, queries and the null code, and (at HEAD_LR) for the training-only heads, which
-    see a gradient only every HYDRA_AUX_EVERY steps and need no orthogonalized update."""
+    """Muon for the shipped model's CastedLinear matrices; Adam for the tied embedding, vectors, queries and the
+    null code, and (at HEAD_LR) the training-only heads, which see a gradient only every HYDRA_AUX_EVERY steps."""
     heads = list(model.heads.parameters())
     matrices = [m.weight for n, m in model.named_modules()
                 if isinstance(m, CastedLinear) and not n.startswith(model.training_only_prefixes)]
@@ -2392,17 +2331,11 @@ def param_groups(model, h):
              "base_lr": h.scalar_lr}]
     return matrices, adam + ([{"params": heads, "lr": h.head_lr, "base_lr": h.head_lr}] if heads else [])
 
-# -----------------------------------------------------------------------------
-# TRAINING
-# -----------------------------------------------------------------------------
-# The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
-
-def main():
-    return run_main(Hyperparameters.from_env())
+# TRAINING: the loop, serialization, audits and final eval are the shared train block.
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(run_main(Hyperparameters.from_env()))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

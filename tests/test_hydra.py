@@ -16,7 +16,7 @@ N = hydra.GEO_ROWS
 
 
 def tiny(**overrides):
-    env = {**TINY_ENV, "HYDRA_HEAD_DIM": "32", "HYDRA_PRED_DIM": "32", "HYDRA_SLOTS": "8", "HYDRA_CHUNK": "32",
+    env = {**TINY_ENV, "HYDRA_SLOTS": "8", "HYDRA_CHUNK": "32",
            **{k.upper(): str(v) for k, v in overrides.items()}}
     return hydra.Hyperparameters.from_env(env)
 
@@ -229,7 +229,7 @@ def test_schedule_record_cuts_aux_in_warmdown_and_research_keeps_it(prepared):
         model.set_training_progress(step / 100)
         kinds.append(model.aux_kind)
     assert [k is not None for k in kinds] == [s % h.hydra_aux_every == 0 for s in range(10)]
-    assert float(model.geo_scale) == pytest.approx(0.09 / h.hydra_geo_warmup)
+    assert float(model.geo_scale) == pytest.approx(0.09 / hydra.GEO_WARMUP)
     model.set_training_progress(0.8)
     assert not model.aux_on and model.aux_kind is None
     model.h = dataclass_replace(h, hydra_mode="research")
@@ -279,14 +279,13 @@ def test_param_groups_cover_every_parameter_once_and_keep_heads_off_muon():
 
 
 def test_warmup_priming_cycles_every_forward_variant_then_resets(prepared):
+    """The shared warmup calls the progress hook with 0.0 for its first half and 1.0 for the second."""
     h, model = prepared
-    model.priming, model.steps = True, 0
-    model.aux_on, kind = hydra.PRIME_CYCLE[0]
-    model.set_kind(kind)
-    seen = [(model.aux_on, model.aux_kind)]
-    for _ in range(len(hydra.PRIME_CYCLE) - 1):
-        model.zero_grad()
-        seen.append((model.aux_on, model.aux_kind))
-    assert seen == list(hydra.PRIME_CYCLE)
+    model.priming, model.steps, model.last_frac = True, 0, 0.0
+    seen = set()
+    for frac in (0.0, 0.0, 0.0, 1.0):
+        model.set_training_progress(frac)
+        seen.add((model.aux_on, model.aux_kind))
+    assert seen == {(True, "para"), (True, "parse"), (True, None), (False, None)}
     model.set_training_progress(0.0)
     assert not model.priming and model.steps == 1 and sum(model.aux_counts.values()) == 1

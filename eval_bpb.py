@@ -9,7 +9,7 @@ Our artifact names its script and the script's sha256: the script is taken from 
 artifact, its parent folder, or the current folder, must hash to that sha256, and is then imported from its
 path so that its own loader, model and eval functions score the bytes (the training run did the same, so the
 figures agree to the printed digits). Our format holds no pickle; the official .ptz is read with
-torch.load(weights_only=True) only, through train_gpt.py's `load_official_int8`, and evaluated with the
+torch.load(weights_only=True) only, through this tool's `load_official_int8`, and evaluated with the
 `baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or TRAIN_SEQ_LEN override).
 Eval settings come from the artifact's hyperparameters; env vars EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*,
 AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them. The causality audit (at TRAIN_SEQ_LEN and
@@ -25,6 +25,7 @@ import os
 import struct
 import sys
 import warnings
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARTIFACT_MAGIC = b"PGOLFART"
@@ -43,6 +44,41 @@ def sha256_of(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_official_int8(path, max_bytes=1 << 31):
+    """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
+    torch.load runs with weights_only=True, so a pickle carrying code is refused, never executed."""
+    import io
+    import pickle
+
+    import torch
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        raw = zlib.decompressobj().decompress(blob, max_bytes + 1)
+    except zlib.error as exc:
+        raise ValueError(f"{path}: not a zlib-compressed official int8 artifact ({exc})") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: not an official int8 artifact (inflates beyond {max_bytes} bytes)")
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's own text suggests weights_only=False: wrong for untrusted files
+        raise ValueError(f"{path}: refused: the pickle holds objects other than tensors ({type(exc).__name__})") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: unreadable torch payload ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != "int8_clean_per_row_v1":
+        raise ValueError(f"{path}: not in the int8_clean_per_row_v1 format")
+    state, dtypes = {}, obj.get("dtypes", {})
+    for name, q in obj.get("quantized", {}).items():
+        s = obj["scales"][name]
+        w = q.float() * (s.float().view(q.shape[0], *([1] * (q.ndim - 1))) if s.ndim > 0 else float(s))
+        state[name] = w.to(getattr(torch, str(dtypes.get(name, "float32")).removeprefix("torch.")))
+    orig = obj.get("passthrough_orig_dtypes", {})
+    for name, t in obj.get("passthrough", {}).items():
+        state[name] = t.to(getattr(torch, str(orig[name]).removeprefix("torch."))) if name in orig else t
+    return state
 
 
 def peek_header(path):
@@ -173,7 +209,7 @@ def load(args, env):
         mod = import_script(script)
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: keep one line
             warnings.simplefilter("ignore")
-            state = mod.load_official_int8(args.artifact)
+            state = load_official_int8(args.artifact)
         arch = infer_baseline(state)
         h = replace_h(mod, mod.Hyperparameters.from_env({"PRESET": "baseline"}), arch)
         h = replace_h(mod, h, env_overrides(mod, h, env, lambda f: not is_eval_field(f)))

@@ -147,18 +147,15 @@ class Hyperparameters:
     def parse_env_value(name, raw, kind):
         text = str(raw).strip()
         try:
-            if kind is bool:
-                if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-                    return text.lower() in ("1", "true", "yes", "on")
-                raise ValueError
+            if kind is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                return text.lower() in ("1", "true", "yes", "on")
             if kind is int:
-                try:
-                    return int(text.replace("_", ""))
-                except ValueError:
-                    number = float(text)  # accepts 5e5, rejects 0.5 below
-                    if not number.is_integer():
-                        raise
+                digits = text.replace("_", "")
+                number = int(digits) if digits.lstrip("+-").isdigit() else float(text)  # accepts 5e5, not 0.5
+                if isinstance(number, int) or number.is_integer():
                     return int(number)
+            if kind in (bool, int):
+                raise ValueError
             return float(text) if kind is float else text
         except ValueError:
             expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
@@ -264,13 +261,8 @@ class Runtime:
 
 def setup_runtime(env=None):
     env = os.environ if env is None else env
-    ints = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        raw = env.get(name, str(default))
-        try:
-            ints[name] = int(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    ints = {name: Hyperparameters.parse_env_value(name, env.get(name, default), int)
+            for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
     world_size = ints["WORLD_SIZE"]
     if world_size < 1 or 8 % world_size:
         raise ValueError(f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 processes)")
@@ -279,8 +271,7 @@ def setup_runtime(env=None):
     if use_cuda:
         device = torch.device("cuda", ints["LOCAL_RANK"])
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
         torch.set_flush_denormal(True)  # denormal weights (EMA tails) slow CPU matmuls several-fold
@@ -290,10 +281,8 @@ def setup_runtime(env=None):
                    distributed=distributed, grad_accum_steps=8 // world_size)
 
 def seed_everything(seed):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
     np.random.seed(seed % (2**32))
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 def dist_sum(t):
     if dist.is_available() and dist.is_initialized():
@@ -319,14 +308,11 @@ def write_json_atomic(path, obj):
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
-
     def __init__(self, log_dir, run_id, enabled):
-        self.enabled = enabled
-        self.text_path = os.path.join(log_dir, f"{run_id}.txt")
-        self.events_path = os.path.join(log_dir, f"{run_id}.jsonl")
-        self.status_path = os.path.join(log_dir, f"{run_id}.status.json")
+        self.enabled, self._status_written = enabled, 0.0
+        self.text_path, self.events_path, self.status_path = (
+            os.path.join(log_dir, f"{run_id}{ext}") for ext in (".txt", ".jsonl", ".status.json"))
         self.status = {"run_id": run_id, "budget_bytes": 16_000_000, "history": {}}
-        self._status_written = 0.0
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
@@ -354,7 +340,7 @@ class RunLogger:
         for key, value in (history or {}).items():
             series = self.status["history"].setdefault(key, [])
             series.append(value)
-            if len(series) > 1000:
+            if len(series) > 1000:  # thin out, keeping the whole run's shape
                 del series[::2]
         now = time.time()
         if force or now - self._status_written >= 10.0:
@@ -391,8 +377,6 @@ def load_data_shard(path):
 
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, not {split!r}")
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
@@ -401,7 +385,6 @@ def shard_files(data_path, split):
 
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
-
     def __init__(self, files, start=0):
         self.files, self.start = list(files), start
         self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
@@ -427,11 +410,8 @@ class TokenStream:
         self.file_idx, self.pos = state
 
 class DistributedTokenLoader:
-    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
-    the r-th span, shifted by one for targets. Over one optimizer step every world size sees the same
-    tokens, which is what makes 1, 2, 4 and 8 processes run the same maths. With `shard=k` (the shard
-    mixer) the span comes from shard k's own stream instead of the sequential one."""
-
+    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens, rank r the r-th span:
+    every world size sees the same tokens per step (the same maths on 1-8 processes). `shard=k`: shard k's stream."""
     def __init__(self, data_path, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files = shard_files(data_path, "train")
@@ -463,15 +443,13 @@ class DistributedTokenLoader:
             self.shard_streams[k].restore(st)
 
 def val_token_count(data_path):
-    """Number of val tokens from the file sizes alone, so a too-short split fails before training
-    without opening a val file."""
+    """Val tokens from the file sizes alone, so a too-short split fails before training without reading it."""
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")]).to(torch.int64)
-    if max_tokens > 0:
-        tokens = tokens[:max_tokens + 1]
+    tokens = tokens[:max_tokens + 1] if max_tokens > 0 else tokens
     if tokens.numel() < seq_len + 1:
         raise ValueError(f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
                          f"shorter than one sequence of {seq_len} + 1")
@@ -486,7 +464,6 @@ def load_validation_tokens(data_path, seq_len, max_tokens=0):
 
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path!r}: no such file")
     sp = spm.SentencePieceProcessor()
@@ -523,57 +500,42 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             has_leading_space[i] = True
             piece = piece[1:]
         base_bytes[i] = len(piece.encode("utf-8"))
-    return (torch.tensor(base_bytes, dtype=torch.int16, device=device),
-            torch.tensor(has_leading_space, dtype=torch.bool, device=device),
-            torch.tensor(is_boundary_token, dtype=torch.bool, device=device))
+    return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary_token))
 
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
     base_bytes, has_leading_space, is_boundary_token = luts
-    nbytes = base_bytes[target_ids].to(torch.int64)
-    return nbytes + (has_leading_space[target_ids] & ~is_boundary_token[prev_ids]).to(torch.int64)
+    leading_space = has_leading_space[target_ids] & ~is_boundary_token[prev_ids]
+    return base_bytes[target_ids].to(torch.int64) + leading_space.to(torch.int64)
 
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
     tokens = tokens.detach().cpu().to(torch.int64)
-    starts = (tokens == bos_id).nonzero().flatten().tolist()
-    start = starts[0] if starts else 0
-    end = min(tokens.numel(), start + sample_tokens)
-    sample = tokens[start:end]
-    cpu_luts = tuple(t.cpu() for t in luts)
+    start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
+    sample, cpu_luts = tokens[start:min(tokens.numel(), start + sample_tokens)], tuple(t.cpu() for t in luts)
     lut_total = int(target_bytes(sample[:-1], sample[1:], cpu_luts).sum())
     doc_bounds = (sample == bos_id).nonzero().flatten().tolist() + [sample.numel()]
-    decoded_total = 0
-    for a, b in zip(doc_bounds[:-1], doc_bounds[1:]):
-        decoded_total += len(sp.decode(sample[a + 1:b].tolist()).encode("utf-8"))
+    decoded_total = sum(len(sp.decode(sample[a + 1:b].tolist()).encode("utf-8"))
+                        for a, b in zip(doc_bounds[:-1], doc_bounds[1:]))
     if not doc_bounds[:-1] or doc_bounds[0] != 0:
         decoded_total += len(sp.decode(sample[1:doc_bounds[0]].tolist()).encode("utf-8"))
     result = {"passed": lut_total == decoded_total, "tokens": int(sample.numel()),
               "lut_bytes": lut_total, "decoded_bytes": decoded_total}
-    if not result["passed"]:
-        result["first_mismatch_ids"] = _first_byte_mismatch(sp, sample, cpu_luts)
+    if not result["passed"]:  # the token ids whose table bytes disagree with their own decoded bytes
+        bad = []
+        for prev, cur in zip(sample[:-1].tolist(), sample[1:].tolist()):
+            want = len(sp.decode([prev, cur]).encode("utf-8")) - len(sp.decode([prev]).encode("utf-8"))
+            if want != int(target_bytes(torch.tensor([prev]), torch.tensor([cur]), cpu_luts)) and cur not in bad:
+                bad.append(cur)
+        result["first_mismatch_ids"] = bad[:8]
     return result
-
-def _first_byte_mismatch(sp, sample, luts):
-    """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
-    bad = []
-    for i in range(1, sample.numel()):
-        prev, cur = int(sample[i - 1]), int(sample[i])
-        want = len(sp.decode([prev, cur]).encode("utf-8")) - len(sp.decode([prev]).encode("utf-8"))
-        got = int(target_bytes(sample[i - 1:i], sample[i:i + 1], luts))
-        if want != got and cur not in bad:
-            bad.append(cur)
-            if len(bad) >= 8:
-                break
-    return bad
 
 # ===== END SHARED BLOCK: bpb v1 =====
 
 # ===== BEGIN SHARED BLOCK: optim v1 =====
-# Muon (modded-nanogpt; Keller Jordan): momentum, Nesterov, then orthogonalize the update with a quintic
-# Newton-Schulz iteration. Decoupled weight decay (PR #65 lineage) and MuonEq-R row normalization of the
-# update before orthogonalization (PR #1260) are options. Parameters are split round-robin over ranks and
-# the updates all-reduced, so each rank orthogonalizes only its share. EMA of weights (PR #287).
+# Muon (modded-nanogpt; Keller Jordan): Nesterov momentum, then a quintic Newton-Schulz orthogonalization. Options:
+# decoupled weight decay (PR #65 lineage), MuonEq-R row normalization (PR #1260). Parameters are split round-robin
+# over ranks and the updates all-reduced. EMA of weights (PR #287).
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -599,15 +561,13 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
             params = group["params"]
             if not params:
                 continue
-            total = sum(p.numel() for p in params)
-            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
-            updates = torch.zeros(total, device=params[0].device, dtype=flat_dtype)
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                                  dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
@@ -642,9 +602,7 @@ def lr_multiplier(h, step, elapsed_ms):
         start = max(h.iterations - h.warmdown_iters, 0)
         x = 1.0 if step < start else max(h.iterations - step, 0) / max(h.warmdown_iters, 1)
     else:
-        step_ms = elapsed_ms / max(step, 1)
-        warmdown_ms = h.warmdown_iters * step_ms
-        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+        warmdown_ms, remaining_ms = h.warmdown_iters * elapsed_ms / max(step, 1), max(cap_ms - elapsed_ms, 0.0)
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
 
@@ -655,17 +613,14 @@ def muon_momentum_at(h, step):
 class EMA:
     """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
     d_t = min(d, (1 + t) / (10 + t)) so that a short run is not dominated by its random initialization."""
-
     def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        state = model.state_dict()
+        self.decay, self.updates, state = decay, 0, model.state_dict()
+        self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
 
     @torch.no_grad()
     def update(self, model):
-        state = model.state_dict()
-        self.updates += 1
+        state, self.updates = model.state_dict(), self.updates + 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
 
@@ -678,12 +633,10 @@ class EMA:
 # ===== END SHARED BLOCK: optim v1 =====
 
 # ===== BEGIN SHARED BLOCK: quant v1 =====
-# Quantization and the artifact container. Large 2-D tensors are stored as per-row symmetric int-k (k = 4..8)
-# with fp16 scales (Triton kernels on GPU, the same maths in torch as reference and CPU path), small tensors as
-# fp16 (control tensors fp32). Clips: CLIP_METHOD; GPTQ where a calibration Hessian is given; late QAT through
-# a straight-through fake quant; BIT_ALLOC fits per-tensor widths to the byte budget. The container is ours:
-# magic, version, a JSON header (script and its sha256, hyperparameters, tokenizer, every tensor's scheme), one
-# compressed payload of raw little-endian arrays. No pickle; the official int8 format is read weights_only.
+# Quantization and the artifact. Large matrices: per-row symmetric int-k (k = 4..8), fp16 scales (Triton on GPU,
+# the same maths in torch on CPU); small tensors fp16, control tensors fp32. CLIP_METHOD clips, GPTQ given Hessians,
+# late QAT (straight-through fake quant), BIT_ALLOC widths for the budget. Container: magic, version, a JSON header
+# (script sha256, hparams, tokenizer, tensor schemes), one compressed payload of raw arrays; no pickle.
 
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
@@ -695,24 +648,15 @@ ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no recor
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
 
-def _zstd_compress(data, level):
-    if zstandard is None:
-        raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
-    return zstandard.ZstdCompressor(level=level).compress(data)
-
-def _zstd_decompress(data, limit):
-    if zstandard is None:
-        raise RuntimeError("artifact is zstd-compressed but the zstandard package is not installed")
-    return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
     if len(out) > limit:
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-COMPRESSORS = {
-    "zstd": (_zstd_compress, _zstd_decompress),
+COMPRESSORS = {  # name: (compress(data, level), decompress(data, limit)); zstd needs the zstandard package
+    "zstd": (lambda d, level: zstandard.ZstdCompressor(level=level).compress(d),
+             lambda d, limit: zstandard.ZstdDecompressor().decompress(d, max_output_size=limit)),
     "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
              lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
     "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
@@ -721,12 +665,13 @@ COMPRESSORS = {
 def compress_payload(raw, compressor, zstd_level=22):
     """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
     from concurrent.futures import ThreadPoolExecutor
+    if compressor == "zstd" and zstandard is None:
+        raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
     names = [compressor] if compressor != "auto" else [n for n in COMPRESSORS if n != "zstd" or zstandard]
     with ThreadPoolExecutor(len(names)) as pool:
         blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
     return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
-# --- per-row int-k: the torch maths is the reference and the CPU path; Triton kernels run it on GPU --------
 def _row_scales(clip, qmax):
     """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
     scale = (clip / qmax).to(torch.float16)
@@ -737,14 +682,12 @@ def _round_clamp(w, c, s, qmax):
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
 
 def _triton_kernels():
-    """(triton, quantize kernel, dequantize kernel), built on first use and not at import: @triton.jit reads
-    the source file, which an exec'd or minified script lacks. None where Triton is missing or fails."""
+    """(triton, quant, dequant), built on first use: @triton.jit reads the source file, which exec'd code lacks."""
     global _TRITON
     if _TRITON is None:
         try:
             import triton
             import triton.language as tl
-
             @triton.jit
             def quant(w_ptr, clip_ptr, scale_ptr, q_ptr, n_cols, qmax, BLOCK: tl.constexpr):
                 row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -755,22 +698,19 @@ def _triton_kernels():
                 x = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, as torch.round (|x| < 2^22)
                 q = tl.minimum(tl.maximum(x, -qmax), qmax)
                 tl.store(q_ptr + row * n_cols + cols, q.to(tl.int8), mask=cols < n_cols)
-
             @triton.jit
             def dequant(q_ptr, scale_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
                 row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
                 q = tl.load(q_ptr + row * n_cols + cols, mask=cols < n_cols, other=0).to(tl.float32)
                 s = tl.load(scale_ptr + row).to(tl.float32)
                 tl.store(out_ptr + row * n_cols + cols, q * s, mask=cols < n_cols)
-
             _TRITON = (triton, quant, dequant)
         except Exception:
             _TRITON = False
     return _TRITON or None
 
 def quantize_rows(w, bits, clip, use_triton=None):
-    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns (q int8,
-    s fp16). use_triton: None = the kernel for CUDA tensors when Triton is present, the torch maths otherwise."""
+    """(q int8, s fp16) by `_round_clamp`; use_triton None: the kernel for CUDA tensors when Triton is present."""
     qmax = 2 ** (bits - 1) - 1
     w, clip = w.float().contiguous(), clip.float().clamp_min(0).contiguous()
     scale = _row_scales(clip, qmax)
@@ -790,7 +730,6 @@ def dequantize_rows(q, scale, use_triton=None):
                                                                   BLOCK=TRITON_BLOCK)
     return out
 
-# --- clip selection ----------------------------------------------------------------------------------------
 def tensor_role(name):
     return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
@@ -798,8 +737,7 @@ def sdclip_k(name, h):
     return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
 
 def row_clip(w, bits, h, name=""):
-    """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row costs
-    (PR #1394); search: per row, the quantile of |w| whose int-k roundtrip has the least squared error."""
+    """Per-row clip. sdclip: c = k * std(row) (PR #1394); search: the quantile with the least roundtrip error."""
     if h.clip_method == "sdclip":
         return sdclip_k(name, h) * w.std(dim=1, correction=0)
     if h.clip_method == "percentile":  # the baseline's INT8_CLIP_PERCENTILE
@@ -808,21 +746,17 @@ def row_clip(w, bits, h, name=""):
     errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
     return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
-# --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------------------
 def _block_linears(model):
     return [(f"{n}.weight", m) for n, m in model.named_modules()
             if n.startswith("blocks.") and isinstance(m, nn.Linear)]
 
 @torch.no_grad()
 def collect_hessians(model, batches):
-    """{param name: H = X^T X / tokens} for every nn.Linear under `blocks.`, from forward hooks while the model
-    reads `batches` (input id tensors); summed over ranks. Pass the bare model, not a compiled or DDP wrapper."""
+    """{name: X^T X / tokens} of every nn.Linear under `blocks.`, summed over ranks; pass the bare model."""
     sums, count, device = {}, torch.zeros((), dtype=torch.float64), next(model.parameters()).device
-
     def hook(module, inputs, output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         sums[module] = x.T @ x + sums.get(module, 0.0)
-
     linears = _block_linears(model)
     hooks = [m.register_forward_hook(hook) for _, m in linears]
     try:
@@ -838,8 +772,7 @@ def collect_hessians(model, batches):
 
 @torch.no_grad()
 def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
-    """Sample from the model itself, from a random first token (self-generated calibration: legal and about
-    as good as training data, PR #1019). No KV cache: the cost grows with seq_len squared."""
+    """Self-generated calibration (legal, about as good as training data, PR #1019); no KV cache."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (n_seqs, 1), generator=g, device=device)
@@ -850,9 +783,8 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
     return tokens
 
 def gptq_calibrate(model, h, next_batch=None):
-    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()` returns
-    (inputs, targets), as DistributedTokenLoader.next_batch) or the model's own samples (GPTQ_CALIB_SOURCE=self).
-    It counts against the 600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
+    """Hessians from GPTQ_CALIB_SEQS sequences over the ranks (next_batch() or self-samples); it counts against
+    the 600 s training clock (RULES.md 3), so it runs inside GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, seqs = max(1, h.gptq_calib_seqs // world), []
     if h.gptq_calib_source == "self":
@@ -862,9 +794,8 @@ def gptq_calibrate(model, h, next_batch=None):
     return collect_hessians(model, seqs)
 
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
-    """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto the columns not
-    yet quantized through the upper Cholesky factor of the damped inverse Hessian (in-block per column, onto later
-    blocks by one matmul). Row scales are fixed from `clip`."""
+    """Columns by decreasing Hessian diagonal; each rounding error / pivot goes onto the later columns through
+    the upper Cholesky factor of the damped inverse Hessian. Row scales are fixed from `clip`."""
     W, H, c, qmax = w.float().clone(), H.float().clone(), clip.float().clamp_min(0), 2 ** (bits - 1) - 1
     scale = _row_scales(c, qmax)
     s = scale.float()
@@ -885,10 +816,8 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
     return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
 
-# --- late QAT: a straight-through fake quant in the forward of every quantized block matrix ------------------
 def _qat_linear_forward(self, x):
-    """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip); the forward
-    sees it when qat_on is 1 and the gradient passes straight through to the fp32 weight."""
+    """Late QAT: per-row int-k roundtrip (clip max |w| or k * std) when qat_on is 1, straight-through gradient."""
     w, wd = self.weight, self.weight.detach().float()
     c = (self.qat_k * wd.std(dim=1, correction=0) if self.qat_k > 0 else wd.abs().amax(dim=1))[:, None]
     s = _row_scales(c, self.qat_qmax).float()
@@ -908,7 +837,7 @@ def enable_qat(model, h):
     return len(mods)
 
 def set_qat(model, on):
-    """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
+    """A buffer write, no recompile. Returns `on`."""
     for m in model.modules():
         if hasattr(m, "qat_on"):
             m.qat_on.fill_(float(on))
@@ -918,7 +847,6 @@ def qat_step_hook(model, h, progress):
     """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
     return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
 
-# --- bit allocation ------------------------------------------------------------------------------------------
 def tensor_plan(name, t, h, bits=None):
     """raw (non-float), int-k (large matrices: bits[name], EMBED_BITS, QUANT_BITS), fp32 (control) or fp16."""
     if not t.is_floating_point():
@@ -928,9 +856,8 @@ def tensor_plan(name, t, h, bits=None):
     return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
 
 def width_table(state, h, hessians=None, cache=None):
-    """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the embedding) to 8. Bytes:
-    order-0 entropy of the int-k values + 2 per fp16 scale (zstd-22 lands within ~1%, lzma ~3-7%). Error: squared
-    roundtrip error; tr(E H E^T) / mean diag(H) where a Hessian is known, to keep sum-of-squares units."""
+    """{name: {bits: (bytes, error)}}: bytes = order-0 entropy + 2 per scale (zstd-22 within ~1%, lzma ~3-7%);
+    error = squared roundtrip error, or tr(E H E^T) / mean diag(H) where a Hessian is known."""
     table = {}
     for name in sorted(state):
         t = state[name].detach().float()
@@ -956,8 +883,7 @@ def _fixed_bytes(state, h, code_bytes):
         if not tensor_plan(n, t, h).startswith("int"))
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
-    """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the tensor whose
-    step adds the least error per byte saved. ratio: compressed per estimated byte. [{name, bits, bytes, est_error}]"""
+    """Greedy widths for SIZE_BUDGET - SIZE_MARGIN: lower the tensor with the least added error per byte saved."""
     table = width_table(state, h, hessians) if table is None else table
     budget = h.size_budget - h.size_margin - _fixed_bytes(state, h, code_bytes)
     bits = {n: max(row) for n, row in table.items()}
@@ -974,12 +900,8 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
             for n, b in sorted(bits.items())]
 
-def _to_bytes(t):
-    return t.detach().cpu().contiguous().numpy().tobytes()
-
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
-    """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per tensor; tensors
-    with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
+    """(header entries, raw payload); `bits` overrides widths, Hessians mean GPTQ, `cache` persists across calls."""
     entries, chunks, offset, cache = [], [], 0, {} if cache is None else cache
     for name in sorted(state):
         t = state[name].detach()
@@ -992,12 +914,11 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
                 clip = row_clip(t.float(), b, h, name)
                 cache[(name, scheme)] = gptq_quantize(t, H, b, clip) if H is not None else quantize_rows(t, b, clip)
             entry["method"] = "gptq" if H is not None else h.clip_method
-            parts = [("data", _to_bytes(cache[(name, scheme)][0])), ("scale", _to_bytes(cache[(name, scheme)][1]))]
-        elif scheme == "raw":
-            parts = [("data", _to_bytes(t))]
+            parts = dict(zip(("data", "scale"), cache[(name, scheme)]))
         else:
-            parts = [("data", _to_bytes(t.to(torch.float16 if scheme == "fp16" else torch.float32)))]
-        for key, blob in parts:
+            parts = {"data": t if scheme == "raw" else t.to(torch.float16 if scheme == "fp16" else torch.float32)}
+        for key, part in parts.items():
+            blob = part.detach().cpu().contiguous().numpy().tobytes()
             entry[key] = [offset, len(blob)]
             chunks.append(blob)
             offset += len(blob)
@@ -1007,17 +928,13 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
-        (off, n), shape, dtype, scheme = e["data"], tuple(e["shape"]), getattr(torch, e["dtype"]), e["scheme"]
-        blob = raw[off:off + n]
+        (off, n), (so, sn), dtype, scheme = e["data"], e.get("scale", (0, 0)), getattr(torch, e["dtype"]), e["scheme"]
+        np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme) or torch.empty(0, dtype=dtype).numpy().dtype
+        t = torch.from_numpy(np.frombuffer(raw[off:off + n], np.int8 if scheme.startswith("int") else np_dtype).copy())
         if scheme.startswith("int"):
-            q = torch.from_numpy(np.frombuffer(blob, dtype=np.int8).copy()).reshape(shape)
-            so, sn = e["scale"]
-            scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], dtype=np.float16).copy())
-            state[e["name"]] = dequantize_rows(q, scale).to(dtype)
-        else:
-            np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme) or torch.empty(0, dtype=dtype).numpy().dtype
-            arr = np.frombuffer(blob, dtype=np_dtype).copy()
-            state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
+            scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], np.float16).copy())
+            t = dequantize_rows(t.reshape(e["shape"]), scale)
+        state[e["name"]] = t.reshape(e["shape"]).to(dtype)
     return state
 
 def code_bytes_of(path=None):
@@ -1036,6 +953,7 @@ def write_artifact(path, header, payload):
         f.write(blob)
     os.replace(tmp, path)
     return len(blob)
+
 def read_artifact_header(path):
     """(header, payload offset). ValueError naming the file for anything that is not our artifact."""
     size = os.path.getsize(path)
@@ -1066,8 +984,8 @@ def read_artifact(path):
     if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ValueError(f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)")
     name = header.get("compressor")
-    if name not in COMPRESSORS:
-        raise ValueError(f"{path}: unknown compressor {name!r}")
+    if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
+        raise ValueError(f"{path}: compressor {name!r} is unknown or not installed (zstd needs zstandard)")
     try:
         raw = COMPRESSORS[name][1](payload, int(header["raw_bytes"]))
     except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
@@ -1082,9 +1000,8 @@ def artifact_state(model):
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
 def save_artifact(model, h, path, state=None, hessians=None):
-    """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting. BIT_ALLOC: plan,
-    compress for real, re-plan with the measured bytes-per-estimate ratio until the total fits SIZE_BUDGET using
-    >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
+    """Quantize, compress, write; returns the byte accounting. BIT_ALLOC re-plans with the measured compression
+    ratio until the total fits and uses >= 99% of SIZE_BUDGET - SIZE_MARGIN (4 tries, largest fitting wins)."""
     state = artifact_state(model) if state is None else state
     code = code_bytes_of()
     cache, ratio, compressor, plan, tries = {}, 1.0, h.compressor, None, []
@@ -1132,70 +1049,29 @@ def load_artifact(path, allow_script_mismatch=False):
     model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
     return model.eval(), h
 
-def load_official_int8(path, max_bytes=1 << 31):
-    """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
-    torch.load runs with weights_only=True, so a pickle carrying code is refused, never executed."""
-    import pickle
-
-    with open(path, "rb") as f:
-        blob = f.read()
-    try:
-        raw = _bounded(zlib.decompressobj(), blob, max_bytes)
-    except (zlib.error, ValueError) as exc:
-        raise ValueError(f"{path}: not a zlib-compressed official int8 artifact ({exc})") from None
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: refused: the pickle holds more than tensors ({first})") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable torch payload ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict) or obj.get("__quant_format__") != "int8_clean_per_row_v1":
-        raise ValueError(f"{path}: not in the int8_clean_per_row_v1 format")
-    state = {}
-    dtypes = obj.get("dtypes", {})
-    for name, q in obj.get("quantized", {}).items():
-        s = obj["scales"][name]
-        if s.ndim > 0:
-            w = q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))
-        else:
-            w = q.float() * float(s)
-        state[name] = w.to(getattr(torch, str(dtypes.get(name, "float32")).removeprefix("torch.")))
-    orig = obj.get("passthrough_orig_dtypes", {})
-    for name, t in obj.get("passthrough", {}).items():
-        state[name] = t.to(getattr(torch, str(orig[name]).removeprefix("torch."))) if name in orig else t
-    return state
-
 # ===== END SHARED BLOCK: quant v1 =====
 
 # ===== BEGIN SHARED BLOCK: eval v1 =====
-# Evaluation. Every mode scores per-token NLL with a full softmax over the vocabulary, sums in float64,
-# counts bytes with the lookup tables and all-reduces. Standard: non-overlapping TRAIN_SEQ_LEN windows
-# (the baseline). Sliding (PR #50): windows every EVAL_STRIDE tokens, each target scored once, in the first
-# window that holds it. Score-first TTT (PR #461/#549): windows grouped in chunks; a chunk is scored under
-# inference mode, then trained on; the last chunk never is. Sliding is TTT without training, so the two
-# share one code path and agree exactly at TTT_LR=0. The causality audit (RULES.md C1) runs on any model
-# with `forward_logits`.
+# Evaluation: per-token NLL under the full softmax, float64 sums, bytes from the lookup tables, all-reduced.
+# Standard: non-overlapping TRAIN_SEQ_LEN windows (the baseline). Sliding (PR #50): windows every EVAL_STRIDE,
+# each target scored once, in the first window holding it. Score-first TTT (PR #461/#549): a chunk of windows is
+# scored under inference mode, then trained on (the last never is); sliding is TTT without training, one code
+# path. The causality audit (RULES.md C1) runs on any model with `forward_logits`.
 
 def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 def _model_device(model):
     return next(model.parameters()).device
 
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device):  # bf16 on CUDA, plain fp32 on CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
     with _autocast(x.device):
         logits = model.forward_logits(x)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-    return nll.view_as(y)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
 
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
@@ -1204,22 +1080,16 @@ def _eval_result(sums, t0, mode, **extra):
             "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
 
 def eval_val(h, model, val_tokens, luts):
-    t0 = time.perf_counter()
-    rank, world = _dist_info()
-    device = _model_device(model)
-    seq = h.train_seq_len
+    t0, (rank, world), device, seq = time.perf_counter(), _dist_info(), _model_device(model), h.train_seq_len
     n_seqs = (val_tokens.numel() - 1) // seq
     if n_seqs < 1:
         raise ValueError(f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1")
-    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
-    batch = max(1, h.val_batch_size // (8 * seq))
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    was_training = model.training
+    lo, hi, batch = n_seqs * rank // world, n_seqs * (rank + 1) // world, max(1, h.val_batch_size // (8 * seq))
+    sums, was_training = torch.zeros(3, dtype=torch.float64, device=device), model.training
     model.eval()
     with torch.inference_mode():
         for s in range(lo, hi, batch):
-            e = min(s + batch, hi)
-            chunk = val_tokens[s * seq:e * seq + 1].to(device=device, dtype=torch.int64)
+            chunk = val_tokens[s * seq:min(s + batch, hi) * seq + 1].to(device=device, dtype=torch.int64)
             x, y = chunk[:-1].view(-1, seq), chunk[1:].view(-1, seq)
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
@@ -1234,30 +1104,24 @@ def sliding_windows(num_tokens, seq_len, stride):
     n_targets = num_tokens - 1
     if n_targets < 1:
         raise ValueError(f"val split has {num_tokens} tokens: nothing to score")
-    starts = np.arange(0, max(n_targets, 1), stride, dtype=np.int64)
+    starts = np.arange(0, n_targets, stride, dtype=np.int64)
     firsts = np.where(starts == 0, 1, starts + seq_len - stride + 1)
-    keep = firsts <= n_targets
-    starts, firsts = starts[keep], firsts[keep]
-    lasts = np.minimum(starts + seq_len, n_targets)
-    return starts, firsts, lasts
+    starts, firsts = starts[firsts <= n_targets], firsts[firsts <= n_targets]
+    return starts, firsts, np.minimum(starts + seq_len, n_targets)
 
-def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, sums, coverage):
-    """Score a list of windows (all on this rank) into sums; count every scored target in coverage."""
+def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
+    """Score (starts, firsts, lasts) windows of this rank into sums; count every scored target in coverage."""
     device = sums.device
-    for i in range(0, len(starts), batch):
-        s, f, l = starts[i:i + batch], firsts[i:i + batch], lasts[i:i + batch]
-        lengths = l - s
-        for length in np.unique(lengths):
-            sel = lengths == length
+    for i in range(0, len(windows[0]), batch):
+        s, f, l = (w[i:i + batch] for w in windows)
+        for length in np.unique(l - s):
+            sel = (l - s) == length
             ws = torch.as_tensor(s[sel], device=device)
-            idx = ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]
-            win = tokens[idx]
+            win = tokens[ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]]
             x, y = win[:, :-1], win[:, 1:]
             pos = torch.arange(int(length), device=device)[None, :]
-            lo = torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
-            mask = pos >= lo
-            nll = token_nll(model, x, y)
-            sums[0] += (nll.double() * mask).sum()
+            mask = pos >= torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
+            sums[0] += (token_nll(model, x, y).double() * mask).sum()
             sums[1] += mask.sum()
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
@@ -1265,19 +1129,15 @@ def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, s
 
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
-    t0 = time.perf_counter()
-    rank, world = _dist_info()
-    device = _model_device(model)
+    t0, (rank, world), device = time.perf_counter(), _dist_info(), _model_device(model)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     seq_len, stride, chunk = h.eval_len, h.eval_stride, h.ttt_chunk_tokens
     starts, firsts, lasts = sliding_windows(tokens.numel(), seq_len, stride)
-    chunk_of = firsts // chunk  # sorted, so each chunk's windows are one contiguous range
-    chunk_ids = np.unique(chunk_of)
-    bounds = np.searchsorted(chunk_of, np.append(chunk_ids, chunk_ids[-1] + 1))
+    chunk_ids, bounds = np.unique(firsts // chunk, return_index=True)  # firsts are sorted: contiguous chunks
+    bounds = np.append(bounds, len(firsts))
     batch = max(1, h.val_batch_size // (8 * seq_len))
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums, ledger = torch.zeros(3, dtype=torch.float64, device=device), []
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
-    ledger, scored_upto = [], 0
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
     for n, ci in enumerate(chunk_ids):
@@ -1285,21 +1145,17 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
         mine = sel[len(sel) * rank // world:len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
-            _score_windows(scorer, tokens, starts[mine], firsts[mine], lasts[mine], luts, seq_len, batch,
-                           sums, coverage)
+            _score_windows(scorer, tokens, (starts[mine], firsts[mine], lasts[mine]), luts, batch, sums, coverage)
         scored_upto = int(lasts[sel].max())
         ledger.append({"event": "score", "chunk": int(ci), "scored_upto": scored_upto})
         if trainer is not None and n < len(chunk_ids) - 1:
-            lo_tok = int(ci) * chunk
-            hi_tok = min(lo_tok + chunk, scored_upto + 1)
-            for step in trainer.train_chunk(tokens[lo_tok:hi_tok], n):
+            hi_tok = min(int(ci) * chunk + chunk, scored_upto + 1)
+            for step in trainer.train_chunk(tokens[int(ci) * chunk:hi_tok], n):
                 ledger.append({"event": "update", "chunk": int(ci), "step": step, "max_target": hi_tok - 1})
     dist_sum(sums)
     dist_sum(coverage)
-    mode = "ttt" if train_chunks else "sliding"
-    audit = audit_score_first(ledger, coverage)
-    return _eval_result(sums, t0, mode, chunks=len(chunk_ids), windows=len(starts), seq_len=seq_len,
-                        stride=stride, score_first=audit)
+    return _eval_result(sums, t0, "ttt" if train_chunks else "sliding", chunks=len(chunk_ids), windows=len(starts),
+                        seq_len=seq_len, stride=stride, score_first=audit_score_first(ledger, coverage))
 
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
@@ -1310,26 +1166,19 @@ def eval_val_ttt(h, model, val_tokens, luts):
 class _TTTTrainer:
     """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
     blocks stay fixed; gradients are the mean over the global batch of sequences (all ranks)."""
-
     def __init__(self, h, model, num_chunks):
-        self.h, self.num_chunks = h, num_chunks
-        self.model = copy.deepcopy(model)
-        blocks = getattr(self.model, "blocks", [])
-        frozen = {id(p) for b in list(blocks)[:h.ttt_freeze_blocks] for p in b.parameters()}
+        self.h, self.num_chunks, self.model, self.steps = h, num_chunks, copy.deepcopy(model), 0
+        frozen = {id(p) for b in list(getattr(self.model, "blocks", []))[:h.ttt_freeze_blocks] for p in b.parameters()}
         frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}  # e.g. a fixed manifold
         self.params = [p for p in self.model.parameters() if id(p) not in frozen]
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.steps = 0
 
     def train_chunk(self, tokens, n):
-        h = self.h
-        rank, world = _dist_info()
-        lr = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        seq = h.eval_len
+        h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
+        for g in self.opt.param_groups:  # cosine over the chunks
+            g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
         n_seqs = (tokens.numel() - 1) // seq
         if n_seqs < 1:
             return
@@ -1341,8 +1190,7 @@ class _TTTTrainer:
                 mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
                 self.opt.zero_grad(set_to_none=False)
                 if len(mine):
-                    idx = mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]
-                    win = seqs[idx]
+                    win = seqs[mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]]
                     (token_nll(self.model, win[:, :-1], win[:, 1:]).sum() / (len(ids) * seq)).backward()
                 for p in self.params:
                     if p.grad is None:
@@ -1368,36 +1216,24 @@ def audit_score_first(ledger, coverage):
                 failures.append(f"update {entry['step']} on chunk {entry['chunk']} used target "
                                 f"{entry['max_target']} before it was scored (scored up to {scored_upto})")
     counts = coverage[1:]
-    twice = int((counts > 1).sum())
-    missing = int((counts == 0).sum())
-    if twice:
-        failures.append(f"{twice} targets scored more than once")
-    if missing:
-        failures.append(f"{missing} targets never scored")
-    if int(coverage[0]):
-        failures.append("token 0 has no context and was scored")
+    twice, missing = int((counts > 1).sum()), int((counts == 0).sum())
+    failures += [msg for bad, msg in ((twice, f"{twice} targets scored more than once"),
+                                      (missing, f"{missing} targets never scored"),
+                                      (int(coverage[0]), "token 0 has no context and was scored")) if bad]
     return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
         e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
         "scored_twice": twice, "never_scored": missing}
 
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
-    """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do not
-    move when tokens after p change (prefix invariance, at several cut points); the gradient of position i
-    with respect to every embedding output at positions > i is exactly zero (catches 1e-22 leaks such as
-    a clamp after the mask); rows of a batch are independent; the output is a full, finite distribution
-    over the vocabulary."""
-    device = _model_device(model)
-    was_training = model.training
+    """C1 and C2 in eval mode, fp32: prefix invariance at several cuts, zero gradient from later embedding outputs
+    (catches 1e-22 leaks such as a clamp after the mask), independent batch rows, a full finite distribution."""
+    device, was_training, gen = _model_device(model), model.training, torch.Generator().manual_seed(seed)
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-
     def rand_tokens(*shape):
         return torch.randint(0, vocab_size, shape, generator=gen).to(device)
-
     def logits_of(x):
         with torch.no_grad():
             return model.forward_logits(x).float()
-
     failures, max_diff = [], 0.0
     x = rand_tokens(batch, seq_len)
     base = logits_of(x)
@@ -1405,10 +1241,8 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
         failures.append(f"logits shape {tuple(base.shape)} is not (batch, seq, vocab={vocab_size})")
     elif not torch.isfinite(base).all():
         failures.append("logits are not all finite")
-    else:
-        total = torch.softmax(base.double(), dim=-1).sum(-1)
-        if (total - 1).abs().max() > 1e-4:
-            failures.append("softmax over the vocabulary does not sum to 1")
+    elif (torch.softmax(base.double(), dim=-1).sum(-1) - 1).abs().max() > 1e-4:
+        failures.append("softmax over the vocabulary does not sum to 1")
     cuts = sorted({p for p in (0, 1, 2, chunk - 1, chunk, chunk + 1, seq_len // 2, seq_len - 2)
                    if 0 <= p < seq_len - 1})
     for p in cuts:
@@ -1423,9 +1257,7 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
             if not diff <= tol:
                 failures.append(f"prefix: changing tokens after position {p} ({kind}) moved its logits by {diff:.3g}")
     if batch > 1:
-        x3 = x.clone()
-        x3[1:] = rand_tokens(batch - 1, seq_len)
-        diff = (logits_of(x3)[0] - base[0]).abs().max().item()
+        diff = (logits_of(torch.cat([x[:1], rand_tokens(batch - 1, seq_len)]))[0] - base[0]).abs().max().item()
         if not diff <= tol:
             failures.append(f"batch: changing other rows moved row 0 by {diff:.3g}")
     failures += _audit_jacobian(model, x, sorted({0, 1, seq_len // 2, seq_len - 2} & set(range(seq_len - 1))))
@@ -1435,14 +1267,10 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
 
 def _audit_jacobian(model, x, positions):
     outputs = []
-
     def capture(module, inputs, out):
         if out.dim() >= 2 and tuple(out.shape[:2]) == tuple(x.shape):
-            out = out.detach().requires_grad_(True)
-            outputs.append(out)
-            return out
-        return None
-
+            outputs.append(out.detach().requires_grad_(True))
+            return outputs[-1]
     handles = [m.register_forward_hook(capture) for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
         with torch.enable_grad():
@@ -1452,32 +1280,27 @@ def _audit_jacobian(model, x, positions):
             handle.remove()
     if not outputs:
         return ["jacobian: no embedding output found to differentiate through"]
-    failures = []
-    gen = torch.Generator().manual_seed(1)
+    failures, gen = [], torch.Generator().manual_seed(1)
     for i in positions:
         r = torch.randn(logits.shape[0], logits.shape[-1], generator=gen).to(logits.device)
         grads = torch.autograd.grad((logits[:, i] * r).sum(), outputs, retain_graph=True, allow_unused=True)
-        for g in grads:
-            if g is not None and bool((g[:, i + 1:] != 0).any()):
-                leak = g[:, i + 1:].abs().max().item()
-                failures.append(f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})")
-                break
+        leak = max((g[:, i + 1:].abs().max().item() for g in grads if g is not None and g[:, i + 1:].numel()),
+                   default=0.0)
+        if leak != 0:
+            failures.append(f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})")
     return failures
 
 # ===== END SHARED BLOCK: eval v1 =====
 
 # ===== BEGIN SHARED BLOCK: train v1 =====
-# The training pipeline every script runs: warmup-then-restore (compile priming outside the clock), the
-# wallclock-capped loop with the stop decision all-reduced, the EMA, periodic validation with a coherence
-# sample, then serialize -> re-read from disk -> audits -> final eval -> summary. Models plug in through
-# optional methods: `prepare_training(h, rt, logger)` (statistics built from train shards, timed inside the
-# budget), `set_training_progress(frac)` (recurrence, auxiliary schedules), `validation_probes()` (a dict
-# shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
-# sample audits, embedding probes, and an optional UCB1 shard mixer.
+# The pipeline every script runs: warmup-then-restore (compile priming off the clock), the wallclock-capped loop
+# (stop decision all-reduced), EMA, periodic validation with a coherence sample, then serialize -> re-read from
+# disk -> audits -> final eval -> summary. Optional model hooks: `prepare_training(h, rt, logger)` (timed inside
+# the budget), `set_training_progress(frac)`, `validation_probes()` (dashboard). Telemetry (TECHNIQUES.md part E):
+# SMMA 10/100/1000, cliff flag, status file, sample audits, embedding probes, an optional UCB1 shard mixer.
 
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
-
     def __init__(self, n):
         self.n, self.value = n, None
 
@@ -1491,49 +1314,39 @@ def coherence_score(text):
     words = text.split()
     if not words:
         return 0.0
-
     def diversity(n):
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         return len(set(grams)) / len(grams) if grams else 0.0
-
     english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
     return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
     """Greedy (temperature 0) or sampled continuation of a fixed prompt, for the sample audit."""
-    device = _model_device(model)
-    ids = [1] + sp.encode(prompt)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
+    device, prompt_ids, was_training = _model_device(model), sp.encode(prompt), model.training
+    ids, gen = [1] + prompt_ids, torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     for _ in range(n_tokens):
         x = torch.tensor([ids[-seq_len:]], device=device)
         with _autocast(device):
             logits = model.forward_logits(x)[0, -1].float().cpu()
-        if temperature > 0:
-            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
-        else:
-            ids.append(int(logits.argmax()))
+        ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+                       if temperature > 0 else logits.argmax()))
     model.train(was_training)
-    return sp.decode(ids[1 + len(sp.encode(prompt)):])
+    return sp.decode(ids[1 + len(prompt_ids):])
 
 def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
     """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
     of a fixed probe list, and (with `other`, e.g. the dequantized copy) neighbour overlap@5."""
     w = F.normalize(weight.detach().float().cpu(), dim=-1)
-    gen = torch.Generator().manual_seed(0)
-    i, j = torch.randint(0, w.size(0), (2, 4096), generator=gen)
+    i, j = torch.randint(0, w.size(0), (2, 4096), generator=torch.Generator().manual_seed(0))
     s2 = torch.linalg.svdvals(weight.detach().float().cpu()).square()
     cum = torch.cumsum(s2, 0) / s2.sum()
-    probes = [sp.piece_to_id("\u2581" + t) for t in words]
-    probes = [p for p in probes if 0 < p < w.size(0) and not sp.is_unknown(p)]
-
+    probes = [p for p in (sp.piece_to_id("\u2581" + t) for t in words) if 0 < p < w.size(0) and not sp.is_unknown(p)]
     def top5(m):
         sim = m[probes] @ m.T
         sim[torch.arange(len(probes)), probes] = -2.0
         return sim.topk(5, dim=-1).indices
-
     nb = top5(w) if probes else torch.zeros(0, 5, dtype=torch.long)
     out = {"anisotropy": float((w[i] * w[j]).sum(-1).mean()), "rank90": int((cum < 0.90).sum()) + 1,
            "rank95": int((cum < 0.95).sum()) + 1,
@@ -1556,16 +1369,11 @@ def project_capped_simplex(w, lo, hi, iters=100):
     return np.clip(w + (a + b) / 2, lo, hi)
 
 class ShardMixer:
-    """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
-    plays the arm with the best UCB = mean reward + C sqrt(ln N / n_k); shard weights are that one-hot
-    vector projected onto {floor <= w <= cap, sum w = 1}, and micro-batches sample shards from them. The
-    reward of a phase is the loss drop on a held-out slice of *training* data, never val."""
-
+    """UCB1 over training shards (off by default; weak evidence, PR #737): each phase plays the best-UCB arm, its
+    one-hot projected onto {floor <= w <= cap, sum w = 1}; reward = loss drop on held-out *training* data."""
     def __init__(self, h, n_shards):
-        self.h, self.k = h, n_shards
-        self.counts, self.rewards = np.zeros(n_shards), np.zeros(n_shards)
-        self.rng = np.random.default_rng(h.seed)
-        self.arm, self.last_loss = 0, None
+        self.h, self.k, self.arm, self.last_loss = h, n_shards, 0, None
+        self.counts, self.rewards, self.rng = np.zeros(n_shards), np.zeros(n_shards), np.random.default_rng(h.seed)
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
@@ -1578,9 +1386,8 @@ class ShardMixer:
             self.counts[self.arm] += 1
             self.rewards[self.arm] += self.last_loss - heldout_loss
         self.last_loss = heldout_loss
-        n = self.counts.sum()
-        ucb = self.rewards / np.maximum(self.counts, 1) + self.h.mixer_ucb_c * np.sqrt(
-            np.log(max(n, 1)) / np.maximum(self.counts, 1))
+        n, plays = self.counts.sum(), np.maximum(self.counts, 1)
+        ucb = self.rewards / plays + self.h.mixer_ucb_c * np.sqrt(np.log(max(n, 1)) / plays)
         self.arm = int(np.argmax(np.where(self.counts == 0, np.inf, ucb)))
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
@@ -1599,25 +1406,31 @@ def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
+def _broadcast(rt, obj):
+    """Rank 0's value of obj on every rank."""
+    holder = [obj]
+    if rt.distributed:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
 class Validator:
     """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
-
     def __init__(self, h, rt, model, sp, logger):
         self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
-        self.val_tokens, self.luts, self.low_streak = None, None, 0
+        self.val, self.low_streak = None, 0
 
     def __call__(self, step, train_ms):
         h, logger = self.h, self.logger
-        if self.val_tokens is None:
-            self.val_tokens = load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens)
-            self.luts = build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device)
-        res = eval_val(h, self.model, self.val_tokens, self.luts)
+        if self.val is None:  # (tokens, lookup tables), loaded on first use
+            self.val = (load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens),
+                        build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device))
+        res = eval_val(h, self.model, *self.val)
         logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
         sample = generate_sample(self.model, self.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
         score = coherence_score(sample)
         self.low_streak = self.low_streak + 1 if score < 30 else 0
-        collapsed = self.low_streak >= 5
+        collapsed = self.low_streak >= 5  # five low samples in a row
         logger.log0(f"sample:{step} coherence:{score:.1f}{' COLLAPSE' if collapsed else ''} text:{sample[:160]!r}")
         probes = self.model.validation_probes() if hasattr(self.model, "validation_probes") else None
         logger.event("eval", step=step, label="periodic", val_loss=res["val_loss"], val_bpb=res["val_bpb"],
@@ -1645,7 +1458,6 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-
         step_model = DDP(step_model, device_ids=[rt.local_rank] if device.type == "cuda" else None,
                          broadcast_buffers=False)
     optimizers = build_optimizers(model, h, device)
@@ -1653,21 +1465,19 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = getattr(model, "set_training_progress", None)
-
     def train_step(step, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
             x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps,
                                      shard=mixer.pick() if mixer else None)
-            last_micro = micro == rt.grad_accum_steps - 1
+            last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last micro-step only
             ctx = step_model.no_sync() if rt.distributed and not last_micro else contextlib.nullcontext()
             with ctx, _autocast(device):
                 loss = step_model(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
+        for g in (g for opt in optimizers for g in opt.param_groups):
+            g["lr"] = g["base_lr"] * lr_scale
         for g in optimizers[0].param_groups:
             g["momentum"] = muon_momentum_at(h, step)
         if h.grad_clip_norm > 0:
@@ -1676,12 +1486,9 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             opt.step()
         model.zero_grad(set_to_none=True)
         return total / rt.grad_accum_steps
-
     if h.warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
-        t0 = time.perf_counter()
-        initial = copy.deepcopy(model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader_state = loader.state()
+        t0, loader_state = time.perf_counter(), loader.state()
+        initial, opt_states = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         for step in range(h.warmup_steps):
             if progress_hook:  # both halves of a schedule that changes the graph (recurrence) get compiled
                 progress_hook(float(step >= h.warmup_steps // 2))
@@ -1692,9 +1499,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         loader.restore(loader_state)
         ledger["warmup_s_excluded"] = time.perf_counter() - t0
         logger.log0(f"warmup: {h.warmup_steps} steps in {ledger['warmup_s_excluded']:.1f}s (excluded from the clock)")
-
-    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    smmas = {n: Smma(n) for n in (10, 100, 1000)}
+    ema, smmas = EMA(model, h.ema_decay) if h.ema_decay > 0 else None, {n: Smma(n) for n in (10, 100, 1000)}
     reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
     cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
         if h.max_wallclock_seconds > 0 else 0.0
@@ -1725,10 +1530,9 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             qat_on = True
             logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
+        loss, step = train_step(step, lr_scale), step + 1
         if ema is not None:
             ema.update(model)
-        step += 1
         if mixer and step % h.mixer_phase_steps == 0:
             with torch.no_grad(), _autocast(device):
                 weights = mixer.end_phase(float(model(*heldout)))
@@ -1744,8 +1548,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             if log_now:
                 logger.log0(f"step:{step}/{h.iterations} train_loss:{value:.4f} "
                             f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms tok/s:{tok_s:.0f}")
-                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms,
-                             **smoothed)
+                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms, **smoothed)
             logger.update_status(state="training", step=step, iterations=h.iterations, elapsed_s=approx_ms / 1000,
                                  tokens_seen=step * h.train_batch_tokens, lr_scale=lr_scale, train_loss=value,
                                  step_ms=step_ms, tokens_per_s=tok_s, **smoothed,
@@ -1765,8 +1568,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
 
 def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
     """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
-    fn = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode]
-    res = fn(h, model, val_tokens, luts)
+    res = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode](h, model, val_tokens, luts)
     ledger[f"eval_{label}_s"] = res["eval_time_ms"] / 1000.0
     logger.log0(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
                 f"eval_time:{res['eval_time_ms']:.0f}ms")
@@ -1775,11 +1577,10 @@ def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
 
 def run_audits(h, model, sp, val_tokens, luts, logger):
     """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
-    audits = {}
-    lengths = {"causality": h.audit_seq_len or h.train_seq_len, "causality_eval": h.eval_len}
-    for name, length in lengths.items():
-        if name == "causality" or length != lengths["causality"]:
-            audits[name] = audit_causality(model, length, h.vocab_size)
+    audit_len = h.audit_seq_len or h.train_seq_len
+    audits = {"causality": audit_causality(model, audit_len, h.vocab_size)}
+    if h.eval_len != audit_len:
+        audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(sp, val_tokens, luts)
     for name, res in audits.items():
         detail = "" if res["passed"] else f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
@@ -1790,39 +1591,27 @@ def run_audits(h, model, sp, val_tokens, luts, logger):
 def run_main(h):
     """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
     rt = setup_runtime()
-    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
-    if rt.distributed:
-        holder = [run_id]
-        dist.broadcast_object_list(holder, src=0)
-        run_id = holder[0]
+    run_id = _broadcast(rt, h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}")
     artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
     logger = RunLogger(h.log_dir, run_id, rt.is_main)
-    code = code_bytes_of()
-    logger.log0(code.decode("utf-8"), console=False)
-    logger.log0("=" * 100, console=False)
-    device_name = device_description(rt.device)
+    code, device_name = code_bytes_of(), device_description(rt.device)
+    logger.log0(code.decode("utf-8") + "\n" + "=" * 100, console=False)
     logger.log0(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
     logger.log0(f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
-    logger.log0("Hyperparameters:")
-    for key, value in sorted(dataclasses.asdict(h).items()):
-        logger.log0(f"  {key}: {value}")
-
+    logger.log0("\n".join(["Hyperparameters:"] + [f"  {k}: {v}" for k, v in sorted(dataclasses.asdict(h).items())]))
     sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    n_train = len(shard_files(h.data_path, "train"))
-    n_val = val_token_count(h.data_path)
+    n_train, n_val = len(shard_files(h.data_path, "train")), val_token_count(h.data_path)
     if n_val < max(h.train_seq_len, h.eval_len) + 1:
         raise ValueError(f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
                          f"sequence of {max(h.train_seq_len, h.eval_len)} + 1")
     seed_everything(h.seed)
     model = build_model(h).to(rt.device)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.log0(f"model_params:{n_params}")
-    logger.log0(f"train_shards:{n_train} val_tokens:{n_val}")
+    logger.log0(f"model_params:{n_params}\ntrain_shards:{n_train} val_tokens:{n_val}")
     logger.event("start", run_id=run_id, preset=h.preset, device=device_name, world_size=rt.world_size,
                  model_params=n_params, hparams=dataclasses.asdict(h))
     logger.update_status(force=True, script=os.path.basename(CODE_PATH), preset=h.preset, device=device_name,
                          state="starting", step=0, iterations=h.iterations, code_bytes=len(code))
-
     ledger = {"hardware": device_name, "precompute_s": 0.0}
     if hasattr(model, "prepare_training"):
         t0 = time.perf_counter()
@@ -1849,23 +1638,16 @@ def run_main(h):
     luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
     pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
     embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
-
     t0 = time.perf_counter()
-    sizes = save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None
-    if rt.distributed:
-        holder = [sizes]
-        dist.broadcast_object_list(holder, src=0)
-        sizes = holder[0]
+    sizes = _broadcast(rt, save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None)
     ledger["serialize_s"] = time.perf_counter() - t0
-    model, _ = load_artifact(artifact_path)
-    model = model.to(rt.device)
+    model = load_artifact(artifact_path)[0].to(rt.device)
     for row in sizes.get("plan") or []:
         logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
     widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
-    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
-                f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
-    logger.log0(f"Code size: {sizes['code_bytes']} bytes")
-    logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
+    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes (payload:"
+                f"{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})\nCode size: {sizes['code_bytes']} bytes\n"
+                f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
     over = sizes["total_bytes"] > h.size_budget
     logger.log0(f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
                 f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}")
@@ -1874,7 +1656,6 @@ def run_main(h):
     logger.update_status(force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True, probes=probes)
     if probes:
         logger.log0(f"embedding_probes: {json.dumps(probes)}")
-
     t0 = time.perf_counter()
     audits = run_audits(h, model, sp, val_tokens, luts, logger)
     ledger["audit_s"] = time.perf_counter() - t0

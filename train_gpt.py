@@ -136,7 +136,6 @@ class Hyperparameters:
     gptq_calib_source: str = "train"
     qat_start_frac: float = 0.0
     qat_bits: int = 0
-
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
@@ -151,7 +150,6 @@ class Hyperparameters:
         h = cls(**values)
         h.validate()
         return h
-
     @staticmethod
     def parse_env_value(name, raw, kind):
         text = str(raw).strip()
@@ -169,10 +167,8 @@ class Hyperparameters:
         except ValueError:
             expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
             raise ValueError(f"{name}={raw!r}: expected {expected}") from None
-
     def bad(self, name, why):
         raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
-
     def validate(self):
         """Checks of the shared fields, then the script's own `validate_model`."""
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
@@ -199,7 +195,6 @@ class Hyperparameters:
         if min(self.size_margin, self.gptq_reserve_seconds) < 0:
             self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
         self.validate_model()
-
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
@@ -234,7 +229,6 @@ class Hyperparameters:
     flow_matcher: bool = False
     flow_dim: int = 256
     flow_loss_weight: float = 0.1
-
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
@@ -290,7 +284,6 @@ class Runtime:
     device: torch.device
     distributed: bool
     grad_accum_steps: int
-
     @property
     def is_main(self):
         return self.rank == 0
@@ -353,7 +346,6 @@ class RunLogger:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
                 open(path, "w", encoding="utf-8").close()
-
     def log0(self, msg, console=True):
         if not self.enabled:
             return
@@ -361,13 +353,11 @@ class RunLogger:
             print(msg, flush=True)
         with open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
-
     def event(self, kind, **fields):
         if not self.enabled:
             return
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
         if not self.enabled:
@@ -424,7 +414,6 @@ class TokenStream:
     def __init__(self, files, start=0):
         self.files, self.start = list(files), start
         self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
-
     def take(self, n):
         chunks = []
         while n > 0:
@@ -436,10 +425,8 @@ class TokenStream:
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
     def state(self):
         return (self.file_idx, self.pos)
-
     def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
@@ -452,7 +439,6 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files = shard_files(data_path, "train")
         self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
-
     def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
@@ -462,16 +448,13 @@ class DistributedTokenLoader:
         local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def heldout(self, n_tokens, seq_len):
         """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
         tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
         self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
         return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
-
     def state(self):
         return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
-
     def restore(self, state):
         self.stream.restore(state[0])
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
@@ -593,7 +576,6 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                         weight_decay=weight_decay, row_norm=row_norm)
         super().__init__(params, defaults)
-
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
@@ -653,13 +635,11 @@ class EMA:
         self.decay, self.updates, state = decay, 0, model.state_dict()
         self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
-
     @torch.no_grad()
     def update(self, model):
         state, self.updates = model.state_dict(), self.updates + 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
-
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for k, v in zip(self.names, self.shadow):
@@ -1210,7 +1190,6 @@ class _TTTTrainer:
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-
     def train_chunk(self, tokens, n):
         h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
         for g in self.opt.param_groups:  # cosine over the chunks
@@ -1339,7 +1318,6 @@ class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
     def __init__(self, n):
         self.n, self.value = n, None
-
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
@@ -1413,10 +1391,8 @@ class ShardMixer:
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
-
     def pick(self):
         return int(self.rng.choice(self.k, p=self.weights))
-
     def end_phase(self, heldout_loss):
         if self.last_loss is not None:
             self.counts[self.arm] += 1
@@ -1454,7 +1430,6 @@ class Validator:
     def __init__(self, h, rt, model, sp, logger):
         self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
         self.val, self.low_streak = None, 0
-
     def __call__(self, step, train_ms):
         h, logger = self.h, self.logger
         if self.val is None:  # (tokens, lookup tables), loaded on first use
@@ -1758,7 +1733,6 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
                              persistent=False)
-
     def forward(self, seq_len, device, dtype):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))
@@ -1786,7 +1760,6 @@ class CausalSelfAttention(nn.Module):
         self.xsa = layer >= h.num_layers - h.xsa_last_n
         self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
         self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
-
     def attend(self, x, v_first=None):
         """Per-head output before the projection, (B, H, T, head_dim), and this layer's values (B, KV, T, hd)."""
         B, T, D = x.shape
@@ -1815,7 +1788,6 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
             y = y * gate.transpose(1, 2)[..., None]
         return y, v
-
     def forward(self, x, v_first=None):
         y, v = self.attend(x, v_first)
         return self.proj(y.transpose(1, 2).reshape(x.shape)), v
@@ -1828,7 +1800,6 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
         self.leaky = h.mlp_activation == "leaky_relu2"
-
     def forward(self, x):
         # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2 is the baseline.
         u = self.fc(x)
@@ -1846,7 +1817,6 @@ class Block(nn.Module):
         self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0  # LN scale 1/sqrt(layer + 1) (#315)
         # Parallel residuals (modded-nanogpt #230; 2026-03-31 record from layer 7): x + attn(x) + mlp(x).
         self.parallel = 0 <= h.parallel_residual_start <= layer
-
     def forward(self, x, x0, v_first=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None] * x + mix[1][None, None] * x0
@@ -1859,13 +1829,11 @@ class Block(nn.Module):
 class BigramHash(nn.Module):
     """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
     bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at zero (a no-op)."""
-
     def __init__(self, h):
         super().__init__()
         self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
         nn.init.zeros_(self.embed.weight)
         self.proj = CastedLinear(h.bigram_dim, h.model_dim, bias=False)
-
     def forward(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
         return self.proj(self.embed((prev * 92821 + ids) % self.embed.num_embeddings))
@@ -1874,7 +1842,6 @@ class NativeFlowMatcher(nn.Module):
     """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field v(x, t) on
     the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x (x detached, so only the
     matcher learns from it); every forward takes one Euler step x <- x + sigmoid(g) v(x, 1), per position."""
-
     def __init__(self, h):
         super().__init__()
         d, f = h.model_dim, h.flow_dim
@@ -1883,15 +1850,12 @@ class NativeFlowMatcher(nn.Module):
         self.out._zero_init = True
         self.flow_gate = nn.Parameter(torch.tensor(-5.0))
         self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(d // 2) / (d // 2)), persistent=False)
-
     def velocity(self, x, t):
         angles = 1000.0 * t.float() * self.freqs
         temb = F.gelu(self.time_fc(torch.cat((angles.sin(), angles.cos()), dim=-1).to(x.dtype)))
         return self.out(F.gelu(self.fc(x) + temb))
-
     def forward(self, x):
         return x + torch.sigmoid(self.flow_gate).to(x.dtype) * self.velocity(x, torch.ones_like(x[..., :1]))
-
     def loss(self, x):
         x = x.detach()
         t, z = torch.rand_like(x[..., :1]), torch.randn_like(x)
@@ -1922,24 +1886,20 @@ class GPT(nn.Module):
         self.flow_loss_weight = h.flow_loss_weight
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
         self._init_weights(h)
-
     def _init_weights(self, h):
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
-
     def set_recurrence(self, active):
         """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and compiles
         once more when it flips. Built on, the state in which a finished run is evaluated."""
         self.recur_active = bool(active)
-
     def set_training_progress(self, frac):
         """Called by the training loop every step: recurrence joins at RECUR_START_FRAC of the budget."""
         if len(self.orders[True]) != len(self.orders[False]):
             self.set_recurrence(frac >= self.recur_start_frac)
-
     def embed(self, input_ids):
         """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0 and BOS
         tokens have no previous token in their document, so they get neither bigram nor smear."""
@@ -1952,7 +1912,6 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
         return x
-
     def hidden(self, input_ids):
         x = x0 = self.embed(input_ids)
         order = self.orders[self.recur_active]
@@ -1969,17 +1928,14 @@ class GPT(nn.Module):
             if j < n_enc:
                 skips.append(x)
         return self.final_norm(x)
-
     def logits(self, x):
         if self.flow is not None:
             x = self.flow(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight.to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-
     def forward_logits(self, input_ids):
         return self.logits(self.hidden(input_ids))
-
     def forward(self, input_ids, target_ids):
         x = self.hidden(input_ids)
         logits = self.logits(x)

@@ -127,7 +127,6 @@ class Hyperparameters:
     gptq_calib_source: str = "train"
     qat_start_frac: float = 0.0
     qat_bits: int = 0
-
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
@@ -142,7 +141,6 @@ class Hyperparameters:
         h = cls(**values)
         h.validate()
         return h
-
     @staticmethod
     def parse_env_value(name, raw, kind):
         text = str(raw).strip()
@@ -160,10 +158,8 @@ class Hyperparameters:
         except ValueError:
             expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
             raise ValueError(f"{name}={raw!r}: expected {expected}") from None
-
     def bad(self, name, why):
         raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
-
     def validate(self):
         """Checks of the shared fields, then the script's own `validate_model`."""
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
@@ -190,7 +186,6 @@ class Hyperparameters:
         if min(self.size_margin, self.gptq_reserve_seconds) < 0:
             self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
         self.validate_model()
-
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
@@ -209,7 +204,6 @@ class Hyperparameters:
     hydra_aux: bool = True
     hydra_mode: str = "record"
     hydra_aux_every: int = 5
-
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "hydra_chunk", "hydra_slots",
                      "hydra_slot_dim", "hydra_aux_every"):
@@ -254,7 +248,6 @@ class Runtime:
     device: torch.device
     distributed: bool
     grad_accum_steps: int
-
     @property
     def is_main(self):
         return self.rank == 0
@@ -317,7 +310,6 @@ class RunLogger:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
                 open(path, "w", encoding="utf-8").close()
-
     def log0(self, msg, console=True):
         if not self.enabled:
             return
@@ -325,13 +317,11 @@ class RunLogger:
             print(msg, flush=True)
         with open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
-
     def event(self, kind, **fields):
         if not self.enabled:
             return
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
         if not self.enabled:
@@ -388,7 +378,6 @@ class TokenStream:
     def __init__(self, files, start=0):
         self.files, self.start = list(files), start
         self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
-
     def take(self, n):
         chunks = []
         while n > 0:
@@ -400,10 +389,8 @@ class TokenStream:
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
     def state(self):
         return (self.file_idx, self.pos)
-
     def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
@@ -416,7 +403,6 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files = shard_files(data_path, "train")
         self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
-
     def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
@@ -426,16 +412,13 @@ class DistributedTokenLoader:
         local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def heldout(self, n_tokens, seq_len):
         """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
         tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
         self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
         return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
-
     def state(self):
         return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
-
     def restore(self, state):
         self.stream.restore(state[0])
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
@@ -557,7 +540,6 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                         weight_decay=weight_decay, row_norm=row_norm)
         super().__init__(params, defaults)
-
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
@@ -617,13 +599,11 @@ class EMA:
         self.decay, self.updates, state = decay, 0, model.state_dict()
         self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
-
     @torch.no_grad()
     def update(self, model):
         state, self.updates = model.state_dict(), self.updates + 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
-
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for k, v in zip(self.names, self.shadow):
@@ -1174,7 +1154,6 @@ class _TTTTrainer:
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-
     def train_chunk(self, tokens, n):
         h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
         for g in self.opt.param_groups:  # cosine over the chunks
@@ -1303,7 +1282,6 @@ class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
     def __init__(self, n):
         self.n, self.value = n, None
-
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
@@ -1377,10 +1355,8 @@ class ShardMixer:
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
-
     def pick(self):
         return int(self.rng.choice(self.k, p=self.weights))
-
     def end_phase(self, heldout_loss):
         if self.last_loss is not None:
             self.counts[self.arm] += 1
@@ -1418,7 +1394,6 @@ class Validator:
     def __init__(self, h, rt, model, sp, logger):
         self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
         self.val, self.low_streak = None, 0
-
     def __call__(self, step, train_ms):
         h, logger = self.h, self.logger
         if self.val is None:  # (tokens, lookup tables), loaded on first use
@@ -1716,7 +1691,6 @@ class CastedLinear(nn.Linear):
         super().__init__(fan_in, fan_out, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
-
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
@@ -1729,14 +1703,12 @@ def apply_rotary(x, base):
 
 class CausalSelfAttention(nn.Module):
     """GQA with QK-RMSNorm, RoPE and a learned query gain, as train_gpt.py; causal unless told otherwise."""
-
     def __init__(self, dim, heads, kv_heads, causal=True):
         super().__init__()
         self.heads, self.kv_heads, self.hd, self.causal = heads, kv_heads, dim // heads, causal
         self.c_q, self.c_k, self.c_v = (CastedLinear(dim, n * dim // heads) for n in (heads, kv_heads, kv_heads))
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), QK_GAIN_INIT))
-
     def forward(self, x, mask=None):
         B, T, D = x.shape
         q, k, v = (lin(x).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
@@ -1750,7 +1722,6 @@ class MLP(nn.Module):
     def __init__(self, dim, mult):
         super().__init__()
         self.fc, self.proj = CastedLinear(dim, int(mult * dim)), CastedLinear(int(mult * dim), dim, zero_init=True)
-
     def forward(self, x):
         return self.proj(torch.relu(self.fc(x)).square())
 
@@ -1760,7 +1731,6 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, causal), MLP(dim, mlp_mult)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-
     def forward(self, x, x0, mask=None):
         mix, norm = self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
         x = mix[0] * x + mix[1] * x0
@@ -1775,12 +1745,10 @@ def run_stack(blocks, x, mask=None):
 
 class ConceptPool(nn.Module):
     """Z[s] = sum_t softmax_t(q_s . W_k h_t) W_v h_t over the valid positions of one chunk; RMSNorm per slot."""
-
     def __init__(self, dim, h):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(h.hydra_slots, 64))
         self.key, self.value = CastedLinear(dim, 64), CastedLinear(dim, h.hydra_slot_dim)
-
     def forward(self, x, valid):  # (N, L, dim), (N, L) bool -> (N, slots, slot_dim)
         scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / 64 ** 0.5
         w = torch.softmax(scores.float().masked_fill(~valid[:, None], float("-inf")), dim=-1)
@@ -1788,14 +1756,12 @@ class ConceptPool(nn.Module):
 
 class ChunkDecoder(nn.Module):
     """Training-only: a code's slots as tokens plus C position queries, bidirectional; `out` values per position."""
-
     def __init__(self, h, out, layers):
         super().__init__()
         d, self.slots = 64 * max(2, h.model_dim // 128), h.hydra_slots  # 256 at d 512
         self.inp, self.out = CastedLinear(h.hydra_slot_dim, d), CastedLinear(d, out)
         self.queries = nn.Parameter(0.02 * torch.randn(h.hydra_slots + h.hydra_chunk, d))
         self.blocks = nn.ModuleList(Block(d, d // 64, d // 64, 2.0, causal=False) for _ in range(layers))
-
     def forward(self, z):  # (N, slots, slot_dim) -> (N, chunk, out)
         x = F.pad(self.inp(z), (0, 0, 0, self.queries.size(0) - self.slots)) + self.queries.to(z.dtype)
         return self.out(F.rms_norm(run_stack(self.blocks, x)[:, self.slots:], (x.size(-1),)))
@@ -1835,7 +1801,6 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
     pair, G clusters of M sentences about one animal: the order `geometry` reads."""
     R, Q, P, G, M = layout
     voc, names = vocabulary(split), list(RELATIONS)
-
     def fill(rel, a=None, pair=None):
         x, y = (pair or rng.choice(voc.get(rel, ["-:-"]))).split(":")
         a = a or rng.choice(voc["animal"])
@@ -1878,7 +1843,6 @@ def effective_rank(x, p):
 
 class Hydra(nn.Module):
     training_only_prefixes = ("heads.",)
-
     def __init__(self, h):
         super().__init__()
         D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, 32 * max(2, h.model_dim // 128)
@@ -1902,12 +1866,10 @@ class Hydra(nn.Module):
         self.aux_kind, self.steps, self.unk_id, self.last_frac = None, 0, 0, 0.0
         self.aux_counts = {"para": 0, "parse": 0}
         self.rng = random.Random(h.seed)  # the same draws on every rank
-
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if not any(k.startswith(self.training_only_prefixes) for k in state_dict):  # an artifact: strip the heads
             self.heads, self.heads_stripped = nn.ModuleDict({k: StrippedHead() for k in self.heads}), True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     def encode(self, ids):
         x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
         x0, skips = x, []
@@ -1915,13 +1877,11 @@ class Hydra(nn.Module):
             x = block(x, x0)
             skips.append(x)
         return x, x0, skips
-
     def chunk_codes(self, x):  # (B, T, D) -> (B, K, slots, slot_dim), the last chunk padded and masked
         (B, T, D), C = x.shape, self.chunk
         K = -(-T // C)
         valid = (torch.arange(K * C, device=x.device) < T).view(K, C).repeat(B, 1)
         return self.pool(F.pad(x, (0, 0, 0, K * C - T)).view(B * K, C, D), valid).view(B, K, *self.null_code.shape)
-
     def memory(self, z, ids):
         """The additive concept memory of every token (B, T, D) and the predicted codes Zhat (B, K, S, sd)."""
         (B, T), K, C = ids.shape, z.size(1), self.chunk
@@ -1938,7 +1898,6 @@ class Hydra(nn.Module):
         prev, hat = self.mem_prev(z.flatten(2))[:, (k - 1).clamp(min=0)], self.mem_hat(zhat.flatten(2))[:, k]
         return (torch.where(((k - 1) * C >= last_bos)[..., None], prev, self.mem_prev(null.flatten()))
                 + torch.where((k * C > last_bos)[..., None], hat, self.mem_hat(null.flatten()))), zhat
-
     def trunk(self, ids, code_noise=None):
         x, x0, skips = self.encode(ids)
         z = self.chunk_codes(x)
@@ -1952,10 +1911,8 @@ class Hydra(nn.Module):
             x = block(x, x0)
         logits = F.linear(F.rms_norm(x, (x.size(-1),)), self.tok_emb.weight.to(x.dtype)).float()
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP), z, zhat
-
     def forward_logits(self, input_ids, code_noise=None):
         return self.trunk(input_ids, code_noise)[0]
-
     def forward(self, input_ids, target_ids):
         logits, z, zhat = self.trunk(input_ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
@@ -1964,18 +1921,15 @@ class Hydra(nn.Module):
         if self.training:  # DDP needs every parameter in every backward: idle heads join with zero gradient
             loss = loss + 0.0 * sum(p.sum() for p in self.heads.parameters())
         return loss
-
     def augment(self, ids):
         """aug(chunk): 12% token dropout (to <unk>), 10% first-letter case flips, every digit shifted by one."""
         r = torch.rand(ids.shape, device=ids.device)
         x = torch.where(r < 0.12, self.unk_id, torch.where(r < 0.22, self.case_map[ids], ids))
         return torch.where(ids == BOS_ID, ids, self.digit_map[x])
-
     def embed_sentences(self, ids, lengths):
         """f: the L2-normalized flattened concept code of each sentence, pooled over its tokens as one chunk."""
         valid = torch.arange(ids.size(1), device=ids.device) < lengths[:, None]
         return F.normalize(self.pool(self.encode(ids)[0], valid).flatten(1).float(), dim=-1)
-
     def aux_loss(self, ids, z, zhat):
         st, C, V = {}, self.chunk, self.h.vocab_size
         zf, hf = z.flatten(2).float(), zhat.flatten(2).float()
@@ -2015,7 +1969,6 @@ class Hydra(nn.Module):
             for key, value in st.items():
                 self.stats[STAT_KEYS.index(key)] = value.detach().float()
         return total
-
     def set_kind(self, kind):
         self.aux_kind = kind
         if kind:
@@ -2023,7 +1976,6 @@ class Hydra(nn.Module):
             i = self.rng.randrange(self.geo_pool[0].size(0))
             self.geo_ids.copy_(self.geo_pool[0][i])
             self.geo_len.copy_(self.geo_pool[1][i])
-
     def set_training_progress(self, frac):
         """The predictor loss every step; reconstruction + one of {bag of words + InfoNCE, parse} (50/50) +
         geometry (ramped in over GEO_WARMUP) every HYDRA_AUX_EVERY steps; none in record mode's last AUX_CUTOFF."""
@@ -2039,7 +1991,6 @@ class Hydra(nn.Module):
             kind = ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))
         self.steps += 1
         self.set_kind(kind)
-
     def prepare_training(self, h, rt, logger):
         """Inside the clock: structural classes and augmentation maps from the tokenizer, unigram log-rank buckets
         from 50M train tokens, template batches (train words: losses, test words: probes), held-out chunks."""
@@ -2077,7 +2028,6 @@ class Hydra(nn.Module):
         logger.log0(f"hydra: shipped_params:{sum(p.numel() for p in self.parameters()) - n_heads} "
                     f"training_only_params:{n_heads} encoder_layers:{self.n_enc} chunk:{self.chunk} aux:{h.hydra_aux} "
                     f"mode:{h.hydra_mode} unigram_tokens:{n} heldout_chunks:{self.heldout.size(0)}")
-
     @torch.no_grad()
     def validation_probes(self):
         """Geometry probes on test-vocabulary templates, effective rank of held-out codes, the last aux losses."""

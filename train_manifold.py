@@ -137,7 +137,6 @@ class Hyperparameters:
     gptq_calib_source: str = "train"
     qat_start_frac: float = 0.0
     qat_bits: int = 0
-
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
@@ -152,7 +151,6 @@ class Hyperparameters:
         h = cls(**values)
         h.validate()
         return h
-
     @staticmethod
     def parse_env_value(name, raw, kind):
         text = str(raw).strip()
@@ -170,10 +168,8 @@ class Hyperparameters:
         except ValueError:
             expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
             raise ValueError(f"{name}={raw!r}: expected {expected}") from None
-
     def bad(self, name, why):
         raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
-
     def validate(self):
         """Checks of the shared fields, then the script's own `validate_model`."""
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
@@ -200,7 +196,6 @@ class Hyperparameters:
         if min(self.size_margin, self.gptq_reserve_seconds) < 0:
             self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
         self.validate_model()
-
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
@@ -227,7 +222,6 @@ class Hyperparameters:
     manifold_physics_dim: int = 300
     manifold_pairs: int = 80_000
     manifold_seed: int = 12372
-
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "route_topk", "manifold_modes", "manifold_coords"):
             if getattr(self, name) <= 0:
@@ -268,7 +262,6 @@ class Runtime:
     device: torch.device
     distributed: bool
     grad_accum_steps: int
-
     @property
     def is_main(self):
         return self.rank == 0
@@ -331,7 +324,6 @@ class RunLogger:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
                 open(path, "w", encoding="utf-8").close()
-
     def log0(self, msg, console=True):
         if not self.enabled:
             return
@@ -339,13 +331,11 @@ class RunLogger:
             print(msg, flush=True)
         with open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
-
     def event(self, kind, **fields):
         if not self.enabled:
             return
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
         if not self.enabled:
@@ -402,7 +392,6 @@ class TokenStream:
     def __init__(self, files, start=0):
         self.files, self.start = list(files), start
         self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
-
     def take(self, n):
         chunks = []
         while n > 0:
@@ -414,10 +403,8 @@ class TokenStream:
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
     def state(self):
         return (self.file_idx, self.pos)
-
     def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
@@ -430,7 +417,6 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files = shard_files(data_path, "train")
         self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
-
     def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
@@ -440,16 +426,13 @@ class DistributedTokenLoader:
         local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def heldout(self, n_tokens, seq_len):
         """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
         tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
         self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
         return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
-
     def state(self):
         return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
-
     def restore(self, state):
         self.stream.restore(state[0])
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
@@ -571,7 +554,6 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                         weight_decay=weight_decay, row_norm=row_norm)
         super().__init__(params, defaults)
-
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
@@ -631,13 +613,11 @@ class EMA:
         self.decay, self.updates, state = decay, 0, model.state_dict()
         self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
-
     @torch.no_grad()
     def update(self, model):
         state, self.updates = model.state_dict(), self.updates + 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
-
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for k, v in zip(self.names, self.shadow):
@@ -1188,7 +1168,6 @@ class _TTTTrainer:
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-
     def train_chunk(self, tokens, n):
         h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
         for g in self.opt.param_groups:  # cosine over the chunks
@@ -1317,7 +1296,6 @@ class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
     def __init__(self, n):
         self.n, self.value = n, None
-
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
@@ -1391,10 +1369,8 @@ class ShardMixer:
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
-
     def pick(self):
         return int(self.rng.choice(self.k, p=self.weights))
-
     def end_phase(self, heldout_loss):
         if self.last_loss is not None:
             self.counts[self.arm] += 1
@@ -1432,7 +1408,6 @@ class Validator:
     def __init__(self, h, rt, model, sp, logger):
         self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
         self.val, self.low_streak = None, 0
-
     def __call__(self, step, train_ms):
         h, logger = self.h, self.logger
         if self.val is None:  # (tokens, lookup tables), loaded on first use
@@ -1808,12 +1783,10 @@ def build_manifold(counts, h):
 
 class CastedLinear(nn.Linear):
     """fp32 weights cast at use (bf16 autocast on GPU); `zero=True` starts the layer at exactly zero."""
-
     def __init__(self, n_in, n_out, bias=True, zero=False):
         super().__init__(n_in, n_out, bias=bias)
         for p in self.parameters() if zero else ():
             nn.init.zeros_(p)
-
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
@@ -1834,7 +1807,6 @@ def route(score, blocked, k):
 class HopCell(nn.Module):
     """One hop: messages routed by sparsemax (causal top-k, plus static neighbours behind a gate) into a gated
     update MLP, manifold-guided attention, then the geodesic mixer capped at 0.2 |h|. FiLM comes from the caller."""
-
     def __init__(self, h, S):
         super().__init__()
         D, hidden, H = h.model_dim, int(h.mlp_mult * h.model_dim), h.num_heads
@@ -1847,7 +1819,6 @@ class HopCell(nn.Module):
         self.manifold_bias = nn.Parameter(torch.ones(H))  # w_m in the attention score w_m scn_i . scn_j
         self.rel_bias = nn.Parameter(torch.zeros(H + 1, RECENCY_BUCKETS))  # attention heads, then the router
         self.nb_gate = nn.Parameter(torch.tensor(-4.0))  # the static-neighbour route starts nearly shut (seed)
-
     def attention(self, z, c):
         """Q from [z; scn; velocity], K from [z; scn]; score bias w_m scn_i . scn_j; no clamp, the mask last, fp32."""
         B, T, D = z.shape
@@ -1859,7 +1830,6 @@ class HopCell(nn.Module):
         p = torch.softmax((s + self.rel_bias[:H][:, c["bucket"]]).masked_fill(c["future"], float("-inf")), dim=-1)
         y = p.to(z.dtype) @ self.c_v(z).view(B, T, H, dh).transpose(1, 2)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
     def forward(self, h, film, sc, c, entropy):
         scale, shift, gate = film.chunk(3, dim=-1)
         z = F.rms_norm(h, (h.size(-1),)) * (1 + scale) + shift
@@ -1893,7 +1863,6 @@ class ManifoldLM(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(V))
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-
     @torch.no_grad()
     def prepare_training(self, h, rt, logger):
         """Count the first MANIFOLD_TOKENS train tokens (whole shards split over ranks, counts all-reduced), build
@@ -1915,7 +1884,6 @@ class ManifoldLM(nn.Module):
             dist.broadcast(t, 0)
         logger.log0(f"manifold: bigrams:{int(counts[0].sum())} shards:{len(files)} sc:{tuple(sc.shape)} {stats} "
                     f"count:{t1 - t0:.1f}s build:{time.perf_counter() - t1:.1f}s")
-
     def context(self, x, scn):
         """Causal tables shared by the hops: masks, recency buckets, velocity (w_ij ~ exp(-(i-j)/tau) over j < i,
         recent tokens dominate), manifold similarity, and the static-neighbour candidates: j < i holding a static
@@ -1935,12 +1903,10 @@ class ManifoldLM(nn.Module):
         return {"future": gap < 0, "not_nb": ~nb, "scn": scn, "vel": vel * past.any(-1)[:, None],
                 "bucket": torch.log2(1 + gap.clamp_min(0).float()).long().clamp_max(RECENCY_BUCKETS - 1),
                 "sim": scn @ scn.transpose(1, 2)}
-
     def logits(self, h):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(F.rms_norm(h, (h.size(-1),)), w.to(h.dtype), self.lm_bias.to(h.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap)
-
     def forward_logits(self, input_ids):
         sc = self.sc_emb(input_ids)
         c = self.context(input_ids, F.normalize(sc.float(), dim=-1))
@@ -1957,7 +1923,6 @@ class ManifoldLM(nn.Module):
                 entropy = -(lp.exp() * lp).sum(-1) / math.log(lp.size(-1))
             h, A = self.cells[layer % len(self.cells)](h, film(sc), sc, c, entropy)
         return self.logits(h)
-
     def forward(self, input_ids, target_ids):
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))

@@ -239,6 +239,16 @@ class Hyperparameters:
             self.bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
             self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+        for name, ok, why in (
+                ("MLP_ACTIVATION", self.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
+                ("ROPE_DIMS", self.rope_dims >= 0 and self.rope_dims % 2 == 0, "must be even and non-negative"),
+                ("XSA_LAST_N", self.xsa_last_n >= 0, "must be non-negative"),
+                ("ATTN_GATE_WINDOW", 0 < self.attn_gate_window <= self.model_dim, "must be in 1..MODEL_DIM"),
+                ("BIGRAM_DIM", self.bigram_dim > 0, "must be positive"),
+                ("FLOW_DIM", self.flow_dim > 0, "must be positive"),
+                ("RECUR_LOOPS", self.recur_loops >= 1, "must be at least 1")):
+            if not ok:
+                self.bad(name, why)
 
 # Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections 8-11);
 # `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few minutes.
@@ -1711,12 +1721,10 @@ def run_main(h):
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# The official baseline GPT, parameter for parameter (RULES.md section 8), so that its state_dict loads
-# with strict=True: tok_emb, U-Net skip_weights, blocks.N.{attn.c_q,c_k,c_v,proj,q_gain; mlp.fc,proj;
-# attn_scale, mlp_scale, resid_mix}. Weights are kept in fp32 and cast at use (CastedLinear), so the same
-# module runs under bf16 autocast on GPU and in fp32 on CPU. The record stack (TECHNIQUES.md A.3) adds
-# modules and flags that are all off by default; each is credited where it is built. Everything is a tensor
-# op without data-dependent Python branches, so torch.compile sees one graph (two with depth recurrence).
+# The official baseline GPT parameter for parameter (RULES.md section 8: its state_dict loads with strict=True),
+# fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and on CPU. The record stack
+# (TECHNIQUES.md A.3) adds modules behind flags, all off by default, each credited where it is built; no
+# data-dependent Python branches, so torch.compile sees one graph (two with depth recurrence).
 
 BOS_ID = 1  # SentencePiece <s>: the first token of every document in the shards
 
@@ -1954,15 +1962,6 @@ def _recur_layers(h):
     return layers
 
 def build_model(h):
-    for name, ok, why in (
-            ("MLP_ACTIVATION", h.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
-            ("ROPE_DIMS", h.rope_dims >= 0 and h.rope_dims % 2 == 0, "must be even and non-negative"),
-            ("XSA_LAST_N", h.xsa_last_n >= 0, "must be non-negative"),
-            ("ATTN_GATE_WINDOW", 0 < h.attn_gate_window <= h.model_dim, "must be in 1..MODEL_DIM"),
-            ("BIGRAM_DIM", h.bigram_dim > 0, "must be positive"), ("FLOW_DIM", h.flow_dim > 0, "must be positive"),
-            ("RECUR_LOOPS", h.recur_loops >= 1, "must be at least 1")):
-        if not ok:
-            raise ValueError(f"{name}={getattr(h, name.lower())!r}: {why}")
     return GPT(h)
 
 def param_groups(model, h):

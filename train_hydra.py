@@ -1,12 +1,8 @@
-"""Hydra for Parameter Golf: a causal chunk-concept LM (TECHNIQUES.md part C; docs/hydra.md), scored in bits per byte.
-
-Every HYDRA_CHUNK trunk tokens are pooled into a 32x16 concept code, a small causal transformer predicts the next
-chunk's code, and the later blocks read earlier chunks' codes only. Training-only heads and six geometry losses
-shape the codes; they are not in the artifact. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings,
-ideas only), InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py.
-Run: torchrun --standalone --nproc_per_node=8 train_hydra.py; every knob is an UPPER_SNAKE environment variable
-(PRESET=record|research|smoke picks defaults, explicit variables win; HYDRA_AUX=0 trains on CE alone).
-"""
+"""Hydra: a causal chunk-concept LM scored in bits per byte (TECHNIQUES.md part C; docs/hydra.md). Every HYDRA_CHUNK
+tokens pool into a 32x16 code that a causal predictor forecasts and later blocks read; training-only heads and six
+geometry losses shape the codes. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings, ideas only),
+InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py. Run: torchrun
+--standalone --nproc_per_node=8 train_hydra.py; knobs are UPPER_SNAKE env vars (PRESET=record|research|smoke)."""
 
 import contextlib
 import copy
@@ -1694,48 +1690,31 @@ class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-def apply_rotary(x, base):
-    T, d = x.shape[-2:]
-    inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
-    cos, sin, x1, x2 = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype), x[..., :d // 2], x[..., d // 2:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-class CausalSelfAttention(nn.Module):
-    """GQA with QK-RMSNorm, RoPE and a learned query gain, as train_gpt.py; causal unless told otherwise."""
-    def __init__(self, dim, heads, kv_heads, causal=True):
+class Block(nn.Module):
+    """train_gpt.py's block: GQA with QK-RMSNorm, RoPE and a learned query gain, relu^2 MLP; causal unless told."""
+    def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
         super().__init__()
         self.heads, self.kv_heads, self.hd, self.causal = heads, kv_heads, dim // heads, causal
         self.c_q, self.c_k, self.c_v = (CastedLinear(dim, n * dim // heads) for n in (heads, kv_heads, kv_heads))
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((heads,), QK_GAIN_INIT))
-    def forward(self, x, mask=None):
-        B, T, D = x.shape
-        q, k, v = (lin(x).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
-        q = apply_rotary(F.rms_norm(q, (self.hd,)), ROPE_BASE) * self.q_gain.to(x.dtype)[:, None, None]
-        k = apply_rotary(F.rms_norm(k, (self.hd,)), ROPE_BASE)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
-                                           enable_gqa=self.kv_heads != self.heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
-class MLP(nn.Module):
-    def __init__(self, dim, mult):
-        super().__init__()
-        self.fc, self.proj = CastedLinear(dim, int(mult * dim)), CastedLinear(int(mult * dim), dim, zero_init=True)
-    def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)).square())
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
-        super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, causal), MLP(dim, mlp_mult)
+        self.proj, self.mlp_proj = CastedLinear(dim, dim, True), CastedLinear(int(mlp_mult * dim), dim, True)
+        self.mlp_fc, self.q_gain = CastedLinear(dim, int(mlp_mult * dim)), nn.Parameter(torch.full((heads,), 1.0))
+        nn.init.constant_(self.q_gain, QK_GAIN_INIT)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
     def forward(self, x, x0, mask=None):
-        mix, norm = self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
+        (B, T, D), mix, norm = x.shape, self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(norm(x), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
+        q, k, v = (lin(norm(x)).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
+        inv = 1.0 / ROPE_BASE ** (torch.arange(0, self.hd, 2, device=x.device, dtype=torch.float32) / self.hd)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
+        cos, sin, half = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype), self.hd // 2
+        rope = lambda t: torch.cat((t[..., :half] * cos + t[..., half:] * sin,  # noqa: E731
+                                    t[..., half:] * cos - t[..., :half] * sin), dim=-1)
+        q, k = rope(norm(q)) * self.q_gain.to(x.dtype)[:, None, None], rope(norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        x = x + self.attn_scale.to(x.dtype) * self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp_proj(torch.relu(self.mlp_fc(norm(x))).square())
 
 def run_stack(blocks, x, mask=None):
     x0 = x
@@ -1771,27 +1750,23 @@ class StrippedHead(nn.Module):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
 
 # Template fillers (the seed's slot filling), split into disjoint halves: train = even positions, test = odd ones.
-WORDS = {
-    "animal": "cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger",
-    "object": "book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite",
-    "adj": "red blue green old new warm cold soft hard dark bright loud quiet clean dirty heavy wet dry sharp round",
-    "tense": "opens:opened paints:painted climbs:climbed kicks:kicked pulls:pulled fixes:fixed carries:carried "
-             "moves:moved lifts:lifted drops:dropped washes:washed watches:watched",
-    "sentiment": "good:bad great:awful happy:sad lovely:ugly kind:cruel nice:nasty pleasant:horrible fine:terrible",
-    "size": "big:small huge:tiny large:little tall:short wide:narrow thick:thin long:brief vast:slight",
-    "manner": "quickly:slowly loudly:quietly happily:sadly gently:roughly calmly:nervously carefully:carelessly "
-              "eagerly:lazily boldly:shyly",
-    "location": "above:below inside:outside over:under near:beyond beside:behind in:on",
-}
-RELATIONS = {  # (positive, negative); {a} animal, {o} object, {j} adjective, {x}:{y} a pair of the relation
-    "negation": ("the {a} is {j}", "the {a} is not {j}"),
-    "plurality": ("the {a} sees the {o}", "the {a}s see the {o}"),
-    "tense": ("the {a} {x} the {o}", "the {a} {y} the {o}"),
-    "sentiment": ("the {a} found a {x} {o}", "the {a} found a {y} {o}"),
-    "size": ("the {a} has a {x} {o}", "the {a} has a {y} {o}"),
-    "manner": ("the {a} ate the {o} {x}", "the {a} ate the {o} {y}"),
-    "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}"),
-}
+WORDS = dict(line.split("=") for line in (
+    "animal=cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger|"
+    "object=book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite|"
+    "adj=red blue green old new warm cold soft hard dark bright loud quiet clean dirty heavy wet dry sharp round|"
+    "tense=opens:opened paints:painted climbs:climbed kicks:kicked pulls:pulled fixes:fixed carries:carried "
+    "moves:moved lifts:lifted drops:dropped washes:washed watches:watched|sentiment=good:bad great:awful happy:sad "
+    "lovely:ugly kind:cruel nice:nasty pleasant:horrible fine:terrible|size=big:small huge:tiny large:little "
+    "tall:short wide:narrow thick:thin long:brief vast:slight|manner=quickly:slowly loudly:quietly happily:sadly "
+    "gently:roughly calmly:nervously carefully:carelessly eagerly:lazily boldly:shyly|"
+    "location=above:below inside:outside over:under near:beyond beside:behind in:on").split("|"))
+# (positive, negative) per relation; {a} animal, {o} object, {j} adjective, {x}:{y} a pair of the relation
+RELATIONS = {"negation": ("the {a} is {j}", "the {a} is not {j}"), "plurality": ("the {a} sees the {o}",
+             "the {a}s see the {o}"), "tense": ("the {a} {x} the {o}", "the {a} {y} the {o}"),
+             "sentiment": ("the {a} found a {x} {o}", "the {a} found a {y} {o}"),
+             "size": ("the {a} has a {x} {o}", "the {a} has a {y} {o}"),
+             "manner": ("the {a} ate the {o} {x}", "the {a} ate the {o} {y}"),
+             "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}")}
 
 def vocabulary(split):
     return {k: v.split()[split == "test"::2] for k, v in WORDS.items()}
@@ -1805,7 +1780,6 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         x, y = (pair or rng.choice(voc.get(rel, ["-:-"]))).split(":")
         a = a or rng.choice(voc["animal"])
         return [t.format(a=a, o=rng.choice(voc["object"]), j=rng.choice(voc["adj"]), x=x, y=y) for t in RELATIONS[rel]]
-
     out = [fill(rng.choice(names))[0] for _ in range(R)]
     for w, i in ((s.split(), rng.randrange(len(s.split()) - 1)) for s in out[:R]):
         out.append(" ".join(w[:i] + [w[i + 1], w[i]] + w[i + 2:]))

@@ -1668,20 +1668,14 @@ def run_main(h):
 
 # ===== END SHARED BLOCK: train v1 =====
 
-# MODEL (TECHNIQUES.md C.2): chunk j (C tokens) of the encoder blocks is pooled into a code Z_j; a causal transformer
-# predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to every token of chunk k
-# (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose last BOS is at b reads
-# Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code; the predictor obeys the same
-# rule. Training-only heads live under `heads.`; scoring is the causal softmax of `forward_logits` alone.
-
+# MODEL (TECHNIQUES.md C.2): encoder chunk j pools into Z_j, a causal transformer predicts Zhat_k = P(Z_<k), decoder
+# tokens of chunk k get U_a Z_{k-1} + U_b Zhat_k; memory resets at BOS (a null code); heads under `heads.` train only.
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
 GEO_LAYOUT = (16, 2, 6, 4, 4)  # R base sentences (+ R word-order swaps), Q relations x P pairs, G x M clusters
 GEO_ROWS = 2 * GEO_LAYOUT[0] + 2 * GEO_LAYOUT[1] * GEO_LAYOUT[2] + GEO_LAYOUT[3] * GEO_LAYOUT[4]
 GEO_LEN = 20  # tokens per template sentence, BOS included (the longest takes 19 with the pydoc sp1024)
-GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3, "analogy": 2.0, "direction": 1.5,
-               "cluster": 1.5}
+GEO_WEIGHTS = dict(word_order=2.0, hard_repulsion=1.0, batch_repulsion=0.3, analogy=2.0, direction=1.5, cluster=1.5)
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
-
 class CastedLinear(nn.Linear):
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -1689,7 +1683,6 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.weight)
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
-
 class Block(nn.Module):
     """train_gpt.py's block: GQA with QK-RMSNorm, RoPE and a learned query gain, relu^2 MLP; causal unless told."""
     def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
@@ -1715,13 +1708,11 @@ class Block(nn.Module):
                                            enable_gqa=self.kv_heads != self.heads)
         x = x + self.attn_scale.to(x.dtype) * self.proj(y.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp_scale.to(x.dtype) * self.mlp_proj(torch.relu(self.mlp_fc(norm(x))).square())
-
 def run_stack(blocks, x, mask=None):
     x0 = x
     for block in blocks:
         x = block(x, x0, mask)
     return x
-
 class ConceptPool(nn.Module):
     """Z[s] = sum_t softmax_t(q_s . W_k h_t) W_v h_t over the valid positions of one chunk; RMSNorm per slot."""
     def __init__(self, dim, h):
@@ -1732,7 +1723,6 @@ class ConceptPool(nn.Module):
         scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / 64 ** 0.5
         w = torch.softmax(scores.float().masked_fill(~valid[:, None], float("-inf")), dim=-1)
         return F.rms_norm(w.to(x.dtype) @ self.value(x), (self.value.out_features,))
-
 class ChunkDecoder(nn.Module):
     """Training-only: a code's slots as tokens plus C position queries, bidirectional; `out` values per position."""
     def __init__(self, h, out, layers):
@@ -1744,11 +1734,9 @@ class ChunkDecoder(nn.Module):
     def forward(self, z):  # (N, slots, slot_dim) -> (N, chunk, out)
         x = F.pad(self.inp(z), (0, 0, 0, self.queries.size(0) - self.slots)) + self.queries.to(z.dtype)
         return self.out(F.rms_norm(run_stack(self.blocks, x)[:, self.slots:], (x.size(-1),)))
-
 class StrippedHead(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
-
 # Template fillers (the seed's slot filling), split into disjoint halves: train = even positions, test = odd ones.
 WORDS = dict(line.split("=") for line in (
     "animal=cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger|"
@@ -1767,13 +1755,10 @@ RELATIONS = {"negation": ("the {a} is {j}", "the {a} is not {j}"), "plurality": 
              "size": ("the {a} has a {x} {o}", "the {a} has a {y} {o}"),
              "manner": ("the {a} ate the {o} {x}", "the {a} ate the {o} {y}"),
              "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}")}
-
 def vocabulary(split):
     return {k: v.split()[split == "test"::2] for k, v in WORDS.items()}
-
 def template_batch(rng, split, layout=GEO_LAYOUT):
-    """R base sentences, their R word-order swaps, Q relations x P (positive, negative) pairs sharing one word
-    pair, G clusters of M sentences about one animal: the order `geometry` reads."""
+    """R sentences, their R word-order swaps, Q relations x P (pos, neg) pairs, G clusters of M: `geometry`'s order."""
     R, Q, P, G, M = layout
     voc, names = vocabulary(split), list(RELATIONS)
     def fill(rel, a=None, pair=None):
@@ -1787,10 +1772,8 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         pair = rng.choice(voc.get(rel, ["-:-"]))
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
     return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
-
 def geometry(f, layout=GEO_LAYOUT):
-    """The seed's six losses and the probes on embeddings f in template order. Analogy: a - b + c ~ d with (a, b)
-    pair i and (d, c) pair i+1 of a relation; trivial baseline max(cos(c, d), cos(a, d))."""
+    """The seed's six losses and probes; analogy a - b + c ~ d (pairs i, i+1), baseline max(cos(c, d), cos(a, d))."""
     R, Q, P, G, M = layout
     f, eye = F.normalize(f.float(), dim=-1), lambda n: torch.eye(n, device=f.device)
     mean = lambda x, mask: (x * mask).sum() / mask.expand_as(x).sum()  # noqa: E731
@@ -1809,12 +1792,10 @@ def geometry(f, layout=GEO_LAYOUT):
               "cluster_gap": mean(sc, same - eye(G * M)) - mean(sc, 1 - same), "direction": mean(dd, 1 - eye(P)),
               "word_order": order.mean()}
     return losses, probes
-
 def effective_rank(x, p):
     """rank_p over the centered rows of x: the first index with cumsum(s^2) / sum(s^2) >= p, plus 1."""
     s2 = torch.linalg.svdvals(x.float() - x.float().mean(0)).square()
     return int((torch.cumsum(s2, 0) / s2.sum() < p).sum()) + 1
-
 class Hydra(nn.Module):
     training_only_prefixes = ("heads.",)
     def __init__(self, h):
@@ -1951,8 +1932,7 @@ class Hydra(nn.Module):
             self.geo_ids.copy_(self.geo_pool[0][i])
             self.geo_len.copy_(self.geo_pool[1][i])
     def set_training_progress(self, frac):
-        """The predictor loss every step; reconstruction + one of {bag of words + InfoNCE, parse} (50/50) +
-        geometry (ramped in over GEO_WARMUP) every HYDRA_AUX_EVERY steps; none in record mode's last AUX_CUTOFF."""
+        """Predictor loss always; every HYDRA_AUX_EVERY steps recon + (bow + InfoNCE or parse) + ramped geometry."""
         h = self.h
         if self.priming and frac < self.last_frac:  # warmup sent 0.0 then 1.0; the timed run starts again low
             self.priming, self.steps, self.aux_counts = False, 0, {"para": 0, "parse": 0}
@@ -1966,8 +1946,7 @@ class Hydra(nn.Module):
         self.steps += 1
         self.set_kind(kind)
     def prepare_training(self, h, rt, logger):
-        """Inside the clock: structural classes and augmentation maps from the tokenizer, unigram log-rank buckets
-        from 50M train tokens, template batches (train words: losses, test words: probes), held-out chunks."""
+        """On the clock: tokenizer classes and maps, unigram buckets (50M tokens), template batches, held-out chunks."""
         sp, dev, V = load_tokenizer(h.tokenizer_path, h.vocab_size), self.tok_emb.weight.device, h.vocab_size
         pieces = [sp.id_to_piece(i) for i in range(V)]
         index, flags, case_map = {p: i for i, p in enumerate(pieces)}, [], []
@@ -2018,15 +1997,12 @@ class Hydra(nn.Module):
         out.update(aux_para_steps=self.aux_counts["para"], aux_parse_steps=self.aux_counts["parse"])
         self.train(was_training)
         return out
-
 def build_model(h):
     if not h.tie_embeddings:  # checked here, not in validate_model: the shared env tests parse TIE_EMBEDDINGS=0
         raise ValueError("TIE_EMBEDDINGS=False: the hydra's output head is its token embedding")
     return Hydra(h)
-
 def param_groups(model, h):
-    """Muon for the shipped model's CastedLinear matrices; Adam for the tied embedding, vectors, queries and the
-    null code, and (at HEAD_LR) the training-only heads, which see a gradient only every HYDRA_AUX_EVERY steps."""
+    """Muon for the shipped CastedLinear matrices; Adam for the rest, with the training-only heads at HEAD_LR."""
     heads = list(model.heads.parameters())
     matrices = [m.weight for n, m in model.named_modules()
                 if isinstance(m, CastedLinear) and not n.startswith(model.training_only_prefixes)]

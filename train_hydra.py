@@ -211,24 +211,19 @@ class Hyperparameters:
             self.bad("MODEL_DIM", "must split into NUM_HEADS even heads, NUM_HEADS into NUM_KV_HEADS groups")
         if self.hydra_mode not in ("record", "research"):
             self.bad("HYDRA_MODE", "must be one of record, research")
-
 # Rarely tuned: the predictor and the training-only heads scale with MODEL_DIM (TECHNIQUES.md C.2 sizes at 512).
 ROPE_BASE, LOGIT_SOFTCAP, QK_GAIN_INIT, TIED_EMBED_INIT_STD = 10000.0, 30.0, 1.5, 0.005
 AUX_CUTOFF, GEO_WARMUP = 0.3, 0.1  # fractions of the budget: record mode's aux-free tail, the geometry ramp
-LAMBDA_AUX, LAMBDA_PRED, LAMBDA_GEO = 0.1, 0.1, 0.05
-AUX_CHUNKS = 256  # chunks per step that feed the reconstruction and parse heads
-
-# `record` is train_gpt.py's record options with 8 blocks (the concept path fits the same bytes) and T = 2048
-# (TECHNIQUES.md C.2); `research` keeps the auxiliary losses through warmdown; `smoke` runs on a laptop CPU.
+LAMBDA_AUX, LAMBDA_PRED, LAMBDA_GEO, AUX_CHUNKS = 0.1, 0.1, 0.05, 256  # AUX_CHUNKS: chunks/step for recon, parse
+# record: train_gpt.py's record options, 8 blocks, T = 2048 (TECHNIQUES.md C.2); research keeps aux; smoke: CPU.
 RECORD = {"ema_decay": 0.997, "muon_wd": 0.04, "muon_row_norm": True, "warmdown_frac": 0.75, "eval_mode": "sliding",
           "num_layers": 8, "train_seq_len": 2048}
-PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": {
-    "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-    "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0, "compile": False,
-    "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
-    "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
-    "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50, "eval_mode": "sliding"}}
-
+PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": dict(
+    data_path="data/datasets/pydoc_sp1024", tokenizer_path="data/tokenizers/pydoc_1024_bpe.model", iterations=2000,
+    warmup_steps=2, warmdown_frac=0.3, max_wallclock_seconds=150.0, compile=False, train_batch_tokens=16384,
+    train_seq_len=256, num_layers=4, model_dim=192, num_heads=4, num_kv_heads=2, val_batch_size=32768,
+    val_loss_every=100, train_log_every=25, status_every=10, matrix_lr=0.03, ema_decay=0.99,
+    muon_momentum_warmup_steps=50, eval_mode="sliding")}
 CODE_PATH = os.path.abspath(__file__)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
 
@@ -1690,8 +1685,7 @@ class Block(nn.Module):
         self.heads, self.kv_heads, self.hd, self.causal = heads, kv_heads, dim // heads, causal
         self.c_q, self.c_k, self.c_v = (CastedLinear(dim, n * dim // heads) for n in (heads, kv_heads, kv_heads))
         self.proj, self.mlp_proj = CastedLinear(dim, dim, True), CastedLinear(int(mlp_mult * dim), dim, True)
-        self.mlp_fc, self.q_gain = CastedLinear(dim, int(mlp_mult * dim)), nn.Parameter(torch.full((heads,), 1.0))
-        nn.init.constant_(self.q_gain, QK_GAIN_INIT)
+        self.mlp_fc, self.q_gain = CastedLinear(dim, int(mlp_mult * dim)), nn.Parameter(QK_GAIN_INIT * torch.ones(heads))
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
     def forward(self, x, x0, mask=None):
@@ -1818,8 +1812,7 @@ class Hydra(nn.Module):
                            ("geo_len", torch.ones(GEO_ROWS, dtype=torch.long)), ("stats", torch.zeros(len(STAT_KEYS)))):
             self.register_buffer(name, init, persistent=False)  # training state: never in the artifact
         self.prepared = self.priming = self.aux_on = self.heads_stripped = False
-        self.aux_kind, self.steps, self.unk_id, self.last_frac = None, 0, 0, 0.0
-        self.aux_counts = {"para": 0, "parse": 0}
+        self.aux_kind, self.steps, self.unk_id, self.last_frac, self.aux_counts = None, 0, 0, 0.0, dict(para=0, parse=0)
         self.rng = random.Random(h.seed)  # the same draws on every rank
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if not any(k.startswith(self.training_only_prefixes) for k in state_dict):  # an artifact: strip the heads
@@ -1833,8 +1826,7 @@ class Hydra(nn.Module):
             skips.append(x)
         return x, x0, skips
     def chunk_codes(self, x):  # (B, T, D) -> (B, K, slots, slot_dim), the last chunk padded and masked
-        (B, T, D), C = x.shape, self.chunk
-        K = -(-T // C)
+        (B, T, D), C, K = x.shape, self.chunk, -(-x.size(1) // self.chunk)
         valid = (torch.arange(K * C, device=x.device) < T).view(K, C).repeat(B, 1)
         return self.pool(F.pad(x, (0, 0, 0, K * C - T)).view(B * K, C, D), valid).view(B, K, *self.null_code.shape)
     def memory(self, z, ids):
@@ -1855,9 +1847,8 @@ class Hydra(nn.Module):
                 + torch.where((k * C > last_bos)[..., None], hat, self.mem_hat(null.flatten()))), zhat
     def trunk(self, ids, code_noise=None):
         x, x0, skips = self.encode(ids)
-        z = self.chunk_codes(x)
-        if code_noise is not None:  # the chunk-code audit perturbs Z here (tests/test_hydra.py)
-            z = z + code_noise.to(z.dtype)
+        z = self.chunk_codes(x)  # the chunk-code audit perturbs Z here (tests/test_hydra.py)
+        z = z if code_noise is None else z + code_noise.to(z.dtype)
         mem, zhat = self.memory(z, ids)
         x = x + mem
         for i, block in enumerate(self.blocks[self.n_enc:]):
@@ -1918,8 +1909,7 @@ class Hydra(nn.Module):
                     out[..., 6:].flatten(0, 1), self.bucket[t].masked_fill(~valid, -100).flatten(), ignore_index=-100)
             geo = geometry(self.embed_sentences(self.geo_ids, self.geo_len))[0]
             st["geo"] = sum(GEO_WEIGHTS[k] * v for k, v in geo.items())
-            total = total + LAMBDA_AUX * (st["recon"] + second)
-            total = total + LAMBDA_GEO * self.geo_scale * st["geo"]
+            total = total + LAMBDA_AUX * (st["recon"] + second) + LAMBDA_GEO * self.geo_scale * st["geo"]
         with torch.no_grad():
             for key, value in st.items():
                 self.stats[STAT_KEYS.index(key)] = value.detach().float()
@@ -1966,8 +1956,7 @@ class Hydra(nn.Module):
             counts, n = counts + torch.bincount(tokens, minlength=V)[:V].double(), n + tokens.numel()
             if n >= 50_000_000:
                 break
-        rank = torch.empty(V, dtype=torch.long)
-        rank[counts.argsort(descending=True, stable=True)] = torch.arange(V)
+        rank = counts.argsort(descending=True, stable=True).argsort()  # the inverse permutation
         self.bucket.copy_((8 * torch.log1p(rank.double()) / math.log1p(V)).long().clamp(max=7))
         tail = load_data_shard(files[-1])[-512 * self.chunk:].to(torch.int64)
         self.heldout = tail[:tail.numel() // self.chunk * self.chunk].view(-1, self.chunk).to(dev)

@@ -226,7 +226,6 @@ PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "
     muon_momentum_warmup_steps=50, eval_mode="sliding")}
 CODE_PATH = os.path.abspath(__file__)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
-
 # ===== BEGIN SHARED BLOCK: runtime v1 =====
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
@@ -1662,7 +1661,6 @@ def run_main(h):
     return 0 if valid else 3
 
 # ===== END SHARED BLOCK: train v1 =====
-
 # MODEL (TECHNIQUES.md C.2): encoder chunk j pools into Z_j, a causal transformer predicts Zhat_k = P(Z_<k), decoder
 # tokens of chunk k get U_a Z_{k-1} + U_b Zhat_k; memory resets at BOS (a null code); heads under `heads.` train only.
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
@@ -1877,8 +1875,7 @@ class Hydra(nn.Module):
         valid = torch.arange(ids.size(1), device=ids.device) < lengths[:, None]
         return F.normalize(self.pool(self.encode(ids)[0], valid).flatten(1).float(), dim=-1)
     def aux_loss(self, ids, z, zhat):
-        st, C, V = {}, self.chunk, self.h.vocab_size
-        zf, hf = z.flatten(2).float(), zhat.flatten(2).float()
+        st, C, V, zf, hf = {}, self.chunk, self.h.vocab_size, z.flatten(2).float(), zhat.flatten(2).float()
         floor = lambda v: torch.relu(1 - (v.flatten(0, 1).var(0, correction=0) + 1e-4).sqrt()).mean()  # noqa: E731
         st["pred"] = (1 - F.cosine_similarity(hf, zf.detach(), dim=-1)).mean() + floor(zf) + floor(hf)  # VICReg floor
         total = LAMBDA_PRED * st["pred"]
@@ -2000,9 +1997,7 @@ def param_groups(model, h):
             {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
              "base_lr": h.scalar_lr}]
     return matrices, adam + ([{"params": heads, "lr": h.head_lr, "base_lr": h.head_lr}] if heads else [])
-
 # TRAINING: the loop, serialization, audits and final eval are the shared train block.
-
 if __name__ == "__main__":
     try:
         sys.exit(run_main(Hyperparameters.from_env()))

@@ -1,8 +1,7 @@
 """Hydra: a causal chunk-concept LM scored in bits per byte (TECHNIQUES.md part C; docs/hydra.md). Every HYDRA_CHUNK
 tokens pool into a 32x16 code that a causal predictor forecasts and later blocks read; training-only heads and six
 geometry losses shape the codes. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings, ideas only),
-InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py. Run: torchrun
---standalone --nproc_per_node=8 train_hydra.py; knobs are UPPER_SNAKE env vars (PRESET=record|research|smoke)."""
+InfoNCE (van den Oord 2018), VICReg (Bardes 2021), train_gpt.py's record stack. Run: torchrun --nproc_per_node=8."""
 
 import contextlib
 import copy
@@ -1794,8 +1793,7 @@ class Hydra(nn.Module):
         super().__init__()
         D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, 32 * max(2, h.model_dim // 128)
         self.h, self.chunk, self.n_enc = h, h.hydra_chunk, h.num_layers // 2  # predictor width P: 128 at d 512
-        self.tok_emb = nn.Embedding(V, D)  # tied with the output head
-        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
+        self.tok_emb = nn.Embedding(V, D, _weight=TIED_EMBED_INIT_STD * torch.randn(V, D))  # tied with the output head
         self.blocks = nn.ModuleList(Block(D, h.num_heads, h.num_kv_heads, h.mlp_mult) for _ in range(h.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), D))
         self.pool, self.null_code = ConceptPool(D, h), nn.Parameter(torch.randn(S, sd))
@@ -1927,9 +1925,8 @@ class Hydra(nn.Module):
         self.aux_on = self.prepared and h.hydra_aux and (h.hydra_mode == "research" or frac < 1 - AUX_CUTOFF)
         self.geo_scale.fill_(min(1.0, frac / GEO_WARMUP))
         # warmup cycles para, parse, CE-only (and aux off at 1.0) so torch.compile builds each graph off the clock
-        kind = None
-        if self.aux_on and (self.priming or self.steps % h.hydra_aux_every == 0):
-            kind = ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))
+        kind = self.aux_on and (self.priming or self.steps % h.hydra_aux_every == 0) and (
+            ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))) or None
         self.steps += 1
         self.set_kind(kind)
     def prepare_training(self, h, rt, logger):

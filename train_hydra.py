@@ -200,12 +200,11 @@ class Hyperparameters:
     hydra_mode: str = "record"
     hydra_aux_every: int = 5
     def validate_model(self):
-        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "hydra_chunk", "hydra_slots",
-                     "hydra_slot_dim", "hydra_aux_every"):
+        if self.num_layers < 2:  # also covers NUM_LAYERS <= 0
+            self.bad("NUM_LAYERS", "the hydra needs an encoder and a decoder block")
+        for name in "model_dim num_heads num_kv_heads hydra_chunk hydra_slots hydra_slot_dim hydra_aux_every".split():
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
-        if self.num_layers < 2:
-            self.bad("NUM_LAYERS", "the hydra needs an encoder and a decoder block")
         if self.model_dim % (2 * self.num_heads) or self.num_heads % self.num_kv_heads:
             self.bad("MODEL_DIM", "must split into NUM_HEADS even heads, NUM_HEADS into NUM_KV_HEADS groups")
         if self.hydra_mode not in ("record", "research"):
@@ -1815,11 +1814,8 @@ class Hydra(nn.Module):
             self.heads, self.heads_stripped = nn.ModuleDict({k: StrippedHead() for k in self.heads}), True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
     def encode(self, ids):
-        x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
-        x0, skips = x, []
-        for block in self.blocks[:self.n_enc]:
-            x = block(x, x0)
-            skips.append(x)
+        x0 = x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
+        skips = [x := block(x, x0) for block in self.blocks[:self.n_enc]]  # each encoder output, for the U-Net skips
         return x, x0, skips
     def chunk_codes(self, x):  # (B, T, D) -> (B, K, slots, slot_dim), the last chunk padded and masked
         (B, T, D), C, K = x.shape, self.chunk, -(-x.size(1) // self.chunk)
@@ -1858,10 +1854,9 @@ class Hydra(nn.Module):
     def forward(self, input_ids, target_ids):
         logits, z, zhat = self.trunk(input_ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
-        if self.training and self.aux_on:
-            loss = loss + self.aux_loss(input_ids, z, zhat)
         if self.training:  # DDP needs every parameter in every backward: idle heads join with zero gradient
             loss = loss + 0.0 * sum(p.sum() for p in self.heads.parameters())
+            loss = loss + self.aux_loss(input_ids, z, zhat) if self.aux_on else loss
         return loss
     def augment(self, ids):
         """aug(chunk): 12% token dropout (to <unk>), 10% first-letter case flips, every digit shifted by one."""
@@ -1977,9 +1972,8 @@ class Hydra(nn.Module):
         codes = self.chunk_codes(self.encode(self.heldout)[0]).flatten(2).flatten(0, 1)
         out.update(analogy_gap=out["analogy"] - out["analogy_baseline"], rank90=effective_rank(codes, 0.90),
                    rank95=effective_rank(codes, 0.95), codes=codes.size(0), **dict(zip(STAT_KEYS, self.stats.tolist())))
-        out.update(aux_para_steps=self.aux_counts["para"], aux_parse_steps=self.aux_counts["parse"])
         self.train(was_training)
-        return out
+        return {**out, **{f"aux_{k}_steps": v for k, v in self.aux_counts.items()}}
 def build_model(h):
     if not h.tie_embeddings:  # checked here, not in validate_model: the shared env tests parse TIE_EMBEDDINGS=0
         raise ValueError("TIE_EMBEDDINGS=False: the hydra's output head is its token embedding")

@@ -1,12 +1,7 @@
-"""Hydra for Parameter Golf: a causal chunk-concept LM (TECHNIQUES.md part C; docs/hydra.md), scored in bits per byte.
-
-Every HYDRA_CHUNK trunk tokens are pooled into a 32x16 concept code, a small causal transformer predicts the next
-chunk's code, and the later blocks read earlier chunks' codes only. Training-only heads and six geometry losses
-shape the codes; they are not in the artifact. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings,
-ideas only), InfoNCE (van den Oord et al. 2018), VICReg (Bardes et al. 2021), the record stack of train_gpt.py.
-Run: torchrun --standalone --nproc_per_node=8 train_hydra.py; every knob is an UPPER_SNAKE environment variable
-(PRESET=record|research|smoke picks defaults, explicit variables win; HYDRA_AUX=0 trains on CE alone).
-"""
+"""Hydra: a causal chunk-concept LM scored in bits per byte (TECHNIQUES.md part C; docs/hydra.md). Every HYDRA_CHUNK
+tokens pool into a 32x16 code that a causal predictor forecasts and later blocks read; training-only heads and six
+geometry losses shape the codes. Credits: the seed "Lean Hydra" (ruapotato/Free-Language-Embeddings, ideas only),
+InfoNCE (van den Oord 2018), VICReg (Bardes 2021), train_gpt.py's record stack. Run: torchrun --nproc_per_node=8."""
 
 import contextlib
 import copy
@@ -205,37 +200,30 @@ class Hyperparameters:
     hydra_mode: str = "record"
     hydra_aux_every: int = 5
     def validate_model(self):
-        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "hydra_chunk", "hydra_slots",
-                     "hydra_slot_dim", "hydra_aux_every"):
+        if self.num_layers < 2:  # also covers NUM_LAYERS <= 0
+            self.bad("NUM_LAYERS", "the hydra needs an encoder and a decoder block")
+        for name in "model_dim num_heads num_kv_heads hydra_chunk hydra_slots hydra_slot_dim hydra_aux_every".split():
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
-        if self.num_layers < 2:
-            self.bad("NUM_LAYERS", "the hydra needs an encoder and a decoder block")
         if self.model_dim % (2 * self.num_heads) or self.num_heads % self.num_kv_heads:
             self.bad("MODEL_DIM", "must split into NUM_HEADS even heads, NUM_HEADS into NUM_KV_HEADS groups")
         if self.hydra_mode not in ("record", "research"):
             self.bad("HYDRA_MODE", "must be one of record, research")
-
 # Rarely tuned: the predictor and the training-only heads scale with MODEL_DIM (TECHNIQUES.md C.2 sizes at 512).
 ROPE_BASE, LOGIT_SOFTCAP, QK_GAIN_INIT, TIED_EMBED_INIT_STD = 10000.0, 30.0, 1.5, 0.005
 AUX_CUTOFF, GEO_WARMUP = 0.3, 0.1  # fractions of the budget: record mode's aux-free tail, the geometry ramp
-LAMBDA_AUX, LAMBDA_PRED, LAMBDA_GEO = 0.1, 0.1, 0.05
-AUX_CHUNKS = 256  # chunks per step that feed the reconstruction and parse heads
-
-# `record` is train_gpt.py's record options with 8 blocks (the concept path fits the same bytes) and T = 2048
-# (TECHNIQUES.md C.2); `research` keeps the auxiliary losses through warmdown; `smoke` runs on a laptop CPU.
+LAMBDA_AUX, LAMBDA_PRED, LAMBDA_GEO, AUX_CHUNKS = 0.1, 0.1, 0.05, 256  # AUX_CHUNKS: chunks/step for recon, parse
+# record: train_gpt.py's record options, 8 blocks, T = 2048 (TECHNIQUES.md C.2); research keeps aux; smoke: CPU.
 RECORD = {"ema_decay": 0.997, "muon_wd": 0.04, "muon_row_norm": True, "warmdown_frac": 0.75, "eval_mode": "sliding",
           "num_layers": 8, "train_seq_len": 2048}
-PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": {
-    "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-    "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0, "compile": False,
-    "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
-    "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25, "status_every": 10,
-    "matrix_lr": 0.03, "ema_decay": 0.99, "muon_momentum_warmup_steps": 50, "eval_mode": "sliding"}}
-
+PRESETS = {"record": RECORD, "research": {**RECORD, "hydra_mode": "research"}, "smoke": dict(
+    data_path="data/datasets/pydoc_sp1024", tokenizer_path="data/tokenizers/pydoc_1024_bpe.model", iterations=2000,
+    warmup_steps=2, warmdown_frac=0.3, max_wallclock_seconds=150.0, compile=False, train_batch_tokens=16384,
+    train_seq_len=256, num_layers=4, model_dim=192, num_heads=4, num_kv_heads=2, val_batch_size=32768,
+    val_loss_every=100, train_log_every=25, status_every=10, matrix_lr=0.03, ema_decay=0.99,
+    muon_momentum_warmup_steps=50, eval_mode="sliding")}
 CODE_PATH = os.path.abspath(__file__)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
-
 # ===== BEGIN SHARED BLOCK: runtime v1 =====
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
@@ -1671,21 +1659,14 @@ def run_main(h):
     return 0 if valid else 3
 
 # ===== END SHARED BLOCK: train v1 =====
-
-# MODEL (TECHNIQUES.md C.2): chunk j (C tokens) of the encoder blocks is pooled into a code Z_j; a causal transformer
-# predicts Zhat_k = P(Z_<k); the decoder blocks get U_a Z_{k-1} + U_b Zhat_k added to every token of chunk k
-# (the spec's cheaper variant of cross-attention). Memory resets at BOS: a token whose last BOS is at b reads
-# Z_{k-1} only if (k-1)C >= b and Zhat_k only if kC > b, else a learned null code; the predictor obeys the same
-# rule. Training-only heads live under `heads.`; scoring is the causal softmax of `forward_logits` alone.
-
+# MODEL (TECHNIQUES.md C.2): encoder chunk j pools into Z_j, a causal transformer predicts Zhat_k = P(Z_<k), decoder
+# tokens of chunk k get U_a Z_{k-1} + U_b Zhat_k; memory resets at BOS (a null code); heads under `heads.` train only.
 BOS_ID = 1  # <s>: every document of the shards starts with it (official tokenizers)
 GEO_LAYOUT = (16, 2, 6, 4, 4)  # R base sentences (+ R word-order swaps), Q relations x P pairs, G x M clusters
 GEO_ROWS = 2 * GEO_LAYOUT[0] + 2 * GEO_LAYOUT[1] * GEO_LAYOUT[2] + GEO_LAYOUT[3] * GEO_LAYOUT[4]
 GEO_LEN = 20  # tokens per template sentence, BOS included (the longest takes 19 with the pydoc sp1024)
-GEO_WEIGHTS = {"word_order": 2.0, "hard_repulsion": 1.0, "batch_repulsion": 0.3, "analogy": 2.0, "direction": 1.5,
-               "cluster": 1.5}
+GEO_WEIGHTS = dict(word_order=2.0, hard_repulsion=1.0, batch_repulsion=0.3, analogy=2.0, direction=1.5, cluster=1.5)
 STAT_KEYS = ("pred", "recon", "recon_acc", "recon_exact", "recon_exact_ema", "bow", "infonce", "parse", "geo")
-
 class CastedLinear(nn.Linear):
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -1693,56 +1674,35 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.weight)
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
-
-def apply_rotary(x, base):
-    T, d = x.shape[-2:]
-    inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
-    cos, sin, x1, x2 = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype), x[..., :d // 2], x[..., d // 2:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-class CausalSelfAttention(nn.Module):
-    """GQA with QK-RMSNorm, RoPE and a learned query gain, as train_gpt.py; causal unless told otherwise."""
-    def __init__(self, dim, heads, kv_heads, causal=True):
+class Block(nn.Module):
+    """train_gpt.py's block: GQA with QK-RMSNorm, RoPE and a learned query gain, relu^2 MLP; causal unless told."""
+    def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
         super().__init__()
         self.heads, self.kv_heads, self.hd, self.causal = heads, kv_heads, dim // heads, causal
         self.c_q, self.c_k, self.c_v = (CastedLinear(dim, n * dim // heads) for n in (heads, kv_heads, kv_heads))
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((heads,), QK_GAIN_INIT))
-    def forward(self, x, mask=None):
-        B, T, D = x.shape
-        q, k, v = (lin(x).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
-        q = apply_rotary(F.rms_norm(q, (self.hd,)), ROPE_BASE) * self.q_gain.to(x.dtype)[:, None, None]
-        k = apply_rotary(F.rms_norm(k, (self.hd,)), ROPE_BASE)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
-                                           enable_gqa=self.kv_heads != self.heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
-class MLP(nn.Module):
-    def __init__(self, dim, mult):
-        super().__init__()
-        self.fc, self.proj = CastedLinear(dim, int(mult * dim)), CastedLinear(int(mult * dim), dim, zero_init=True)
-    def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)).square())
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, mlp_mult, causal=True):
-        super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(dim, heads, kv_heads, causal), MLP(dim, mlp_mult)
+        self.proj, self.mlp_proj = CastedLinear(dim, dim, True), CastedLinear(int(mlp_mult * dim), dim, True)
+        self.mlp_fc, self.q_gain = CastedLinear(dim, int(mlp_mult * dim)), nn.Parameter(QK_GAIN_INIT * torch.ones(heads))
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
     def forward(self, x, x0, mask=None):
-        mix, norm = self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
+        (B, T, D), mix, norm = x.shape, self.resid_mix.to(x.dtype), lambda t: F.rms_norm(t, (t.size(-1),))
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(norm(x), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
-
+        q, k, v = (lin(norm(x)).view(B, T, -1, self.hd).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
+        inv = 1.0 / ROPE_BASE ** (torch.arange(0, self.hd, 2, device=x.device, dtype=torch.float32) / self.hd)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
+        cos, sin, half = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype), self.hd // 2
+        rope = lambda t: torch.cat((t[..., :half] * cos + t[..., half:] * sin,  # noqa: E731
+                                    t[..., half:] * cos - t[..., :half] * sin), dim=-1)
+        q, k = rope(norm(q)) * self.q_gain.to(x.dtype)[:, None, None], rope(norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        x = x + self.attn_scale.to(x.dtype) * self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp_proj(torch.relu(self.mlp_fc(norm(x))).square())
 def run_stack(blocks, x, mask=None):
     x0 = x
     for block in blocks:
         x = block(x, x0, mask)
     return x
-
 class ConceptPool(nn.Module):
     """Z[s] = sum_t softmax_t(q_s . W_k h_t) W_v h_t over the valid positions of one chunk; RMSNorm per slot."""
     def __init__(self, dim, h):
@@ -1753,7 +1713,6 @@ class ConceptPool(nn.Module):
         scores = self.queries.to(x.dtype) @ self.key(x).transpose(1, 2) / 64 ** 0.5
         w = torch.softmax(scores.float().masked_fill(~valid[:, None], float("-inf")), dim=-1)
         return F.rms_norm(w.to(x.dtype) @ self.value(x), (self.value.out_features,))
-
 class ChunkDecoder(nn.Module):
     """Training-only: a code's slots as tokens plus C position queries, bidirectional; `out` values per position."""
     def __init__(self, h, out, layers):
@@ -1765,47 +1724,37 @@ class ChunkDecoder(nn.Module):
     def forward(self, z):  # (N, slots, slot_dim) -> (N, chunk, out)
         x = F.pad(self.inp(z), (0, 0, 0, self.queries.size(0) - self.slots)) + self.queries.to(z.dtype)
         return self.out(F.rms_norm(run_stack(self.blocks, x)[:, self.slots:], (x.size(-1),)))
-
 class StrippedHead(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("training-only head called on a model loaded without it (heads are not shipped)")
-
 # Template fillers (the seed's slot filling), split into disjoint halves: train = even positions, test = odd ones.
-WORDS = {
-    "animal": "cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger",
-    "object": "book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite",
-    "adj": "red blue green old new warm cold soft hard dark bright loud quiet clean dirty heavy wet dry sharp round",
-    "tense": "opens:opened paints:painted climbs:climbed kicks:kicked pulls:pulled fixes:fixed carries:carried "
-             "moves:moved lifts:lifted drops:dropped washes:washed watches:watched",
-    "sentiment": "good:bad great:awful happy:sad lovely:ugly kind:cruel nice:nasty pleasant:horrible fine:terrible",
-    "size": "big:small huge:tiny large:little tall:short wide:narrow thick:thin long:brief vast:slight",
-    "manner": "quickly:slowly loudly:quietly happily:sadly gently:roughly calmly:nervously carefully:carelessly "
-              "eagerly:lazily boldly:shyly",
-    "location": "above:below inside:outside over:under near:beyond beside:behind in:on",
-}
-RELATIONS = {  # (positive, negative); {a} animal, {o} object, {j} adjective, {x}:{y} a pair of the relation
-    "negation": ("the {a} is {j}", "the {a} is not {j}"),
-    "plurality": ("the {a} sees the {o}", "the {a}s see the {o}"),
-    "tense": ("the {a} {x} the {o}", "the {a} {y} the {o}"),
-    "sentiment": ("the {a} found a {x} {o}", "the {a} found a {y} {o}"),
-    "size": ("the {a} has a {x} {o}", "the {a} has a {y} {o}"),
-    "manner": ("the {a} ate the {o} {x}", "the {a} ate the {o} {y}"),
-    "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}"),
-}
-
+WORDS = dict(line.split("=") for line in (
+    "animal=cat dog horse bird frog goat lion bear duck cow pig rat owl hen seal crab ant bee snake tiger|"
+    "object=book cup lamp chair table pen key coin ball hat bag door clock shoe plate spoon car bike boat kite|"
+    "adj=red blue green old new warm cold soft hard dark bright loud quiet clean dirty heavy wet dry sharp round|"
+    "tense=opens:opened paints:painted climbs:climbed kicks:kicked pulls:pulled fixes:fixed carries:carried "
+    "moves:moved lifts:lifted drops:dropped washes:washed watches:watched|sentiment=good:bad great:awful happy:sad "
+    "lovely:ugly kind:cruel nice:nasty pleasant:horrible fine:terrible|size=big:small huge:tiny large:little "
+    "tall:short wide:narrow thick:thin long:brief vast:slight|manner=quickly:slowly loudly:quietly happily:sadly "
+    "gently:roughly calmly:nervously carefully:carelessly eagerly:lazily boldly:shyly|"
+    "location=above:below inside:outside over:under near:beyond beside:behind in:on").split("|"))
+# (positive, negative) per relation; {a} animal, {o} object, {j} adjective, {x}:{y} a pair of the relation
+RELATIONS = {"negation": ("the {a} is {j}", "the {a} is not {j}"), "plurality": ("the {a} sees the {o}",
+             "the {a}s see the {o}"), "tense": ("the {a} {x} the {o}", "the {a} {y} the {o}"),
+             "sentiment": ("the {a} found a {x} {o}", "the {a} found a {y} {o}"),
+             "size": ("the {a} has a {x} {o}", "the {a} has a {y} {o}"),
+             "manner": ("the {a} ate the {o} {x}", "the {a} ate the {o} {y}"),
+             "location": ("the {a} sleeps {x} the {o}", "the {a} sleeps {y} the {o}")}
 def vocabulary(split):
     return {k: v.split()[split == "test"::2] for k, v in WORDS.items()}
-
 def template_batch(rng, split, layout=GEO_LAYOUT):
-    """R base sentences, their R word-order swaps, Q relations x P (positive, negative) pairs sharing one word
-    pair, G clusters of M sentences about one animal: the order `geometry` reads."""
+    """R sentences, their R word-order swaps, Q relations x P (pos, neg) pairs, G clusters of M: `geometry`'s order."""
     R, Q, P, G, M = layout
     voc, names = vocabulary(split), list(RELATIONS)
     def fill(rel, a=None, pair=None):
         x, y = (pair or rng.choice(voc.get(rel, ["-:-"]))).split(":")
         a = a or rng.choice(voc["animal"])
         return [t.format(a=a, o=rng.choice(voc["object"]), j=rng.choice(voc["adj"]), x=x, y=y) for t in RELATIONS[rel]]
-
     out = [fill(rng.choice(names))[0] for _ in range(R)]
     for w, i in ((s.split(), rng.randrange(len(s.split()) - 1)) for s in out[:R]):
         out.append(" ".join(w[:i] + [w[i + 1], w[i]] + w[i + 2:]))
@@ -1813,10 +1762,8 @@ def template_batch(rng, split, layout=GEO_LAYOUT):
         pair = rng.choice(voc.get(rel, ["-:-"]))
         out += [s for _ in range(P) for s in fill(rel, pair=pair)]
     return out + [fill(rel, a=a)[0] for a in rng.sample(voc["animal"], G) for rel in rng.sample(names, M)]
-
 def geometry(f, layout=GEO_LAYOUT):
-    """The seed's six losses and the probes on embeddings f in template order. Analogy: a - b + c ~ d with (a, b)
-    pair i and (d, c) pair i+1 of a relation; trivial baseline max(cos(c, d), cos(a, d))."""
+    """The seed's six losses and probes; analogy a - b + c ~ d (pairs i, i+1), baseline max(cos(c, d), cos(a, d))."""
     R, Q, P, G, M = layout
     f, eye = F.normalize(f.float(), dim=-1), lambda n: torch.eye(n, device=f.device)
     mean = lambda x, mask: (x * mask).sum() / mask.expand_as(x).sum()  # noqa: E731
@@ -1835,20 +1782,17 @@ def geometry(f, layout=GEO_LAYOUT):
               "cluster_gap": mean(sc, same - eye(G * M)) - mean(sc, 1 - same), "direction": mean(dd, 1 - eye(P)),
               "word_order": order.mean()}
     return losses, probes
-
 def effective_rank(x, p):
     """rank_p over the centered rows of x: the first index with cumsum(s^2) / sum(s^2) >= p, plus 1."""
     s2 = torch.linalg.svdvals(x.float() - x.float().mean(0)).square()
     return int((torch.cumsum(s2, 0) / s2.sum() < p).sum()) + 1
-
 class Hydra(nn.Module):
     training_only_prefixes = ("heads.",)
     def __init__(self, h):
         super().__init__()
         D, S, sd, V, P = h.model_dim, h.hydra_slots, h.hydra_slot_dim, h.vocab_size, 32 * max(2, h.model_dim // 128)
         self.h, self.chunk, self.n_enc = h, h.hydra_chunk, h.num_layers // 2  # predictor width P: 128 at d 512
-        self.tok_emb = nn.Embedding(V, D)  # tied with the output head
-        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
+        self.tok_emb = nn.Embedding(V, D, _weight=TIED_EMBED_INIT_STD * torch.randn(V, D))  # tied with the output head
         self.blocks = nn.ModuleList(Block(D, h.num_heads, h.num_kv_heads, h.mlp_mult) for _ in range(h.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), D))
         self.pool, self.null_code = ConceptPool(D, h), nn.Parameter(torch.randn(S, sd))
@@ -1863,23 +1807,18 @@ class Hydra(nn.Module):
                            ("geo_len", torch.ones(GEO_ROWS, dtype=torch.long)), ("stats", torch.zeros(len(STAT_KEYS)))):
             self.register_buffer(name, init, persistent=False)  # training state: never in the artifact
         self.prepared = self.priming = self.aux_on = self.heads_stripped = False
-        self.aux_kind, self.steps, self.unk_id, self.last_frac = None, 0, 0, 0.0
-        self.aux_counts = {"para": 0, "parse": 0}
+        self.aux_kind, self.steps, self.unk_id, self.last_frac, self.aux_counts = None, 0, 0, 0.0, dict(para=0, parse=0)
         self.rng = random.Random(h.seed)  # the same draws on every rank
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if not any(k.startswith(self.training_only_prefixes) for k in state_dict):  # an artifact: strip the heads
             self.heads, self.heads_stripped = nn.ModuleDict({k: StrippedHead() for k in self.heads}), True
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
     def encode(self, ids):
-        x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
-        x0, skips = x, []
-        for block in self.blocks[:self.n_enc]:
-            x = block(x, x0)
-            skips.append(x)
+        x0 = x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
+        skips = [x := block(x, x0) for block in self.blocks[:self.n_enc]]  # each encoder output, for the U-Net skips
         return x, x0, skips
     def chunk_codes(self, x):  # (B, T, D) -> (B, K, slots, slot_dim), the last chunk padded and masked
-        (B, T, D), C = x.shape, self.chunk
-        K = -(-T // C)
+        (B, T, D), C, K = x.shape, self.chunk, -(-x.size(1) // self.chunk)
         valid = (torch.arange(K * C, device=x.device) < T).view(K, C).repeat(B, 1)
         return self.pool(F.pad(x, (0, 0, 0, K * C - T)).view(B * K, C, D), valid).view(B, K, *self.null_code.shape)
     def memory(self, z, ids):
@@ -1900,9 +1839,8 @@ class Hydra(nn.Module):
                 + torch.where((k * C > last_bos)[..., None], hat, self.mem_hat(null.flatten()))), zhat
     def trunk(self, ids, code_noise=None):
         x, x0, skips = self.encode(ids)
-        z = self.chunk_codes(x)
-        if code_noise is not None:  # the chunk-code audit perturbs Z here (tests/test_hydra.py)
-            z = z + code_noise.to(z.dtype)
+        z = self.chunk_codes(x)  # the chunk-code audit perturbs Z here (tests/test_hydra.py)
+        z = z if code_noise is None else z + code_noise.to(z.dtype)
         mem, zhat = self.memory(z, ids)
         x = x + mem
         for i, block in enumerate(self.blocks[self.n_enc:]):
@@ -1916,10 +1854,9 @@ class Hydra(nn.Module):
     def forward(self, input_ids, target_ids):
         logits, z, zhat = self.trunk(input_ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
-        if self.training and self.aux_on:
-            loss = loss + self.aux_loss(input_ids, z, zhat)
         if self.training:  # DDP needs every parameter in every backward: idle heads join with zero gradient
             loss = loss + 0.0 * sum(p.sum() for p in self.heads.parameters())
+            loss = loss + self.aux_loss(input_ids, z, zhat) if self.aux_on else loss
         return loss
     def augment(self, ids):
         """aug(chunk): 12% token dropout (to <unk>), 10% first-letter case flips, every digit shifted by one."""
@@ -1931,8 +1868,7 @@ class Hydra(nn.Module):
         valid = torch.arange(ids.size(1), device=ids.device) < lengths[:, None]
         return F.normalize(self.pool(self.encode(ids)[0], valid).flatten(1).float(), dim=-1)
     def aux_loss(self, ids, z, zhat):
-        st, C, V = {}, self.chunk, self.h.vocab_size
-        zf, hf = z.flatten(2).float(), zhat.flatten(2).float()
+        st, C, V, zf, hf = {}, self.chunk, self.h.vocab_size, z.flatten(2).float(), zhat.flatten(2).float()
         floor = lambda v: torch.relu(1 - (v.flatten(0, 1).var(0, correction=0) + 1e-4).sqrt()).mean()  # noqa: E731
         st["pred"] = (1 - F.cosine_similarity(hf, zf.detach(), dim=-1)).mean() + floor(zf) + floor(hf)  # VICReg floor
         total = LAMBDA_PRED * st["pred"]
@@ -1963,8 +1899,7 @@ class Hydra(nn.Module):
                     out[..., 6:].flatten(0, 1), self.bucket[t].masked_fill(~valid, -100).flatten(), ignore_index=-100)
             geo = geometry(self.embed_sentences(self.geo_ids, self.geo_len))[0]
             st["geo"] = sum(GEO_WEIGHTS[k] * v for k, v in geo.items())
-            total = total + LAMBDA_AUX * (st["recon"] + second)
-            total = total + LAMBDA_GEO * self.geo_scale * st["geo"]
+            total = total + LAMBDA_AUX * (st["recon"] + second) + LAMBDA_GEO * self.geo_scale * st["geo"]
         with torch.no_grad():
             for key, value in st.items():
                 self.stats[STAT_KEYS.index(key)] = value.detach().float()
@@ -1977,8 +1912,7 @@ class Hydra(nn.Module):
             self.geo_ids.copy_(self.geo_pool[0][i])
             self.geo_len.copy_(self.geo_pool[1][i])
     def set_training_progress(self, frac):
-        """The predictor loss every step; reconstruction + one of {bag of words + InfoNCE, parse} (50/50) +
-        geometry (ramped in over GEO_WARMUP) every HYDRA_AUX_EVERY steps; none in record mode's last AUX_CUTOFF."""
+        """Predictor loss always; every HYDRA_AUX_EVERY steps recon + (bow + InfoNCE or parse) + ramped geometry."""
         h = self.h
         if self.priming and frac < self.last_frac:  # warmup sent 0.0 then 1.0; the timed run starts again low
             self.priming, self.steps, self.aux_counts = False, 0, {"para": 0, "parse": 0}
@@ -1986,14 +1920,12 @@ class Hydra(nn.Module):
         self.aux_on = self.prepared and h.hydra_aux and (h.hydra_mode == "research" or frac < 1 - AUX_CUTOFF)
         self.geo_scale.fill_(min(1.0, frac / GEO_WARMUP))
         # warmup cycles para, parse, CE-only (and aux off at 1.0) so torch.compile builds each graph off the clock
-        kind = None
-        if self.aux_on and (self.priming or self.steps % h.hydra_aux_every == 0):
-            kind = ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))
+        kind = self.aux_on and (self.priming or self.steps % h.hydra_aux_every == 0) and (
+            ("para", "parse", None)[self.steps % 3] if self.priming else self.rng.choice(("para", "parse"))) or None
         self.steps += 1
         self.set_kind(kind)
     def prepare_training(self, h, rt, logger):
-        """Inside the clock: structural classes and augmentation maps from the tokenizer, unigram log-rank buckets
-        from 50M train tokens, template batches (train words: losses, test words: probes), held-out chunks."""
+        """On the clock: tokenizer classes and maps, unigram buckets (50M tokens), template batches, held-out chunks."""
         sp, dev, V = load_tokenizer(h.tokenizer_path, h.vocab_size), self.tok_emb.weight.device, h.vocab_size
         pieces = [sp.id_to_piece(i) for i in range(V)]
         index, flags, case_map = {p: i for i, p in enumerate(pieces)}, [], []
@@ -2013,8 +1945,7 @@ class Hydra(nn.Module):
             counts, n = counts + torch.bincount(tokens, minlength=V)[:V].double(), n + tokens.numel()
             if n >= 50_000_000:
                 break
-        rank = torch.empty(V, dtype=torch.long)
-        rank[counts.argsort(descending=True, stable=True)] = torch.arange(V)
+        rank = counts.argsort(descending=True, stable=True).argsort()  # the inverse permutation
         self.bucket.copy_((8 * torch.log1p(rank.double()) / math.log1p(V)).long().clamp(max=7))
         tail = load_data_shard(files[-1])[-512 * self.chunk:].to(torch.int64)
         self.heldout = tail[:tail.numel() // self.chunk * self.chunk].view(-1, self.chunk).to(dev)
@@ -2041,18 +1972,14 @@ class Hydra(nn.Module):
         codes = self.chunk_codes(self.encode(self.heldout)[0]).flatten(2).flatten(0, 1)
         out.update(analogy_gap=out["analogy"] - out["analogy_baseline"], rank90=effective_rank(codes, 0.90),
                    rank95=effective_rank(codes, 0.95), codes=codes.size(0), **dict(zip(STAT_KEYS, self.stats.tolist())))
-        out.update(aux_para_steps=self.aux_counts["para"], aux_parse_steps=self.aux_counts["parse"])
         self.train(was_training)
-        return out
-
+        return {**out, **{f"aux_{k}_steps": v for k, v in self.aux_counts.items()}}
 def build_model(h):
     if not h.tie_embeddings:  # checked here, not in validate_model: the shared env tests parse TIE_EMBEDDINGS=0
         raise ValueError("TIE_EMBEDDINGS=False: the hydra's output head is its token embedding")
     return Hydra(h)
-
 def param_groups(model, h):
-    """Muon for the shipped model's CastedLinear matrices; Adam for the tied embedding, vectors, queries and the
-    null code, and (at HEAD_LR) the training-only heads, which see a gradient only every HYDRA_AUX_EVERY steps."""
+    """Muon for the shipped CastedLinear matrices; Adam for the rest, with the training-only heads at HEAD_LR."""
     heads = list(model.heads.parameters())
     matrices = [m.weight for n, m in model.named_modules()
                 if isinstance(m, CastedLinear) and not n.startswith(model.training_only_prefixes)]
@@ -2061,9 +1988,7 @@ def param_groups(model, h):
             {"params": [p for p in model.parameters() if id(p) not in special], "lr": h.scalar_lr,
              "base_lr": h.scalar_lr}]
     return matrices, adam + ([{"params": heads, "lr": h.head_lr, "base_lr": h.head_lr}] if heads else [])
-
 # TRAINING: the loop, serialization, audits and final eval are the shared train block.
-
 if __name__ == "__main__":
     try:
         sys.exit(run_main(Hyperparameters.from_env()))

@@ -323,6 +323,17 @@ def print_summary(summary: dict, as_json: bool = False) -> None:
             print(f"{key}: {value}")
 
 
+def report(action, as_json: bool = False) -> int:
+    """Run a CLI's action: its summary as `key: value` lines (or JSON), or one `error:` line and exit 1."""
+    try:
+        summary = action()
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_summary(summary, as_json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.build",

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from data.build import print_summary
+from data.build import report
 from data.shards import check_shard
 
 REPO_ID = "willdepueoai/parameter-golf"
@@ -186,13 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = download(args.variant, args.train_shards, args.local_dir, args.repo_id, args.remote_prefix)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_summary(summary, args.json)
-    return 0
+    return report(lambda: download(args.variant, args.train_shards, args.local_dir, args.repo_id, args.remote_prefix),
+                  args.json)
 
 
 if __name__ == "__main__":

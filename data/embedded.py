@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.build import export_shards, load_tokenizer, print_summary, train_tokenizer, verify_manifest, write_json
+from data.build import export_shards, load_tokenizer, report, train_tokenizer, verify_manifest, write_json
 from data.shards import read_shard
 
 SEED = 1337
@@ -221,13 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = build_embedded(args.out_root, args.vocab_size, force=args.force, max_docs=args.max_docs)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_summary(summary, args.json)
-    return 0
+    return report(lambda: build_embedded(args.out_root, args.vocab_size, force=args.force, max_docs=args.max_docs),
+                  args.json)
 
 
 if __name__ == "__main__":

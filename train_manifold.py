@@ -291,27 +291,29 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds every CUDA device too
     np.random.seed(seed % (2**32))
 
-def dist_sum(t):
+def dist_sum(t, op=None):
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 def dist_max(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return dist_sum(t, dist.ReduceOp.MAX)
 
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
+def write_bytes_atomic(path, blob):
+    """A concurrent reader sees the old file or the new one, never half of one; returns the bytes written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+        f.write(blob)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    return len(blob)
+
 def write_json_atomic(path, obj):
-    """Write JSON so a concurrent reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
@@ -358,9 +360,7 @@ class RunLogger:
 # Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token count;
 # then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the eval paths alone.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_BYTES = 256 * 4
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
 def load_data_shard(path):
     size = os.path.getsize(path)
@@ -935,18 +935,16 @@ def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
+def _header_sha256(header):  # the canonical header JSON without its own checksum: header bit flips are caught
+    body = json.dumps({k: v for k, v in header.items() if k != "header_sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
 def _artifact_prefix_and_head(header):
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
+    head = json.dumps({**header, "header_sha256": _header_sha256(header)}, sort_keys=True, separators=(",", ":"))
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head.encode("utf-8"))) + head.encode("utf-8")
 
 def write_artifact(path, header, payload):
-    blob = _artifact_prefix_and_head(header) + payload
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return len(blob)
+    return write_bytes_atomic(path, _artifact_prefix_and_head(header) + payload)
 
 def read_artifact_header(path):
     """(header, payload offset). ValueError naming the file for anything that is not our artifact."""
@@ -968,13 +966,14 @@ def read_artifact_header(path):
             raise ValueError(f"{path}: corrupt artifact header ({exc})") from None
     if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
         raise ValueError(f"{path}: artifact header lacks its tensor table")
+    if header.get("header_sha256", _header_sha256(header)) != _header_sha256(header):
+        raise ValueError(f"{path}: header is corrupted (its sha256 differs from the one it records)")
     return header, ARTIFACT_PREFIX.size + head_len
 
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
-        f.seek(offset)
-        payload = f.read()
+        payload = f.read()[offset:]
     if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ValueError(f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)")
     name = header.get("compressor")

@@ -24,7 +24,7 @@ def test_shared_blocks_are_identical_across_scripts():
 
 def test_drift_is_detected_and_resynced(tmp_path):
     shutil.copy(REPO / "train_gpt.py", tmp_path / "train_gpt.py")
-    copy = (REPO / "train_gpt.py").read_text().replace("def dist_sum(t):", "def dist_sum(t):  # edited")
+    copy = (REPO / "train_gpt.py").read_text().replace("def dist_max(t):", "def dist_max(t):  # edited")
     (tmp_path / "train_hydra.py").write_text(copy)
     assert sync_blocks.drift(tmp_path) == ["train_hydra.py: shared block runtime differs from train_gpt.py"]
     assert sync_blocks.sync(tmp_path) == ["train_hydra.py"]

@@ -325,3 +325,14 @@ def test_training_with_the_shard_mixer_logs_its_weights(gpt, embedded, tmp_path)
     events = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
     weights = [e["weights"] for e in events if e["event"] == "mixer"]
     assert len(weights) == 3 and all(abs(sum(w) - 1) < 1e-6 and len(w) == 3 for w in weights)
+
+
+def test_a_bit_flip_in_the_artifact_header_is_caught(gpt, embedded, tmp_path):
+    h = tiny_h(gpt, **embedded)
+    path = tmp_path / "a.pga"
+    gpt.save_artifact(gpt.build_model(h), h, str(path))
+    data = path.read_bytes()
+    i = data.index(b'"model_dim":64') + len(b'"model_dim":6')
+    path.write_bytes(data[:i] + b"5" + data[i + 1:])  # model_dim 64 -> 65: still valid JSON
+    with pytest.raises(ValueError, match="header is corrupted"):
+        gpt.load_artifact(str(path))

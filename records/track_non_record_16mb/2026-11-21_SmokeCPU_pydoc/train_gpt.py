@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
@@ -49,13 +48,14 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 # `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
 # variable in every error.
 
-
 @dataclass
 class Hyperparameters:
+# ===== BEGIN SHARED BLOCK: hparams v1 =====
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
     run_id: str = ""
     seed: int = 1337
     log_dir: str = "logs"
@@ -85,18 +85,6 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
-    # Model: the official baseline shape unless a preset says otherwise.
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -128,14 +116,26 @@ class Hyperparameters:
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
     audit_seq_len: int = 0
-    # Artifact: quantization and compression.
+    # Artifact: quantization (widths, clipping, GPTQ, late QAT, bit allocation) and compression.
     quant_bits: int = 8
+    embed_bits: int = 8
     int8_clip_percentile: float = 99.99984
+    clip_method: str = "percentile"
+    sdclip_k_mlp: float = 11.5
+    sdclip_k_attn: float = 13.0
+    sdclip_k_embed: float = 20.0
     keep_float_max_numel: int = 65536
+    bit_alloc: bool = False
+    size_margin: int = 20000
     compressor: str = "auto"
     zstd_level: int = 22
     size_budget: int = 16_000_000
-
+    gptq_enabled: bool = False
+    gptq_reserve_seconds: float = 8.0
+    gptq_calib_seqs: int = 32
+    gptq_calib_source: str = "train"
+    qat_start_frac: float = 0.0
+    qat_bits: int = 0
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
@@ -146,118 +146,145 @@ class Hyperparameters:
         for f in dataclasses.fields(cls):
             name = f.name.upper()
             if name in env and f.name != "preset":
-                values[f.name] = _parse_env_value(name, env[name], f.type)
+                values[f.name] = cls.parse_env_value(name, env[name], f.type)
         h = cls(**values)
         h.validate()
         return h
-
+    @staticmethod
+    def parse_env_value(name, raw, kind):
+        text = str(raw).strip()
+        try:
+            if kind is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                return text.lower() in ("1", "true", "yes", "on")
+            if kind is int:
+                digits = text.replace("_", "")
+                number = int(digits) if digits.lstrip("+-").isdigit() else float(text)  # accepts 5e5, not 0.5
+                if isinstance(number, int) or number.is_integer():
+                    return int(number)
+            if kind in (bool, int):
+                raise ValueError
+            return float(text) if kind is float else text
+        except ValueError:
+            expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
+            raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+    def bad(self, name, why):
+        raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
     def validate(self):
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name.lower())!r}: {why}")
-
-        positive = ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "num_layers",
-                    "model_dim", "num_heads", "num_kv_heads", "val_batch_size", "eval_stride",
-                    "ttt_chunk_tokens", "size_budget")
-        for name in positive:
+        """Checks of the shared fields, then the script's own `validate_model`."""
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
+                     "eval_stride", "ttt_chunk_tokens", "size_budget", "sdclip_k_mlp", "sdclip_k_attn",
+                     "sdclip_k_embed", "gptq_calib_seqs"):
             if getattr(self, name) <= 0:
-                bad(name.upper(), "must be positive")
+                self.bad(name, "must be positive")
         if self.vocab_size > 65536:
-            bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
-        if self.model_dim % self.num_heads:
-            bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+            self.bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
         if self.train_batch_tokens % (8 * self.train_seq_len):
-            bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
-        if self.eval_mode not in ("standard", "sliding", "ttt"):
-            bad("EVAL_MODE", "must be standard, sliding or ttt")
+            self.bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
         if self.eval_stride > self.eval_len:
-            bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad("EMA_DECAY", "must be in [0, 1)")
-        if not 0.0 <= self.warmdown_frac <= 1.0:
-            bad("WARMDOWN_FRAC", "must be in [0, 1]")
-        if self.quant_bits not in (4, 5, 6, 7, 8):
-            bad("QUANT_BITS", "must be one of 4, 5, 6, 7, 8")
-        if self.compressor not in ("auto",) + tuple(COMPRESSORS):
-            bad("COMPRESSOR", f"must be auto or one of {', '.join(COMPRESSORS)}")
-
+            self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
+        for name, allowed in (("EVAL_MODE", ("standard", "sliding", "ttt")), ("QUANT_BITS", (4, 5, 6, 7, 8)),
+                              ("EMBED_BITS", (4, 5, 6, 7, 8)), ("QAT_BITS", (0, 4, 5, 6, 7, 8)),
+                              ("CLIP_METHOD", ("percentile", "search", "sdclip")),
+                              ("GPTQ_CALIB_SOURCE", ("train", "self")), ("COMPRESSOR", ("auto", *COMPRESSORS))):
+            if getattr(self, name.lower()) not in allowed:
+                self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
+        for name, lo, hi in (("ema_decay", 0.0, 0.999999), ("warmdown_frac", 0.0, 1.0), ("min_lr", 0.0, 1.0),
+                             ("qat_start_frac", 0.0, 0.999999)):
+            if not lo <= getattr(self, name) <= hi:
+                self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
+        if min(self.size_margin, self.gptq_reserve_seconds) < 0:
+            self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
+        self.validate_model()
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
-
-
-def _parse_env_value(name, raw, kind):
-    text = str(raw).strip()
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if kind is int:
-            try:
-                return int(text.replace("_", ""))
-            except ValueError:
-                number = float(text)  # accepts 5e5, rejects 0.5 below
-                if not number.is_integer():
-                    raise
-                return int(number)
-        if kind is float:
-            return float(text)
-        return text
-    except ValueError:
-        expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise ValueError(f"{name}={raw!r}: expected {expected}") from None
-
+# ===== END SHARED BLOCK: hparams v1 =====
+    # Model: the official baseline shape unless a preset says otherwise.
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official model.
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2
+    rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
+    ln_scale: bool = False
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
+    skip_gates: bool = False
+    smear_gate: bool = False
+    bigram_vocab_size: int = 0  # BigramHash buckets; 0 = off
+    bigram_dim: int = 128
+    value_residual: bool = False
+    attn_gate: bool = False
+    attn_gate_window: int = 12
+    parallel_residual_start: int = -1  # first layer with parallel residuals; -1 = off
+    recur_layers: str = ""  # e.g. "3,4,5": layers run again after the last of them
+    recur_loops: int = 1  # extra passes over RECUR_LAYERS
+    recur_start_frac: float = 0.0  # fraction of the training budget at which recurrence switches on
+    flow_matcher: bool = False
+    flow_dim: int = 256
+    flow_loss_weight: float = 0.1
+    def validate_model(self):
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                self.bad(name, "must be positive")
+        if self.model_dim % self.num_heads:
+            self.bad("MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            self.bad("NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
+        for name, ok, why in (
+                ("MLP_ACTIVATION", self.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
+                ("ROPE_DIMS", self.rope_dims >= 0 and self.rope_dims % 2 == 0, "must be even and non-negative"),
+                ("XSA_LAST_N", self.xsa_last_n >= 0, "must be non-negative"),
+                ("ATTN_GATE_WINDOW", 0 < self.attn_gate_window <= self.model_dim, "must be in 1..MODEL_DIM"),
+                ("BIGRAM_DIM", self.bigram_dim > 0, "must be positive"),
+                ("FLOW_DIM", self.flow_dim > 0, "must be positive"),
+                ("RECUR_LOOPS", self.recur_loops >= 1, "must be at least 1")):
+            if not ok:
+                self.bad(name, why)
 
 # Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections 8-11);
 # `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few minutes.
 PRESETS = {
     "baseline": {},
     "record": {
-        "ema_decay": 0.997,
-        "muon_wd": 0.04,
-        "muon_row_norm": True,
-        "warmdown_frac": 0.75,
-        "eval_mode": "sliding",
+        # 11L x 512, MLP 3x LeakyReLU(0.5)^2, XSA on all layers, partial RoPE, LN scale (#549, #1019 at sp1024);
+        # QK gain 5.0, gated attention, BOS-safe SmearGate, parallel residuals, loops of layers 3-5 from 35% (#1855)
+        "num_layers": 11, "mlp_mult": 3.0, "mlp_activation": "leaky_relu2", "xsa_last_n": 11, "rope_dims": 16,
+        "ln_scale": True, "qk_gain_init": 5.0, "skip_gates": True, "smear_gate": True, "bigram_vocab_size": 3072,
+        "bigram_dim": 112, "attn_gate": True, "parallel_residual_start": 7, "recur_layers": "3,4,5",
+        "recur_loops": 2, "recur_start_frac": 0.35,
+        # Muon WD 0.095, momentum 0.92 -> 0.97 over 1500 steps, MATRIX_LR 0.026, Adam LRs (#1855); MuonEq-R (#1260);
+        # EMA 0.997 (#287); MIN_LR 0.10 (#1787); clip 0.3 and 786,432 x 2048 batches (#549 lineage)
+        "matrix_lr": 0.026, "scalar_lr": 0.02, "tied_embed_lr": 0.03, "muon_momentum": 0.97,
+        "muon_momentum_warmup_start": 0.92, "muon_momentum_warmup_steps": 1500, "muon_wd": 0.095,
+        "muon_row_norm": True, "adam_wd": 0.02, "grad_clip_norm": 0.3, "ema_decay": 0.997, "warmdown_frac": 0.75,
+        "min_lr": 0.1, "train_seq_len": 2048, "train_batch_tokens": 786432, "eval_seq_len": 2048,
+        "eval_stride": 64, "eval_mode": "sliding",
     },
-    "smoke": {
-        "data_path": "data/datasets/pydoc_sp1024",
-        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000,
-        "warmup_steps": 2,
-        "warmdown_frac": 0.3,
-        "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384,
-        "train_seq_len": 256,
-        "num_layers": 4,
-        "model_dim": 192,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "val_batch_size": 32768,
-        "val_loss_every": 100,
-        "train_log_every": 25,
-        "status_every": 10,
-        "compile": False,
-        "matrix_lr": 0.03,
-        "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding",
-        "eval_stride": 64,
+    "smoke": {  # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown
+        "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
+        "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
+        "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
+        "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25,
+        "status_every": 10, "compile": False, "matrix_lr": 0.03, "ema_decay": 0.99,
+        "muon_momentum_warmup_steps": 50, "eval_mode": "sliding", "eval_stride": 64,
     },
 }
 
 CODE_PATH = os.path.abspath(__file__)
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "gate", "v_mix")
 
 # ===== BEGIN SHARED BLOCK: runtime v1 =====
 # Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
 # `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
-
 
 @dataclass
 class Runtime:
@@ -267,21 +294,14 @@ class Runtime:
     device: torch.device
     distributed: bool
     grad_accum_steps: int
-
     @property
     def is_main(self):
         return self.rank == 0
 
-
 def setup_runtime(env=None):
     env = os.environ if env is None else env
-    ints = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        raw = env.get(name, str(default))
-        try:
-            ints[name] = int(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    ints = {name: Hyperparameters.parse_env_value(name, env.get(name, default), int)
+            for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
     world_size = ints["WORLD_SIZE"]
     if world_size < 1 or 8 % world_size:
         raise ValueError(f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 processes)")
@@ -290,8 +310,7 @@ def setup_runtime(env=None):
     if use_cuda:
         device = torch.device("cuda", ints["LOCAL_RANK"])
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
         torch.set_flush_denormal(True)  # denormal weights (EMA tails) slow CPU matmuls several-fold
@@ -300,55 +319,45 @@ def setup_runtime(env=None):
     return Runtime(rank=ints["RANK"], world_size=world_size, local_rank=ints["LOCAL_RANK"], device=device,
                    distributed=distributed, grad_accum_steps=8 // world_size)
 
-
 def seed_everything(seed):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
     np.random.seed(seed % (2**32))
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
-
-def dist_sum(t):
+def dist_sum(t, op=None):
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
 
 def dist_max(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
+    return dist_sum(t, dist.ReduceOp.MAX)
 
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
+def write_bytes_atomic(path, blob):
+    """A concurrent reader sees the old file or the new one, never half of one; returns the bytes written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+        f.write(blob)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    return len(blob)
 
 def write_json_atomic(path, obj):
-    """Write JSON so a concurrent reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
-
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 class RunLogger:
     """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
-
     def __init__(self, log_dir, run_id, enabled):
-        self.enabled = enabled
-        self.text_path = os.path.join(log_dir, f"{run_id}.txt")
-        self.events_path = os.path.join(log_dir, f"{run_id}.jsonl")
-        self.status_path = os.path.join(log_dir, f"{run_id}.status.json")
+        self.enabled, self._status_written = enabled, 0.0
+        self.text_path, self.events_path, self.status_path = (
+            os.path.join(log_dir, f"{run_id}{ext}") for ext in (".txt", ".jsonl", ".status.json"))
         self.status = {"run_id": run_id, "budget_bytes": 16_000_000, "history": {}}
-        self._status_written = 0.0
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
                 open(path, "w", encoding="utf-8").close()
-
     def log0(self, msg, console=True):
         if not self.enabled:
             return
@@ -356,13 +365,11 @@ class RunLogger:
             print(msg, flush=True)
         with open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
-
     def event(self, kind, **fields):
         if not self.enabled:
             return
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
         if not self.enabled:
@@ -371,7 +378,7 @@ class RunLogger:
         for key, value in (history or {}).items():
             series = self.status["history"].setdefault(key, [])
             series.append(value)
-            if len(series) > 1000:
+            if len(series) > 1000:  # thin out, keeping the whole run's shape
                 del series[::2]
         now = time.time()
         if force or now - self._status_written >= 10.0:
@@ -385,10 +392,7 @@ class RunLogger:
 # Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token count;
 # then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the eval paths alone.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_BYTES = 256 * 4
-
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
 def load_data_shard(path):
     size = os.path.getsize(path)
@@ -407,25 +411,19 @@ def load_data_shard(path):
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
-
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, not {split!r}")
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
 
-
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
-
     def __init__(self, files, start=0):
         self.files, self.start = list(files), start
         self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
-
     def take(self, n):
         chunks = []
         while n > 0:
@@ -437,27 +435,20 @@ class TokenStream:
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
     def state(self):
         return (self.file_idx, self.pos)
-
     def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
         self.file_idx, self.pos = state
 
-
 class DistributedTokenLoader:
-    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r gets
-    the r-th span, shifted by one for targets. Over one optimizer step every world size sees the same
-    tokens, which is what makes 1, 2, 4 and 8 processes run the same maths. With `shard=k` (the shard
-    mixer) the span comes from shard k's own stream instead of the sequential one."""
-
+    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens, rank r the r-th span:
+    every world size sees the same tokens per step (the same maths on 1-8 processes). `shard=k`: shard k's stream."""
     def __init__(self, data_path, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.files = shard_files(data_path, "train")
         self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
-
     def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
@@ -467,34 +458,27 @@ class DistributedTokenLoader:
         local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def heldout(self, n_tokens, seq_len):
         """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
         tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
         self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
         return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
-
     def state(self):
         return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
-
     def restore(self, state):
         self.stream.restore(state[0])
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
 
-
 def val_token_count(data_path):
-    """Number of val tokens from the file sizes alone, so a too-short split fails before training
-    without opening a val file."""
+    """Val tokens from the file sizes alone, so a too-short split fails before training without reading it."""
     return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
-
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")]).to(torch.int64)
-    if max_tokens > 0:
-        tokens = tokens[:max_tokens + 1]
+    tokens = tokens[:max_tokens + 1] if max_tokens > 0 else tokens
     if tokens.numel() < seq_len + 1:
         raise ValueError(f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
                          f"shorter than one sequence of {seq_len} + 1")
@@ -507,10 +491,8 @@ def load_validation_tokens(data_path, seq_len, max_tokens=0):
 # tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous token is a
 # boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla bug, PR #1271).
 
-
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path!r}: no such file")
     sp = spm.SentencePieceProcessor()
@@ -523,14 +505,12 @@ def load_tokenizer(path, vocab_size):
                          f"but VOCAB_SIZE={vocab_size}")
     return sp
 
-
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table_size = max(sp.vocab_size(), vocab_size)
@@ -549,63 +529,44 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             has_leading_space[i] = True
             piece = piece[1:]
         base_bytes[i] = len(piece.encode("utf-8"))
-    return (torch.tensor(base_bytes, dtype=torch.int16, device=device),
-            torch.tensor(has_leading_space, dtype=torch.bool, device=device),
-            torch.tensor(is_boundary_token, dtype=torch.bool, device=device))
-
+    return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary_token))
 
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
     base_bytes, has_leading_space, is_boundary_token = luts
-    nbytes = base_bytes[target_ids].to(torch.int64)
-    return nbytes + (has_leading_space[target_ids] & ~is_boundary_token[prev_ids]).to(torch.int64)
-
+    leading_space = has_leading_space[target_ids] & ~is_boundary_token[prev_ids]
+    return base_bytes[target_ids].to(torch.int64) + leading_space.to(torch.int64)
 
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
     tokens = tokens.detach().cpu().to(torch.int64)
-    starts = (tokens == bos_id).nonzero().flatten().tolist()
-    start = starts[0] if starts else 0
-    end = min(tokens.numel(), start + sample_tokens)
-    sample = tokens[start:end]
-    cpu_luts = tuple(t.cpu() for t in luts)
+    start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
+    sample, cpu_luts = tokens[start:min(tokens.numel(), start + sample_tokens)], tuple(t.cpu() for t in luts)
     lut_total = int(target_bytes(sample[:-1], sample[1:], cpu_luts).sum())
     doc_bounds = (sample == bos_id).nonzero().flatten().tolist() + [sample.numel()]
-    decoded_total = 0
-    for a, b in zip(doc_bounds[:-1], doc_bounds[1:]):
-        decoded_total += len(sp.decode(sample[a + 1:b].tolist()).encode("utf-8"))
+    decoded_total = sum(len(sp.decode(sample[a + 1:b].tolist()).encode("utf-8"))
+                        for a, b in zip(doc_bounds[:-1], doc_bounds[1:]))
     if not doc_bounds[:-1] or doc_bounds[0] != 0:
         decoded_total += len(sp.decode(sample[1:doc_bounds[0]].tolist()).encode("utf-8"))
     result = {"passed": lut_total == decoded_total, "tokens": int(sample.numel()),
               "lut_bytes": lut_total, "decoded_bytes": decoded_total}
-    if not result["passed"]:
-        result["first_mismatch_ids"] = _first_byte_mismatch(sp, sample, cpu_luts)
+    if not result["passed"]:  # the token ids whose table bytes disagree with their own decoded bytes
+        bad = []
+        for prev, cur in zip(sample[:-1].tolist(), sample[1:].tolist()):
+            want = len(sp.decode([prev, cur]).encode("utf-8")) - len(sp.decode([prev]).encode("utf-8"))
+            if want != int(target_bytes(torch.tensor([prev]), torch.tensor([cur]), cpu_luts)) and cur not in bad:
+                bad.append(cur)
+        result["first_mismatch_ids"] = bad[:8]
     return result
-
-
-def _first_byte_mismatch(sp, sample, luts):
-    """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
-    bad = []
-    for i in range(1, sample.numel()):
-        prev, cur = int(sample[i - 1]), int(sample[i])
-        want = len(sp.decode([prev, cur]).encode("utf-8")) - len(sp.decode([prev]).encode("utf-8"))
-        got = int(target_bytes(sample[i - 1:i], sample[i:i + 1], luts))
-        if want != got and cur not in bad:
-            bad.append(cur)
-            if len(bad) >= 8:
-                break
-    return bad
 
 # ===== END SHARED BLOCK: bpb v1 =====
 
 # ===== BEGIN SHARED BLOCK: optim v1 =====
-# Muon (modded-nanogpt; Keller Jordan): momentum, Nesterov, then orthogonalize the update with a quintic
-# Newton-Schulz iteration. Decoupled weight decay (PR #65 lineage) and MuonEq-R row normalization of the
-# update before orthogonalization (PR #1260) are options. Parameters are split round-robin over ranks and
-# the updates all-reduced, so each rank orthogonalizes only its share. EMA of weights (PR #287).
+# Muon (modded-nanogpt; Keller Jordan): Nesterov momentum, then a quintic Newton-Schulz orthogonalization. Options:
+# decoupled weight decay (PR #65 lineage), MuonEq-R row normalization (PR #1260). Parameters are split round-robin
+# over ranks and the updates all-reduced. EMA of weights (PR #287).
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     a, b, c = NS_COEFFS
@@ -620,25 +581,21 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
         X = a * X + B @ X
     return X.T if transposed else X
 
-
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                         weight_decay=weight_decay, row_norm=row_norm)
         super().__init__(params, defaults)
-
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
             params = group["params"]
             if not params:
                 continue
-            total = sum(p.numel() for p in params)
-            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
-            updates = torch.zeros(total, device=params[0].device, dtype=flat_dtype)
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                                  dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
@@ -661,7 +618,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def lr_multiplier(h, step, elapsed_ms):
     """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the wallclock
     budget (or of ITERATIONS when uncapped). Otherwise the baseline: WARMDOWN_ITERS x the mean step time."""
@@ -674,35 +630,26 @@ def lr_multiplier(h, step, elapsed_ms):
         start = max(h.iterations - h.warmdown_iters, 0)
         x = 1.0 if step < start else max(h.iterations - step, 0) / max(h.warmdown_iters, 1)
     else:
-        step_ms = elapsed_ms / max(step, 1)
-        warmdown_ms = h.warmdown_iters * step_ms
-        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+        warmdown_ms, remaining_ms = h.warmdown_iters * elapsed_ms / max(step, 1), max(cap_ms - elapsed_ms, 0.0)
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
-
 
 def muon_momentum_at(h, step):
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
-
 class EMA:
     """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
     d_t = min(d, (1 + t) / (10 + t)) so that a short run is not dominated by its random initialization."""
-
     def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        state = model.state_dict()
+        self.decay, self.updates, state = decay, 0, model.state_dict()
+        self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
-
     @torch.no_grad()
     def update(self, model):
-        state = model.state_dict()
-        self.updates += 1
+        state, self.updates = model.state_dict(), self.updates + 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
-
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for k, v in zip(self.names, self.shadow):
@@ -712,30 +659,20 @@ class EMA:
 # ===== END SHARED BLOCK: optim v1 =====
 
 # ===== BEGIN SHARED BLOCK: quant v1 =====
-# Quantization and the artifact container. Large 2-D tensors are stored as per-row symmetric int-k with
-# fp16 scales (clip at a percentile of |w| per row, as the baseline); small tensors stay fp16 (control
-# tensors fp32). The container is ours: magic, version, a JSON header that names the script (and its
-# sha256), the hyperparameters, the tokenizer and every tensor's scheme, then one compressed payload of
-# raw little-endian arrays. No pickle anywhere; the official int8 format is read with weights_only=True.
+# Quantization and the artifact. Large matrices: per-row symmetric int-k (k = 4..8), fp16 scales (Triton on GPU,
+# the same maths in torch on CPU); small tensors fp16, control tensors fp32. CLIP_METHOD clips, GPTQ given Hessians,
+# late QAT (straight-through fake quant), BIT_ALLOC widths for the budget. Container: magic, version, a JSON header
+# (script sha256, hparams, tokenizer, tensor schemes), one compressed payload of raw arrays; no pickle.
 
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 16 << 20
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
-
-
-def _zstd_compress(data, level):
-    if zstandard is None:
-        raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
-    return zstandard.ZstdCompressor(level=level).compress(data)
-
-
-def _zstd_decompress(data, limit):
-    if zstandard is None:
-        raise RuntimeError("artifact is zstd-compressed but the zstandard package is not installed")
-    return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (PR #414)
+ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no record shipped int4 weights
+TRITON_BLOCK = 1024
+_TRITON = None  # the kernels, built on first use
 
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
@@ -743,127 +680,303 @@ def _bounded(decompressor, data, limit):
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-
-COMPRESSORS = {
-    "zstd": (_zstd_compress, _zstd_decompress),
+COMPRESSORS = {  # name: (compress(data, level), decompress(data, limit)); zstd needs the zstandard package
+    "zstd": (lambda d, level: zstandard.ZstdCompressor(level=level).compress(d),
+             lambda d, limit: zstandard.ZstdDecompressor().decompress(d, max_output_size=limit)),
     "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
              lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
     "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
 }
 
-
 def compress_payload(raw, compressor, zstd_level=22):
-    """Compress with the named compressor, or with each available one ('auto') keeping the smallest."""
+    """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
+    from concurrent.futures import ThreadPoolExecutor
+    if compressor == "zstd" and zstandard is None:
+        raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
     names = [compressor] if compressor != "auto" else [n for n in COMPRESSORS if n != "zstd" or zstandard]
-    best = None
-    for name in names:
-        blob = COMPRESSORS[name][0](raw, zstd_level)
-        if best is None or len(blob) < len(best[1]):
-            best = (name, blob)
-    return best
+    with ThreadPoolExecutor(len(names)) as pool:
+        blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
+    return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
+def _row_scales(clip, qmax):
+    """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
+    scale = (clip / qmax).to(torch.float16)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-def quantize_rows(w, bits, clip):
-    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16.
-    Returns (q int8, s fp16). The reference maths for every kernel of this block."""
+def _round_clamp(w, c, s, qmax):
+    """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
+    return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
+
+def _triton_kernels():
+    """(triton, quant, dequant), built on first use: @triton.jit reads the source file, which exec'd code lacks."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton
+            import triton.language as tl
+            @triton.jit
+            def quant(w_ptr, clip_ptr, scale_ptr, q_ptr, n_cols, qmax, BLOCK: tl.constexpr):
+                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                c = tl.load(clip_ptr + row)
+                s = tl.load(scale_ptr + row).to(tl.float32)
+                w = tl.load(w_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0)
+                x = tl.math.div_rn(tl.minimum(tl.maximum(w, -c), c), s)  # IEEE division, as torch
+                x = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, as torch.round (|x| < 2^22)
+                q = tl.minimum(tl.maximum(x, -qmax), qmax)
+                tl.store(q_ptr + row * n_cols + cols, q.to(tl.int8), mask=cols < n_cols)
+            @triton.jit
+            def dequant(q_ptr, scale_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                q = tl.load(q_ptr + row * n_cols + cols, mask=cols < n_cols, other=0).to(tl.float32)
+                s = tl.load(scale_ptr + row).to(tl.float32)
+                tl.store(out_ptr + row * n_cols + cols, q * s, mask=cols < n_cols)
+            _TRITON = (triton, quant, dequant)
+        except Exception:
+            _TRITON = False
+    return _TRITON or None
+
+def quantize_rows(w, bits, clip, use_triton=None):
+    """(q int8, s fp16) by `_round_clamp`; use_triton None: the kernel for CUDA tensors when Triton is present."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    clip = clip.float().clamp_min(0)
-    scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).to(torch.float16)
-    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[:, None]
-    q = torch.clamp(torch.round(torch.clamp(w, -clip[:, None], clip[:, None]) / s), -qmax, qmax)
-    return q.to(torch.int8).contiguous(), scale.contiguous()
+    w, clip = w.float().contiguous(), clip.float().clamp_min(0).contiguous()
+    scale = _row_scales(clip, qmax)
+    if not (use_triton if use_triton is not None else w.is_cuda and _triton_kernels()):
+        return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
+    triton, quant, _ = _triton_kernels()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
+    return q, scale
 
+def dequantize_rows(q, scale, use_triton=None):
+    if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
+        return q.float() * scale.float()[:, None]
+    triton, _, dequant = _triton_kernels()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dequant[(q.shape[0], triton.cdiv(q.shape[1], TRITON_BLOCK))](q.contiguous(), scale.contiguous(), out, q.shape[1],
+                                                                  BLOCK=TRITON_BLOCK)
+    return out
 
-def dequantize_rows(q, scale):
-    return q.float() * scale.float()[:, None]
+def tensor_role(name):
+    return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
 
+def sdclip_k(name, h):
+    return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
 
-def row_clip_percentile(w, percentile):
-    a = w.float().abs()
-    if percentile >= 100.0:
-        return a.amax(dim=1)
-    return torch.quantile(a, percentile / 100.0, dim=1)
+def row_clip(w, bits, h, name=""):
+    """Per-row clip. sdclip: c = k * std(row) (PR #1394); search: the quantile with the least roundtrip error."""
+    if h.clip_method == "sdclip":
+        return sdclip_k(name, h) * w.std(dim=1, correction=0)
+    if h.clip_method == "percentile":  # the baseline's INT8_CLIP_PERCENTILE
+        return torch.quantile(w.abs(), min(h.int8_clip_percentile / 100.0, 1.0), dim=1)
+    cands = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1)
+    errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
+    return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
+def _block_linears(model):
+    return [(f"{n}.weight", m) for n, m in model.named_modules()
+            if n.startswith("blocks.") and isinstance(m, nn.Linear)]
 
-def tensor_plan(name, t, h):
-    """Storage scheme of one tensor: raw (non-float), per-row int-k (large matrices), fp32 (control
-    tensors) or fp16 (other small tensors)."""
+@torch.no_grad()
+def collect_hessians(model, batches):
+    """{name: X^T X / tokens} of every nn.Linear under `blocks.`, summed over ranks; pass the bare model."""
+    sums, count, device = {}, torch.zeros((), dtype=torch.float64), next(model.parameters()).device
+    def hook(module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        sums[module] = x.T @ x + sums.get(module, 0.0)
+    linears = _block_linears(model)
+    hooks = [m.register_forward_hook(hook) for _, m in linears]
+    try:
+        for x in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model.forward_logits(x.to(device))
+            count += x.numel()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    count = float(dist_sum(count.to(device)))
+    return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
+
+@torch.no_grad()
+def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
+    """Self-generated calibration (legal, about as good as training data, PR #1019); no KV cache."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (n_seqs, 1), generator=g, device=device)
+    for _ in range(seq_len - 1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model.forward_logits(tokens)[:, -1].float()
+        tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
+    return tokens
+
+def gptq_calibrate(model, h, next_batch=None):
+    """Hessians from GPTQ_CALIB_SEQS sequences over the ranks (next_batch() or self-samples); it counts against
+    the 600 s training clock (RULES.md 3), so it runs inside GPTQ_RESERVE_SECONDS."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n, seqs = max(1, h.gptq_calib_seqs // world), []
+    if h.gptq_calib_source == "self":
+        seqs = list(generate_calibration_tokens(model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank).split(8))
+    while sum(x.shape[0] for x in seqs) < n:
+        seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
+    return collect_hessians(model, seqs)
+
+def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
+    """Columns by decreasing Hessian diagonal; each rounding error / pivot goes onto the later columns through
+    the upper Cholesky factor of the damped inverse Hessian. Row scales are fixed from `clip`."""
+    W, H, c, qmax = w.float().clone(), H.float().clone(), clip.float().clamp_min(0), 2 ** (bits - 1) - 1
+    scale = _row_scales(c, qmax)
+    s = scale.float()
+    diag = torch.diagonal(H)
+    diag[diag <= 0] = 1.0  # a column never seen in calibration: plain rounding, no error spread onto it
+    order = torch.argsort(diag, descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
+    H += torch.eye(H.shape[0], device=H.device) * (damp * diag.mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i0 in range(0, W.shape[1], block):
+        i1 = min(i0 + block, W.shape[1])
+        Wb, Eb = W[:, i0:i1].clone(), torch.zeros(W.shape[0], i1 - i0, device=W.device)
+        for j in range(i1 - i0):
+            Q[:, i0 + j] = q = _round_clamp(Wb[:, j], c, s, qmax)
+            Eb[:, j] = err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
+            Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j:i1][None, :]
+        W[:, i1:] -= Eb @ U[i0:i1, i1:]
+    return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
+
+def _qat_linear_forward(self, x):
+    """Late QAT: per-row int-k roundtrip (clip max |w| or k * std) when qat_on is 1, straight-through gradient."""
+    w, wd = self.weight, self.weight.detach().float()
+    c = (self.qat_k * wd.std(dim=1, correction=0) if self.qat_k > 0 else wd.abs().amax(dim=1))[:, None]
+    s = _row_scales(c, self.qat_qmax).float()
+    w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
+    return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+def enable_qat(model, h):
+    """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
+    buffers: torch.compile constant-folded #315's class-attribute flag. Call before compile; keys are unchanged."""
+    qmax = 2 ** ((h.qat_bits or h.quant_bits) - 1) - 1
+    mods = [(n, m) for n, m in _block_linears(model) if m.weight.numel() > h.keep_float_max_numel]
+    for name, m in mods:
+        m.register_buffer("qat_on", torch.zeros((), device=m.weight.device), persistent=False)
+        m.register_buffer("qat_qmax", torch.tensor(float(qmax), device=m.weight.device), persistent=False)
+        m.qat_k = sdclip_k(name, h) if h.clip_method == "sdclip" else 0.0
+        m.forward = _qat_linear_forward.__get__(m)
+    return len(mods)
+
+def set_qat(model, on):
+    """A buffer write, no recompile. Returns `on`."""
+    for m in model.modules():
+        if hasattr(m, "qat_on"):
+            m.qat_on.fill_(float(on))
+    return on
+
+def qat_step_hook(model, h, progress):
+    """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
+    return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
+
+def tensor_plan(name, t, h, bits=None):
+    """raw (non-float), int-k (large matrices: bits[name], EMBED_BITS, QUANT_BITS), fp32 (control) or fp16."""
     if not t.is_floating_point():
         return "raw"
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
-        return f"int{h.quant_bits}"
-    if any(p in name for p in CONTROL_TENSOR_PATTERNS):
-        return "fp32"
-    return "fp16"
+        return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
+    return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
 
-
-def _to_bytes(t):
-    return t.detach().cpu().contiguous().numpy().tobytes()
-
-
-def quantize_state_dict(state, h):
-    """Returns (tensor entries for the header, raw payload bytes)."""
-    entries, chunks, offset = [], [], 0
+def width_table(state, h, hessians=None, cache=None):
+    """{name: {bits: (bytes, error)}}: bytes = order-0 entropy + 2 per scale (zstd-22 within ~1%, lzma ~3-7%);
+    error = squared roundtrip error, or tr(E H E^T) / mean diag(H) where a Hessian is known."""
+    table = {}
     for name in sorted(state):
-        t = state[name].detach().cpu()
-        scheme = tensor_plan(name, t, h)
+        t = state[name].detach().float()
+        if not tensor_plan(name, t, h).startswith("int"):
+            continue
+        H, table[name] = (hessians or {}).get(name), {}
+        clip = None if h.clip_method == "search" else row_clip(t, 8, h, name)
+        for bits in range(h.embed_bits if tensor_role(name) == "embed" else ALLOC_MIN_BITS, 9):
+            q, scale = quantize_rows(t, bits, row_clip(t, bits, h, name) if clip is None else clip)
+            if cache is not None and H is None:
+                cache[(name, f"int{bits}")] = (q, scale)
+            e = t - dequantize_rows(q, scale)
+            err = ((e @ H) * e).sum() / torch.diagonal(H).mean().clamp_min(1e-12) if H is not None else e.square().sum()
+            p = torch.bincount(q.flatten().view(torch.uint8), minlength=256).double() / q.numel()
+            table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
+    return table
+
+def _fixed_bytes(state, h, code_bytes):
+    """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
+    size = {"fp16": 2, "fp32": 4}
+    return code_bytes + 4096 + 200 * len(state) + sum(
+        t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
+        if not tensor_plan(n, t, h).startswith("int"))
+
+def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
+    """Greedy widths for SIZE_BUDGET - SIZE_MARGIN: lower the tensor with the least added error per byte saved."""
+    table = width_table(state, h, hessians) if table is None else table
+    budget = h.size_budget - h.size_margin - _fixed_bytes(state, h, code_bytes)
+    bits = {n: max(row) for n, row in table.items()}
+    total = ratio * sum(table[n][b][0] for n, b in bits.items())
+    while total > budget:
+        steps = [((row[bits[n] - 1][1] - row[bits[n]][1]) / max(row[bits[n]][0] - row[bits[n] - 1][0], 1.0), n)
+                 for n, row in table.items() if bits[n] - 1 in row]
+        if not steps:
+            raise RuntimeError(f"SIZE_BUDGET={h.size_budget}: the model does not fit even at the narrowest widths "
+                               f"({int(total)} estimated bytes for {int(budget)} available)")
+        n = min(steps)[1]
+        total -= ratio * (table[n][bits[n]][0] - table[n][bits[n] - 1][0])
+        bits[n] -= 1
+    return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
+            for n, b in sorted(bits.items())]
+
+def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
+    """(header entries, raw payload); `bits` overrides widths, Hessians mean GPTQ, `cache` persists across calls."""
+    entries, chunks, offset, cache = [], [], 0, {} if cache is None else cache
+    for name in sorted(state):
+        t = state[name].detach()
+        scheme = tensor_plan(name, t, h, bits)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                  "scheme": scheme}
         if scheme.startswith("int"):
-            bits = int(scheme[3:])
-            q, scale = quantize_rows(t, bits, row_clip_percentile(t, h.int8_clip_percentile))
-            parts = [("data", _to_bytes(q)), ("scale", _to_bytes(scale))]
-        elif scheme == "raw":
-            entry["dtype"] = str(t.dtype).removeprefix("torch.")
-            parts = [("data", _to_bytes(t))]
+            H, b = (hessians or {}).get(name), int(scheme[3:])
+            if (name, scheme) not in cache:  # the CLIP_METHOD clip, then GPTQ given a Hessian, else rounding
+                clip = row_clip(t.float(), b, h, name)
+                cache[(name, scheme)] = gptq_quantize(t, H, b, clip) if H is not None else quantize_rows(t, b, clip)
+            entry["method"] = "gptq" if H is not None else h.clip_method
+            parts = dict(zip(("data", "scale"), cache[(name, scheme)]))
         else:
-            parts = [("data", _to_bytes(t.to(torch.float16 if scheme == "fp16" else torch.float32)))]
-        for key, blob in parts:
+            parts = {"data": t if scheme == "raw" else t.to(torch.float16 if scheme == "fp16" else torch.float32)}
+        for key, part in parts.items():
+            blob = part.detach().cpu().contiguous().numpy().tobytes()
             entry[key] = [offset, len(blob)]
             chunks.append(blob)
             offset += len(blob)
         entries.append(entry)
     return entries, b"".join(chunks)
 
-
 def dequantize_entries(entries, raw):
     state = {}
     for e in entries:
-        off, n = e["data"]
-        blob = raw[off:off + n]
-        shape = tuple(e["shape"])
-        dtype = getattr(torch, e["dtype"])
-        scheme = e["scheme"]
+        (off, n), (so, sn), dtype, scheme = e["data"], e.get("scale", (0, 0)), getattr(torch, e["dtype"]), e["scheme"]
+        np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme) or torch.empty(0, dtype=dtype).numpy().dtype
+        t = torch.from_numpy(np.frombuffer(raw[off:off + n], np.int8 if scheme.startswith("int") else np_dtype).copy())
         if scheme.startswith("int"):
-            q = torch.from_numpy(np.frombuffer(blob, dtype=np.int8).copy()).reshape(shape)
-            so, sn = e["scale"]
-            scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], dtype=np.float16).copy())
-            state[e["name"]] = dequantize_rows(q, scale).to(dtype)
-        else:
-            np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme)
-            if np_dtype is None:
-                np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-            arr = np.frombuffer(blob, dtype=np_dtype).copy()
-            state[e["name"]] = torch.from_numpy(arr).reshape(shape).to(dtype)
+            scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], np.float16).copy())
+            t = dequantize_rows(t.reshape(e["shape"]), scale)
+        state[e["name"]] = t.reshape(e["shape"]).to(dtype)
     return state
-
 
 def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
+def _header_sha256(header):  # the canonical header JSON without its own checksum: header bit flips are caught
+    body = json.dumps({k: v for k, v in header.items() if k != "header_sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+def _artifact_prefix_and_head(header):
+    head = json.dumps({**header, "header_sha256": _header_sha256(header)}, sort_keys=True, separators=(",", ":"))
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head.encode("utf-8"))) + head.encode("utf-8")
 
 def write_artifact(path, header, payload):
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    blob = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head + payload
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return len(blob)
-
+    return write_bytes_atomic(path, _artifact_prefix_and_head(header) + payload)
 
 def read_artifact_header(path):
     """(header, payload offset). ValueError naming the file for anything that is not our artifact."""
@@ -885,61 +998,64 @@ def read_artifact_header(path):
             raise ValueError(f"{path}: corrupt artifact header ({exc})") from None
     if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
         raise ValueError(f"{path}: artifact header lacks its tensor table")
+    if header.get("header_sha256", _header_sha256(header)) != _header_sha256(header):
+        raise ValueError(f"{path}: header is corrupted (its sha256 differs from the one it records)")
     return header, ARTIFACT_PREFIX.size + head_len
-
 
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
-        f.seek(offset)
-        payload = f.read()
+        payload = f.read()[offset:]
     if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ValueError(f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)")
     name = header.get("compressor")
-    if name not in COMPRESSORS:
-        raise ValueError(f"{path}: unknown compressor {name!r}")
+    if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
+        raise ValueError(f"{path}: compressor {name!r} is unknown or not installed (zstd needs zstandard)")
     try:
         raw = COMPRESSORS[name][1](payload, int(header["raw_bytes"]))
-    except (zlib.error, lzma.LZMAError, ValueError) as exc:
-        raise ValueError(f"{path}: payload does not decompress ({exc})") from None
-    except Exception as exc:  # zstandard raises its own error type
+    except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
         raise ValueError(f"{path}: payload does not decompress ({exc})") from None
     if len(raw) != header["raw_bytes"]:
         raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
     return header, raw
-
 
 def artifact_state(model):
     """The state that ships: training-only heads (prefixes listed by the model) are left out."""
     drop = tuple(getattr(model, "training_only_prefixes", ()))
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
-
-def save_artifact(model, h, path, state=None):
-    """Quantize, compress and write the artifact; returns its byte accounting."""
+def save_artifact(model, h, path, state=None, hessians=None):
+    """Quantize, compress, write; returns the byte accounting. BIT_ALLOC re-plans with the measured compression
+    ratio until the total fits and uses >= 99% of SIZE_BUDGET - SIZE_MARGIN (4 tries, largest fitting wins)."""
     state = artifact_state(model) if state is None else state
-    entries, raw = quantize_state_dict(state, h)
-    compressor, payload = compress_payload(raw, h.compressor, h.zstd_level)
     code = code_bytes_of()
-    tokenizer_sha = file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None
-    header = {
-        "format": "pgolf-artifact",
-        "script": os.path.basename(CODE_PATH),
-        "script_sha256": hashlib.sha256(code).hexdigest(),
-        "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
-        "tokenizer_sha256": tokenizer_sha,
-        "vocab_size": h.vocab_size,
-        "compressor": compressor,
-        "raw_bytes": len(raw),
-        "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "tensors": entries,
-    }
+    cache, ratio, compressor, plan, tries = {}, 1.0, h.compressor, None, []
+    table = width_table(state, h, hessians, cache) if h.bit_alloc else None
+    for _ in range(4 if h.bit_alloc else 1):
+        if h.bit_alloc:
+            previous, plan = plan, plan_bits(state, h, len(code), hessians, table, ratio)
+            if plan == previous:
+                break
+        entries, raw = quantize_state_dict(state, h, {r["name"]: r["bits"] for r in plan or []}, hessians, cache)
+        compressor, payload = compress_payload(raw, compressor, h.zstd_level)  # later tries keep the winner
+        header = {"format": "pgolf-artifact", "script": os.path.basename(CODE_PATH),
+                  "script_sha256": hashlib.sha256(code).hexdigest(), "tokenizer_sha256":
+                  file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None,
+                  "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
+                  "vocab_size": h.vocab_size, "compressor": compressor, "raw_bytes": len(raw),
+                  "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                  "tensors": entries}
+        tries.append((len(_artifact_prefix_and_head(header)) + len(payload) + len(code), header, payload, plan))
+        if not h.bit_alloc or h.size_budget >= tries[-1][0] >= 0.99 * (h.size_budget - h.size_margin):
+            break
+        ratio *= (tries[-1][0] - _fixed_bytes(state, h, len(code))) / max(sum(r["bytes"] for r in plan), 1)
+    fitting = [t for t in tries if t[0] <= h.size_budget]
+    _, header, payload, plan = max(fitting, key=lambda t: t[0]) if fitting else min(tries, key=lambda t: t[0])
     artifact_bytes = write_artifact(path, header, payload)
     return {"artifact_bytes": artifact_bytes, "code_bytes": len(code), "total_bytes": artifact_bytes + len(code),
-            "payload_bytes": len(payload), "raw_bytes": len(raw), "compressor": compressor,
-            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code)}
-
+            "payload_bytes": len(payload), "raw_bytes": header["raw_bytes"], "compressor": header["compressor"],
+            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
+            "tries": len(tries)}
 
 def load_artifact(path, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
@@ -958,76 +1074,29 @@ def load_artifact(path, allow_script_mismatch=False):
     model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
     return model.eval(), h
 
-
-def load_official_int8(path, max_bytes=1 << 31):
-    """State dict of an official `final_model.int8.ptz` (zlib of a torch.save dict, int8_clean_per_row_v1).
-    torch.load runs with weights_only=True, so a pickle carrying code is refused, never executed."""
-    import pickle
-
-    with open(path, "rb") as f:
-        blob = f.read()
-    try:
-        raw = _bounded(zlib.decompressobj(), blob, max_bytes)
-    except (zlib.error, ValueError) as exc:
-        raise ValueError(f"{path}: not a zlib-compressed official int8 artifact ({exc})") from None
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: refused: the pickle holds more than tensors ({first})") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable torch payload ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict) or obj.get("__quant_format__") != "int8_clean_per_row_v1":
-        raise ValueError(f"{path}: not in the int8_clean_per_row_v1 format")
-    state = {}
-    dtypes = obj.get("dtypes", {})
-    for name, q in obj.get("quantized", {}).items():
-        s = obj["scales"][name]
-        if s.ndim > 0:
-            w = q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))
-        else:
-            w = q.float() * float(s)
-        state[name] = w.to(getattr(torch, str(dtypes.get(name, "float32")).removeprefix("torch.")))
-    orig = obj.get("passthrough_orig_dtypes", {})
-    for name, t in obj.get("passthrough", {}).items():
-        state[name] = t.to(getattr(torch, str(orig[name]).removeprefix("torch."))) if name in orig else t
-    return state
-
 # ===== END SHARED BLOCK: quant v1 =====
 
 # ===== BEGIN SHARED BLOCK: eval v1 =====
-# Evaluation. Every mode scores per-token NLL with a full softmax over the vocabulary, sums in float64,
-# counts bytes with the lookup tables and all-reduces. Standard: non-overlapping TRAIN_SEQ_LEN windows
-# (the baseline). Sliding (PR #50): windows every EVAL_STRIDE tokens, each target scored once, in the first
-# window that holds it. Score-first TTT (PR #461/#549): windows grouped in chunks; a chunk is scored under
-# inference mode, then trained on; the last chunk never is. Sliding is TTT without training, so the two
-# share one code path and agree exactly at TTT_LR=0. The causality audit (RULES.md C1) runs on any model
-# with `forward_logits`.
-
+# Evaluation: per-token NLL under the full softmax, float64 sums, bytes from the lookup tables, all-reduced.
+# Standard: non-overlapping TRAIN_SEQ_LEN windows (the baseline). Sliding (PR #50): windows every EVAL_STRIDE,
+# each target scored once, in the first window holding it. Score-first TTT (PR #461/#549): a chunk of windows is
+# scored under inference mode, then trained on (the last never is); sliding is TTT without training, one code
+# path. The causality audit (RULES.md C1) runs on any model with `forward_logits`.
 
 def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 def _model_device(model):
     return next(model.parameters()).device
 
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
+def _autocast(device):  # bf16 on CUDA, plain fp32 on CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
     with _autocast(x.device):
         logits = model.forward_logits(x)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-    return nll.view_as(y)
-
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
 
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
@@ -1035,24 +1104,17 @@ def _eval_result(sums, t0, mode, **extra):
             "tokens": int(tokens), "bytes": int(nbytes), "nll_sum": nll,
             "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
 
-
 def eval_val(h, model, val_tokens, luts):
-    t0 = time.perf_counter()
-    rank, world = _dist_info()
-    device = _model_device(model)
-    seq = h.train_seq_len
+    t0, (rank, world), device, seq = time.perf_counter(), _dist_info(), _model_device(model), h.train_seq_len
     n_seqs = (val_tokens.numel() - 1) // seq
     if n_seqs < 1:
         raise ValueError(f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1")
-    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
-    batch = max(1, h.val_batch_size // (8 * seq))
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    was_training = model.training
+    lo, hi, batch = n_seqs * rank // world, n_seqs * (rank + 1) // world, max(1, h.val_batch_size // (8 * seq))
+    sums, was_training = torch.zeros(3, dtype=torch.float64, device=device), model.training
     model.eval()
     with torch.inference_mode():
         for s in range(lo, hi, batch):
-            e = min(s + batch, hi)
-            chunk = val_tokens[s * seq:e * seq + 1].to(device=device, dtype=torch.int64)
+            chunk = val_tokens[s * seq:min(s + batch, hi) * seq + 1].to(device=device, dtype=torch.int64)
             x, y = chunk[:-1].view(-1, seq), chunk[1:].view(-1, seq)
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
@@ -1061,59 +1123,46 @@ def eval_val(h, model, val_tokens, luts):
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
 
-
 def sliding_windows(num_tokens, seq_len, stride):
     """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1. Target j
     (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as context."""
     n_targets = num_tokens - 1
     if n_targets < 1:
         raise ValueError(f"val split has {num_tokens} tokens: nothing to score")
-    starts = np.arange(0, max(n_targets, 1), stride, dtype=np.int64)
+    starts = np.arange(0, n_targets, stride, dtype=np.int64)
     firsts = np.where(starts == 0, 1, starts + seq_len - stride + 1)
-    keep = firsts <= n_targets
-    starts, firsts = starts[keep], firsts[keep]
-    lasts = np.minimum(starts + seq_len, n_targets)
-    return starts, firsts, lasts
+    starts, firsts = starts[firsts <= n_targets], firsts[firsts <= n_targets]
+    return starts, firsts, np.minimum(starts + seq_len, n_targets)
 
-
-def _score_windows(model, tokens, starts, firsts, lasts, luts, seq_len, batch, sums, coverage):
-    """Score a list of windows (all on this rank) into sums; count every scored target in coverage."""
+def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
+    """Score (starts, firsts, lasts) windows of this rank into sums; count every scored target in coverage."""
     device = sums.device
-    for i in range(0, len(starts), batch):
-        s, f, l = starts[i:i + batch], firsts[i:i + batch], lasts[i:i + batch]
-        lengths = l - s
-        for length in np.unique(lengths):
-            sel = lengths == length
+    for i in range(0, len(windows[0]), batch):
+        s, f, l = (w[i:i + batch] for w in windows)
+        for length in np.unique(l - s):
+            sel = (l - s) == length
             ws = torch.as_tensor(s[sel], device=device)
-            idx = ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]
-            win = tokens[idx]
+            win = tokens[ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]]
             x, y = win[:, :-1], win[:, 1:]
             pos = torch.arange(int(length), device=device)[None, :]
-            lo = torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
-            mask = pos >= lo
-            nll = token_nll(model, x, y)
-            sums[0] += (nll.double() * mask).sum()
+            mask = pos >= torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
+            sums[0] += (token_nll(model, x, y).double() * mask).sum()
             sums[1] += mask.sum()
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
 
-
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
-    t0 = time.perf_counter()
-    rank, world = _dist_info()
-    device = _model_device(model)
+    t0, (rank, world), device = time.perf_counter(), _dist_info(), _model_device(model)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     seq_len, stride, chunk = h.eval_len, h.eval_stride, h.ttt_chunk_tokens
     starts, firsts, lasts = sliding_windows(tokens.numel(), seq_len, stride)
-    chunk_of = firsts // chunk  # sorted, so each chunk's windows are one contiguous range
-    chunk_ids = np.unique(chunk_of)
-    bounds = np.searchsorted(chunk_of, np.append(chunk_ids, chunk_ids[-1] + 1))
+    chunk_ids, bounds = np.unique(firsts // chunk, return_index=True)  # firsts are sorted: contiguous chunks
+    bounds = np.append(bounds, len(firsts))
     batch = max(1, h.val_batch_size // (8 * seq_len))
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums, ledger = torch.zeros(3, dtype=torch.float64, device=device), []
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
-    ledger, scored_upto = [], 0
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
     for n, ci in enumerate(chunk_ids):
@@ -1121,53 +1170,39 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
         mine = sel[len(sel) * rank // world:len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
-            _score_windows(scorer, tokens, starts[mine], firsts[mine], lasts[mine], luts, seq_len, batch,
-                           sums, coverage)
+            _score_windows(scorer, tokens, (starts[mine], firsts[mine], lasts[mine]), luts, batch, sums, coverage)
         scored_upto = int(lasts[sel].max())
         ledger.append({"event": "score", "chunk": int(ci), "scored_upto": scored_upto})
         if trainer is not None and n < len(chunk_ids) - 1:
-            lo_tok = int(ci) * chunk
-            hi_tok = min(lo_tok + chunk, scored_upto + 1)
-            for step in trainer.train_chunk(tokens[lo_tok:hi_tok], n):
+            hi_tok = min(int(ci) * chunk + chunk, scored_upto + 1)
+            for step in trainer.train_chunk(tokens[int(ci) * chunk:hi_tok], n):
                 ledger.append({"event": "update", "chunk": int(ci), "step": step, "max_target": hi_tok - 1})
     dist_sum(sums)
     dist_sum(coverage)
-    mode = "ttt" if train_chunks else "sliding"
-    audit = audit_score_first(ledger, coverage)
-    return _eval_result(sums, t0, mode, chunks=len(chunk_ids), windows=len(starts), seq_len=seq_len,
-                        stride=stride, score_first=audit)
-
+    return _eval_result(sums, t0, "ttt" if train_chunks else "sliding", chunks=len(chunk_ids), windows=len(starts),
+                        seq_len=seq_len, stride=stride, score_first=audit_score_first(ledger, coverage))
 
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
 
-
 def eval_val_ttt(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=True)
-
 
 class _TTTTrainer:
     """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
     blocks stay fixed; gradients are the mean over the global batch of sequences (all ranks)."""
-
     def __init__(self, h, model, num_chunks):
-        self.h, self.num_chunks = h, num_chunks
-        self.model = copy.deepcopy(model)
-        blocks = getattr(self.model, "blocks", [])
-        frozen = {id(p) for b in list(blocks)[:h.ttt_freeze_blocks] for p in b.parameters()}
+        self.h, self.num_chunks, self.model, self.steps = h, num_chunks, copy.deepcopy(model), 0
+        frozen = {id(p) for b in list(getattr(self.model, "blocks", []))[:h.ttt_freeze_blocks] for p in b.parameters()}
+        frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}  # e.g. a fixed manifold
         self.params = [p for p in self.model.parameters() if id(p) not in frozen]
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.steps = 0
-
     def train_chunk(self, tokens, n):
-        h = self.h
-        rank, world = _dist_info()
-        lr = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        seq = h.eval_len
+        h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
+        for g in self.opt.param_groups:  # cosine over the chunks
+            g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
         n_seqs = (tokens.numel() - 1) // seq
         if n_seqs < 1:
             return
@@ -1179,8 +1214,7 @@ class _TTTTrainer:
                 mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
                 self.opt.zero_grad(set_to_none=False)
                 if len(mine):
-                    idx = mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]
-                    win = seqs[idx]
+                    win = seqs[mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]]
                     (token_nll(self.model, win[:, :-1], win[:, 1:]).sum() / (len(ids) * seq)).backward()
                 for p in self.params:
                     if p.grad is None:
@@ -1192,7 +1226,6 @@ class _TTTTrainer:
                 self.steps += 1
                 yield self.steps
         self.model.eval()
-
 
 def audit_score_first(ledger, coverage):
     """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and every
@@ -1207,37 +1240,24 @@ def audit_score_first(ledger, coverage):
                 failures.append(f"update {entry['step']} on chunk {entry['chunk']} used target "
                                 f"{entry['max_target']} before it was scored (scored up to {scored_upto})")
     counts = coverage[1:]
-    twice = int((counts > 1).sum())
-    missing = int((counts == 0).sum())
-    if twice:
-        failures.append(f"{twice} targets scored more than once")
-    if missing:
-        failures.append(f"{missing} targets never scored")
-    if int(coverage[0]):
-        failures.append("token 0 has no context and was scored")
+    twice, missing = int((counts > 1).sum()), int((counts == 0).sum())
+    failures += [msg for bad, msg in ((twice, f"{twice} targets scored more than once"),
+                                      (missing, f"{missing} targets never scored"),
+                                      (int(coverage[0]), "token 0 has no context and was scored")) if bad]
     return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
         e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
         "scored_twice": twice, "never_scored": missing}
 
-
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
-    """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do not
-    move when tokens after p change (prefix invariance, at several cut points); the gradient of position i
-    with respect to every embedding output at positions > i is exactly zero (catches 1e-22 leaks such as
-    a clamp after the mask); rows of a batch are independent; the output is a full, finite distribution
-    over the vocabulary."""
-    device = _model_device(model)
-    was_training = model.training
+    """C1 and C2 in eval mode, fp32: prefix invariance at several cuts, zero gradient from later embedding outputs
+    (catches 1e-22 leaks such as a clamp after the mask), independent batch rows, a full finite distribution."""
+    device, was_training, gen = _model_device(model), model.training, torch.Generator().manual_seed(seed)
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-
     def rand_tokens(*shape):
         return torch.randint(0, vocab_size, shape, generator=gen).to(device)
-
     def logits_of(x):
         with torch.no_grad():
             return model.forward_logits(x).float()
-
     failures, max_diff = [], 0.0
     x = rand_tokens(batch, seq_len)
     base = logits_of(x)
@@ -1245,10 +1265,8 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
         failures.append(f"logits shape {tuple(base.shape)} is not (batch, seq, vocab={vocab_size})")
     elif not torch.isfinite(base).all():
         failures.append("logits are not all finite")
-    else:
-        total = torch.softmax(base.double(), dim=-1).sum(-1)
-        if (total - 1).abs().max() > 1e-4:
-            failures.append("softmax over the vocabulary does not sum to 1")
+    elif (torch.softmax(base.double(), dim=-1).sum(-1) - 1).abs().max() > 1e-4:
+        failures.append("softmax over the vocabulary does not sum to 1")
     cuts = sorted({p for p in (0, 1, 2, chunk - 1, chunk, chunk + 1, seq_len // 2, seq_len - 2)
                    if 0 <= p < seq_len - 1})
     for p in cuts:
@@ -1263,9 +1281,7 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
             if not diff <= tol:
                 failures.append(f"prefix: changing tokens after position {p} ({kind}) moved its logits by {diff:.3g}")
     if batch > 1:
-        x3 = x.clone()
-        x3[1:] = rand_tokens(batch - 1, seq_len)
-        diff = (logits_of(x3)[0] - base[0]).abs().max().item()
+        diff = (logits_of(torch.cat([x[:1], rand_tokens(batch - 1, seq_len)]))[0] - base[0]).abs().max().item()
         if not diff <= tol:
             failures.append(f"batch: changing other rows moved row 0 by {diff:.3g}")
     failures += _audit_jacobian(model, x, sorted({0, 1, seq_len // 2, seq_len - 2} & set(range(seq_len - 1))))
@@ -1273,17 +1289,12 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     return {"passed": not failures, "failures": failures[:8], "seq_len": seq_len, "cuts": cuts,
             "max_prefix_diff": max_diff}
 
-
 def _audit_jacobian(model, x, positions):
     outputs = []
-
     def capture(module, inputs, out):
         if out.dim() >= 2 and tuple(out.shape[:2]) == tuple(x.shape):
-            out = out.detach().requires_grad_(True)
-            outputs.append(out)
-            return out
-        return None
-
+            outputs.append(out.detach().requires_grad_(True))
+            return outputs[-1]
     handles = [m.register_forward_hook(capture) for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
         with torch.enable_grad():
@@ -1293,40 +1304,32 @@ def _audit_jacobian(model, x, positions):
             handle.remove()
     if not outputs:
         return ["jacobian: no embedding output found to differentiate through"]
-    failures = []
-    gen = torch.Generator().manual_seed(1)
+    failures, gen = [], torch.Generator().manual_seed(1)
     for i in positions:
         r = torch.randn(logits.shape[0], logits.shape[-1], generator=gen).to(logits.device)
         grads = torch.autograd.grad((logits[:, i] * r).sum(), outputs, retain_graph=True, allow_unused=True)
-        for g in grads:
-            if g is not None and bool((g[:, i + 1:] != 0).any()):
-                leak = g[:, i + 1:].abs().max().item()
-                failures.append(f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})")
-                break
+        leak = max((g[:, i + 1:].abs().max().item() for g in grads if g is not None and g[:, i + 1:].numel()),
+                   default=0.0)
+        if leak != 0:
+            failures.append(f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})")
     return failures
 
 # ===== END SHARED BLOCK: eval v1 =====
 
 # ===== BEGIN SHARED BLOCK: train v1 =====
-# The training pipeline every script runs: warmup-then-restore (compile priming outside the clock), the
-# wallclock-capped loop with the stop decision all-reduced, the EMA, periodic validation with a coherence
-# sample, then serialize -> re-read from disk -> audits -> final eval -> summary. Models plug in through
-# optional methods: `prepare_training(h, rt, logger)` (statistics built from train shards, timed inside the
-# budget), `set_training_progress(frac)` (recurrence, auxiliary schedules), `validation_probes()` (a dict
-# shown on the dashboard). Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file,
-# sample audits, embedding probes, and an optional UCB1 shard mixer.
-
+# The pipeline every script runs: warmup-then-restore (compile priming off the clock), the wallclock-capped loop
+# (stop decision all-reduced), EMA, periodic validation with a coherence sample, then serialize -> re-read from
+# disk -> audits -> final eval -> summary. Optional model hooks: `prepare_training(h, rt, logger)` (timed inside
+# the budget), `set_training_progress(frac)`, `validation_probes()` (dashboard). Telemetry (TECHNIQUES.md part E):
+# SMMA 10/100/1000, cliff flag, status file, sample audits, embedding probes, an optional UCB1 shard mixer.
 
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
-
     def __init__(self, n):
         self.n, self.value = n, None
-
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
-
 
 def coherence_score(text):
     """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
@@ -1334,51 +1337,39 @@ def coherence_score(text):
     words = text.split()
     if not words:
         return 0.0
-
     def diversity(n):
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         return len(set(grams)) / len(grams) if grams else 0.0
-
     english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
     return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
-
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
     """Greedy (temperature 0) or sampled continuation of a fixed prompt, for the sample audit."""
-    device = _model_device(model)
-    ids = [1] + sp.encode(prompt)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
+    device, prompt_ids, was_training = _model_device(model), sp.encode(prompt), model.training
+    ids, gen = [1] + prompt_ids, torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     for _ in range(n_tokens):
         x = torch.tensor([ids[-seq_len:]], device=device)
         with _autocast(device):
             logits = model.forward_logits(x)[0, -1].float().cpu()
-        if temperature > 0:
-            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
-        else:
-            ids.append(int(logits.argmax()))
+        ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+                       if temperature > 0 else logits.argmax()))
     model.train(was_training)
-    return sp.decode(ids[1 + len(sp.encode(prompt)):])
-
+    return sp.decode(ids[1 + len(prompt_ids):])
 
 def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
     """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
     of a fixed probe list, and (with `other`, e.g. the dequantized copy) neighbour overlap@5."""
     w = F.normalize(weight.detach().float().cpu(), dim=-1)
-    gen = torch.Generator().manual_seed(0)
-    i, j = torch.randint(0, w.size(0), (2, 4096), generator=gen)
+    i, j = torch.randint(0, w.size(0), (2, 4096), generator=torch.Generator().manual_seed(0))
     s2 = torch.linalg.svdvals(weight.detach().float().cpu()).square()
     cum = torch.cumsum(s2, 0) / s2.sum()
-    probes = [sp.piece_to_id("\u2581" + t) for t in words]
-    probes = [p for p in probes if 0 < p < w.size(0) and not sp.is_unknown(p)]
-
+    probes = [p for p in (sp.piece_to_id("\u2581" + t) for t in words) if 0 < p < w.size(0) and not sp.is_unknown(p)]
     def top5(m):
         sim = m[probes] @ m.T
         sim[torch.arange(len(probes)), probes] = -2.0
         return sim.topk(5, dim=-1).indices
-
     nb = top5(w) if probes else torch.zeros(0, 5, dtype=torch.long)
     out = {"anisotropy": float((w[i] * w[j]).sum(-1).mean()), "rank90": int((cum < 0.90).sum()) + 1,
            "rank95": int((cum < 0.95).sum()) + 1,
@@ -1388,7 +1379,6 @@ def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "i
         out["neighbour_overlap"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nb, nb2))
                                          / (5 * len(probes)))
     return out
-
 
 def project_capped_simplex(w, lo, hi, iters=100):
     """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
@@ -1401,37 +1391,27 @@ def project_capped_simplex(w, lo, hi, iters=100):
         a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
     return np.clip(w + (a + b) / 2, lo, hi)
 
-
 class ShardMixer:
-    """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each phase
-    plays the arm with the best UCB = mean reward + C sqrt(ln N / n_k); shard weights are that one-hot
-    vector projected onto {floor <= w <= cap, sum w = 1}, and micro-batches sample shards from them. The
-    reward of a phase is the loss drop on a held-out slice of *training* data, never val."""
-
+    """UCB1 over training shards (off by default; weak evidence, PR #737): each phase plays the best-UCB arm, its
+    one-hot projected onto {floor <= w <= cap, sum w = 1}; reward = loss drop on held-out *training* data."""
     def __init__(self, h, n_shards):
-        self.h, self.k = h, n_shards
-        self.counts, self.rewards = np.zeros(n_shards), np.zeros(n_shards)
-        self.rng = np.random.default_rng(h.seed)
-        self.arm, self.last_loss = 0, None
+        self.h, self.k, self.arm, self.last_loss = h, n_shards, 0, None
+        self.counts, self.rewards, self.rng = np.zeros(n_shards), np.zeros(n_shards), np.random.default_rng(h.seed)
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
-
     def pick(self):
         return int(self.rng.choice(self.k, p=self.weights))
-
     def end_phase(self, heldout_loss):
         if self.last_loss is not None:
             self.counts[self.arm] += 1
             self.rewards[self.arm] += self.last_loss - heldout_loss
         self.last_loss = heldout_loss
-        n = self.counts.sum()
-        ucb = self.rewards / np.maximum(self.counts, 1) + self.h.mixer_ucb_c * np.sqrt(
-            np.log(max(n, 1)) / np.maximum(self.counts, 1))
+        n, plays = self.counts.sum(), np.maximum(self.counts, 1)
+        ucb = self.rewards / plays + self.h.mixer_ucb_c * np.sqrt(np.log(max(n, 1)) / plays)
         self.arm = int(np.argmax(np.where(self.counts == 0, np.inf, ucb)))
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
-
 
 def build_optimizers(model, h, device):
     matrices, adam_groups = param_groups(model, h)
@@ -1443,31 +1423,34 @@ def build_optimizers(model, h, device):
                              fused=device.type == "cuda")
     return [muon, adam]
 
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
+def _broadcast(rt, obj):
+    """Rank 0's value of obj on every rank."""
+    holder = [obj]
+    if rt.distributed:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 class Validator:
     """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
-
     def __init__(self, h, rt, model, sp, logger):
         self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
-        self.val_tokens, self.luts, self.low_streak = None, None, 0
-
+        self.val, self.low_streak = None, 0
     def __call__(self, step, train_ms):
         h, logger = self.h, self.logger
-        if self.val_tokens is None:
-            self.val_tokens = load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens)
-            self.luts = build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device)
-        res = eval_val(h, self.model, self.val_tokens, self.luts)
+        if self.val is None:  # (tokens, lookup tables), loaded on first use
+            self.val = (load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens),
+                        build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device))
+        res = eval_val(h, self.model, *self.val)
         logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
         sample = generate_sample(self.model, self.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
         score = coherence_score(sample)
         self.low_streak = self.low_streak + 1 if score < 30 else 0
-        collapsed = self.low_streak >= 5
+        collapsed = self.low_streak >= 5  # five low samples in a row
         logger.log0(f"sample:{step} coherence:{score:.1f}{' COLLAPSE' if collapsed else ''} text:{sample[:160]!r}")
         probes = self.model.validation_probes() if hasattr(self.model, "validation_probes") else None
         logger.event("eval", step=step, label="periodic", val_loss=res["val_loss"], val_bpb=res["val_bpb"],
@@ -1481,20 +1464,20 @@ class Validator:
                              artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
         return collapsed and h.halt_on_collapse
 
-
 def estimate_artifact_bytes(model, h):
     """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
     _, raw = quantize_state_dict(artifact_state(model), h)
     return len(zlib.compress(raw, 1))
 
-
 def train_model(h, rt, model, logger, ledger, validator=None):
     """Train in place; returns the EMA (or None) and the loop statistics."""
     device = rt.device
+    if h.qat_start_frac > 0:
+        n = enable_qat(model, h)
+        logger.log0(f"qat: {n} matrices fake-quantized to int{h.qat_bits or h.quant_bits} from {h.qat_start_frac:.2f}")
     step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-
         step_model = DDP(step_model, device_ids=[rt.local_rank] if device.type == "cuda" else None,
                          broadcast_buffers=False)
     optimizers = build_optimizers(model, h, device)
@@ -1502,21 +1485,19 @@ def train_model(h, rt, model, logger, ledger, validator=None):
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = getattr(model, "set_training_progress", None)
-
     def train_step(step, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
             x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps,
                                      shard=mixer.pick() if mixer else None)
-            last_micro = micro == rt.grad_accum_steps - 1
+            last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last micro-step only
             ctx = step_model.no_sync() if rt.distributed and not last_micro else contextlib.nullcontext()
             with ctx, _autocast(device):
                 loss = step_model(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
+        for g in (g for opt in optimizers for g in opt.param_groups):
+            g["lr"] = g["base_lr"] * lr_scale
         for g in optimizers[0].param_groups:
             g["momentum"] = muon_momentum_at(h, step)
         if h.grad_clip_norm > 0:
@@ -1525,13 +1506,12 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             opt.step()
         model.zero_grad(set_to_none=True)
         return total / rt.grad_accum_steps
-
     if h.warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
-        t0 = time.perf_counter()
-        initial = copy.deepcopy(model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader_state = loader.state()
+        t0, loader_state = time.perf_counter(), loader.state()
+        initial, opt_states = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         for step in range(h.warmup_steps):
+            if progress_hook:  # both halves of a schedule that changes the graph (recurrence) get compiled
+                progress_hook(float(step >= h.warmup_steps // 2))
             train_step(step, 1.0)
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
@@ -1539,13 +1519,14 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         loader.restore(loader_state)
         ledger["warmup_s_excluded"] = time.perf_counter() - t0
         logger.log0(f"warmup: {h.warmup_steps} steps in {ledger['warmup_s_excluded']:.1f}s (excluded from the clock)")
-
-    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0), 0.0) \
+    ema, smmas = EMA(model, h.ema_decay) if h.ema_decay > 0 else None, {n: Smma(n) for n in (10, 100, 1000)}
+    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
+    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
         if h.max_wallclock_seconds > 0 else 0.0
+    if reserve and cap_ms:
+        logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
-    train_ms, step, stop_after, halted = 0.0, 0, None, False
+    train_ms, step, stop_after, halted, qat_on = 0.0, 0, None, False, False
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -1562,14 +1543,16 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             train_ms += 1000.0 * (time.perf_counter() - t0)
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        frac = max(elapsed_ms / cap_ms if cap_ms > 0 else 0.0, step / h.iterations)
         if progress_hook:
             progress_hook(frac)
+        if not qat_on and qat_step_hook(model, h, frac):
+            qat_on = True
+            logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
+        loss, step = train_step(step, lr_scale), step + 1
         if ema is not None:
             ema.update(model)
-        step += 1
         if mixer and step % h.mixer_phase_steps == 0:
             with torch.no_grad(), _autocast(device):
                 weights = mixer.end_phase(float(model(*heldout)))
@@ -1585,8 +1568,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             if log_now:
                 logger.log0(f"step:{step}/{h.iterations} train_loss:{value:.4f} "
                             f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms tok/s:{tok_s:.0f}")
-                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms,
-                             **smoothed)
+                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms, **smoothed)
             logger.update_status(state="training", step=step, iterations=h.iterations, elapsed_s=approx_ms / 1000,
                                  tokens_seen=step * h.train_batch_tokens, lr_scale=lr_scale, train_loss=value,
                                  step_ms=step_ms, tokens_per_s=tok_s, **smoothed,
@@ -1597,30 +1579,28 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             stop_after = step
             logger.log0(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
     ledger["train_loop_s"] = train_ms / 1000.0
+    logger.update_status(force=True, step=step, elapsed_s=train_ms / 1000, tokens_seen=step * h.train_batch_tokens)
     if device.type == "cuda":
         logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return ema, {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
-
+    stats = {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
+    return ema, stats, loader
 
 def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
     """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
-    fn = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode]
-    res = fn(h, model, val_tokens, luts)
+    res = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode](h, model, val_tokens, luts)
     ledger[f"eval_{label}_s"] = res["eval_time_ms"] / 1000.0
     logger.log0(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
                 f"eval_time:{res['eval_time_ms']:.0f}ms")
     logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     return res
 
-
 def run_audits(h, model, sp, val_tokens, luts, logger):
     """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
-    audits = {}
-    lengths = {"causality": h.audit_seq_len or h.train_seq_len, "causality_eval": h.eval_len}
-    for name, length in lengths.items():
-        if name == "causality" or length != lengths["causality"]:
-            audits[name] = audit_causality(model, length, h.vocab_size)
+    audit_len = h.audit_seq_len or h.train_seq_len
+    audits = {"causality": audit_causality(model, audit_len, h.vocab_size)}
+    if h.eval_len != audit_len:
+        audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(sp, val_tokens, luts)
     for name, res in audits.items():
         detail = "" if res["passed"] else f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
@@ -1628,52 +1608,49 @@ def run_audits(h, model, sp, val_tokens, luts, logger):
         logger.event("audit", name=name, **res)
     return audits
 
-
 def run_main(h):
     """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
     rt = setup_runtime()
-    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
-    if rt.distributed:
-        holder = [run_id]
-        dist.broadcast_object_list(holder, src=0)
-        run_id = holder[0]
+    run_id = _broadcast(rt, h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}")
     artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
     logger = RunLogger(h.log_dir, run_id, rt.is_main)
-    code = code_bytes_of()
-    logger.log0(code.decode("utf-8"), console=False)
-    logger.log0("=" * 100, console=False)
-    device_name = device_description(rt.device)
+    code, device_name = code_bytes_of(), device_description(rt.device)
+    logger.log0(code.decode("utf-8") + "\n" + "=" * 100, console=False)
     logger.log0(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
     logger.log0(f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
-    logger.log0("Hyperparameters:")
-    for key, value in sorted(dataclasses.asdict(h).items()):
-        logger.log0(f"  {key}: {value}")
-
+    logger.log0("\n".join(["Hyperparameters:"] + [f"  {k}: {v}" for k, v in sorted(dataclasses.asdict(h).items())]))
     sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    n_train = len(shard_files(h.data_path, "train"))
-    n_val = val_token_count(h.data_path)
+    n_train, n_val = len(shard_files(h.data_path, "train")), val_token_count(h.data_path)
     if n_val < max(h.train_seq_len, h.eval_len) + 1:
         raise ValueError(f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
                          f"sequence of {max(h.train_seq_len, h.eval_len)} + 1")
     seed_everything(h.seed)
     model = build_model(h).to(rt.device)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.log0(f"model_params:{n_params}")
-    logger.log0(f"train_shards:{n_train} val_tokens:{n_val}")
+    logger.log0(f"model_params:{n_params}\ntrain_shards:{n_train} val_tokens:{n_val}")
     logger.event("start", run_id=run_id, preset=h.preset, device=device_name, world_size=rt.world_size,
                  model_params=n_params, hparams=dataclasses.asdict(h))
     logger.update_status(force=True, script=os.path.basename(CODE_PATH), preset=h.preset, device=device_name,
                          state="starting", step=0, iterations=h.iterations, code_bytes=len(code))
-
     ledger = {"hardware": device_name, "precompute_s": 0.0}
     if hasattr(model, "prepare_training"):
         t0 = time.perf_counter()
         model.prepare_training(h, rt, logger)
         ledger["precompute_s"] = time.perf_counter() - t0
         logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
-    ema, stats = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
+    ema, stats, loader = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
+    hessians = None
+    if h.gptq_enabled:  # on training data (or self-samples), never val; timed against the training budget
+        t0 = time.perf_counter()
+        hessians = gptq_calibrate(model, h, lambda: loader.next_batch(h.train_batch_tokens, h.train_seq_len,
+                                                                       rt.grad_accum_steps))
+        ledger["gptq_calib_s"] = time.perf_counter() - t0
+        logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {ledger['gptq_calib_s']:.1f}s")
+    train_total = ledger["train_loop_s"] + ledger["precompute_s"] + ledger.get("gptq_calib_s", 0.0)
+    logger.log0(f"training_budget: {train_total:.1f}s (loop + precompute + GPTQ) of MAX_WALLCLOCK_SECONDS="
+                f"{h.max_wallclock_seconds:g} on {device_name}")
     logger.update_status(force=True, state="evaluating")
     val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
     if h.val_max_tokens:
@@ -1681,20 +1658,16 @@ def run_main(h):
     luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
     pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
     embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
-
     t0 = time.perf_counter()
-    sizes = save_artifact(model, h, artifact_path) if rt.is_main else None
-    if rt.distributed:
-        holder = [sizes]
-        dist.broadcast_object_list(holder, src=0)
-        sizes = holder[0]
+    sizes = _broadcast(rt, save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None)
     ledger["serialize_s"] = time.perf_counter() - t0
-    model, _ = load_artifact(artifact_path)
-    model = model.to(rt.device)
-    logger.log0(f"Serialized model int{h.quant_bits}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
-                f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})")
-    logger.log0(f"Code size: {sizes['code_bytes']} bytes")
-    logger.log0(f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
+    model = load_artifact(artifact_path)[0].to(rt.device)
+    for row in sizes.get("plan") or []:
+        logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
+    widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
+    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes (payload:"
+                f"{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})\nCode size: {sizes['code_bytes']} bytes\n"
+                f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
     over = sizes["total_bytes"] > h.size_budget
     logger.log0(f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
                 f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}")
@@ -1703,7 +1676,6 @@ def run_main(h):
     logger.update_status(force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True, probes=probes)
     if probes:
         logger.log0(f"embedding_probes: {json.dumps(probes)}")
-
     t0 = time.perf_counter()
     audits = run_audits(h, model, sp, val_tokens, luts, logger)
     ledger["audit_s"] = time.perf_counter() - t0
@@ -1731,6 +1703,7 @@ def run_main(h):
         "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
         "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
         "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
+        "train_budget_s": train_total,
         "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
                    for k, v in audits.items()}, **stats,
     }
@@ -1747,42 +1720,39 @@ def run_main(h):
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# The official baseline GPT, parameter for parameter (RULES.md section 8), so that its state_dict loads
-# with strict=True: tok_emb, U-Net skip_weights, blocks.N.{attn.c_q,c_k,c_v,proj,q_gain; mlp.fc,proj;
-# attn_scale, mlp_scale, resid_mix}. Weights are kept in fp32 and cast at use (CastedLinear), so the same
-# module runs under bf16 autocast on GPU and in fp32 on CPU.
+# The official baseline GPT parameter for parameter (RULES.md section 8: its state_dict loads with strict=True),
+# fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and on CPU. The record stack
+# (TECHNIQUES.md A.3) adds modules behind flags, all off by default, each credited where it is built; no
+# data-dependent Python branches, so torch.compile sees one graph (two with depth recurrence).
 
+BOS_ID = 1  # SentencePiece <s>: the first token of every document in the shards
 
 class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),))
 
-
 class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
-
 
 class Rotary(nn.Module):
     def __init__(self, dim, base):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
                              persistent=False)
-
     def forward(self, seq_len, device, dtype):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
-
 def apply_rotary_emb(x, cos, sin):
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
-
+    """Rotate the first 2 x cos.size(-1) dims of each head; partial RoPE (#315) leaves the rest position-free."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, h):
+    def __init__(self, h, layer=0):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
@@ -1793,21 +1763,41 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(h.model_dim, h.model_dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, h.rope_base)
-
-    def forward(self, x):
+        self.rotary = Rotary(min(h.rope_dims, self.head_dim) or self.head_dim, h.rope_base)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
+    def attend(self, x, v_first=None):
+        """Per-head output before the projection, (B, H, T, head_dim), and this layer's values (B, KV, T, hd)."""
         B, T, D = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.v_mix is not None and v_first is not None:
+            # Value residual (ResFormer, arXiv 2410.17897; the #940/#1170 stack): v <- a v + b v_first, with
+            # learned scalars (a, b) per layer, init (0.5, 0.5); v_first is the first layer's raw values.
+            v = self.v_mix[0].to(v.dtype) * v + self.v_mix[1].to(v.dtype) * v_first
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
+        if self.xsa:
+            # XSA (#287 lineage, all layers from #1019): y <- y - (y . v_hat) v_hat with the token's own value;
+            # a (KV, group) reshape shares each v_hat across its query heads instead of repeating v.
+            vn = F.normalize(v, dim=-1).unsqueeze(2)
+            yg = y.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, self.num_heads, T, self.head_dim)
+        if self.attn_gate is not None:
+            # Gated attention (#1667; input window as SparseAttnGate #1787/#1855): head h is scaled by
+            # 2 sigmoid(w_h . x[:window]); w starts at zero, so the gate starts at exactly 1.
+            gate = 2 * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
+            y = y * gate.transpose(1, 2)[..., None]
+        return y, v
+    def forward(self, x, v_first=None):
+        y, v = self.attend(x, v_first)
+        return self.proj(y.transpose(1, 2).reshape(x.shape)), v
 
 class MLP(nn.Module):
     def __init__(self, h):
@@ -1816,83 +1806,177 @@ class MLP(nn.Module):
         self.fc = CastedLinear(h.model_dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
-
+        self.leaky = h.mlp_activation == "leaky_relu2"
     def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)).square())
-
+        # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2 is the baseline.
+        u = self.fc(x)
+        return self.proj((F.leaky_relu(u, 0.5) if self.leaky else torch.relu(u)).square())
 
 class Block(nn.Module):
-    def __init__(self, h):
+    def __init__(self, h, layer=0):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-        self.attn = CausalSelfAttention(h)
+        self.attn = CausalSelfAttention(h, layer)
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-
-    def forward(self, x, x0):
+        self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0  # LN scale 1/sqrt(layer + 1) (#315)
+        # Parallel residuals (modded-nanogpt #230; 2026-03-31 record from layer 7): x + attn(x) + mlp(x).
+        self.parallel = 0 <= h.parallel_residual_start <= layer
+    def forward(self, x, x0, v_first=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None] * x + mix[1][None, None] * x0
-        x = x + self.attn_scale.to(x.dtype)[None, None] * self.attn(self.attn_norm(x))
-        return x + self.mlp_scale.to(x.dtype)[None, None] * self.mlp(self.mlp_norm(x))
+        a, v = self.attn(self.attn_norm(x) * self.ln_scale, v_first)
+        x_mlp = x
+        x = x + self.attn_scale.to(x.dtype)[None, None] * a
+        m = self.mlp(self.mlp_norm(x_mlp if self.parallel else x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype)[None, None] * m, v
 
+class BigramHash(nn.Module):
+    """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
+    bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at zero (a no-op)."""
+    def __init__(self, h):
+        super().__init__()
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(h.bigram_dim, h.model_dim, bias=False)
+    def forward(self, ids):
+        prev = F.pad(ids[:, :-1], (1, 0))
+        return self.proj(self.embed((prev * 92821 + ids) % self.embed.num_embeddings))
+
+class NativeFlowMatcher(nn.Module):
+    """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field v(x, t) on
+    the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x (x detached, so only the
+    matcher learns from it); every forward takes one Euler step x <- x + sigmoid(g) v(x, 1), per position."""
+    def __init__(self, h):
+        super().__init__()
+        d, f = h.model_dim, h.flow_dim
+        self.time_fc, self.fc = CastedLinear(d, f), CastedLinear(d, f)
+        self.out = CastedLinear(f, d, bias=False)
+        self.out._zero_init = True
+        self.flow_gate = nn.Parameter(torch.tensor(-5.0))
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(d // 2) / (d // 2)), persistent=False)
+    def velocity(self, x, t):
+        angles = 1000.0 * t.float() * self.freqs
+        temb = F.gelu(self.time_fc(torch.cat((angles.sin(), angles.cos()), dim=-1).to(x.dtype)))
+        return self.out(F.gelu(self.fc(x) + temb))
+    def forward(self, x):
+        return x + torch.sigmoid(self.flow_gate).to(x.dtype) * self.velocity(x, torch.ones_like(x[..., :1]))
+    def loss(self, x):
+        x = x.detach()
+        t, z = torch.rand_like(x[..., :1]), torch.randn_like(x)
+        return F.mse_loss(self.velocity((1 - t) * z + t * x, t).float(), (x - z).float())
 
 class GPT(nn.Module):
     def __init__(self, h):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.num_encoder_layers = h.num_layers // 2
-        self.num_decoder_layers = h.num_layers - self.num_encoder_layers
-        self.num_skip_weights = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
+        # SmearGate (#65): x_t += sigmoid(g) (x_{t-1} - x_t), g init -3; never across a BOS (#1851/#1855).
+        self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0)) if h.smear_gate else None
+        # Depth recurrence (#1394, #1493/#1855): after the last of RECUR_LAYERS, run them RECUR_LOOPS more times
+        # with the same weights; set_recurrence switches between the two layer orders and their U-Net split.
+        recur = _recur_layers(h)
+        plain = list(range(h.num_layers))
+        looped = plain[:recur[-1] + 1] + recur * h.recur_loops + plain[recur[-1] + 1:] if recur else plain
+        self.orders, self.recur_active = {False: plain, True: looped}, bool(recur)
+        self.recur_start_frac = h.recur_start_frac
+        self.num_skip_weights = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (plain, looped))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, h.model_dim))
-        self.blocks = nn.ModuleList([Block(h) for _ in range(h.num_layers)])
+        # Gated U-Net skips (#1218, #1855): x <- lerp(w * skip, x, sigmoid(g)), g init 0.
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_weights, h.model_dim)) if h.skip_gates else None
+        self.blocks = nn.ModuleList([Block(h, layer) for layer in range(h.num_layers)])
         self.final_norm = RMSNorm()
+        self.flow = NativeFlowMatcher(h) if h.flow_matcher else None
+        self.flow_loss_weight = h.flow_loss_weight
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
         self._init_weights(h)
-
     def _init_weights(self, h):
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
-
-    def forward_logits(self, input_ids):
-        x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
-        x0, skips = x, []
-        for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0)
-            skips.append(x)
-        for i in range(self.num_decoder_layers):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype)[None, None] * skips.pop()
-            x = self.blocks[self.num_encoder_layers + i](x, x0)
-        x = self.final_norm(x)
+    def set_recurrence(self, active):
+        """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and compiles
+        once more when it flips. Built on, the state in which a finished run is evaluated."""
+        self.recur_active = bool(active)
+    def set_training_progress(self, frac):
+        """Called by the training loop every step: recurrence joins at RECUR_START_FRAC of the budget."""
+        if len(self.orders[True]) != len(self.orders[False]):
+            self.set_recurrence(frac >= self.recur_start_frac)
+    def embed(self, input_ids):
+        """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0 and BOS
+        tokens have no previous token in their document, so they get neither bigram nor smear."""
+        x = self.tok_emb(input_ids)
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids) * keep
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear_gate is not None:
+            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
+        return x
+    def hidden(self, input_ids):
+        x = x0 = self.embed(input_ids)
+        order = self.orders[self.recur_active]
+        n_enc, skips, v_first = len(order) // 2, [], None
+        for j, i in enumerate(order):
+            if j >= n_enc and skips:
+                skip = self.skip_weights[j - n_enc].to(x.dtype)[None, None] * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j - n_enc].to(x.dtype))[None, None])
+            x, v = self.blocks[i](x, x0, v_first)
+            v_first = v if v_first is None else v_first
+            if j < n_enc:
+                skips.append(x)
+        return self.final_norm(x)
+    def logits(self, x):
+        if self.flow is not None:
+            x = self.flow(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight.to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-
+    def forward_logits(self, input_ids):
+        return self.logits(self.hidden(input_ids))
     def forward(self, input_ids, target_ids):
-        logits = self.forward_logits(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+        x = self.hidden(input_ids)
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+        if self.flow is not None and self.training:
+            loss = loss + self.flow_loss_weight * self.flow.loss(x)
+        return loss
 
+def _recur_layers(h):
+    try:
+        layers = sorted({int(s) for s in h.recur_layers.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: expected comma-separated layer indices") from None
+    if layers and not 0 <= layers[0] <= layers[-1] < h.num_layers:
+        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: layers must lie in 0..{h.num_layers - 1}")
+    return layers
 
 def build_model(h):
     return GPT(h)
 
-
 def param_groups(model, h):
-    """Muon for 2-D block matrices; Adam for the embedding, the head, and scalars/vectors."""
-    matrices, scalars = [], []
+    """Muon for 2-D block matrices and the BigramHash projection; Adam for the embeddings, the head, and
+    scalars, vectors and control tensors (gates, mixes)."""
+    matrices, embeds, scalars = [], [model.tok_emb.weight], []
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2 and not any(c in name for c in CONTROL_TENSOR_PATTERNS):
+        control = any(c in name for c in CONTROL_TENSOR_PATTERNS)
+        if (name.startswith("blocks.") or name == "bigram.proj.weight") and p.ndim == 2 and not control:
             matrices.append(p)
+        elif name == "bigram.embed.weight":
+            embeds.append(p)
         elif name not in ("tok_emb.weight", "lm_head.weight"):
             scalars.append(p)
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    adam_groups = [{"params": [model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr},
+    adam_groups = [{"params": embeds, "lr": embed_lr, "base_lr": embed_lr},
                    {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}]
     if model.lm_head is not None:
         adam_groups.append({"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr})
@@ -1903,10 +1987,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
 
-
 def main():
     return run_main(Hyperparameters.from_env())
-
 
 if __name__ == "__main__":
     try:

@@ -1470,7 +1470,7 @@ def estimate_artifact_bytes(model, h):
     return len(zlib.compress(raw, 1))
 
 def train_model(h, rt, model, logger, ledger, validator=None):
-    """Train in place; returns the EMA (or None) and the loop statistics."""
+    """Train in place; returns the EMA (or None), the loop statistics and the loader (GPTQ calibrates from it)."""
     device = rt.device
     if h.qat_start_frac > 0:
         n = enable_qat(model, h)
@@ -1553,6 +1553,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         loss, step = train_step(step, lr_scale), step + 1
         if ema is not None:
             ema.update(model)
+        for s in smmas.values():  # every step, on the device: no host sync on the hot path
+            s.update(loss)
         if mixer and step % h.mixer_phase_steps == 0:
             with torch.no_grad(), _autocast(device):
                 weights = mixer.end_phase(float(model(*heldout)))
@@ -1560,8 +1562,7 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
         if log_now or step % max(h.status_every, 1) == 0:
-            value = float(loss)
-            smoothed = {f"smma{n}": s.update(value) for n, s in smmas.items()}
+            value, smoothed = float(loss), {f"smma{n}": float(s.value) for n, s in smmas.items()}
             step_ms, tok_s = approx_ms / step, h.train_batch_tokens * step * 1000.0 / max(approx_ms, 1e-9)
             if value < 0.5 * smoothed["smma100"]:
                 logger.event("cliff", step=step, train_loss=value, smma100=smoothed["smma100"])

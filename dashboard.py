@@ -57,8 +57,11 @@ class StatusReader:
         """The run's status dict ("stale": False), else its last good copy ("stale": True), else None."""
         path = self.logdir / (run_id + STATUS_SUFFIX)
         try:
-            status = json.loads(path.read_text(encoding="utf-8"),
-                                parse_float=_finite_or_none, parse_constant=lambda _: None)
+            status = json.loads(
+                path.read_text(encoding="utf-8"),
+                parse_float=_finite_or_none,
+                parse_constant=lambda _: None,
+            )
             if not isinstance(status, dict):
                 raise ValueError("status is not a JSON object")
         except (OSError, ValueError):  # missing, unreadable, truncated or not UTF-8
@@ -84,7 +87,9 @@ class StatusReader:
             except OSError:  # removed since the glob
                 continue
             status = self.read(run_id)
-            runs.append({"run_id": run_id, "mtime": mtime, "state": status.get("state") if status else None})
+            runs.append(
+                {"run_id": run_id, "mtime": mtime, "state": status.get("state") if status else None}
+            )
         runs.sort(key=lambda run: run["mtime"], reverse=True)
         return runs
 
@@ -115,8 +120,12 @@ class DashboardHandler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _refuse_method(self):
-        self._send_json(405, {"error": f"{self.command} not allowed: the dashboard is read-only"},
-                        send_body=True, extra_headers={"Allow": "GET, HEAD"})
+        self._send_json(
+            405,
+            {"error": f"{self.command} not allowed: the dashboard is read-only"},
+            send_body=True,
+            extra_headers={"Allow": "GET, HEAD"},
+        )
 
     def _serve(self, send_body):
         path = unquote(urlsplit(self.path).path)
@@ -127,9 +136,11 @@ class DashboardHandler(BaseHTTPRequestHandler):
             elif path == "/api/runs":
                 self._send_json(200, reader.runs(), send_body)
             elif path.startswith("/api/status/"):
-                run_id = path[len("/api/status/"):]
+                run_id = path[len("/api/status/") :]
                 if not RUN_ID_RE.fullmatch(run_id):
-                    self._send_json(400, {"error": "bad run id: use letters, digits, _ . -"}, send_body)
+                    self._send_json(
+                        400, {"error": "bad run id: use letters, digits, _ . -"}, send_body
+                    )
                     return
                 status = reader.read(run_id)
                 if status is None:
@@ -180,17 +191,29 @@ def make_server(logdir, port=DEFAULT_PORT):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Read-only live dashboard of the training runs' status files.")
-    parser.add_argument("logdir", nargs="?", default="logs",
-                        help="directory holding <RUN_ID>.status.json files (default: logs)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"port on 127.0.0.1 to serve on, 0 for any free one (default: {DEFAULT_PORT})")
+    parser = argparse.ArgumentParser(
+        description="Read-only live dashboard of the training runs' status files."
+    )
+    parser.add_argument(
+        "logdir",
+        nargs="?",
+        default="logs",
+        help="directory holding <RUN_ID>.status.json files (default: logs)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port on 127.0.0.1 to serve on, 0 for any free one (default: {DEFAULT_PORT})",
+    )
     args = parser.parse_args(argv)
     try:
         server = make_server(args.logdir, args.port)
     except OSError as exc:
         sys.exit(f"dashboard: cannot listen on {HOST}:{args.port}: {exc.strerror or exc}")
-    print(f"dashboard: http://{HOST}:{server.server_address[1]}/ (reading {args.logdir})", flush=True)
+    print(
+        f"dashboard: http://{HOST}:{server.server_address[1]}/ (reading {args.logdir})", flush=True
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,13 +1,16 @@
 """Size accounting, record folders and significance for Parameter Golf submissions.
 
   python pack.py size ARTIFACT --script train_gpt.py [--json]
-  python pack.py record logs/run_s1.txt logs/run_s2.txt --name MyStack --author "A. Person" --github-id aperson
+  python pack.py record logs/run_s1.txt logs/run_s2.txt --name MyStack \
+      --author "A. Person" --github-id aperson
   python pack.py check records/track_10min_16mb/2026-05-01_MyStack
-  python pack.py significance --new logs/a.txt logs/b.txt --baseline-values 1.2244,1.2250 --metric val_bpb
+  python pack.py significance --new logs/a.txt logs/b.txt \
+      --baseline-values 1.2244,1.2250 --metric val_bpb
 
-Counted size = artifact file bytes + script bytes, against 16,000,000 (decimal). The log parser reads the
-baseline log family (`step:N/M ...`, `final_int8_zlib_roundtrip_exact ...`), the late family (`N/M
-train_loss: ...`, `quantized_ttt val_loss:...`) and this harness's `summary: {json}` line (preferred).
+Counted size = artifact file bytes + script bytes, against 16,000,000 (decimal). The log parser
+reads the baseline log family (`step:N/M ...`, `final_int8_zlib_roundtrip_exact ...`), the late
+family (`N/M train_loss: ...`, `quantized_ttt val_loss:...`) and this harness's `summary: {json}`
+line (preferred).
 Exit status: 0 ok, 1 over budget / a check failed / a record refused, 2 bad input.
 """
 
@@ -35,6 +38,7 @@ ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 RUN_ONLY_HPARAMS = ("run_id", "seed", "log_dir", "artifact_path")
 SEPARATOR = "=" * 100
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class InputError(Exception):
@@ -45,11 +49,28 @@ class Refused(Exception):
     """A budget, audit or consistency rule says no (exit 1)."""
 
 
+def _train_gpt():
+    """This checkout's train_gpt.py, imported on first use: the one place for the eval-mode
+    registry (EVAL_MODES) and the file hash. Importing it has no side effects, but it imports
+    torch, which the size report does without.
+    """
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import train_gpt
+
+    return train_gpt
+
+
+def sha256_file(path):
+    return _train_gpt().file_sha256(path)
+
+
 # -----------------------------------------------------------------------------
 # ARTIFACTS
 # -----------------------------------------------------------------------------
-# pack.py reads the containers itself rather than importing a training script, so its size figures are an
-# independent recomputation. The official .ptz is only decompressed here, never unpickled.
+# pack.py reads the containers itself rather than importing a training script, so its size figures
+# are an independent recomputation (and `pack.py size` needs no torch). The official .ptz is only
+# decompressed here, never unpickled.
 
 
 def _inflate(name, data, limit):
@@ -69,8 +90,8 @@ def _inflate(name, data, limit):
 
 
 def read_container(path):
-    """{format, header, raw, overhead_bytes, file_bytes}: raw is the decompressed payload (ours) or the raw
-    torch.save bytes (official int8 .ptz). InputError for anything else."""
+    """{format, header, raw, overhead_bytes, file_bytes}: raw is the decompressed payload (ours)
+    or the raw torch.save bytes (official int8 .ptz). InputError for anything else."""
     try:
         with open(path, "rb") as f:
             blob = f.read()
@@ -84,25 +105,45 @@ def read_container(path):
         if head_len > len(blob) - ARTIFACT_PREFIX.size:
             raise InputError(f"{path}: truncated artifact header (declares {head_len} bytes)")
         try:
-            header = json.loads(blob[ARTIFACT_PREFIX.size:start].decode("utf-8"))
+            header = json.loads(blob[ARTIFACT_PREFIX.size : start].decode("utf-8"))
             payload = blob[start:]
-            if len(payload) != header["payload_bytes"] or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-                raise InputError(f"{path}: payload is truncated or corrupted (length or sha256 differs from the header)")
+            if (
+                len(payload) != header["payload_bytes"]
+                or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]
+            ):
+                raise InputError(
+                    f"{path}: payload is truncated or corrupted "
+                    "(length or sha256 differs from the header)"
+                )
             raw = _inflate(header["compressor"], payload, int(header["raw_bytes"]))
         except InputError:
             raise
         except Exception as exc:
             raise InputError(f"{path}: corrupt artifact ({type(exc).__name__}: {exc})") from None
-        return {"format": header.get("format", "pgolf-artifact"), "version": version, "header": header, "raw": raw,
-                "overhead_bytes": start, "file_bytes": len(blob)}
+        return {
+            "format": header.get("format", "pgolf-artifact"),
+            "version": version,
+            "header": header,
+            "raw": raw,
+            "overhead_bytes": start,
+            "file_bytes": len(blob),
+        }
     try:
         raw = _inflate("zlib", blob, 1 << 31)
     except (zlib.error, InputError):
-        raise InputError(f"{path}: neither a Parameter Golf artifact nor a zlib-compressed official .ptz") from None
+        raise InputError(
+            f"{path}: neither a Parameter Golf artifact nor a zlib-compressed official .ptz"
+        ) from None
     if not raw.startswith((b"PK", b"\x80")):
         raise InputError(f"{path}: zlib data that is not a torch.save payload")
-    return {"format": "int8_clean_per_row_v1 (zlib .ptz)", "version": None, "header": None, "raw": raw,
-            "overhead_bytes": 0, "file_bytes": len(blob)}
+    return {
+        "format": "int8_clean_per_row_v1 (zlib .ptz)",
+        "version": None,
+        "header": None,
+        "raw": raw,
+        "overhead_bytes": 0,
+        "file_bytes": len(blob),
+    }
 
 
 def compressor_table(raw):
@@ -132,30 +173,45 @@ def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
     except OSError as exc:
         raise InputError(f"{script}: {exc.strerror or exc}") from None
     total = info["file_bytes"] + len(code)
-    report = {"artifact": artifact, "format": info["format"], "artifact_bytes": info["file_bytes"],
-              "script": script, "code_bytes": len(code), "total_bytes": total, "budget_bytes": budget,
-              "margin_bytes": budget - total, "over_budget": total > budget,
-              "code_bytes_lzma_info_only": len(lzma.compress(code, preset=9 | lzma.PRESET_EXTREME)),
-              "raw_payload_bytes": len(info["raw"])}
+    report = {
+        "artifact": artifact,
+        "format": info["format"],
+        "artifact_bytes": info["file_bytes"],
+        "script": script,
+        "code_bytes": len(code),
+        "total_bytes": total,
+        "budget_bytes": budget,
+        "margin_bytes": budget - total,
+        "over_budget": total > budget,
+        "code_bytes_lzma_info_only": len(lzma.compress(code, preset=9 | lzma.PRESET_EXTREME)),
+        "raw_payload_bytes": len(info["raw"]),
+    }
     header = info["header"]
     if header is not None:
         report["compressor"] = header.get("compressor")
-        report["script_sha256_matches"] = hashlib.sha256(code).hexdigest() == header.get("script_sha256")
+        report["script_sha256_matches"] = hashlib.sha256(code).hexdigest() == header.get(
+            "script_sha256"
+        )
     if table:
-        report["compressors"] = {name: {"payload_bytes": n, "total_bytes": info["overhead_bytes"] + n + len(code)}
-                                 for name, n in compressor_table(info["raw"]).items()}
+        report["compressors"] = {
+            name: {"payload_bytes": n, "total_bytes": info["overhead_bytes"] + n + len(code)}
+            for name, n in compressor_table(info["raw"]).items()
+        }
     return report
 
 
 # -----------------------------------------------------------------------------
 # LOGS
 # -----------------------------------------------------------------------------
-# One parser for three families. Figures from our `summary:` line win; otherwise the final score is the
-# most evolved exact line: TTT, then sliding window, then the int8 roundtrip (later labels follow).
+# One parser for three families. Figures from our `summary:` line win; otherwise the final score is
+# the most evolved exact line: TTT, then sliding window, then the int8 roundtrip (later labels
+# follow). The eval modes and our labels come from train_gpt.py's registry, EVAL_MODES.
 
 NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 PATTERNS = {
-    "train": re.compile(rf"^step:(\d+)/(\d+) train_loss:({NUM}) train_time:({NUM})ms step_avg:({NUM})ms"),
+    "train": re.compile(
+        rf"^step:(\d+)/(\d+) train_loss:({NUM}) train_time:({NUM})ms step_avg:({NUM})ms"
+    ),
     "val": re.compile(rf"^step:(\d+)/(\d+) val_loss:({NUM}) val_bpb:({NUM}) train_time:({NUM})ms"),
     "late_train": re.compile(rf"^(\d+)/(\d+) train_loss: ?({NUM}) train_time: ?({NUM})(ms|m|s)\b"),
     "late_val": re.compile(rf"^(\d+)/(\d+) val_loss: ?({NUM}) val_bpb: ?({NUM})"),
@@ -179,13 +235,37 @@ PATTERNS = {
 }
 
 
+# How the standard eval's final label reads in the other log families: the baseline's
+# `final_int8_zlib_roundtrip`, the late family's `quantized`.
+STANDARD_LABEL_WORDS = ("roundtrip", "quantized")
+
+
+def _evolved_modes():
+    """The eval modes beyond standard, most evolved first (the registry lists plainest first)."""
+    return [name for name in reversed(_train_gpt().EVAL_MODES) if name != "standard"]
+
+
 def _final_label(labels):
-    """The label that carries the final score: TTT, then sliding, then roundtrip/quantized, else the last."""
-    for key in ("ttt", "sliding", "roundtrip", "quantized"):
-        hits = [lb for lb in labels if key in lb and "pre-quant" not in lb]
+    """The label that carries the final score: TTT, then sliding, then roundtrip/quantized, else
+    the last. Pre-quantization evals never carry it."""
+    for word in (*_evolved_modes(), *STANDARD_LABEL_WORDS):
+        hits = [lb for lb in labels if word in lb and "pre-quant" not in lb]
         if hits:
             return hits[-1]
     return labels[-1] if labels else None
+
+
+def eval_mode_of(label):
+    """The eval mode whose score a final log label reports: ours by the registry's labels, the other
+    families' (`quantized_ttt_phased`, `final_sliding_window_s64`) by the mode name in them."""
+    modes = _train_gpt().EVAL_MODES
+    for mode in modes.values():
+        if label == mode.label:
+            return mode.name
+    for name in _evolved_modes():
+        if name in (label or ""):
+            return name
+    return "standard"
 
 
 def parse_log(path):
@@ -195,16 +275,32 @@ def parse_log(path):
             text = f.read()
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
-    log = {"path": path, "family": "baseline", "source_sha256": None, "source_bytes": None, "hparams": {},
-           "train": [], "val": [], "evals": {}, "exact": {}, "audits": {}, "invalid": None, "summary": None,
-           "time_ledger": None, "versions": {}, "hardware": None, "world_size": None, "seed": None}
+    log = {
+        "path": path,
+        "family": "baseline",
+        "source_sha256": None,
+        "source_bytes": None,
+        "hparams": {},
+        "train": [],
+        "val": [],
+        "evals": {},
+        "exact": {},
+        "audits": {},
+        "invalid": None,
+        "summary": None,
+        "time_ledger": None,
+        "versions": {},
+        "hardware": None,
+        "world_size": None,
+        "seed": None,
+    }
     sep = re.search(rf"^{SEPARATOR}$", text, flags=re.M)
     body = text
     if sep and sep.start() > 0:
-        source = text[:sep.start() - 1].encode("utf-8")
+        source = text[: sep.start() - 1].encode("utf-8")
         log["source_sha256"] = hashlib.sha256(source).hexdigest()
         log["source_bytes"] = len(source)
-        body = text[sep.end():]
+        body = text[sep.end() :]
     in_hparams = False
     for line in body.splitlines():
         if line == "Hyperparameters:":
@@ -230,13 +326,17 @@ def parse_log(path):
 def _parse_line(log, line):
     P = PATTERNS
     if m := P["train"].match(line):
-        log["train"].append({"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4])})
+        log["train"].append(
+            {"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4])}
+        )
         log["iterations"] = int(m[2])
     elif m := P["val"].match(line):
         log["val"].append({"step": int(m[1]), "val_loss": float(m[3]), "val_bpb": float(m[4])})
     elif m := P["late_train"].match(line):
         scale = {"ms": 1.0, "s": 1000.0, "m": 60000.0}[m[5]]
-        log["train"].append({"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4]) * scale})
+        log["train"].append(
+            {"step": int(m[1]), "train_loss": float(m[3]), "train_time_ms": float(m[4]) * scale}
+        )
         log["iterations"] = int(m[2])
         log["family"] = "late"
     elif m := P["late_val"].match(line):
@@ -247,7 +347,8 @@ def _parse_line(log, line):
     elif m := P["params"].match(line):
         log["model_params"] = int(m[1])
     elif m := P["serialized"].match(line):
-        log["artifact_bytes"], log["artifact_kind"] = int(m[2]), m[1]
+        log["artifact_bytes"] = int(m[2])
+        log["artifact_kind"] = m[1]
     elif m := P["code"].match(line):
         log["code_bytes_raw"] = int(m[1])
     elif m := P["code_compressed"].match(line):
@@ -258,7 +359,11 @@ def _parse_line(log, line):
     elif m := P["exact"].match(line):
         log["exact"][m[1]] = {"val_loss": float(m[2]), "val_bpb": float(m[3])}
     elif m := P["eval"].match(line):
-        log["evals"][m[1]] = {"val_loss": float(m[2]), "val_bpb": float(m[3]), "eval_time_ms": float(m[4])}
+        log["evals"][m[1]] = {
+            "val_loss": float(m[2]),
+            "val_bpb": float(m[3]),
+            "eval_time_ms": float(m[4]),
+        }
         if m[1].startswith("quantized"):
             log["family"] = "late"
     elif m := P["audit"].match(line):
@@ -284,10 +389,32 @@ def _parse_line(log, line):
 def _apply_summary(log):
     s = log["summary"]
     log["family"] = "ours"
-    for key in ("run_id", "script", "preset", "valid", "artifact_path", "artifact_bytes", "code_bytes", "total_bytes",
-                "budget_bytes", "eval_mode", "val_loss", "val_bpb", "tokens", "bytes", "eval_time_ms",
-                "pre_quant_val_bpb", "roundtrip_val_bpb", "model_params", "seed", "world_size", "hardware",
-                "steps", "train_time_ms", "step_avg_ms"):
+    for key in (
+        "run_id",
+        "script",
+        "preset",
+        "valid",
+        "artifact_path",
+        "artifact_bytes",
+        "code_bytes",
+        "total_bytes",
+        "budget_bytes",
+        "eval_mode",
+        "val_loss",
+        "val_bpb",
+        "tokens",
+        "bytes",
+        "eval_time_ms",
+        "pre_quant_val_bpb",
+        "roundtrip_val_bpb",
+        "model_params",
+        "seed",
+        "world_size",
+        "hardware",
+        "steps",
+        "train_time_ms",
+        "step_avg_ms",
+    ):
         if key in s:
             log[key] = s[key]
     log["time_ledger"] = s.get("time_ledger", log["time_ledger"])
@@ -296,37 +423,57 @@ def _apply_summary(log):
 
 
 def _final_from_lines(log):
-    exact, evals = log["exact"], log["evals"]
+    """The final figures of a log without a summary line, from its eval, size and step lines."""
+    exact = log["exact"]
+    evals = log["evals"]
     label = _final_label(list(exact)) or _final_label(list(evals))
     final = exact.get(label) or evals.get(label) or {}
     log["final_label"] = label
-    log["val_loss"], log["val_bpb"] = final.get("val_loss"), final.get("val_bpb")
+    log["val_loss"] = final.get("val_loss")
+    log["val_bpb"] = final.get("val_bpb")
+    log["eval_mode"] = eval_mode_of(label)
+
     timed = evals.get(label) or evals.get(_final_label(list(evals))) or {}
     log["eval_time_ms"] = timed.get("eval_time_ms")
     if log.get("total_eval_time_s") is not None:
         log["eval_time_ms"] = 1000.0 * log["total_eval_time_s"]
     pre = [v for k, v in evals.items() if k.startswith("pre-quant")]
     log["pre_quant_val_bpb"] = pre[-1]["val_bpb"] if pre else None
+
     log["code_bytes"] = log.get("code_bytes_compressed", log.get("code_bytes_raw"))
-    if log.get("total_bytes") is None and log.get("artifact_bytes") is not None and log["code_bytes"] is not None:
+    if (
+        log.get("total_bytes") is None
+        and log.get("artifact_bytes") is not None
+        and log["code_bytes"] is not None
+    ):
         log["total_bytes"] = log["artifact_bytes"] + log["code_bytes"]
-    label_text = label or ""
-    log["eval_mode"] = "ttt" if "ttt" in label_text else "sliding" if "sliding" in label_text else "standard"
-    log["seed"] = int(log["hparams"]["seed"]) if log["hparams"].get("seed", "").isdigit() else log.get("seed_line")
-    if log["train"]:
-        last = log["train"][-1]
-        log["steps"], log["train_time_ms"] = last["step"], last["train_time_ms"]
-        log["step_avg_ms"] = last["train_time_ms"] / max(last["step"], 1)
-    if log.get("stopped_early"):
-        log["steps"], log["train_time_ms"] = log["stopped_early"]["step"], log["stopped_early"]["train_time_ms"]
+
+    log["seed"] = (
+        int(log["hparams"]["seed"])
+        if log["hparams"].get("seed", "").isdigit()
+        else log.get("seed_line")
+    )
+    # The last step line, unless the run logged where the wallclock cap stopped it.
+    last = log.get("stopped_early") or (log["train"][-1] if log["train"] else None)
+    if last is not None:
+        log["steps"] = last["step"]
+        log["train_time_ms"] = last["train_time_ms"]
         log["step_avg_ms"] = log["train_time_ms"] / max(log["steps"], 1)
-    log["valid"] = (not log["invalid"] and all(a["passed"] for a in log["audits"].values())
-                    and (log.get("total_bytes") or 0) <= BUDGET_BYTES)
-    log["tokens"] = log["bytes"] = None
+
+    log["valid"] = (
+        not log["invalid"]
+        and all(a["passed"] for a in log["audits"].values())
+        and (log.get("total_bytes") or 0) <= BUDGET_BYTES
+    )
+    log["tokens"] = None
+    log["bytes"] = None
 
 
 def tokens_per_byte(log):
-    """tokens/bytes from the summary, else from the loss pair (val_bpb = val_loss / ln 2 x tokens/bytes)."""
+    """tokens/bytes from the summary, else from the loss pair.
+
+    val_bpb = val_loss / ln 2 x tokens/bytes.
+    """
     if log.get("tokens") and log.get("bytes"):
         return log["tokens"] / log["bytes"]
     if log.get("val_loss") and log.get("val_bpb"):
@@ -350,12 +497,14 @@ def read_events(path):
 # -----------------------------------------------------------------------------
 # SIGNIFICANCE
 # -----------------------------------------------------------------------------
-# The record rule (RULES.md section 14): at least 0.005 nats better at p < 0.01, one-sided Welch t-test of
-# the new seeds against the old ones shifted by the threshold. In bpb the threshold is
+# The record rule (RULES.md section 14): at least 0.005 nats better at p < 0.01, one-sided Welch
+# t-test of the new seeds against the old ones shifted by the threshold. In bpb the threshold is
 # 0.005 x tokens/byte / ln 2.
 
 
-def welch_significance(new, old, metric="val_loss", tpb=None, threshold_nats=THRESHOLD_NATS, alpha=0.01):
+def welch_significance(
+    new, old, metric="val_loss", tpb=None, threshold_nats=THRESHOLD_NATS, alpha=0.01
+):
     from scipy import stats
 
     if metric not in ("val_loss", "val_bpb"):
@@ -364,15 +513,37 @@ def welch_significance(new, old, metric="val_loss", tpb=None, threshold_nats=THR
         raise InputError("val_bpb significance needs tokens per byte (from the new runs' logs)")
     threshold = threshold_nats if metric == "val_loss" else threshold_nats * tpb / math.log(2)
     if len(new) < 2 or len(old) < 2:
-        raise InputError(f"the Welch test needs at least 2 values on each side (new {len(new)}, baseline {len(old)})")
-    res = stats.ttest_ind(list(new), [o - threshold for o in old], equal_var=False, alternative="less")
+        raise InputError(
+            "the Welch test needs at least 2 values on each side "
+            f"(new {len(new)}, baseline {len(old)})"
+        )
+    res = stats.ttest_ind(
+        list(new), [o - threshold for o in old], equal_var=False, alternative="less"
+    )
     delta = statistics.fmean(old) - statistics.fmean(new)
-    to_nats = 1.0 if metric == "val_loss" else (math.log(2) / tpb if tpb else float("nan"))
-    out = {"metric": metric, "n_new": len(new), "n_baseline": len(old), "mean_new": statistics.fmean(new),
-           "mean_baseline": statistics.fmean(old), "improvement": delta, "improvement_nats": delta * to_nats,
-           "threshold": threshold, "threshold_nats": threshold_nats, "t_statistic": float(res.statistic),
-           "welch_df": float(getattr(res, "df", float("nan"))), "p_value": float(res.pvalue), "alpha": alpha,
-           "baseline_values": list(old), "new_values": list(new)}
+    if metric == "val_loss":
+        to_nats = 1.0
+    elif tpb:
+        to_nats = math.log(2) / tpb
+    else:
+        to_nats = float("nan")
+    out = {
+        "metric": metric,
+        "n_new": len(new),
+        "n_baseline": len(old),
+        "mean_new": statistics.fmean(new),
+        "mean_baseline": statistics.fmean(old),
+        "improvement": delta,
+        "improvement_nats": delta * to_nats,
+        "threshold": threshold,
+        "threshold_nats": threshold_nats,
+        "t_statistic": float(res.statistic),
+        "welch_df": float(getattr(res, "df", float("nan"))),
+        "p_value": float(res.pvalue),
+        "alpha": alpha,
+        "baseline_values": list(old),
+        "new_values": list(new),
+    }
     if tpb:
         out["tokens_per_byte"] = tpb
         out["improvement_bpb"] = delta if metric == "val_bpb" else delta * tpb / math.log(2)
@@ -399,35 +570,36 @@ def parse_values(text):
     try:
         return [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise InputError(f"--baseline-values {text!r}: expected numbers separated by commas") from None
+        raise InputError(
+            f"--baseline-values {text!r}: expected numbers separated by commas"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
 # RECORD FOLDERS
 # -----------------------------------------------------------------------------
-# `record` proves before it writes: every seed's artifact is the one its log measured, the shipped script is
-# the one that wrote the artifacts (sha256 in their headers) and logged itself, the seeds share one config,
-# and the compliance block holds only what the logs show. It writes into a temp folder and renames it.
+# `record` proves before it writes: every seed's artifact is the one its log measured, the shipped
+# script is the one that wrote the artifacts (sha256 in their headers) and logged itself, the seeds
+# share one config, and the compliance block holds only what the logs show. It writes into a temp
+# folder and renames it. `check` recomputes the same facts from a finished folder, one check each.
 
 
 def compliance_of(logs):
     """Each field True/False only where the logs prove it; None where they cannot."""
+
     def all_of(values):
         values = list(values)
         return None if not values or any(v is None for v in values) else all(values)
 
-    on_8xh100 = [bool(lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8) for lg in logs]
-    train_s = []
-    for lg in logs:
-        ledger = lg.get("time_ledger") or {}
-        if "train_loop_s" in ledger:
-            train_s.append(ledger["train_loop_s"] + ledger.get("precompute_s", 0.0) + ledger.get("gptq_s", 0.0))
-        elif lg.get("train_time_ms") is not None:
-            train_s.append(lg["train_time_ms"] / 1000.0)
-        else:
-            train_s.append(None)
-    eval_s = [None if lg.get("eval_time_ms") is None else lg["eval_time_ms"] / 1000.0 for lg in logs]
-    causality = [[a["passed"] for n, a in lg["audits"].items() if n.startswith("causality")] for lg in logs]
+    on_8xh100 = [
+        bool(lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8)
+        for lg in logs
+    ]
+    train_s = [_train_seconds(lg) for lg in logs]
+    eval_s = [_eval_seconds(lg) for lg in logs]
+    causality = [
+        [a["passed"] for n, a in lg["audits"].items() if n.startswith("causality")] for lg in logs
+    ]
     ttt = [lg.get("eval_mode") == "ttt" for lg in logs]
     score_first = None
     if all(ttt):
@@ -435,10 +607,16 @@ def compliance_of(logs):
     elif any(ttt):
         score_first = False
     return {
-        "artifact_under_16mb": all_of(None if lg.get("total_bytes") is None else lg["total_bytes"] <= BUDGET_BYTES
-                                      for lg in logs),
-        "training_under_600s": all_of(None if s is None else (s <= 600.0 and hw) for s, hw in zip(train_s, on_8xh100)),
-        "eval_under_600s": all_of(None if s is None else (s <= 600.0 and hw) for s, hw in zip(eval_s, on_8xh100)),
+        "artifact_under_16mb": all_of(
+            None if lg.get("total_bytes") is None else lg["total_bytes"] <= BUDGET_BYTES
+            for lg in logs
+        ),
+        "training_under_600s": all_of(
+            None if s is None else (s <= 600.0 and hw) for s, hw in zip(train_s, on_8xh100)
+        ),
+        "eval_under_600s": all_of(
+            None if s is None else (s <= 600.0 and hw) for s, hw in zip(eval_s, on_8xh100)
+        ),
         "score_first_ttt": score_first,
         "causality_audit_passed": all_of(all(c) if c else None for c in causality),
         "no_val_data_in_training": None,
@@ -446,16 +624,53 @@ def compliance_of(logs):
     }
 
 
+def _train_seconds(log):
+    """The run's 600 s training clock in seconds, or None where the log does not show it.
+
+    Our time ledger states it as `train_s` (precompute + train loop + GPTQ). Older ledgers hold only
+    the parts; their GPTQ time was spelled `gptq_s` or `gptq_calib_s` (what the scripts wrote). Logs
+    without a ledger give the train time of their last step line.
+    """
+    ledger = log.get("time_ledger") or {}
+    if "train_s" in ledger:
+        return ledger["train_s"]
+    if "train_loop_s" in ledger:
+        gptq_s = ledger.get("gptq_s", ledger.get("gptq_calib_s", 0.0))
+        return ledger["train_loop_s"] + ledger.get("precompute_s", 0.0) + gptq_s
+    if log.get("train_time_ms") is not None:
+        return log["train_time_ms"] / 1000.0
+    return None
+
+
+def _eval_seconds(log):
+    """The run's 600 s eval clock in seconds: the ledger's `eval_s`, else the final eval's time."""
+    ledger = log.get("time_ledger") or {}
+    if "eval_s" in ledger:
+        return ledger["eval_s"]
+    if log.get("eval_time_ms") is not None:
+        return log["eval_time_ms"] / 1000.0
+    return None
+
+
 COMPLIANCE_NOTES = {
-    "training_under_600s": "train loop + precompute within 600 s on 8xH100 (world_size 8), from the time ledger",
+    "training_under_600s": (
+        "train loop + precompute within 600 s on 8xH100 (world_size 8), from the time ledger"
+    ),
     "eval_under_600s": "the final eval's timed figure within 600 s on 8xH100",
-    "score_first_ttt": "null when the eval mode is not TTT; true only if the score_first audit passed",
-    "no_val_data_in_training": "null: a log cannot prove it (the shipped script's loader reads fineweb_train_* only)",
+    "score_first_ttt": (
+        "null when the eval mode is not TTT; true only if the score_first audit passed"
+    ),
+    "no_val_data_in_training": (
+        "null: a log cannot prove it (the shipped script's loader reads fineweb_train_* only)"
+    ),
 }
 
 
 def problems_of(logs):
-    """Why these logs cannot be a record (over budget, failed audit, INVALID, not proven 8xH100 in time)."""
+    """Why these logs cannot be a record.
+
+    Over budget, a failed audit, a score marked INVALID, or not proven within time on 8xH100.
+    """
     out = []
     for lg in logs:
         name = os.path.basename(lg["path"])
@@ -465,13 +680,20 @@ def problems_of(logs):
             if not res["passed"]:
                 out.append(f"{name}: audit {audit} failed")
         if lg.get("summary", {}) and lg["summary"].get("val_truncated"):
-            out.append(f"{name}: scored on a truncated val split (VAL_MAX_TOKENS), not an official score")
+            out.append(
+                f"{name}: scored on a truncated val split (VAL_MAX_TOKENS), not an official score"
+            )
         if lg.get("invalid"):
             out.append(f"{name}: score INVALID: {lg['invalid']}")
         elif lg.get("valid") is False and not any(not r["passed"] for r in lg["audits"].values()):
             out.append(f"{name}: the run marked its score invalid")
-    hardware = sorted({f"{lg.get('hardware')} (world_size {lg.get('world_size')})" for lg in logs
-                       if not (lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8)})
+    hardware = sorted(
+        {
+            f"{lg.get('hardware')} (world_size {lg.get('world_size')})"
+            for lg in logs
+            if not (lg.get("hardware") and "H100" in lg["hardware"] and lg.get("world_size") == 8)
+        }
+    )
     if hardware:
         out.append(f"ran on {', '.join(hardware)}, not 8xH100, so the 600 s bounds are not proven")
     comp = compliance_of(logs)
@@ -491,12 +713,15 @@ def check_same_config(logs):
     first = logs[0]
     for lg in logs[1:]:
         if lg["source_sha256"] != first["source_sha256"]:
-            raise Refused(f"{lg['path']} was written by a different script than {first['path']} "
-                          "(logged source differs)")
-        a, b = _config_of(first), _config_of(lg)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise Refused(
+                f"{lg['path']} was written by a different script than {first['path']} "
+                "(logged source differs)"
+            )
+        ours = _config_of(first)
+        theirs = _config_of(lg)
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
-            shown = ", ".join(f"{k}={a.get(k)!r}/{b.get(k)!r}" for k in diff[:4])
+            shown = ", ".join(f"{k}={ours.get(k)!r}/{theirs.get(k)!r}" for k in diff[:4])
             raise Refused(f"{lg['path']} and {first['path']} use different configs: {shown}")
     seeds = [lg["seed"] for lg in logs]
     if len(set(seeds)) != len(seeds):
@@ -514,14 +739,13 @@ def locate_artifact(log):
     path = log.get("artifact_path")
     here = os.path.dirname(os.path.abspath(log["path"]))
     stem = os.path.splitext(os.path.basename(log["path"]))[0]
-    cands = [path, path and os.path.join(here, os.path.basename(path)),
-             log.get("run_id") and os.path.join(here, f"{log['run_id']}.pga"), os.path.join(here, f"{stem}.pga")]
+    cands = [
+        path,
+        path and os.path.join(here, os.path.basename(path)),
+        log.get("run_id") and os.path.join(here, f"{log['run_id']}.pga"),
+        os.path.join(here, f"{stem}.pga"),
+    ]
     return _find_file(cands)
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def mean_std(values):
@@ -529,7 +753,10 @@ def mean_std(values):
 
 
 def env_lines(log, script_path):
-    """Env assignments that reproduce the run: PRESET and every hyperparameter off the preset's defaults."""
+    """Env assignments that reproduce the run.
+
+    PRESET and every hyperparameter that differs from the preset's defaults.
+    """
     hp = log["hparams"]
     defaults = {}
     try:
@@ -549,14 +776,20 @@ def env_lines(log, script_path):
         sys.modules.pop(f"_pack_script_{os.getpid()}", None)
     env = {"PRESET": hp.get("preset")} if hp.get("preset") else {}
     for key, value in sorted(hp.items()):
-        if key in ("preset", "log_dir", "artifact_path", "run_id", "seed") or defaults.get(key) == value:
+        if (
+            key in ("preset", "log_dir", "artifact_path", "run_id", "seed")
+            or defaults.get(key) == value
+        ):
             continue
         env[key.upper()] = {"True": "1", "False": "0"}.get(value, value)
     return env
 
 
 def plot_curves(runs, path):
-    """Train loss and periodic val_bpb per seed from the JSONL events; False when matplotlib is missing."""
+    """Train loss and periodic val_bpb per seed from the JSONL events.
+
+    False when matplotlib is missing.
+    """
     try:
         import matplotlib
 
@@ -567,7 +800,11 @@ def plot_curves(runs, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for seed, events in runs:
         train = [(e["step"], e["train_loss"]) for e in events if e.get("event") == "train"]
-        val = [(e["step"], e["val_bpb"]) for e in events if e.get("event") == "eval" and e.get("label") == "periodic"]
+        val = [
+            (e["step"], e["val_bpb"])
+            for e in events
+            if e.get("event") == "eval" and e.get("label") == "periodic"
+        ]
         if train:
             ax1.plot(*zip(*train), label=f"seed {seed}")
         if val:
@@ -588,7 +825,9 @@ def build_record(args):
     logs = [parse_log(p) for p in args.logs]
     for lg in logs:
         if lg.get("val_bpb") is None or lg.get("seed") is None:
-            raise InputError(f"{lg['path']}: no final val_bpb or seed in this log (did the run finish?)")
+            raise InputError(
+                f"{lg['path']}: no final val_bpb or seed in this log (did the run finish?)"
+            )
     check_same_config(logs)
     artifacts = args.artifact or [locate_artifact(lg) for lg in logs]
     if len(artifacts) != len(logs):
@@ -599,11 +838,18 @@ def build_record(args):
             raise InputError(f"{lg['path']}: artifact not found (pass --artifact)")
         size = os.path.getsize(art)
         if lg.get("artifact_bytes") is not None and size != lg["artifact_bytes"]:
-            raise Refused(f"{art}: {size} bytes, but {lg['path']} logged {lg['artifact_bytes']}: not that run's artifact")
+            raise Refused(
+                f"{art}: {size} bytes, but {lg['path']} logged {lg['artifact_bytes']}: "
+                "not that run's artifact"
+            )
         headers.append(read_container(art)["header"])
     script_name = (headers[0] or {}).get("script") or logs[0].get("script") or "train_gpt.py"
-    script = args.script or _find_file([os.path.join(os.path.dirname(os.path.abspath(logs[0]["path"])), "..",
-                                                     script_name), script_name])
+    script = args.script or _find_file(
+        [
+            os.path.join(os.path.dirname(os.path.abspath(logs[0]["path"])), "..", script_name),
+            script_name,
+        ]
+    )
     if not script:
         raise InputError(f"script {script_name} not found (pass --script)")
     script_sha = sha256_file(script)
@@ -614,13 +860,19 @@ def build_record(args):
             raise Refused(f"{script}: sha256 differs from the artifact header's script_sha256")
     problems = problems_of(logs)
     if problems and not args.non_record:
-        raise Refused("refusing to write a record: " + "; ".join(problems) + " (pass --non-record to file it "
-                      "as a non-record submission)")
+        raise Refused(
+            "refusing to write a record: " + "; ".join(problems) + " (pass --non-record to file it "
+            "as a non-record submission)"
+        )
     sig = None
     if args.baseline or args.baseline_values:
         base_logs = [parse_log(p) for p in args.baseline] if args.baseline else None
-        sig = significance_from(logs, base_logs, parse_values(args.baseline_values) if args.baseline_values else None,
-                                metric=args.metric)
+        sig = significance_from(
+            logs,
+            base_logs,
+            parse_values(args.baseline_values) if args.baseline_values else None,
+            metric=args.metric,
+        )
     track = TRACKS[1] if args.non_record else TRACKS[0]
     date = args.date or time.strftime("%Y-%m-%d")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
@@ -634,7 +886,9 @@ def build_record(args):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a record folder is for everyone
     try:
-        sub = _write_record(tmp, args, logs, artifacts, script, script_name, track, date, problems, sig)
+        sub = _write_record(
+            tmp, args, logs, artifacts, script, script_name, track, date, problems, sig
+        )
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -645,7 +899,8 @@ def build_record(args):
 def _write_record(folder, args, logs, artifacts, script, script_name, track, date, problems, sig):
     logs = sorted(zip(logs, artifacts), key=lambda p: p[0]["seed"])
     shutil.copyfile(script, os.path.join(folder, script_name))
-    seed_results, curves = {}, []
+    seed_results = {}
+    curves = []
     for lg, art in logs:
         seed = lg["seed"]
         shutil.copyfile(lg["path"], os.path.join(folder, f"train_seed{seed}.log"))
@@ -656,26 +911,52 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
         art_name = f"final_model_seed{seed}{os.path.splitext(art)[1] or '.pga'}"
         shutil.copyfile(art, os.path.join(folder, art_name))
         seed_results[str(seed)] = {
-            "val_loss": lg["val_loss"], "val_bpb": lg["val_bpb"], "artifact_bytes": os.path.getsize(art),
-            "total_bytes": os.path.getsize(art) + os.path.getsize(script), "steps": lg.get("steps"),
+            "val_loss": lg["val_loss"],
+            "val_bpb": lg["val_bpb"],
+            "artifact_bytes": os.path.getsize(art),
+            "total_bytes": os.path.getsize(art) + os.path.getsize(script),
+            "steps": lg.get("steps"),
             "step_avg_ms": lg.get("step_avg_ms"),
             "eval_time_s": None if lg.get("eval_time_ms") is None else lg["eval_time_ms"] / 1000.0,
-            "pre_quant_val_bpb": lg.get("pre_quant_val_bpb"), "artifact": art_name, "artifact_sha256": sha256_file(art)}
+            "pre_quant_val_bpb": lg.get("pre_quant_val_bpb"),
+            "artifact": art_name,
+            "artifact_sha256": sha256_file(art),
+        }
     plain_logs = [lg for lg, _ in logs]
     bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in plain_logs])
     loss_mean, _ = mean_std([lg["val_loss"] for lg in plain_logs])
     first = plain_logs[0]
     sub = {
-        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb, "date": date,
-        "track": track, "val_loss": loss_mean, "val_bpb": bpb_mean, "val_bpb_std": bpb_std,
-        "bytes_total": max(r["total_bytes"] for r in seed_results.values()), "bytes_code": os.path.getsize(script),
-        "script": script_name, "eval_mode": first.get("eval_mode"), "seeds": [lg["seed"] for lg in plain_logs],
-        "seed_results": seed_results, "hardware": first.get("hardware"), "world_size": first.get("world_size"),
-        "versions": first.get("versions") or {}, "compliance": compliance_of(plain_logs),
-        "compliance_notes": COMPLIANCE_NOTES, "non_record": bool(args.non_record), "non_record_reasons": problems,
+        "author": args.author,
+        "github_id": args.github_id,
+        "name": args.name,
+        "blurb": args.blurb,
+        "date": date,
+        "track": track,
+        "val_loss": loss_mean,
+        "val_bpb": bpb_mean,
+        "val_bpb_std": bpb_std,
+        "bytes_total": max(r["total_bytes"] for r in seed_results.values()),
+        "bytes_code": os.path.getsize(script),
+        "script": script_name,
+        "eval_mode": first.get("eval_mode"),
+        "seeds": [lg["seed"] for lg in plain_logs],
+        "seed_results": seed_results,
+        "hardware": first.get("hardware"),
+        "world_size": first.get("world_size"),
+        "versions": first.get("versions") or {},
+        "compliance": compliance_of(plain_logs),
+        "compliance_notes": COMPLIANCE_NOTES,
+        "non_record": bool(args.non_record),
+        "non_record_reasons": problems,
     }
     if sig:
-        sub.update(p_value=sig["p_value"], t_statistic=sig["t_statistic"], welch_df=sig["welch_df"], significance=sig)
+        sub.update(
+            p_value=sig["p_value"],
+            t_statistic=sig["t_statistic"],
+            welch_df=sig["welch_df"],
+            significance=sig,
+        )
     with open(os.path.join(folder, "submission.json"), "w", encoding="utf-8") as f:
         json.dump(sub, f, indent=2)
         f.write("\n")
@@ -690,8 +971,11 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
 
 def _requirements(log, artifacts):
     vers = log.get("versions") or {}
-    lines = [f"torch=={vers['torch'].split('+')[0]}" if vers.get("torch") else "torch",
-             f"numpy=={vers['numpy']}" if vers.get("numpy") else "numpy", "sentencepiece"]
+    lines = [
+        f"torch=={vers['torch'].split('+')[0]}" if vers.get("torch") else "torch",
+        f"numpy=={vers['numpy']}" if vers.get("numpy") else "numpy",
+        "sentencepiece",
+    ]
     compressors = {(read_container(a)["header"] or {}).get("compressor") for a in artifacts}
     if "zstd" in compressors:
         lines.append("zstandard")
@@ -702,141 +986,308 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
     folder = f"records/{track}/{date}_{sub['name']}"
     out = [f"# {sub['name']}", ""]
     if sub["non_record"]:
-        out += ["> **NON-RECORD SUBMISSION.** This folder is not a record-track entry: "
-                + ("; ".join(sub["non_record_reasons"]) or "filed as non-record by its author") + ".", ""]
-    out += [sub["blurb"] or "", "",
-            f"val_bpb **{sub['val_bpb']:.8f}** (mean of {len(logs)} seed{'s' * (len(logs) > 1)}, std "
-            f"{sub['val_bpb_std']:.8f}), val_loss {sub['val_loss']:.8f}, eval mode `{sub['eval_mode']}`; largest "
-            f"submission {sub['bytes_total']:,} bytes of {BUDGET_BYTES:,} (code {sub['bytes_code']:,}). "
-            f"Hardware: {sub['hardware']}, world size {sub['world_size']}.", "", "## Results", "",
-            "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes | steps | step_avg ms | eval s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "> **NON-RECORD SUBMISSION.** This folder is not a record-track entry: "
+            + ("; ".join(sub["non_record_reasons"]) or "filed as non-record by its author")
+            + ".",
+            "",
+        ]
+    out += [
+        sub["blurb"] or "",
+        "",
+        (
+            f"val_bpb **{sub['val_bpb']:.8f}** "
+            f"(mean of {len(logs)} seed{'s' * (len(logs) > 1)}, std {sub['val_bpb_std']:.8f}), "
+            f"val_loss {sub['val_loss']:.8f}, eval mode `{sub['eval_mode']}`; "
+            f"largest submission {sub['bytes_total']:,} bytes of {BUDGET_BYTES:,} "
+            f"(code {sub['bytes_code']:,}). "
+            f"Hardware: {sub['hardware']}, world size {sub['world_size']}."
+        ),
+        "",
+        "## Results",
+        "",
+        "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes "
+        "| steps | step_avg ms | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for seed, r in sub["seed_results"].items():
         pre = "" if r["pre_quant_val_bpb"] is None else f"{r['pre_quant_val_bpb']:.8f}"
         avg = "" if r["step_avg_ms"] is None else f"{r['step_avg_ms']:.2f}"
         ev = "" if r["eval_time_s"] is None else f"{r['eval_time_s']:.1f}"
-        out.append(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {pre} | {r['artifact_bytes']:,} | "
-                   f"{r['total_bytes']:,} | {r['steps']} | {avg} | {ev} |")
+        out.append(
+            f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {pre} "
+            f"| {r['artifact_bytes']:,} | {r['total_bytes']:,} | {r['steps']} | {avg} | {ev} |"
+        )
     if has_plot:
         out += ["", "![loss curves](loss_curve.png)"]
     out += ["", "## Compliance (from the logs only)", "", "| check | value |", "|---|---|"]
     out += [f"| {k} | {json.dumps(v)} |" for k, v in sub["compliance"].items()]
-    out += ["", "`null` means the logs cannot prove it: " + "; ".join(f"{k}: {v}" for k, v in
-                                                                   sub["compliance_notes"].items()) + "."]
+    out += [
+        "",
+        "`null` means the logs cannot prove it: "
+        + "; ".join(f"{k}: {v}" for k, v in sub["compliance_notes"].items())
+        + ".",
+    ]
     if "significance" in sub:
         s = sub["significance"]
-        out += ["", "## Significance", "",
-                f"One-sided Welch t-test on {s['metric']} (new < baseline - {s['threshold']:.6g}, i.e. "
-                f"{s['threshold_nats']} nats): t = {s['t_statistic']:.4f}, df = {s['welch_df']:.2f}, "
-                f"p = {s['p_value']:.3g} ({'significant' if s['significant'] else 'not significant'} at p < "
-                f"{s['alpha']}); improvement {s['improvement_nats']:.5f} nats."]
-    launch = (f"torchrun --standalone --nproc_per_node={sub['world_size']} {folder}/{script_name}"
-              if (sub["world_size"] or 1) > 1 or "cpu" not in str(sub["hardware"]) else f"python {folder}/{script_name}")
+        verdict = "significant" if s["significant"] else "not significant"
+        out += [
+            "",
+            "## Significance",
+            "",
+            (
+                f"One-sided Welch t-test on {s['metric']} "
+                f"(new < baseline - {s['threshold']:.6g}, i.e. {s['threshold_nats']} nats): "
+                f"t = {s['t_statistic']:.4f}, df = {s['welch_df']:.2f}, p = {s['p_value']:.3g} "
+                f"({verdict} at p < {s['alpha']}); "
+                f"improvement {s['improvement_nats']:.5f} nats."
+            ),
+        ]
+    launch = (
+        f"torchrun --standalone --nproc_per_node={sub['world_size']} {folder}/{script_name}"
+        if (sub["world_size"] or 1) > 1 or "cpu" not in str(sub["hardware"])
+        else f"python {folder}/{script_name}"
+    )
     env_text = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
     art = next(iter(sub["seed_results"].values()))["artifact"]
-    out += ["", "## Reproduce", "", "From the repository root, with the data and tokenizer of the run in place:",
-            "", "```bash", "pip install -r " + f"{folder}/requirements.txt"]
+    out += [
+        "",
+        "## Reproduce",
+        "",
+        "From the repository root, with the data and tokenizer of the run in place:",
+        "",
+        "```bash",
+        "pip install -r " + f"{folder}/requirements.txt",
+    ]
     for seed in sub["seeds"]:
         out.append(f"RUN_ID=seed{seed} SEED={seed} {env_text} {launch}")
-    out += [f"python eval_bpb.py {folder}/{art}   # re-score an artifact from this folder",
-            f"python pack.py check {folder}        # sizes, hashes and figures against the logs", "```", "",
-            "## Files", "", f"- `{script_name}`: the training script (its sha256 is in every artifact header)",
-            "- `final_model_seed<N>.pga`: the artifacts", "- `train_seed<N>.log`, `train_seed<N>.jsonl`: the run logs",
-            "- `submission.json`, `requirements.txt`" + (", `loss_curve.png`" if has_plot else ""), ""]
+    out += [
+        f"python eval_bpb.py {folder}/{art}   # re-score an artifact from this folder",
+        f"python pack.py check {folder}        # sizes, hashes and figures against the logs",
+        "```",
+        "",
+        "## Files",
+        "",
+        f"- `{script_name}`: the training script (its sha256 is in every artifact header)",
+        "- `final_model_seed<N>.pga`: the artifacts",
+        "- `train_seed<N>.log`, `train_seed<N>.jsonl`: the run logs",
+        "- `submission.json`, `requirements.txt`" + (", `loss_curve.png`" if has_plot else ""),
+        "",
+    ]
     return "\n".join(out)
 
 
 def check_record(folder):
-    """Problems found in a record folder (empty list: consistent)."""
-    problems = []
-    sub_path = os.path.join(folder, "submission.json")
-    for name in ("README.md", "submission.json"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            problems.append(f"missing {name}")
-    if not os.path.isfile(sub_path):
+    """Problems found in a record folder (empty list: consistent).
+
+    Each check below is one function returning its problems. The first ones stop the list early:
+    what follows them reads submission.json's fields and the script.
+    """
+    problems = _check_files_present(folder)
+    if not os.path.isfile(os.path.join(folder, "submission.json")):
         return problems
     try:
-        with open(sub_path, encoding="utf-8") as f:
-            sub = json.load(f)
+        sub = _read_submission(folder)
     except json.JSONDecodeError as exc:
         return problems + [f"submission.json is not JSON ({exc})"]
-    for key in ("author", "github_id", "name", "date", "val_bpb", "val_loss", "bytes_total", "bytes_code", "seeds",
-                "seed_results", "track"):
-        if key not in sub:
-            problems.append(f"submission.json lacks {key}")
+    problems += _check_submission_fields(sub)
     if problems:
         return problems
-    logs = {}
-    for seed in sub["seeds"]:
-        path = os.path.join(folder, f"train_seed{seed}.log")
-        if not os.path.isfile(path):
-            problems.append(f"missing train_seed{seed}.log")
-            continue
-        logs[seed] = parse_log(path)
+
+    logs, missing_logs = _read_seed_logs(folder, sub["seeds"])
+    problems += missing_logs
     script = os.path.join(folder, sub.get("script", "train_gpt.py"))
     if not os.path.isfile(script):
         return problems + [f"missing the script {os.path.basename(script)}"]
+    problems += _check_script_compiles(script)
+    script_sha = sha256_file(script)
+    code_bytes = os.path.getsize(script)
+    problems += _check_code_bytes(sub, code_bytes)
+    for seed in sub["seeds"]:
+        problems += _check_seed(folder, sub, seed, logs.get(seed), script_sha)
+
+    if logs and len(logs) == len(sub["seeds"]):
+        seed_logs = [logs[seed] for seed in sub["seeds"]]
+        problems += _check_means(sub, seed_logs)
+        problems += _check_compliance(sub, seed_logs)
+        problems += _check_record_track(sub, seed_logs)
+        problems += _check_significance(sub, seed_logs)
+    problems += _check_bytes_total(folder, sub, code_bytes)
+    problems += _check_track(folder, sub)
+    return problems
+
+
+SUBMISSION_FIELDS = (
+    "author",
+    "github_id",
+    "name",
+    "date",
+    "val_bpb",
+    "val_loss",
+    "bytes_total",
+    "bytes_code",
+    "seeds",
+    "seed_results",
+    "track",
+)
+
+
+def _check_files_present(folder):
+    return [
+        f"missing {name}"
+        for name in ("README.md", "submission.json")
+        if not os.path.isfile(os.path.join(folder, name))
+    ]
+
+
+def _read_submission(folder):
+    with open(os.path.join(folder, "submission.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_submission_fields(sub):
+    return [f"submission.json lacks {key}" for key in SUBMISSION_FIELDS if key not in sub]
+
+
+def _read_seed_logs(folder, seeds):
+    """({seed: parsed log}, problems) for the train_seed<N>.log of each seed."""
+    logs = {}
+    problems = []
+    for seed in seeds:
+        path = os.path.join(folder, f"train_seed{seed}.log")
+        if os.path.isfile(path):
+            logs[seed] = parse_log(path)
+        else:
+            problems.append(f"missing train_seed{seed}.log")
+    return logs, problems
+
+
+def _check_script_compiles(script):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             py_compile.compile(script, cfile=os.path.join(tmp, "check.pyc"), doraise=True)
         except py_compile.PyCompileError as exc:
-            problems.append(f"{os.path.basename(script)} does not compile: {exc.msg.strip().splitlines()[-1]}")
-    script_sha, code_bytes = sha256_file(script), os.path.getsize(script)
+            last_line = exc.msg.strip().splitlines()[-1]
+            return [f"{os.path.basename(script)} does not compile: {last_line}"]
+    return []
+
+
+def _check_code_bytes(sub, code_bytes):
     if sub["bytes_code"] != code_bytes:
-        problems.append(f"bytes_code {sub['bytes_code']} but the script has {code_bytes} bytes")
+        return [f"bytes_code {sub['bytes_code']} but the script has {code_bytes} bytes"]
+    return []
+
+
+def _seed_artifact(folder, seed, result):
+    return os.path.join(folder, result.get("artifact") or f"final_model_seed{seed}.pga")
+
+
+def _check_seed(folder, sub, seed, log, script_sha):
+    """One seed's entry in seed_results against its artifact file and its log."""
+    result = sub["seed_results"].get(str(seed))
+    if result is None:
+        return [f"seed_results lacks seed {seed}"]
+    art = _seed_artifact(folder, seed, result)
+    if not os.path.isfile(art):
+        return [f"seed {seed}: missing artifact {os.path.basename(art)}"]
+    problems = _check_artifact(seed, art, result, script_sha)
+    if log is not None:
+        problems += _check_seed_log(seed, log, result, os.path.getsize(art), script_sha)
+    return problems
+
+
+def _check_artifact(seed, art, result, script_sha):
+    """The artifact file against its seed_results entry and the script's sha256."""
+    problems = []
+    name = os.path.basename(art)
+    size = os.path.getsize(art)
+    if result.get("artifact_sha256") and sha256_file(art) != result["artifact_sha256"]:
+        problems.append(f"seed {seed}: {name} sha256 differs from submission.json")
+    if result.get("artifact_bytes") != size:
+        problems.append(
+            f"seed {seed}: artifact_bytes {result.get('artifact_bytes')} but the file has {size}"
+        )
+    try:
+        header = read_container(art)["header"]
+    except InputError as exc:
+        problems.append(f"seed {seed}: {exc}")
+        header = None
+    if header is not None and header.get("script_sha256") != script_sha:
+        problems.append(f"seed {seed}: the script's sha256 does not match {name}'s header")
+    return problems
+
+
+def _check_seed_log(seed, log, result, size, script_sha):
+    """The seed's log against the artifact size, the script and the submitted scores."""
+    problems = []
+    if log.get("artifact_bytes") is not None and log["artifact_bytes"] != size:
+        problems.append(
+            f"seed {seed}: the log measured a {log['artifact_bytes']}-byte artifact, "
+            f"the file has {size}"
+        )
+    if log["source_sha256"] and log["source_sha256"] != script_sha:
+        problems.append(f"seed {seed}: the script differs from the source in train_seed{seed}.log")
+    for key in ("val_bpb", "val_loss"):
+        if log.get(key) is None or not _close(result.get(key), log[key]):
+            problems.append(
+                f"seed {seed}: {key} {result.get(key)} in submission.json, "
+                f"{log.get(key)} in the log"
+            )
+    return problems
+
+
+def _check_means(sub, logs):
+    bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in logs])
+    loss_mean, _ = mean_std([lg["val_loss"] for lg in logs])
+    problems = []
+    for key, want in (("val_bpb", bpb_mean), ("val_bpb_std", bpb_std), ("val_loss", loss_mean)):
+        if not _close(sub.get(key), want):
+            problems.append(f"{key} {sub.get(key)} but the logs give {want}")
+    return problems
+
+
+def _check_compliance(sub, logs):
+    comp = compliance_of(logs)
+    if "compliance" not in sub or sub["compliance"] == comp:
+        return []
+    diff = [k for k in comp if sub["compliance"].get(k) != comp[k]]
+    return [f"compliance differs from the logs at {', '.join(diff) or 'extra keys'}"]
+
+
+def _check_record_track(sub, logs):
+    """A folder on the record track must meet every record rule (problems_of)."""
+    if sub["track"] != TRACKS[0]:
+        return []
+    return [f"record track: {p}" for p in problems_of(logs)]
+
+
+def _check_significance(sub, logs):
+    s = sub.get("significance")
+    if not s:
+        return []
+    redo = significance_from(logs, baseline_values=s["baseline_values"], metric=s["metric"])
+    if _close(redo["p_value"], s["p_value"]) and _close(sub.get("p_value"), redo["p_value"]):
+        return []
+    return [f"p_value {sub.get('p_value')} but the logs give {redo['p_value']}"]
+
+
+def _check_bytes_total(folder, sub, code_bytes):
+    """bytes_total is the largest artifact + script among the seeds whose artifact is present."""
     totals = []
     for seed in sub["seeds"]:
-        r = sub["seed_results"].get(str(seed))
-        lg = logs.get(seed)
-        if r is None:
-            problems.append(f"seed_results lacks seed {seed}")
+        result = sub["seed_results"].get(str(seed))
+        if result is None:
             continue
-        art = os.path.join(folder, r.get("artifact") or f"final_model_seed{seed}.pga")
-        if not os.path.isfile(art):
-            problems.append(f"seed {seed}: missing artifact {os.path.basename(art)}")
-            continue
-        size = os.path.getsize(art)
-        totals.append(size + code_bytes)
-        if r.get("artifact_sha256") and sha256_file(art) != r["artifact_sha256"]:
-            problems.append(f"seed {seed}: {os.path.basename(art)} sha256 differs from submission.json")
-        if r.get("artifact_bytes") != size:
-            problems.append(f"seed {seed}: artifact_bytes {r.get('artifact_bytes')} but the file has {size}")
-        try:
-            header = read_container(art)["header"]
-        except InputError as exc:
-            problems.append(f"seed {seed}: {exc}")
-            header = None
-        if header is not None and header.get("script_sha256") != script_sha:
-            problems.append(f"seed {seed}: the script's sha256 does not match {os.path.basename(art)}'s header")
-        if lg is None:
-            continue
-        if lg.get("artifact_bytes") is not None and lg["artifact_bytes"] != size:
-            problems.append(f"seed {seed}: the log measured a {lg['artifact_bytes']}-byte artifact, the file has {size}")
-        if lg["source_sha256"] and lg["source_sha256"] != script_sha:
-            problems.append(f"seed {seed}: the script differs from the source in train_seed{seed}.log")
-        for key in ("val_bpb", "val_loss"):
-            if lg.get(key) is None or not _close(r.get(key), lg[key]):
-                problems.append(f"seed {seed}: {key} {r.get(key)} in submission.json, {lg.get(key)} in the log")
-    if len(logs) == len(sub["seeds"]) and logs:
-        seq = [logs[s] for s in sub["seeds"]]
-        bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in seq])
-        loss_mean, _ = mean_std([lg["val_loss"] for lg in seq])
-        for key, want in (("val_bpb", bpb_mean), ("val_bpb_std", bpb_std), ("val_loss", loss_mean)):
-            if not _close(sub.get(key), want):
-                problems.append(f"{key} {sub.get(key)} but the logs give {want}")
-        comp = compliance_of(seq)
-        if "compliance" in sub and sub["compliance"] != comp:
-            diff = [k for k in comp if sub["compliance"].get(k) != comp[k]]
-            problems.append(f"compliance differs from the logs at {', '.join(diff) or 'extra keys'}")
-        if sub["track"] == TRACKS[0]:
-            problems += [f"record track: {p}" for p in problems_of(seq)]
-        if sub.get("significance"):
-            s = sub["significance"]
-            redo = significance_from(seq, baseline_values=s["baseline_values"], metric=s["metric"])
-            if not _close(redo["p_value"], s["p_value"]) or not _close(sub.get("p_value"), redo["p_value"]):
-                problems.append(f"p_value {sub.get('p_value')} but the logs give {redo['p_value']}")
+        art = _seed_artifact(folder, seed, result)
+        if os.path.isfile(art):
+            totals.append(os.path.getsize(art) + code_bytes)
     if totals and sub["bytes_total"] != max(totals):
-        problems.append(f"bytes_total {sub['bytes_total']} but the files give {max(totals)}")
+        return [f"bytes_total {sub['bytes_total']} but the files give {max(totals)}"]
+    return []
+
+
+def _check_track(folder, sub):
+    problems = []
     if sub["track"] not in TRACKS:
         problems.append(f"unknown track {sub['track']!r}")
     parent = os.path.basename(os.path.dirname(os.path.abspath(folder)))
@@ -846,7 +1297,11 @@ def check_record(folder):
 
 
 def _close(a, b, tol=1e-9):
-    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol * max(1.0, abs(b))
+    return (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and abs(a - b) <= tol * max(1.0, abs(b))
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -868,21 +1323,50 @@ def cmd_size(args):
     if args.json:
         _emit(rep, True)
     else:
-        _emit(rep, False, ["artifact", "format", "artifact_bytes", "script", "code_bytes", "total_bytes",
-                           "budget_bytes", "margin_bytes", "over_budget", "compressor", "script_sha256_matches",
-                           "raw_payload_bytes", "code_bytes_lzma_info_only"])
+        _emit(
+            rep,
+            False,
+            [
+                "artifact",
+                "format",
+                "artifact_bytes",
+                "script",
+                "code_bytes",
+                "total_bytes",
+                "budget_bytes",
+                "margin_bytes",
+                "over_budget",
+                "compressor",
+                "script_sha256_matches",
+                "raw_payload_bytes",
+                "code_bytes_lzma_info_only",
+            ],
+        )
         for name, row in rep.get("compressors", {}).items():
-            print(f"compressor {name}: payload {row['payload_bytes']} bytes, total {row['total_bytes']} bytes")
+            print(
+                f"compressor {name}: payload {row['payload_bytes']} bytes, "
+                f"total {row['total_bytes']} bytes"
+            )
     if rep["over_budget"]:
-        print(f"error: total {rep['total_bytes']} bytes is over the {rep['budget_bytes']} budget", file=sys.stderr)
+        print(
+            f"error: total {rep['total_bytes']} bytes is over the {rep['budget_bytes']} budget",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def cmd_record(args):
     folder, sub = build_record(args)
-    out = {"record": folder, "track": sub["track"], "val_bpb": sub["val_bpb"], "val_bpb_std": sub["val_bpb_std"],
-           "bytes_total": sub["bytes_total"], "seeds": sub["seeds"], "non_record": sub["non_record"]}
+    out = {
+        "record": folder,
+        "track": sub["track"],
+        "val_bpb": sub["val_bpb"],
+        "val_bpb_std": sub["val_bpb_std"],
+        "bytes_total": sub["bytes_total"],
+        "seeds": sub["seeds"],
+        "non_record": sub["non_record"],
+    }
     if "p_value" in sub:
         out["p_value"] = sub["p_value"]
     _emit(out, args.json)
@@ -905,40 +1389,78 @@ def cmd_check(args):
 def cmd_significance(args):
     new = [parse_log(p) for p in args.new]
     base = [parse_log(p) for p in args.baseline] if args.baseline else None
-    res = significance_from(new, base, parse_values(args.baseline_values) if args.baseline_values else None,
-                            metric=args.metric)
-    _emit(res, args.json, ["metric", "n_new", "n_baseline", "mean_new", "mean_baseline", "improvement",
-                           "improvement_nats", "threshold", "threshold_nats", "tokens_per_byte", "t_statistic",
-                           "welch_df", "p_value", "significant"])
+    res = significance_from(
+        new,
+        base,
+        parse_values(args.baseline_values) if args.baseline_values else None,
+        metric=args.metric,
+    )
+    _emit(
+        res,
+        args.json,
+        [
+            "metric",
+            "n_new",
+            "n_baseline",
+            "mean_new",
+            "mean_baseline",
+            "improvement",
+            "improvement_nats",
+            "threshold",
+            "threshold_nats",
+            "tokens_per_byte",
+            "t_statistic",
+            "welch_df",
+            "p_value",
+            "significant",
+        ],
+    )
     return 0
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("size", help="counted size of an artifact + script against the budget")
     s.add_argument("artifact", help="our .pga artifact or an official final_model.int8.ptz")
     s.add_argument("--script", required=True, help="the training script whose raw bytes count")
-    s.add_argument("--budget", type=int, default=BUDGET_BYTES, help="byte budget (default 16,000,000)")
-    s.add_argument("--no-table", action="store_true", help="skip the per-compressor table (slow on full models)")
+    s.add_argument(
+        "--budget", type=int, default=BUDGET_BYTES, help="byte budget (default 16,000,000)"
+    )
+    s.add_argument(
+        "--no-table",
+        action="store_true",
+        help="skip the per-compressor table (slow on full models)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_size)
 
     r = sub.add_parser("record", help="assemble records/<track>/<date>_<name>/ from run logs")
     r.add_argument("logs", nargs="+", help="text logs logs/<RUN_ID>.txt, one per seed")
-    r.add_argument("--artifact", action="append", help="artifact of each log, in order (default: from the log)")
-    r.add_argument("--script", help="training script (default: the one the artifacts name, beside logs/)")
+    r.add_argument(
+        "--artifact", action="append", help="artifact of each log, in order (default: from the log)"
+    )
+    r.add_argument(
+        "--script", help="training script (default: the one the artifacts name, beside logs/)"
+    )
     r.add_argument("--name", required=True, help="short description, becomes <date>_<name>")
     r.add_argument("--author", required=True, help="author's name")
     r.add_argument("--github-id", required=True, help="author's GitHub id")
     r.add_argument("--blurb", default="", help="one paragraph on what is new")
     r.add_argument("--date", help="YYYY-MM-DD (default today)")
     r.add_argument("--out", default="records", help="records root (default records)")
-    r.add_argument("--non-record", action="store_true",
-                   help="file under track_non_record_16mb even if over budget, invalid or not 8xH100-timed")
+    r.add_argument(
+        "--non-record",
+        action="store_true",
+        help="file under track_non_record_16mb even if over budget, invalid or not 8xH100-timed",
+    )
     r.add_argument("--baseline", nargs="+", help="baseline logs for the significance test")
     r.add_argument("--baseline-values", help="baseline scores, comma separated, instead of logs")
-    r.add_argument("--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test")
+    r.add_argument(
+        "--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test"
+    )
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_record)
 
@@ -947,12 +1469,18 @@ def build_parser():
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_check)
 
-    g = sub.add_parser("significance", help="one-sided Welch t-test against the 0.005-nat threshold")
+    g = sub.add_parser(
+        "significance", help="one-sided Welch t-test against the 0.005-nat threshold"
+    )
     g.add_argument("--new", nargs="+", required=True, help="logs of the new runs (one per seed)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--baseline", nargs="+", help="logs of the baseline runs")
-    src.add_argument("--baseline-values", help="baseline scores, comma separated (in --metric units)")
-    g.add_argument("--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test")
+    src.add_argument(
+        "--baseline-values", help="baseline scores, comma separated (in --metric units)"
+    )
+    g.add_argument(
+        "--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_significance)
     return p

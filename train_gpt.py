@@ -1,15 +1,20 @@
-"""GPT record stack for Parameter Golf: a U-Net transformer trained with Muon, scored in bits per byte.
+"""GPT record stack for Parameter Golf: a U-Net transformer trained with Muon, scored in bits per
+byte.
 
-The model is a decoder-only transformer (tied embeddings, RMSNorm, RoPE, GQA, relu^2 / LeakyReLU^2 MLP,
-logit softcap, U-Net skips) whose quantized weights plus this file must fit in 16,000,000 bytes.
-Credits: the official naive baseline (openai/parameter-golf), modded-nanogpt (Muon, Newton-Schulz),
-records cited next to each technique by PR number.
+The model is a decoder-only transformer (tied embeddings, RMSNorm, RoPE, GQA, relu^2 /
+LeakyReLU^2 MLP, logit softcap, U-Net skips) whose quantized weights plus this file must fit in
+16,000,000 bytes.
+
+Credits: the official naive baseline (openai/parameter-golf); modded-nanogpt (Muon, Newton-Schulz;
+Keller Jordan); GPTQ: Frantar et al. 2022 (arXiv 2210.17323); ResFormer value residuals (arXiv
+2410.17897); the records cited next to each technique by PR number. The pipeline's decomposition
+follows record #1394's `train_and_eval`.
 
 Run:
-  torchrun --standalone --nproc_per_node=8 train_gpt.py          # 8xH100, PRESET=record (default)
-  torchrun --standalone --nproc_per_node=1 train_gpt.py          # one GPU, same maths (grad accumulation)
+  torchrun --standalone --nproc_per_node=8 train_gpt.py  # 8xH100, PRESET=record (default)
+  torchrun --standalone --nproc_per_node=1 train_gpt.py  # one GPU, same maths (grad accumulation)
   PRESET=smoke DATA_PATH=data/datasets/pydoc_sp1024 \
-    TOKENIZER_PATH=data/tokenizers/pydoc_1024_bpe.model python train_gpt.py   # laptop CPU, minutes
+    TOKENIZER_PATH=data/tokenizers/pydoc_1024_bpe.model python train_gpt.py  # laptop CPU, minutes
 """
 
 import contextlib
@@ -27,7 +32,8 @@ import sys
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,14 +49,15 @@ except ImportError:  # zstd is optional: zlib and lzma are in the standard libra
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
 # -----------------------------------------------------------------------------
-# Every knob is an UPPER_SNAKE environment variable named as in the records (ITERATIONS, MATRIX_LR, ...).
-# PRESET picks a group of defaults first; explicit variables override it. Nothing is read at import time:
-# `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts types and names the
-# variable in every error.
+# Every knob is an UPPER_SNAKE environment variable named as in the records (ITERATIONS, MATRIX_LR,
+# ...). PRESET picks a group of defaults first; explicit variables override it. Nothing is read at
+# import time: `Hyperparameters.from_env(env)` reads a dict (tests) or os.environ (runs), converts
+# types and names the variable in every error.
+
 
 @dataclass
 class Hyperparameters:
-# ===== BEGIN SHARED BLOCK: hparams v1 =====
+    # ===== BEGIN SHARED BLOCK: hparams v1 =====
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
     data_path: str = "data/datasets/fineweb10B_sp1024"
@@ -66,7 +73,8 @@ class Hyperparameters:
     train_log_every: int = 200
     status_every: int = 50
     compile: bool = True
-    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer (TECHNIQUES.md part E).
+    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer (TECHNIQUES.md part
+    # E).
     sample_prompt: str = "The history of the city"
     sample_tokens: int = 64
     halt_on_collapse: bool = False
@@ -136,12 +144,15 @@ class Hyperparameters:
     gptq_calib_source: str = "train"
     qat_start_frac: float = 0.0
     qat_bits: int = 0
+
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
         preset = env.get("PRESET", "record")
         if preset not in PRESETS:
-            raise ValueError(f"PRESET={preset!r}: unknown preset (choose one of {', '.join(sorted(PRESETS))})")
+            raise ValueError(
+                f"PRESET={preset!r}: unknown preset (choose one of {', '.join(sorted(PRESETS))})"
+            )
         values = {"preset": preset, **PRESETS[preset]}
         for f in dataclasses.fields(cls):
             name = f.name.upper()
@@ -150,15 +161,29 @@ class Hyperparameters:
         h = cls(**values)
         h.validate()
         return h
+
     @staticmethod
     def parse_env_value(name, raw, kind):
         text = str(raw).strip()
         try:
-            if kind is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            if kind is bool and text.lower() in (
+                "1",
+                "true",
+                "yes",
+                "on",
+                "0",
+                "false",
+                "no",
+                "off",
+                "",
+            ):
                 return text.lower() in ("1", "true", "yes", "on")
             if kind is int:
                 digits = text.replace("_", "")
-                number = int(digits) if digits.lstrip("+-").isdigit() else float(text)  # accepts 5e5, not 0.5
+                if digits.lstrip("+-").isdigit():
+                    number = int(digits)
+                else:
+                    number = float(text)  # accepts 5e5; 0.5 is rejected below
                 if isinstance(number, int) or number.is_integer():
                     return int(number)
             if kind in (bool, int):
@@ -167,38 +192,68 @@ class Hyperparameters:
         except ValueError:
             expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
             raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+
     def bad(self, name, why):
         raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
+
     def validate(self):
         """Checks of the shared fields, then the script's own `validate_model`."""
-        for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "val_batch_size",
-                     "eval_stride", "ttt_chunk_tokens", "size_budget", "sdclip_k_mlp", "sdclip_k_attn",
-                     "sdclip_k_embed", "gptq_calib_seqs"):
+        for name in (
+            "iterations",
+            "train_batch_tokens",
+            "train_seq_len",
+            "vocab_size",
+            "val_batch_size",
+            "eval_stride",
+            "ttt_chunk_tokens",
+            "size_budget",
+            "sdclip_k_mlp",
+            "sdclip_k_attn",
+            "sdclip_k_embed",
+            "gptq_calib_seqs",
+        ):
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
         if self.vocab_size > 65536:
-            self.bad("VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536")
+            self.bad(
+                "VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536"
+            )
         if self.train_batch_tokens % (8 * self.train_seq_len):
-            self.bad("TRAIN_BATCH_TOKENS", f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}")
+            self.bad(
+                "TRAIN_BATCH_TOKENS",
+                f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}",
+            )
         if self.eval_stride > self.eval_len:
             self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
-        for name, allowed in (("EVAL_MODE", ("standard", "sliding", "ttt")), ("QUANT_BITS", (4, 5, 6, 7, 8)),
-                              ("EMBED_BITS", (4, 5, 6, 7, 8)), ("QAT_BITS", (0, 4, 5, 6, 7, 8)),
-                              ("CLIP_METHOD", ("percentile", "search", "sdclip")),
-                              ("GPTQ_CALIB_SOURCE", ("train", "self")), ("COMPRESSOR", ("auto", *COMPRESSORS))):
+        for name, allowed in (
+            ("EVAL_MODE", tuple(EVAL_MODES)),
+            ("QUANT_BITS", QUANT_INT_BITS),
+            ("EMBED_BITS", QUANT_INT_BITS),
+            ("QAT_BITS", (0, *QUANT_INT_BITS)),
+            ("CLIP_METHOD", ("percentile", "search", "sdclip")),
+            ("GPTQ_CALIB_SOURCE", ("train", "self")),
+            ("COMPRESSOR", ("auto", *COMPRESSORS)),
+        ):
             if getattr(self, name.lower()) not in allowed:
                 self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
-        for name, lo, hi in (("ema_decay", 0.0, 0.999999), ("warmdown_frac", 0.0, 1.0), ("min_lr", 0.0, 1.0),
-                             ("qat_start_frac", 0.0, 0.999999)):
+        for name, lo, hi in (
+            ("ema_decay", 0.0, 0.999999),
+            ("warmdown_frac", 0.0, 1.0),
+            ("min_lr", 0.0, 1.0),
+            ("qat_start_frac", 0.0, 0.999999),
+        ):
             if not lo <= getattr(self, name) <= hi:
                 self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
-        if min(self.size_margin, self.gptq_reserve_seconds) < 0:
-            self.bad("SIZE_MARGIN" if self.size_margin < 0 else "GPTQ_RESERVE_SECONDS", "must not be negative")
+        for name in ("size_margin", "gptq_reserve_seconds"):
+            if getattr(self, name) < 0:
+                self.bad(name, "must not be negative")
         self.validate_model()
+
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
-# ===== END SHARED BLOCK: hparams v1 =====
+
+    # ===== END SHARED BLOCK: hparams v1 =====
     # Model: the official baseline shape unless a preset says otherwise.
     num_layers: int = 9
     model_dim: int = 512
@@ -210,7 +265,8 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
-    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official model.
+    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official
+    # model.
     mlp_activation: str = "relu2"  # relu2 | leaky_relu2
     rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
     ln_scale: bool = False
@@ -229,6 +285,7 @@ class Hyperparameters:
     flow_matcher: bool = False
     flow_dim: int = 256
     flow_loss_weight: float = 0.1
+
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
@@ -240,51 +297,184 @@ class Hyperparameters:
         if (self.model_dim // self.num_heads) % 2:
             self.bad("MODEL_DIM", "head dimension must be even for rotary embeddings")
         for name, ok, why in (
-                ("MLP_ACTIVATION", self.mlp_activation in ("relu2", "leaky_relu2"), "must be relu2 or leaky_relu2"),
-                ("ROPE_DIMS", self.rope_dims >= 0 and self.rope_dims % 2 == 0, "must be even and non-negative"),
-                ("XSA_LAST_N", self.xsa_last_n >= 0, "must be non-negative"),
-                ("ATTN_GATE_WINDOW", 0 < self.attn_gate_window <= self.model_dim, "must be in 1..MODEL_DIM"),
-                ("BIGRAM_DIM", self.bigram_dim > 0, "must be positive"),
-                ("FLOW_DIM", self.flow_dim > 0, "must be positive"),
-                ("RECUR_LOOPS", self.recur_loops >= 1, "must be at least 1")):
+            (
+                "MLP_ACTIVATION",
+                self.mlp_activation in ("relu2", "leaky_relu2"),
+                "must be relu2 or leaky_relu2",
+            ),
+            (
+                "ROPE_DIMS",
+                self.rope_dims >= 0 and self.rope_dims % 2 == 0,
+                "must be even and non-negative",
+            ),
+            ("XSA_LAST_N", self.xsa_last_n >= 0, "must be non-negative"),
+            (
+                "ATTN_GATE_WINDOW",
+                0 < self.attn_gate_window <= self.model_dim,
+                "must be in 1..MODEL_DIM",
+            ),
+            ("BIGRAM_DIM", self.bigram_dim > 0, "must be positive"),
+            ("FLOW_DIM", self.flow_dim > 0, "must be positive"),
+            ("RECUR_LOOPS", self.recur_loops >= 1, "must be at least 1"),
+        ):
             if not ok:
                 self.bad(name, why)
 
-# Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections 8-11);
-# `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few minutes.
+
+# Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections
+# 8-11); `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few
+# minutes.
 PRESETS = {
     "baseline": {},
     "record": {
-        # 11L x 512, MLP 3x LeakyReLU(0.5)^2, XSA on all layers, partial RoPE, LN scale (#549, #1019 at sp1024);
-        # QK gain 5.0, gated attention, BOS-safe SmearGate, parallel residuals, loops of layers 3-5 from 35% (#1855)
-        "num_layers": 11, "mlp_mult": 3.0, "mlp_activation": "leaky_relu2", "xsa_last_n": 11, "rope_dims": 16,
-        "ln_scale": True, "qk_gain_init": 5.0, "skip_gates": True, "smear_gate": True, "bigram_vocab_size": 3072,
-        "bigram_dim": 112, "attn_gate": True, "parallel_residual_start": 7, "recur_layers": "3,4,5",
-        "recur_loops": 2, "recur_start_frac": 0.35,
-        # Muon WD 0.095, momentum 0.92 -> 0.97 over 1500 steps, MATRIX_LR 0.026, Adam LRs (#1855); MuonEq-R (#1260);
-        # EMA 0.997 (#287); MIN_LR 0.10 (#1787); clip 0.3 and 786,432 x 2048 batches (#549 lineage)
-        "matrix_lr": 0.026, "scalar_lr": 0.02, "tied_embed_lr": 0.03, "muon_momentum": 0.97,
-        "muon_momentum_warmup_start": 0.92, "muon_momentum_warmup_steps": 1500, "muon_wd": 0.095,
-        "muon_row_norm": True, "adam_wd": 0.02, "grad_clip_norm": 0.3, "ema_decay": 0.997, "warmdown_frac": 0.75,
-        "min_lr": 0.1, "train_seq_len": 2048, "train_batch_tokens": 786432, "eval_seq_len": 2048,
-        "eval_stride": 64, "eval_mode": "sliding",
+        # 11L x 512, MLP 3x LeakyReLU(0.5)^2, XSA on all layers, partial RoPE, LN scale (#549, #1019
+        # at sp1024); QK gain 5.0, gated attention, BOS-safe SmearGate, parallel residuals, loops of
+        # layers 3-5 from 35% (#1855)
+        "num_layers": 11,
+        "mlp_mult": 3.0,
+        "mlp_activation": "leaky_relu2",
+        "xsa_last_n": 11,
+        "rope_dims": 16,
+        "ln_scale": True,
+        "qk_gain_init": 5.0,
+        "skip_gates": True,
+        "smear_gate": True,
+        "bigram_vocab_size": 3072,
+        "bigram_dim": 112,
+        "attn_gate": True,
+        "parallel_residual_start": 7,
+        "recur_layers": "3,4,5",
+        "recur_loops": 2,
+        "recur_start_frac": 0.35,
+        # Muon WD 0.095, momentum 0.92 -> 0.97 over 1500 steps, MATRIX_LR 0.026, Adam LRs (#1855);
+        # MuonEq-R (#1260); EMA 0.997 (#287); MIN_LR 0.10 (#1787); clip 0.3 and 786,432 x 2048
+        # batches (#549 lineage)
+        "matrix_lr": 0.026,
+        "scalar_lr": 0.02,
+        "tied_embed_lr": 0.03,
+        "muon_momentum": 0.97,
+        "muon_momentum_warmup_start": 0.92,
+        "muon_momentum_warmup_steps": 1500,
+        "muon_wd": 0.095,
+        "muon_row_norm": True,
+        "adam_wd": 0.02,
+        "grad_clip_norm": 0.3,
+        "ema_decay": 0.997,
+        "warmdown_frac": 0.75,
+        "min_lr": 0.1,
+        "train_seq_len": 2048,
+        "train_batch_tokens": 786432,
+        "eval_seq_len": 2048,
+        "eval_stride": 64,
+        "eval_mode": "sliding",
     },
-    "smoke": {  # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown
-        "data_path": "data/datasets/pydoc_sp1024", "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000, "warmup_steps": 2, "warmdown_frac": 0.3, "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384, "train_seq_len": 256, "num_layers": 4, "model_dim": 192, "num_heads": 4,
-        "num_kv_heads": 2, "val_batch_size": 32768, "val_loss_every": 100, "train_log_every": 25,
-        "status_every": 10, "compile": False, "matrix_lr": 0.03, "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50, "eval_mode": "sliding", "eval_stride": 64,
+    # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown.
+    "smoke": {
+        "data_path": "data/datasets/pydoc_sp1024",
+        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
+        "iterations": 2000,
+        "warmup_steps": 2,
+        "warmdown_frac": 0.3,
+        "max_wallclock_seconds": 150.0,
+        "train_batch_tokens": 16384,
+        "train_seq_len": 256,
+        "num_layers": 4,
+        "model_dim": 192,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "val_batch_size": 32768,
+        "val_loss_every": 100,
+        "train_log_every": 25,
+        "status_every": 10,
+        "compile": False,
+        "matrix_lr": 0.03,
+        "ema_decay": 0.99,
+        "muon_momentum_warmup_steps": 50,
+        "eval_mode": "sliding",
+        "eval_stride": 64,
     },
 }
 
 CODE_PATH = os.path.abspath(__file__)
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "gate", "v_mix")
+
+# Parameter names (whole dotted components, see `is_control_tensor`) of the small tensors that steer
+# the network rather than store features: scales, mixes and gates. They train with Adam, not Muon,
+# and are stored in fp32, never quantized.
+CONTROL_TENSOR_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weights",
+    "skip_gates",
+    "smear_gate",
+    "attn_gate",
+    "flow_gate",
+    "v_mix",
+)
 
 # ===== BEGIN SHARED BLOCK: runtime v1 =====
-# Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain process.
-# `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone writes files.
+# The model contract: what the shared blocks need from the MODEL section of each script.
+#
+# Required, at module level (MODEL_CONTRACT_REQUIRED; a test checks every script):
+#   Hyperparameters - the dataclass of the shared fields (hparams block) and the model's own; its
+#       `validate_model()` checks the model's fields, naming the variable.
+#   PRESETS - {name: {field: value}}: `record`, `smoke` (and `baseline` in train_gpt.py).
+#   CODE_PATH - this file: its bytes are the counted code, its sha256 binds the artifact.
+#   CONTROL_TENSOR_PATTERNS - parameter-name components of control tensors (scales, mixes, gates):
+#       Adam, fp32 in the artifact. `is_control_tensor` matches them against whole dotted
+#       components, so "attn_gate" does not catch "attn_gate_proj".
+#   build_model(h) - the model on CPU in fp32. `forward(input_ids, target_ids)` returns the mean
+#       token cross-entropy (training); `forward_logits(input_ids)` returns (batch, seq, vocab)
+#       logits after any softcap (every eval and audit).
+#   param_groups(model, h) - (Muon matrices, Adam param groups with `base_lr`).
+#   main() - the entry point, called under `if __name__ == "__main__":`.
+#
+# Optional attributes of the model (MODEL_HOOKS), read only through `model_hook(model, name)`:
+#   prepare_training(h, rt, logger) - statistics built from train shards before the loop, timed
+#       inside the training budget (TimeLedger.precompute_s).
+#   set_training_progress(frac) - called every step with the budget fraction used (0..1), and
+#       with 0 and 1 during warmup so that both graphs of a schedule get compiled.
+#   validation_probes() - a dict shown on the dashboard at each periodic validation.
+#   training_only_prefixes - state_dict prefixes of training-only heads, left out of the artifact.
+#   blocks - the layer list: score-first TTT freezes the first TTT_FREEZE_BLOCKS of them.
+#   tok_emb - the token embedding, probed before and after quantization.
+#
+# Runtime: one code path for CUDA + NCCL under torchrun, CPU + gloo under torchrun, and a plain
+# process. `grad_accum_steps = 8 // world_size` keeps the maths of 8 GPUs on 1, 2 or 4. Rank 0 alone
+# writes files.
+
+MODEL_CONTRACT_REQUIRED = (
+    "Hyperparameters",
+    "Hyperparameters.validate_model",
+    "PRESETS",
+    "CODE_PATH",
+    "CONTROL_TENSOR_PATTERNS",
+    "build_model",
+    "param_groups",
+    "main",
+)
+MODEL_HOOKS = (
+    "prepare_training",
+    "set_training_progress",
+    "validation_probes",
+    "training_only_prefixes",
+    "blocks",
+    "tok_emb",
+)
+
+
+def model_hook(model, name):
+    """The model's optional attribute `name` (one of MODEL_HOOKS), or None where it has none."""
+    if name not in MODEL_HOOKS:
+        raise ValueError(f"{name!r} is not a model hook (known: {', '.join(MODEL_HOOKS)})")
+    return getattr(model, name, None)
+
+
+def is_control_tensor(name):
+    """Whether one of a parameter name's dotted components is in CONTROL_TENSOR_PATTERNS."""
+    return any(part in CONTROL_TENSOR_PATTERNS for part in name.split("."))
+
 
 @dataclass
 class Runtime:
@@ -294,14 +484,18 @@ class Runtime:
     device: torch.device
     distributed: bool
     grad_accum_steps: int
+
     @property
     def is_main(self):
         return self.rank == 0
 
+
 def setup_runtime(env=None):
     env = os.environ if env is None else env
-    ints = {name: Hyperparameters.parse_env_value(name, env.get(name, default), int)
-            for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
+    ints = {
+        name: Hyperparameters.parse_env_value(name, env.get(name, default), int)
+        for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))
+    }
     world_size = ints["WORLD_SIZE"]
     if world_size < 1 or 8 % world_size:
         raise ValueError(f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 processes)")
@@ -310,54 +504,77 @@ def setup_runtime(env=None):
     if use_cuda:
         device = torch.device("cuda", ints["LOCAL_RANK"])
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
         torch.set_flush_denormal(True)  # denormal weights (EMA tails) slow CPU matmuls several-fold
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Runtime(rank=ints["RANK"], world_size=world_size, local_rank=ints["LOCAL_RANK"], device=device,
-                   distributed=distributed, grad_accum_steps=8 // world_size)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
+        )
+    return Runtime(
+        rank=ints["RANK"],
+        world_size=world_size,
+        local_rank=ints["LOCAL_RANK"],
+        device=device,
+        distributed=distributed,
+        grad_accum_steps=8 // world_size,
+    )
+
 
 def seed_everything(seed):
     torch.manual_seed(seed)  # seeds every CUDA device too
     np.random.seed(seed % (2**32))
+
 
 def dist_sum(t, op=None):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
+
 def dist_max(t):
     return dist_sum(t, dist.ReduceOp.MAX)
+
 
 def device_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{max(1, torch.cuda.device_count())}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
+
 def write_bytes_atomic(path, blob):
-    """A concurrent reader sees the old file or the new one, never half of one; returns the bytes written."""
+    """Write through a temporary file and a rename: a concurrent reader sees the old file or the new
+    one, never half of one. Returns the bytes written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "wb") as f:
         f.write(blob)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    os.replace(tmp_path, path)
     return len(blob)
+
 
 def write_json_atomic(path, obj):
     write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
+
 class RunLogger:
-    """The text log (source first, then baseline-format lines), the JSONL events and the status file."""
+    """The text log (source first, then baseline-format lines), the JSONL events and the status
+    file."""
+
     def __init__(self, log_dir, run_id, enabled):
-        self.enabled, self._status_written = enabled, 0.0
-        self.text_path, self.events_path, self.status_path = (
-            os.path.join(log_dir, f"{run_id}{ext}") for ext in (".txt", ".jsonl", ".status.json"))
+        self.enabled = enabled
+        self._status_written = 0.0
+        self.text_path = os.path.join(log_dir, f"{run_id}.txt")
+        self.events_path = os.path.join(log_dir, f"{run_id}.jsonl")
+        self.status_path = os.path.join(log_dir, f"{run_id}.status.json")
         self.status = {"run_id": run_id, "budget_bytes": 16_000_000, "history": {}}
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             for path in (self.text_path, self.events_path):
                 open(path, "w", encoding="utf-8").close()
+
     def log0(self, msg, console=True):
         if not self.enabled:
             return
@@ -365,11 +582,13 @@ class RunLogger:
             print(msg, flush=True)
         with open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
+
     def event(self, kind, **fields):
         if not self.enabled:
             return
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
         if not self.enabled:
@@ -386,13 +605,18 @@ class RunLogger:
             write_json_atomic(self.status_path, self.status)
             self._status_written = now
 
+
 # ===== END SHARED BLOCK: runtime v1 =====
 
 # ===== BEGIN SHARED BLOCK: data v1 =====
-# Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token count;
-# then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the eval paths alone.
+# Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token
+# count; then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the
+# eval paths alone.
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
+
 
 def load_data_shard(path):
     size = os.path.getsize(path)
@@ -400,16 +624,23 @@ def load_data_shard(path):
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
     if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+        raise ValueError(
+            f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard"
+        )
     if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+        raise ValueError(
+            f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})"
+        )
     num_tokens = int(header[2])
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
     if num_tokens < 0 or size != expected:
-        raise ValueError(f"{path}: truncated or padded: header says {num_tokens} tokens "
-                         f"({expected} bytes) but the file has {size} bytes")
+        raise ValueError(
+            f"{path}: truncated or padded: header says {num_tokens} tokens "
+            f"({expected} bytes) but the file has {size} bytes"
+        )
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+
 
 def shard_files(data_path, split):
     """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
@@ -419,80 +650,121 @@ def shard_files(data_path, split):
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
 
+
 class TokenStream:
-    """Reads shards in order, wrapping around (each file from token `start` on), in contiguous spans."""
+    """Reads shards in order, wrapping around (each file from token `start` on), in contiguous
+    spans."""
+
     def __init__(self, files, start=0):
-        self.files, self.start = list(files), start
-        self.file_idx, self.tokens, self.pos = 0, load_data_shard(self.files[0]), start
+        self.files = list(files)
+        self.start = start
+        self.file_idx = 0
+        self.tokens = load_data_shard(self.files[0])
+        self.pos = start
+
     def take(self, n):
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.numel():
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), self.start
+                self.tokens = load_data_shard(self.files[self.file_idx])
+                self.pos = self.start
                 continue
             k = min(n, self.tokens.numel() - self.pos)
-            chunks.append(self.tokens[self.pos:self.pos + k])
-            self.pos, n = self.pos + k, n - k
+            chunks.append(self.tokens[self.pos : self.pos + k])
+            self.pos += k
+            n -= k
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
     def state(self):
         return (self.file_idx, self.pos)
+
     def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_data_shard(self.files[state[0]])
         self.file_idx, self.pos = state
 
+
 class DistributedTokenLoader:
-    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens, rank r the r-th span:
-    every world size sees the same tokens per step (the same maths on 1-8 processes). `shard=k`: shard k's stream."""
+    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r
+    gets the r-th span, so every world size sees the same tokens per step (the same maths on 1 to
+    8 processes). With `shard=k` (the shard mixer) the span comes from shard k's own stream
+    instead of the sequential one."""
+
     def __init__(self, data_path, rank, world_size, device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
         self.files = shard_files(data_path, "train")
-        self.stream, self.shard_streams, self.skip = TokenStream(self.files), {}, 0
+        self.stream = TokenStream(self.files)
+        self.shard_streams = {}
+        self.skip = 0  # tokens of shard 0 held out for the mixer's reward
+
     def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
-            self.shard_streams[shard] = TokenStream([self.files[shard]], start=self.skip if shard == 0 else 0)
+            self.shard_streams[shard] = TokenStream(
+                [self.files[shard]], start=self.skip if shard == 0 else 0
+            )
         stream = self.stream if shard is None else self.shard_streams[shard]
         chunk = stream.take(span * self.world_size)
-        local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
-        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+        local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
+        x = local[:-1].reshape(-1, seq_len)
+        y = local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def heldout(self, n_tokens, seq_len):
-        """The first n tokens of shard 0 as (x, y); the mixer's stream of shard 0 then skips them."""
-        tokens = load_data_shard(self.files[0])[:n_tokens + 1].to(torch.int64)
-        self.skip = n = (tokens.numel() - 1) // seq_len * seq_len
-        return tokens[:n].view(-1, seq_len).to(self.device), tokens[1:n + 1].view(-1, seq_len).to(self.device)
+        """The first n tokens of shard 0 as (x, y); the mixer's shard-0 stream then skips them."""
+        tokens = load_data_shard(self.files[0])[: n_tokens + 1].to(torch.int64)
+        n = (tokens.numel() - 1) // seq_len * seq_len
+        self.skip = n
+        x = tokens[:n].view(-1, seq_len)
+        y = tokens[1 : n + 1].view(-1, seq_len)
+        return x.to(self.device), y.to(self.device)
+
     def state(self):
         return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
+
     def restore(self, state):
         self.stream.restore(state[0])
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
 
+
 def val_token_count(data_path):
-    """Val tokens from the file sizes alone, so a too-short split fails before training without reading it."""
-    return sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val"))
+    """Number of val tokens from the file sizes alone, so a too-short split fails before training
+    without opening a val file."""
+    return sum(
+        (os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val")
+    )
+
 
 def load_validation_tokens(data_path, seq_len, max_tokens=0):
-    """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official score)."""
+    """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official
+    score)."""
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")]).to(torch.int64)
-    tokens = tokens[:max_tokens + 1] if max_tokens > 0 else tokens
+    tokens = tokens[: max_tokens + 1] if max_tokens > 0 else tokens
     if tokens.numel() < seq_len + 1:
-        raise ValueError(f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
-                         f"shorter than one sequence of {seq_len} + 1")
+        raise ValueError(
+            f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
+            f"shorter than one sequence of {seq_len} + 1"
+        )
     return tokens
+
 
 # ===== END SHARED BLOCK: data v1 =====
 
 # ===== BEGIN SHARED BLOCK: bpb v1 =====
-# Bits per byte: val_bpb = sum NLL / (ln 2 x sum bytes). Bytes come from the official SentencePiece lookup
-# tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous token is a
-# boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla bug, PR #1271).
+# Bits per byte: val_bpb = sum NLL / (ln 2 x sum bytes). Bytes come from the official SentencePiece
+# lookup tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous
+# token is a boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla
+# bug, PR #1271).
+
 
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path!r}: no such file")
     sp = spm.SentencePieceProcessor()
@@ -501,16 +773,27 @@ def load_tokenizer(path, vocab_size):
     except Exception as exc:
         raise ValueError(f"TOKENIZER_PATH={path!r}: not a SentencePiece model ({exc})") from None
     if sp.vocab_size() != vocab_size:
-        raise ValueError(f"TOKENIZER_PATH={path!r}: tokenizer has {sp.vocab_size()} pieces "
-                         f"but VOCAB_SIZE={vocab_size}")
+        raise ValueError(
+            f"TOKENIZER_PATH={path!r}: tokenizer has {sp.vocab_size()} pieces "
+            f"but VOCAB_SIZE={vocab_size}"
+        )
     return sp
 
+
+def sha256_hex(data):
+    """The sha256 of bytes, as 64 hex digits: the one hash of artifacts, headers, scripts,
+    tokenizers."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_sha256(path):
+    """sha256_hex of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table_size = max(sp.vocab_size(), vocab_size)
@@ -529,7 +812,10 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             has_leading_space[i] = True
             piece = piece[1:]
         base_bytes[i] = len(piece.encode("utf-8"))
-    return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary_token))
+    return tuple(
+        torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary_token)
+    )
+
 
 def target_bytes(prev_ids, target_ids, luts):
     """Bytes of each target token given the token before it (the official formula)."""
@@ -537,36 +823,55 @@ def target_bytes(prev_ids, target_ids, luts):
     leading_space = has_leading_space[target_ids] & ~is_boundary_token[prev_ids]
     return base_bytes[target_ids].to(torch.int64) + leading_space.to(torch.int64)
 
+
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
     tokens = tokens.detach().cpu().to(torch.int64)
     start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
-    sample, cpu_luts = tokens[start:min(tokens.numel(), start + sample_tokens)], tuple(t.cpu() for t in luts)
+    sample = tokens[start : min(tokens.numel(), start + sample_tokens)]
+    cpu_luts = tuple(t.cpu() for t in luts)
     lut_total = int(target_bytes(sample[:-1], sample[1:], cpu_luts).sum())
     doc_bounds = (sample == bos_id).nonzero().flatten().tolist() + [sample.numel()]
-    decoded_total = sum(len(sp.decode(sample[a + 1:b].tolist()).encode("utf-8"))
-                        for a, b in zip(doc_bounds[:-1], doc_bounds[1:]))
+    decoded_total = sum(
+        len(sp.decode(sample[a + 1 : b].tolist()).encode("utf-8"))
+        for a, b in zip(doc_bounds[:-1], doc_bounds[1:])
+    )
     if not doc_bounds[:-1] or doc_bounds[0] != 0:
-        decoded_total += len(sp.decode(sample[1:doc_bounds[0]].tolist()).encode("utf-8"))
-    result = {"passed": lut_total == decoded_total, "tokens": int(sample.numel()),
-              "lut_bytes": lut_total, "decoded_bytes": decoded_total}
-    if not result["passed"]:  # the token ids whose table bytes disagree with their own decoded bytes
-        bad = []
-        for prev, cur in zip(sample[:-1].tolist(), sample[1:].tolist()):
-            want = len(sp.decode([prev, cur]).encode("utf-8")) - len(sp.decode([prev]).encode("utf-8"))
-            if want != int(target_bytes(torch.tensor([prev]), torch.tensor([cur]), cpu_luts)) and cur not in bad:
-                bad.append(cur)
-        result["first_mismatch_ids"] = bad[:8]
+        decoded_total += len(sp.decode(sample[1 : doc_bounds[0]].tolist()).encode("utf-8"))
+    result = {
+        "passed": lut_total == decoded_total,
+        "tokens": int(sample.numel()),
+        "lut_bytes": lut_total,
+        "decoded_bytes": decoded_total,
+    }
+    if not result["passed"]:
+        result["first_mismatch_ids"] = _mismatched_token_ids(sp, sample, cpu_luts)[:8]
     return result
+
+
+def _mismatched_token_ids(sp, sample, luts):
+    """Token ids whose table bytes disagree with their own decoded bytes, for the error message."""
+    bad = []
+    for prev, cur in zip(sample[:-1].tolist(), sample[1:].tolist()):
+        pair_bytes = len(sp.decode([prev, cur]).encode("utf-8"))
+        want = pair_bytes - len(sp.decode([prev]).encode("utf-8"))
+        got = int(target_bytes(torch.tensor([prev]), torch.tensor([cur]), luts))
+        if want != got and cur not in bad:
+            bad.append(cur)
+    return bad
+
 
 # ===== END SHARED BLOCK: bpb v1 =====
 
 # ===== BEGIN SHARED BLOCK: optim v1 =====
-# Muon (modded-nanogpt; Keller Jordan): Nesterov momentum, then a quintic Newton-Schulz orthogonalization. Options:
-# decoupled weight decay (PR #65 lineage), MuonEq-R row normalization (PR #1260). Parameters are split round-robin
-# over ranks and the updates all-reduced. EMA of weights (PR #287).
+# Muon (modded-nanogpt; Keller Jordan): momentum, Nesterov, then orthogonalize the update with a
+# quintic Newton-Schulz iteration. Decoupled weight decay (PR #65 lineage) and MuonEq-R row
+# normalization of the update before orthogonalization (PR #1260) are options. Parameters are split
+# round-robin over ranks and the updates all-reduced, so each rank orthogonalizes only its share.
+# EMA of weights (PR #287).
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     a, b, c = NS_COEFFS
@@ -581,11 +886,21 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
         X = a * X + B @ X
     return X.T if transposed else X
 
+
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                        weight_decay=weight_decay, row_norm=row_norm)
+    def __init__(
+        self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            backend_steps=backend_steps,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            row_norm=row_norm,
+        )
         super().__init__(params, defaults)
+
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
@@ -594,8 +909,11 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
-                                  dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            updates = torch.zeros(
+                sum(p.numel() for p in params),
+                device=params[0].device,
+                dtype=torch.bfloat16 if params[0].is_cuda else torch.float32,
+            )
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
@@ -607,7 +925,7 @@ class Muon(torch.optim.Optimizer):
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
                     g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = g.reshape(-1)
+                    updates[offset : offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
@@ -615,12 +933,16 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                p.add_(
+                    updates[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"]
+                )
                 offset += p.numel()
 
+
 def lr_multiplier(h, step, elapsed_ms):
-    """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the wallclock
-    budget (or of ITERATIONS when uncapped). Otherwise the baseline: WARMDOWN_ITERS x the mean step time."""
+    """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the
+    wallclock budget (or of ITERATIONS when uncapped). Otherwise the baseline: the warmdown lasts
+    WARMDOWN_ITERS x the mean step time so far."""
     cap_ms = 1000.0 * h.max_wallclock_seconds
     if h.warmdown_frac > 0:
         progress = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
@@ -630,39 +952,58 @@ def lr_multiplier(h, step, elapsed_ms):
         start = max(h.iterations - h.warmdown_iters, 0)
         x = 1.0 if step < start else max(h.iterations - step, 0) / max(h.warmdown_iters, 1)
     else:
-        warmdown_ms, remaining_ms = h.warmdown_iters * elapsed_ms / max(step, 1), max(cap_ms - elapsed_ms, 0.0)
+        warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return h.min_lr + (1.0 - h.min_lr) * x
 
+
 def muon_momentum_at(h, step):
-    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    """Linear warmup of Muon's momentum from MUON_MOMENTUM_WARMUP_START over its warmup steps."""
+    frac = 1.0
+    if h.muon_momentum_warmup_steps > 0:
+        frac = min(step / h.muon_momentum_warmup_steps, 1.0)
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
+
 class EMA:
-    """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what gets saved.
-    d_t = min(d, (1 + t) / (10 + t)) so that a short run is not dominated by its random initialization."""
+    """theta_bar <- d_t * theta_bar + (1 - d_t) * theta after every step, in fp32; the EMA is what
+    gets saved. d_t = min(d, (1 + t) / (10 + t)) so that a short run is not dominated by its
+    random initialization."""
+
     def __init__(self, model, decay):
-        self.decay, self.updates, state = decay, 0, model.state_dict()
+        self.decay = decay
+        self.updates = 0
+        state = model.state_dict()
         self.names = [k for k, v in state.items() if v.is_floating_point()]
         self.shadow = [state[k].detach().float().clone() for k in self.names]
+
     @torch.no_grad()
     def update(self, model):
-        state, self.updates = model.state_dict(), self.updates + 1
+        state = model.state_dict()
+        self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay)
+        torch._foreach_lerp_(
+            self.shadow, [state[k].detach().float() for k in self.names], 1.0 - decay
+        )
+
     def state_dict(self, model):
         out = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for k, v in zip(self.names, self.shadow):
             out[k] = v.to(out[k].dtype)
         return out
 
+
 # ===== END SHARED BLOCK: optim v1 =====
 
 # ===== BEGIN SHARED BLOCK: quant v1 =====
-# Quantization and the artifact. Large matrices: per-row symmetric int-k (k = 4..8), fp16 scales (Triton on GPU,
-# the same maths in torch on CPU); small tensors fp16, control tensors fp32. CLIP_METHOD clips, GPTQ given Hessians,
-# late QAT (straight-through fake quant), BIT_ALLOC widths for the budget. Container: magic, version, a JSON header
-# (script sha256, hparams, tokenizer, tensor schemes), one compressed payload of raw arrays; no pickle.
+# Quantization and the artifact container. Large 2-D tensors are stored as per-row symmetric int-k
+# (k = 4..8) with fp16 scales (Triton kernels on GPU, the same maths in torch as reference and CPU
+# path), small tensors as fp16, control tensors as fp32. Clips: CLIP_METHOD; GPTQ where a
+# calibration Hessian is given; late QAT through a straight-through fake quant; BIT_ALLOC fits
+# per-tensor widths to the byte budget. The container is ours: magic, version, a JSON header (script
+# and its sha256, hyperparameters, tokenizer, every tensor's scheme), one compressed payload of raw
+# little-endian arrays. No pickle.
 
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
@@ -670,9 +1011,39 @@ ARTIFACT_PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 16 << 20
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (PR #414)
-ALLOC_MIN_BITS = 5  # the narrowest width the allocator gives a matrix: no record shipped int4 weights
+QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
+ALLOC_MIN_BITS = (
+    5  # the narrowest width the allocator gives a matrix: no record shipped int4 weights
+)
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor is stored: per-row int-k ("int", 4..8) or a float width ("float", 16 or 32).
+    Written as text in the artifact header: "int6", "fp16", "fp32" (tensors that are not floating
+    point are stored raw, scheme "raw", and have no QuantScheme)."""
+
+    kind: str
+    bits: int
+
+    @classmethod
+    def parse(cls, text):
+        text = str(text)
+        if text in ("fp16", "fp32"):
+            return cls("float", int(text[2:]))
+        if text.startswith("int") and text[3:] in {str(b) for b in QUANT_INT_BITS}:
+            return cls("int", int(text[3:]))
+        raise ValueError(f"quant scheme {text!r}: expected one of int4..int8, fp16, fp32")
+
+    def __str__(self):
+        return f"int{self.bits}" if self.kind == "int" else f"fp{self.bits}"
+
+    @property
+    def is_int(self):
+        return self.kind == "int"
+
 
 def _bounded(decompressor, data, limit):
     out = decompressor.decompress(data, limit + 1)
@@ -680,109 +1051,185 @@ def _bounded(decompressor, data, limit):
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
-COMPRESSORS = {  # name: (compress(data, level), decompress(data, limit)); zstd needs the zstandard package
-    "zstd": (lambda d, level: zstandard.ZstdCompressor(level=level).compress(d),
-             lambda d, limit: zstandard.ZstdDecompressor().decompress(d, max_output_size=limit)),
-    "lzma": (lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
-             lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit)),
-    "zlib": (lambda d, level: zlib.compress(d, 9), lambda d, limit: _bounded(zlib.decompressobj(), d, limit)),
+
+# name: (compress(data, level), decompress(data, limit)); zstd needs the zstandard package.
+COMPRESSORS = {
+    "zstd": (
+        lambda d, level: zstandard.ZstdCompressor(level=level).compress(d),
+        lambda d, limit: zstandard.ZstdDecompressor().decompress(d, max_output_size=limit),
+    ),
+    "lzma": (
+        lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
+        lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit),
+    ),
+    "zlib": (
+        lambda d, level: zlib.compress(d, 9),
+        lambda d, limit: _bounded(zlib.decompressobj(), d, limit),
+    ),
 }
 
+
 def compress_payload(raw, compressor, zstd_level=22):
-    """The named compressor, or ('auto') each available one in threads (they release the GIL); smallest wins."""
+    """The named compressor, or ('auto') each available one in threads (they release the GIL);
+    smallest wins."""
     from concurrent.futures import ThreadPoolExecutor
+
     if compressor == "zstd" and zstandard is None:
         raise RuntimeError("COMPRESSOR=zstd: the zstandard package is not installed")
-    names = [compressor] if compressor != "auto" else [n for n in COMPRESSORS if n != "zstd" or zstandard]
+    if compressor == "auto":
+        names = [n for n in COMPRESSORS if n != "zstd" or zstandard]
+    else:
+        names = [compressor]
     with ThreadPoolExecutor(len(names)) as pool:
         blobs = list(pool.map(lambda n: COMPRESSORS[n][0](raw, zstd_level), names))
     return min(zip(names, blobs), key=lambda nb: len(nb[1]))
 
+
+# --- per-row int-k: the torch maths is the reference and the CPU path; Triton runs it on GPU ---
+
+
 def _row_scales(clip, qmax):
-    """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by this stored s."""
+    """fp16 c / qmax, or 1 where that is 0 (then every |w| <= c rounds to 0). Rounding divides by
+    this stored s."""
     scale = (clip / qmax).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
 
 def _round_clamp(w, c, s, qmax):
     """q = round(clamp(w, -c, c) / s) in [-qmax, qmax]: the one rounding rule of this block."""
     return torch.clamp(w, -c, c).div_(s).round_().clamp_(-qmax, qmax)
 
+
 def _triton_kernels():
-    """(triton, quant, dequant), built on first use: @triton.jit reads the source file, which exec'd code lacks."""
+    """(triton, quantize kernel, dequantize kernel), built on first use and not at import:
+    @triton.jit reads the source file, which an exec'd or minified script lacks. None where
+    Triton is missing."""
     global _TRITON
     if _TRITON is None:
         try:
             import triton
             import triton.language as tl
+
             @triton.jit
             def quant(w_ptr, clip_ptr, scale_ptr, q_ptr, n_cols, qmax, BLOCK: tl.constexpr):
-                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                row = tl.program_id(0).to(tl.int64)
+                cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
                 c = tl.load(clip_ptr + row)
                 s = tl.load(scale_ptr + row).to(tl.float32)
                 w = tl.load(w_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0)
                 x = tl.math.div_rn(tl.minimum(tl.maximum(w, -c), c), s)  # IEEE division, as torch
-                x = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, as torch.round (|x| < 2^22)
+                # Adding and subtracting 1.5 * 2^23 rounds half to even, as torch.round (|x| <
+                # 2^22).
+                x = (x + 12582912.0) - 12582912.0
                 q = tl.minimum(tl.maximum(x, -qmax), qmax)
                 tl.store(q_ptr + row * n_cols + cols, q.to(tl.int8), mask=cols < n_cols)
+
             @triton.jit
             def dequant(q_ptr, scale_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-                row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                row = tl.program_id(0).to(tl.int64)
+                cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
                 q = tl.load(q_ptr + row * n_cols + cols, mask=cols < n_cols, other=0).to(tl.float32)
                 s = tl.load(scale_ptr + row).to(tl.float32)
                 tl.store(out_ptr + row * n_cols + cols, q * s, mask=cols < n_cols)
+
             _TRITON = (triton, quant, dequant)
         except Exception:
             _TRITON = False
     return _TRITON or None
 
+
+def _use_triton(use_triton, t):
+    """An explicit choice, or (None) the kernel for CUDA tensors when Triton is present."""
+    if use_triton is not None:
+        return use_triton
+    return t.is_cuda and _triton_kernels() is not None
+
+
 def quantize_rows(w, bits, clip, use_triton=None):
-    """(q int8, s fp16) by `_round_clamp`; use_triton None: the kernel for CUDA tensors when Triton is present."""
+    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns
+    (q int8, s fp16)."""
     qmax = 2 ** (bits - 1) - 1
-    w, clip = w.float().contiguous(), clip.float().clamp_min(0).contiguous()
+    w = w.float().contiguous()
+    clip = clip.float().clamp_min(0).contiguous()
     scale = _row_scales(clip, qmax)
-    if not (use_triton if use_triton is not None else w.is_cuda and _triton_kernels()):
+    if not _use_triton(use_triton, w):
         return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
     triton, quant, _ = _triton_kernels()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK)
+    quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](
+        w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK
+    )
     return q, scale
 
+
 def dequantize_rows(q, scale, use_triton=None):
-    if not (use_triton if use_triton is not None else q.is_cuda and _triton_kernels()):
+    if not _use_triton(use_triton, q):
         return q.float() * scale.float()[:, None]
     triton, _, dequant = _triton_kernels()
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dequant[(q.shape[0], triton.cdiv(q.shape[1], TRITON_BLOCK))](q.contiguous(), scale.contiguous(), out, q.shape[1],
-                                                                  BLOCK=TRITON_BLOCK)
+    dequant[(q.shape[0], triton.cdiv(q.shape[1], TRITON_BLOCK))](
+        q.contiguous(), scale.contiguous(), out, q.shape[1], BLOCK=TRITON_BLOCK
+    )
     return out
 
+
+# --- clip selection -----------------------------------------------------------------------------
+
+
 def tensor_role(name):
-    return "embed" if "emb" in name or "lm_head" in name else "mlp" if "mlp" in name else "attn"
+    """embed, mlp or attn: which SD-clip k and which default width a tensor gets."""
+    if "emb" in name or "lm_head" in name:
+        return "embed"
+    if "mlp" in name:
+        return "mlp"
+    return "attn"
+
 
 def sdclip_k(name, h):
-    return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(tensor_role(name), h.sdclip_k_attn)
+    return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(
+        tensor_role(name), h.sdclip_k_attn
+    )
+
 
 def row_clip(w, bits, h, name=""):
-    """Per-row clip. sdclip: c = k * std(row) (PR #1394); search: the quantile with the least roundtrip error."""
+    """Per-row clip by CLIP_METHOD. sdclip: c = k * std(row), uncapped, so k sets the bits a row
+    costs (PR #1394); search: per row, the quantile of |w| whose int-k roundtrip has the least
+    squared error."""
     if h.clip_method == "sdclip":
         return sdclip_k(name, h) * w.std(dim=1, correction=0)
     if h.clip_method == "percentile":  # the baseline's INT8_CLIP_PERCENTILE
         return torch.quantile(w.abs(), min(h.int8_clip_percentile / 100.0, 1.0), dim=1)
     cands = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1)
-    errs = torch.stack([(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands])
+    errs = torch.stack(
+        [(dequantize_rows(*quantize_rows(w, bits, c)) - w).square().sum(1) for c in cands]
+    )
     return cands.gather(0, errs.argmin(0, keepdim=True))[0]
 
+
+# --- GPTQ (Frantar et al. 2022): calibration Hessians, then error-compensated rounding ----------
+
+
 def _block_linears(model):
-    return [(f"{n}.weight", m) for n, m in model.named_modules()
-            if n.startswith("blocks.") and isinstance(m, nn.Linear)]
+    return [
+        (f"{n}.weight", m)
+        for n, m in model.named_modules()
+        if n.startswith("blocks.") and isinstance(m, nn.Linear)
+    ]
+
 
 @torch.no_grad()
 def collect_hessians(model, batches):
-    """{name: X^T X / tokens} of every nn.Linear under `blocks.`, summed over ranks; pass the bare model."""
-    sums, count, device = {}, torch.zeros((), dtype=torch.float64), next(model.parameters()).device
+    """{param name: H = X^T X / tokens} for every nn.Linear under `blocks.`, from forward hooks
+    while the model reads `batches` (input id tensors); summed over ranks. Pass the bare model,
+    not a compiled or DDP wrapper."""
+    sums = {}
+    count = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+
     def hook(module, inputs, output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         sums[module] = x.T @ x + sums.get(module, 0.0)
+
     linears = _block_linears(model)
     hooks = [m.register_forward_hook(hook) for _, m in linears]
     try:
@@ -796,153 +1243,244 @@ def collect_hessians(model, batches):
     count = float(dist_sum(count.to(device)))
     return {name: dist_sum(sums[m]) / count for name, m in linears if m in sums}
 
+
 @torch.no_grad()
 def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=0.8, seed=0):
-    """Self-generated calibration (legal, about as good as training data, PR #1019); no KV cache."""
+    """Sample from the model itself, from a random first token (self-generated calibration: legal
+    and about as good as training data, PR #1019). No KV cache: the cost grows with seq_len
+    squared."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (n_seqs, 1), generator=g, device=device)
     for _ in range(seq_len - 1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model.forward_logits(tokens)[:, -1].float()
-        tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1)
+        tokens = torch.cat(
+            [tokens, torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)], 1
+        )
     return tokens
 
+
 def gptq_calibrate(model, h, next_batch=None):
-    """Hessians from GPTQ_CALIB_SEQS sequences over the ranks (next_batch() or self-samples); it counts against
-    the 600 s training clock (RULES.md 3), so it runs inside GPTQ_RESERVE_SECONDS."""
+    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()`
+    returns an (x, y) batch) or self-generated samples (GPTQ_CALIB_SOURCE=self). It counts
+    against the 600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n, seqs = max(1, h.gptq_calib_seqs // world), []
+    n = max(1, h.gptq_calib_seqs // world)
+    seqs = []
     if h.gptq_calib_source == "self":
-        seqs = list(generate_calibration_tokens(model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank).split(8))
+        seqs = list(
+            generate_calibration_tokens(
+                model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank
+            ).split(8)
+        )
     while sum(x.shape[0] for x in seqs) < n:
-        seqs.append(next_batch()[0][:n - sum(x.shape[0] for x in seqs)])
+        seqs.append(next_batch()[0][: n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs)
 
+
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
-    """Columns by decreasing Hessian diagonal; each rounding error / pivot goes onto the later columns through
-    the upper Cholesky factor of the damped inverse Hessian. Row scales are fixed from `clip`."""
-    W, H, c, qmax = w.float().clone(), H.float().clone(), clip.float().clamp_min(0), 2 ** (bits - 1) - 1
+    """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto
+    the columns not yet rounded through the upper Cholesky factor of the damped inverse Hessian
+    (lazy batch updates: blocks of `block` columns, the rest of the matrix updated once per block
+    by one matmul). Row scales are fixed from `clip`."""
+    W = w.float().clone()
+    H = H.float().clone()
+    c = clip.float().clamp_min(0)
+    qmax = 2 ** (bits - 1) - 1
     scale = _row_scales(c, qmax)
     s = scale.float()
     diag = torch.diagonal(H)
-    diag[diag <= 0] = 1.0  # a column never seen in calibration: plain rounding, no error spread onto it
+    diag[diag <= 0] = (
+        1.0  # a column never seen in calibration: plain rounding, no error spread onto it
+    )
     order = torch.argsort(diag, descending=True, stable=True)
-    W, H = W[:, order], H[order][:, order]
+    W = W[:, order]
+    H = H[order][:, order]
     H += torch.eye(H.shape[0], device=H.device) * (damp * diag.mean())
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     for i0 in range(0, W.shape[1], block):
         i1 = min(i0 + block, W.shape[1])
-        Wb, Eb = W[:, i0:i1].clone(), torch.zeros(W.shape[0], i1 - i0, device=W.device)
+        Wb = W[:, i0:i1].clone()
+        Eb = torch.zeros(W.shape[0], i1 - i0, device=W.device)
         for j in range(i1 - i0):
-            Q[:, i0 + j] = q = _round_clamp(Wb[:, j], c, s, qmax)
-            Eb[:, j] = err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
-            Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j:i1][None, :]
+            q = _round_clamp(Wb[:, j], c, s, qmax)
+            err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
+            Q[:, i0 + j] = q
+            Eb[:, j] = err
+            Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j : i1][None, :]
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
     return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
 
+
+# --- late QAT: a straight-through fake quant in the forward of every quantized block matrix -----
+
+
 def _qat_linear_forward(self, x):
-    """Late QAT: per-row int-k roundtrip (clip max |w| or k * std) when qat_on is 1, straight-through gradient."""
-    w, wd = self.weight, self.weight.detach().float()
-    c = (self.qat_k * wd.std(dim=1, correction=0) if self.qat_k > 0 else wd.abs().amax(dim=1))[:, None]
+    """Per-row int-k roundtrip with fp16 scales, clipped at max |w| (or k * std(row) under SD-clip);
+    the forward sees it when qat_on is 1 and the gradient passes straight through to the fp32
+    weight."""
+    w = self.weight
+    wd = self.weight.detach().float()
+    if self.qat_k > 0:
+        c = (self.qat_k * wd.std(dim=1, correction=0))[:, None]
+    else:
+        c = wd.abs().amax(dim=1)[:, None]
     s = _row_scales(c, self.qat_qmax).float()
     w = w + self.qat_on * (_round_clamp(wd, c, s, self.qat_qmax) * s - wd).to(w.dtype)
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+
 def enable_qat(model, h):
-    """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch and width are
-    buffers: torch.compile constant-folded #315's class-attribute flag. Call before compile; keys are unchanged."""
+    """Fake-quant forward for every quantized nn.Linear under `blocks.`, off until set_qat. Switch
+    and width are buffers: torch.compile constant-folded #315's class-attribute flag. Call before
+    compile; state_dict keys are unchanged."""
     qmax = 2 ** ((h.qat_bits or h.quant_bits) - 1) - 1
     mods = [(n, m) for n, m in _block_linears(model) if m.weight.numel() > h.keep_float_max_numel]
     for name, m in mods:
         m.register_buffer("qat_on", torch.zeros((), device=m.weight.device), persistent=False)
-        m.register_buffer("qat_qmax", torch.tensor(float(qmax), device=m.weight.device), persistent=False)
+        m.register_buffer(
+            "qat_qmax", torch.tensor(float(qmax), device=m.weight.device), persistent=False
+        )
         m.qat_k = sdclip_k(name, h) if h.clip_method == "sdclip" else 0.0
         m.forward = _qat_linear_forward.__get__(m)
     return len(mods)
 
+
 def set_qat(model, on):
-    """A buffer write, no recompile. Returns `on`."""
+    """Switch the fake quant of enable_qat on or off: a buffer write, no recompile. Returns `on`."""
     for m in model.modules():
         if hasattr(m, "qat_on"):
             m.qat_on.fill_(float(on))
     return on
 
+
 def qat_step_hook(model, h, progress):
     """Switch QAT on (and return True) once training progress (0..1) reaches QAT_START_FRAC > 0."""
     return h.qat_start_frac > 0 and progress >= h.qat_start_frac and set_qat(model, True)
 
+
+# --- bit allocation -----------------------------------------------------------------------------
+
+
 def tensor_plan(name, t, h, bits=None):
-    """raw (non-float), int-k (large matrices: bits[name], EMBED_BITS, QUANT_BITS), fp32 (control) or fp16."""
+    """The QuantScheme of one tensor, or None for a tensor stored raw (not floating point). Large
+    matrices: int-k with k = bits[name], else EMBED_BITS (embeddings) or QUANT_BITS; control tensors
+    fp32; every other float tensor fp16."""
     if not t.is_floating_point():
-        return "raw"
+        return None
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
-        return f"int{(bits or {}).get(name) or (h.embed_bits if tensor_role(name) == 'embed' else h.quant_bits)}"
-    return "fp32" if any(p in name for p in CONTROL_TENSOR_PATTERNS) else "fp16"
+        default = h.embed_bits if tensor_role(name) == "embed" else h.quant_bits
+        return QuantScheme("int", (bits or {}).get(name) or default)
+    return QuantScheme("float", 32 if is_control_tensor(name) else 16)
+
+
+def _is_int(scheme):
+    return scheme is not None and scheme.is_int
+
 
 def width_table(state, h, hessians=None, cache=None):
-    """{name: {bits: (bytes, error)}}: bytes = order-0 entropy + 2 per scale (zstd-22 within ~1%, lzma ~3-7%);
-    error = squared roundtrip error, or tr(E H E^T) / mean diag(H) where a Hessian is known."""
+    """{name: {bits: (est. bytes, est. error)}}, bits from ALLOC_MIN_BITS (EMBED_BITS for the
+    embedding) to 8. Bytes: order-0 entropy of the codes + 2 per row scale (zstd-22 within ~1%, lzma
+    ~3-7%). Error: the squared roundtrip error; tr(E H E^T) / mean diag(H) where a Hessian is known,
+    to keep sum-of-squares units."""
     table = {}
     for name in sorted(state):
         t = state[name].detach().float()
-        if not tensor_plan(name, t, h).startswith("int"):
+        if not _is_int(tensor_plan(name, t, h)):
             continue
-        H, table[name] = (hessians or {}).get(name), {}
+        H = (hessians or {}).get(name)
+        table[name] = {}
         clip = None if h.clip_method == "search" else row_clip(t, 8, h, name)
-        for bits in range(h.embed_bits if tensor_role(name) == "embed" else ALLOC_MIN_BITS, 9):
+        min_bits = h.embed_bits if tensor_role(name) == "embed" else ALLOC_MIN_BITS
+        for bits in range(min_bits, 9):
             q, scale = quantize_rows(t, bits, row_clip(t, bits, h, name) if clip is None else clip)
             if cache is not None and H is None:
-                cache[(name, f"int{bits}")] = (q, scale)
+                cache[(name, QuantScheme("int", bits))] = (q, scale)
             e = t - dequantize_rows(q, scale)
-            err = ((e @ H) * e).sum() / torch.diagonal(H).mean().clamp_min(1e-12) if H is not None else e.square().sum()
+            if H is not None:
+                err = ((e @ H) * e).sum() / torch.diagonal(H).mean().clamp_min(1e-12)
+            else:
+                err = e.square().sum()
             p = torch.bincount(q.flatten().view(torch.uint8), minlength=256).double() / q.numel()
-            table[name][bits] = (float(-(p * p.clamp_min(1e-30).log2()).sum()) * q.numel() / 8 + 2 * len(t), float(err))
+            entropy_bits = float(-(p * p.clamp_min(1e-30).log2()).sum())
+            table[name][bits] = (entropy_bits * q.numel() / 8 + 2 * len(t), float(err))
     return table
 
+
 def _fixed_bytes(state, h, code_bytes):
-    """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors (raw)."""
-    size = {"fp16": 2, "fp32": 4}
-    return code_bytes + 4096 + 200 * len(state) + sum(
-        t.numel() * size.get(tensor_plan(n, t, h), t.element_size()) for n, t in state.items()
-        if not tensor_plan(n, t, h).startswith("int"))
+    """Bytes the allocator cannot trade: the code, the header (estimated) and the float tensors."""
+    float_bytes = 0
+    for name, t in state.items():
+        scheme = tensor_plan(name, t, h)
+        if scheme is None:
+            float_bytes += t.numel() * t.element_size()
+        elif not scheme.is_int:
+            float_bytes += t.numel() * scheme.bits // 8
+    return code_bytes + 4096 + 200 * len(state) + float_bytes
+
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
-    """Greedy widths for SIZE_BUDGET - SIZE_MARGIN: lower the tensor with the least added error per byte saved."""
+    """Widths that fit SIZE_BUDGET - SIZE_MARGIN, code counted: from 8 bits, lower step by step the
+    tensor whose step adds the least error per byte saved. ratio: compressed bytes per estimated
+    byte. Returns [{name, bits, bytes, est_error}]."""
     table = width_table(state, h, hessians) if table is None else table
     budget = h.size_budget - h.size_margin - _fixed_bytes(state, h, code_bytes)
     bits = {n: max(row) for n, row in table.items()}
     total = ratio * sum(table[n][b][0] for n, b in bits.items())
     while total > budget:
-        steps = [((row[bits[n] - 1][1] - row[bits[n]][1]) / max(row[bits[n]][0] - row[bits[n] - 1][0], 1.0), n)
-                 for n, row in table.items() if bits[n] - 1 in row]
+        steps = []  # (added error per byte saved, name) of every tensor that can go one bit lower
+        for n, row in table.items():
+            if bits[n] - 1 in row:
+                added_error = row[bits[n] - 1][1] - row[bits[n]][1]
+                saved_bytes = max(row[bits[n]][0] - row[bits[n] - 1][0], 1.0)
+                steps.append((added_error / saved_bytes, n))
         if not steps:
-            raise RuntimeError(f"SIZE_BUDGET={h.size_budget}: the model does not fit even at the narrowest widths "
-                               f"({int(total)} estimated bytes for {int(budget)} available)")
+            raise RuntimeError(
+                f"SIZE_BUDGET={h.size_budget}: the model does not fit even at the narrowest widths "
+                f"({int(total)} estimated bytes for {int(budget)} available)"
+            )
         n = min(steps)[1]
         total -= ratio * (table[n][bits[n]][0] - table[n][bits[n] - 1][0])
         bits[n] -= 1
-    return [{"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
-            for n, b in sorted(bits.items())]
+    return [
+        {"name": n, "bits": b, "bytes": int(ratio * table[n][b][0]), "est_error": table[n][b][1]}
+        for n, b in sorted(bits.items())
+    ]
+
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
-    """(header entries, raw payload); `bits` overrides widths, Hessians mean GPTQ, `cache` persists across calls."""
-    entries, chunks, offset, cache = [], [], 0, {} if cache is None else cache
+    """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per
+    tensor; tensors with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
+    entries = []
+    chunks = []
+    offset = 0
+    cache = {} if cache is None else cache
     for name in sorted(state):
         t = state[name].detach()
         scheme = tensor_plan(name, t, h, bits)
-        entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                 "scheme": scheme}
-        if scheme.startswith("int"):
-            H, b = (hessians or {}).get(name), int(scheme[3:])
-            if (name, scheme) not in cache:  # the CLIP_METHOD clip, then GPTQ given a Hessian, else rounding
-                clip = row_clip(t.float(), b, h, name)
-                cache[(name, scheme)] = gptq_quantize(t, H, b, clip) if H is not None else quantize_rows(t, b, clip)
+        entry = {
+            "name": name,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "scheme": "raw" if scheme is None else str(scheme),
+        }
+        if scheme is None:
+            parts = {"data": t}
+        elif scheme.is_int:
+            H = (hessians or {}).get(name)
+            if (name, scheme) not in cache:
+                # The CLIP_METHOD clip, then GPTQ given a Hessian, else plain rounding.
+                clip = row_clip(t.float(), scheme.bits, h, name)
+                if H is not None:
+                    cache[(name, scheme)] = gptq_quantize(t, H, scheme.bits, clip)
+                else:
+                    cache[(name, scheme)] = quantize_rows(t, scheme.bits, clip)
             entry["method"] = "gptq" if H is not None else h.clip_method
             parts = dict(zip(("data", "scale"), cache[(name, scheme)]))
         else:
-            parts = {"data": t if scheme == "raw" else t.to(torch.float16 if scheme == "fp16" else torch.float32)}
+            parts = {"data": t.to(torch.float16 if scheme.bits == 16 else torch.float32)}
         for key, part in parts.items():
             blob = part.detach().cpu().contiguous().numpy().tobytes()
             entry[key] = [offset, len(blob)]
@@ -951,35 +1489,60 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         entries.append(entry)
     return entries, b"".join(chunks)
 
+
 def dequantize_entries(entries, raw):
+    """The state dict of the header's tensor entries over the decompressed payload."""
     state = {}
     for e in entries:
-        (off, n), (so, sn), dtype, scheme = e["data"], e.get("scale", (0, 0)), getattr(torch, e["dtype"]), e["scheme"]
-        np_dtype = {"fp16": np.float16, "fp32": np.float32}.get(scheme) or torch.empty(0, dtype=dtype).numpy().dtype
-        t = torch.from_numpy(np.frombuffer(raw[off:off + n], np.int8 if scheme.startswith("int") else np_dtype).copy())
-        if scheme.startswith("int"):
-            scale = torch.from_numpy(np.frombuffer(raw[so:so + sn], np.float16).copy())
+        off, n = e["data"]
+        dtype = getattr(torch, e["dtype"])
+        scheme = None if e["scheme"] == "raw" else QuantScheme.parse(e["scheme"])
+        if scheme is None:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        elif scheme.is_int:
+            np_dtype = np.int8
+        else:
+            np_dtype = np.float16 if scheme.bits == 16 else np.float32
+        t = torch.from_numpy(np.frombuffer(raw[off : off + n], np_dtype).copy())
+        if _is_int(scheme):
+            scale_off, scale_n = e["scale"]
+            scale_raw = raw[scale_off : scale_off + scale_n]
+            scale = torch.from_numpy(np.frombuffer(scale_raw, np.float16).copy())
             t = dequantize_rows(t.reshape(e["shape"]), scale)
         state[e["name"]] = t.reshape(e["shape"]).to(dtype)
     return state
+
 
 def code_bytes_of(path=None):
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
-def _header_sha256(header):  # the canonical header JSON without its own checksum: header bit flips are caught
-    body = json.dumps({k: v for k, v in header.items() if k != "header_sha256"}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+def _header_sha256(header):
+    """sha256 of the canonical header JSON without its own checksum: header bit flips are caught."""
+    body = json.dumps(
+        {k: v for k, v in header.items() if k != "header_sha256"},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return sha256_hex(body.encode("utf-8"))
+
 
 def _artifact_prefix_and_head(header):
-    head = json.dumps({**header, "header_sha256": _header_sha256(header)}, sort_keys=True, separators=(",", ":"))
-    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head.encode("utf-8"))) + head.encode("utf-8")
+    head = json.dumps(
+        {**header, "header_sha256": _header_sha256(header)}, sort_keys=True, separators=(",", ":")
+    )
+    return ARTIFACT_PREFIX.pack(
+        ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head.encode("utf-8"))
+    ) + head.encode("utf-8")
+
 
 def write_artifact(path, header, payload):
     return write_bytes_atomic(path, _artifact_prefix_and_head(header) + payload)
 
+
 def read_artifact_header(path):
-    """(header, payload offset). ValueError naming the file for anything that is not our artifact."""
+    """(header, payload offset). ValueError naming the file for anything not our artifact."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(ARTIFACT_PREFIX.size)
@@ -989,7 +1552,9 @@ def read_artifact_header(path):
         if magic != ARTIFACT_MAGIC:
             raise ValueError(f"{path}: not a Parameter Golf artifact (magic {magic!r})")
         if version != ARTIFACT_VERSION:
-            raise ValueError(f"{path}: artifact format version {version}, this script reads {ARTIFACT_VERSION}")
+            raise ValueError(
+                f"{path}: artifact format version {version}, this script reads {ARTIFACT_VERSION}"
+            )
         if head_len > min(MAX_HEADER_BYTES, size - ARTIFACT_PREFIX.size):
             raise ValueError(f"{path}: truncated or corrupt header (declares {head_len} bytes)")
         try:
@@ -999,123 +1564,211 @@ def read_artifact_header(path):
     if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
         raise ValueError(f"{path}: artifact header lacks its tensor table")
     if header.get("header_sha256", _header_sha256(header)) != _header_sha256(header):
-        raise ValueError(f"{path}: header is corrupted (its sha256 differs from the one it records)")
+        raise ValueError(
+            f"{path}: header is corrupted (its sha256 differs from the one it records)"
+        )
     return header, ARTIFACT_PREFIX.size + head_len
+
 
 def read_artifact(path):
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
         payload = f.read()[offset:]
-    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise ValueError(f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)")
+    if (
+        len(payload) != header.get("payload_bytes")
+        or sha256_hex(payload) != header["payload_sha256"]
+    ):
+        raise ValueError(
+            f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)"
+        )
     name = header.get("compressor")
     if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
-        raise ValueError(f"{path}: compressor {name!r} is unknown or not installed (zstd needs zstandard)")
+        raise ValueError(
+            f"{path}: compressor {name!r} is unknown or not installed (zstd needs zstandard)"
+        )
     try:
         raw = COMPRESSORS[name][1](payload, int(header["raw_bytes"]))
     except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
         raise ValueError(f"{path}: payload does not decompress ({exc})") from None
     if len(raw) != header["raw_bytes"]:
-        raise ValueError(f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}")
+        raise ValueError(
+            f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}"
+        )
     return header, raw
+
 
 def artifact_state(model):
     """The state that ships: training-only heads (prefixes listed by the model) are left out."""
-    drop = tuple(getattr(model, "training_only_prefixes", ()))
+    drop = tuple(model_hook(model, "training_only_prefixes") or ())
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
+
 def save_artifact(model, h, path, state=None, hessians=None):
-    """Quantize, compress, write; returns the byte accounting. BIT_ALLOC re-plans with the measured compression
-    ratio until the total fits and uses >= 99% of SIZE_BUDGET - SIZE_MARGIN (4 tries, largest fitting wins)."""
+    """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting.
+    BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
+    >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
     state = artifact_state(model) if state is None else state
     code = code_bytes_of()
-    cache, ratio, compressor, plan, tries = {}, 1.0, h.compressor, None, []
+    cache = {}
+    ratio = 1.0  # compressed bytes per estimated byte, measured after each try
+    compressor = h.compressor  # "auto" picks on the first try; later tries keep the winner
+    plan = None
+    tries = []  # (total bytes, header, payload, plan)
     table = width_table(state, h, hessians, cache) if h.bit_alloc else None
     for _ in range(4 if h.bit_alloc else 1):
         if h.bit_alloc:
-            previous, plan = plan, plan_bits(state, h, len(code), hessians, table, ratio)
+            previous = plan
+            plan = plan_bits(state, h, len(code), hessians, table, ratio)
             if plan == previous:
                 break
-        entries, raw = quantize_state_dict(state, h, {r["name"]: r["bits"] for r in plan or []}, hessians, cache)
-        compressor, payload = compress_payload(raw, compressor, h.zstd_level)  # later tries keep the winner
-        header = {"format": "pgolf-artifact", "script": os.path.basename(CODE_PATH),
-                  "script_sha256": hashlib.sha256(code).hexdigest(), "tokenizer_sha256":
-                  file_sha256(h.tokenizer_path) if os.path.isfile(h.tokenizer_path) else None,
-                  "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
-                  "vocab_size": h.vocab_size, "compressor": compressor, "raw_bytes": len(raw),
-                  "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                  "tensors": entries}
-        tries.append((len(_artifact_prefix_and_head(header)) + len(payload) + len(code), header, payload, plan))
-        if not h.bit_alloc or h.size_budget >= tries[-1][0] >= 0.99 * (h.size_budget - h.size_margin):
+        widths = {r["name"]: r["bits"] for r in plan or []}
+        entries, raw = quantize_state_dict(state, h, widths, hessians, cache)
+        compressor, payload = compress_payload(raw, compressor, h.zstd_level)
+        header = _artifact_header(h, code, compressor, raw, payload, entries)
+        total = len(_artifact_prefix_and_head(header)) + len(payload) + len(code)
+        tries.append((total, header, payload, plan))
+        target = 0.99 * (h.size_budget - h.size_margin)
+        if not h.bit_alloc or h.size_budget >= total >= target:
             break
-        ratio *= (tries[-1][0] - _fixed_bytes(state, h, len(code))) / max(sum(r["bytes"] for r in plan), 1)
+        planned_bytes = max(sum(r["bytes"] for r in plan), 1)
+        ratio *= (total - _fixed_bytes(state, h, len(code))) / planned_bytes
     fitting = [t for t in tries if t[0] <= h.size_budget]
-    _, header, payload, plan = max(fitting, key=lambda t: t[0]) if fitting else min(tries, key=lambda t: t[0])
+    if fitting:
+        _, header, payload, plan = max(fitting, key=lambda t: t[0])
+    else:
+        _, header, payload, plan = min(tries, key=lambda t: t[0])
     artifact_bytes = write_artifact(path, header, payload)
-    return {"artifact_bytes": artifact_bytes, "code_bytes": len(code), "total_bytes": artifact_bytes + len(code),
-            "payload_bytes": len(payload), "raw_bytes": header["raw_bytes"], "compressor": header["compressor"],
-            "budget_bytes": h.size_budget, "margin_bytes": h.size_budget - artifact_bytes - len(code), "plan": plan,
-            "tries": len(tries)}
+    return {
+        "artifact_bytes": artifact_bytes,
+        "code_bytes": len(code),
+        "total_bytes": artifact_bytes + len(code),
+        "payload_bytes": len(payload),
+        "raw_bytes": header["raw_bytes"],
+        "compressor": header["compressor"],
+        "budget_bytes": h.size_budget,
+        "margin_bytes": h.size_budget - artifact_bytes - len(code),
+        "plan": plan,
+        "tries": len(tries),
+    }
+
+
+def _artifact_header(h, code, compressor, raw, payload, entries):
+    """Everything a reader needs to rebuild the model from the payload, and to check it."""
+    has_tokenizer = os.path.isfile(h.tokenizer_path)
+    return {
+        "format": "pgolf-artifact",
+        "script": os.path.basename(CODE_PATH),
+        "script_sha256": sha256_hex(code),
+        "tokenizer_sha256": file_sha256(h.tokenizer_path) if has_tokenizer else None,
+        "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
+        "vocab_size": h.vocab_size,
+        "compressor": compressor,
+        "raw_bytes": len(raw),
+        "payload_bytes": len(payload),
+        "payload_sha256": sha256_hex(payload),
+        "tensors": entries,
+    }
+
 
 def load_artifact(path, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
     header, raw = read_artifact(path)
-    own_sha = hashlib.sha256(code_bytes_of()).hexdigest()
+    own_sha = sha256_hex(code_bytes_of())
     if header.get("script_sha256") != own_sha and not allow_script_mismatch:
-        raise ValueError(f"{path}: written by {header.get('script')} sha256 {header.get('script_sha256')}, "
-                         f"not by this script ({os.path.basename(CODE_PATH)} sha256 {own_sha})")
+        raise ValueError(
+            f"{path}: written by {header.get('script')} sha256 {header.get('script_sha256')}, "
+            f"not by this script ({os.path.basename(CODE_PATH)} sha256 {own_sha})"
+        )
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    h = dataclasses.replace(Hyperparameters(), **{k: v for k, v in header["hparams"].items() if k in known})
+    h = dataclasses.replace(
+        Hyperparameters(), **{k: v for k, v in header["hparams"].items() if k in known}
+    )
     model = build_model(h)
     state = dequantize_entries(header["tensors"], raw)
     missing = [k for k in artifact_state(model) if k not in state]
     if missing:
         raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
-    model.load_state_dict(state, strict=not getattr(model, "training_only_prefixes", ()))
+    model.load_state_dict(state, strict=not model_hook(model, "training_only_prefixes"))
     return model.eval(), h
+
 
 # ===== END SHARED BLOCK: quant v1 =====
 
 # ===== BEGIN SHARED BLOCK: eval v1 =====
-# Evaluation: per-token NLL under the full softmax, float64 sums, bytes from the lookup tables, all-reduced.
-# Standard: non-overlapping TRAIN_SEQ_LEN windows (the baseline). Sliding (PR #50): windows every EVAL_STRIDE,
-# each target scored once, in the first window holding it. Score-first TTT (PR #461/#549): a chunk of windows is
-# scored under inference mode, then trained on (the last never is); sliding is TTT without training, one code
-# path. The causality audit (RULES.md C1) runs on any model with `forward_logits`.
+# Evaluation. Every mode scores per-token NLL with a full softmax over the vocabulary, sums in
+# float64, counts bytes with the lookup tables and all-reduces. Standard: non-overlapping
+# TRAIN_SEQ_LEN windows (the baseline). Sliding (PR #50): windows every EVAL_STRIDE tokens, each
+# target scored once, in the first window that holds it. Score-first TTT (PR #461/#549): windows
+# grouped in chunks; a chunk is scored under inference mode, then trained on; the last chunk never
+# is. Sliding is TTT without training, so the two share one code path and agree exactly at TTT_LR=0.
+# EVAL_MODES is the one registry of the modes (name -> function and final log label) that the
+# scripts, eval_bpb.py and pack.py read. The causality audit (RULES.md C1) runs on any model with
+# `forward_logits`.
+
 
 def _dist_info():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return (
+        (dist.get_rank(), dist.get_world_size())
+        if dist.is_available() and dist.is_initialized()
+        else (0, 1)
+    )
+
 
 def _model_device(model):
     return next(model.parameters()).device
 
+
 def _autocast(device):  # bf16 on CUDA, plain fp32 on CPU
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
 
 def token_nll(model, x, y):
     """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
     with _autocast(x.device):
         logits = model.forward_logits(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
+    ).view_as(y)
+
 
 def _eval_result(sums, t0, mode, **extra):
     nll, tokens, nbytes = (float(v) for v in sums.tolist())
-    return {"mode": mode, "val_loss": nll / tokens, "val_bpb": nll / (math.log(2) * nbytes),
-            "tokens": int(tokens), "bytes": int(nbytes), "nll_sum": nll,
-            "eval_time_ms": 1000.0 * (time.perf_counter() - t0), **extra}
+    return {
+        "mode": mode,
+        "val_loss": nll / tokens,
+        "val_bpb": nll / (math.log(2) * nbytes),
+        "tokens": int(tokens),
+        "bytes": int(nbytes),
+        "nll_sum": nll,
+        "eval_time_ms": 1000.0 * (time.perf_counter() - t0),
+        **extra,
+    }
+
 
 def eval_val(h, model, val_tokens, luts):
-    t0, (rank, world), device, seq = time.perf_counter(), _dist_info(), _model_device(model), h.train_seq_len
+    """Standard eval: non-overlapping TRAIN_SEQ_LEN windows, this rank's share of them."""
+    t0 = time.perf_counter()
+    rank, world = _dist_info()
+    device = _model_device(model)
+    seq = h.train_seq_len
     n_seqs = (val_tokens.numel() - 1) // seq
     if n_seqs < 1:
-        raise ValueError(f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1")
-    lo, hi, batch = n_seqs * rank // world, n_seqs * (rank + 1) // world, max(1, h.val_batch_size // (8 * seq))
-    sums, was_training = torch.zeros(3, dtype=torch.float64, device=device), model.training
+        raise ValueError(
+            f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1"
+        )
+    lo = n_seqs * rank // world
+    hi = n_seqs * (rank + 1) // world
+    batch = max(1, h.val_batch_size // (8 * seq))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
+    was_training = model.training
     model.eval()
     with torch.inference_mode():
         for s in range(lo, hi, batch):
-            chunk = val_tokens[s * seq:min(s + batch, hi) * seq + 1].to(device=device, dtype=torch.int64)
-            x, y = chunk[:-1].view(-1, seq), chunk[1:].view(-1, seq)
+            chunk = val_tokens[s * seq : min(s + batch, hi) * seq + 1].to(
+                device=device, dtype=torch.int64
+            )
+            x = chunk[:-1].view(-1, seq)
+            y = chunk[1:].view(-1, seq)
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts).sum()
@@ -1123,27 +1776,34 @@ def eval_val(h, model, val_tokens, luts):
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
 
+
 def sliding_windows(num_tokens, seq_len, stride):
-    """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1. Target j
-    (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as context."""
+    """Windows as (start, first scored target, last scored target) over tokens 0..num_tokens-1.
+    Target j (1 <= j <= N-1) is scored in the first window holding it, with tokens start..j-1 as
+    context."""
     n_targets = num_tokens - 1
     if n_targets < 1:
         raise ValueError(f"val split has {num_tokens} tokens: nothing to score")
     starts = np.arange(0, n_targets, stride, dtype=np.int64)
     firsts = np.where(starts == 0, 1, starts + seq_len - stride + 1)
-    starts, firsts = starts[firsts <= n_targets], firsts[firsts <= n_targets]
+    inside = firsts <= n_targets
+    starts = starts[inside]
+    firsts = firsts[inside]
     return starts, firsts, np.minimum(starts + seq_len, n_targets)
 
+
 def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
-    """Score (starts, firsts, lasts) windows of this rank into sums; count every scored target in coverage."""
+    """Score a list of (starts, firsts, lasts) windows, all on this rank, into sums; count every
+    scored target in coverage."""
     device = sums.device
     for i in range(0, len(windows[0]), batch):
-        s, f, l = (w[i:i + batch] for w in windows)
+        s, f, l = (w[i : i + batch] for w in windows)
         for length in np.unique(l - s):
             sel = (l - s) == length
             ws = torch.as_tensor(s[sel], device=device)
             win = tokens[ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]]
-            x, y = win[:, :-1], win[:, 1:]
+            x = win[:, :-1]
+            y = win[:, 1:]
             pos = torch.arange(int(length), device=device)[None, :]
             mask = pos >= torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
             sums[0] += (token_nll(model, x, y).double() * mask).sum()
@@ -1152,61 +1812,98 @@ def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
 
+
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     """Sliding-window scoring in chunks of TTT_CHUNK_TOKENS; with train_chunks, score-first TTT."""
-    t0, (rank, world), device = time.perf_counter(), _dist_info(), _model_device(model)
+    t0 = time.perf_counter()
+    rank, world = _dist_info()
+    device = _model_device(model)
     tokens = val_tokens.to(device=device, dtype=torch.int64)
-    seq_len, stride, chunk = h.eval_len, h.eval_stride, h.ttt_chunk_tokens
+    seq_len = h.eval_len
+    stride = h.eval_stride
+    chunk = h.ttt_chunk_tokens
     starts, firsts, lasts = sliding_windows(tokens.numel(), seq_len, stride)
-    chunk_ids, bounds = np.unique(firsts // chunk, return_index=True)  # firsts are sorted: contiguous chunks
+    # firsts are sorted, so each chunk's windows are one contiguous range
+    chunk_ids, bounds = np.unique(firsts // chunk, return_index=True)
     bounds = np.append(bounds, len(firsts))
     batch = max(1, h.val_batch_size // (8 * seq_len))
-    sums, ledger = torch.zeros(3, dtype=torch.float64, device=device), []
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
+    ledger = []  # score and update events, in order, for the score-first audit
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
     for n, ci in enumerate(chunk_ids):
         sel = np.arange(bounds[n], bounds[n + 1])
-        mine = sel[len(sel) * rank // world:len(sel) * (rank + 1) // world]
+        mine = sel[len(sel) * rank // world : len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
-            _score_windows(scorer, tokens, (starts[mine], firsts[mine], lasts[mine]), luts, batch, sums, coverage)
+            _score_windows(
+                scorer,
+                tokens,
+                (starts[mine], firsts[mine], lasts[mine]),
+                luts,
+                batch,
+                sums,
+                coverage,
+            )
         scored_upto = int(lasts[sel].max())
         ledger.append({"event": "score", "chunk": int(ci), "scored_upto": scored_upto})
         if trainer is not None and n < len(chunk_ids) - 1:
             hi_tok = min(int(ci) * chunk + chunk, scored_upto + 1)
-            for step in trainer.train_chunk(tokens[int(ci) * chunk:hi_tok], n):
-                ledger.append({"event": "update", "chunk": int(ci), "step": step, "max_target": hi_tok - 1})
+            for step in trainer.train_chunk(tokens[int(ci) * chunk : hi_tok], n):
+                update = {"event": "update", "chunk": int(ci), "step": step}
+                ledger.append({**update, "max_target": hi_tok - 1})
     dist_sum(sums)
     dist_sum(coverage)
-    return _eval_result(sums, t0, "ttt" if train_chunks else "sliding", chunks=len(chunk_ids), windows=len(starts),
-                        seq_len=seq_len, stride=stride, score_first=audit_score_first(ledger, coverage))
+    return _eval_result(
+        sums,
+        t0,
+        "ttt" if train_chunks else "sliding",
+        chunks=len(chunk_ids),
+        windows=len(starts),
+        seq_len=seq_len,
+        stride=stride,
+        score_first=audit_score_first(ledger, coverage),
+    )
+
 
 def eval_val_sliding(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=False)
 
+
 def eval_val_ttt(h, model, val_tokens, luts):
     return _windowed_eval(h, model, val_tokens, luts, train_chunks=True)
 
+
 class _TTTTrainer:
-    """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first TTT_FREEZE_BLOCKS
-    blocks stay fixed; gradients are the mean over the global batch of sequences (all ranks)."""
+    """SGD with momentum on a copy of the model; lr cosine-decays over chunks; the first
+    TTT_FREEZE_BLOCKS blocks stay fixed; gradients are the mean over the global batch of sequences
+    (all ranks)."""
+
     def __init__(self, h, model, num_chunks):
-        self.h, self.num_chunks, self.model, self.steps = h, num_chunks, copy.deepcopy(model), 0
-        frozen = {id(p) for b in list(getattr(self.model, "blocks", []))[:h.ttt_freeze_blocks] for p in b.parameters()}
-        frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}  # e.g. a fixed manifold
+        self.h = h
+        self.num_chunks = num_chunks
+        self.model = copy.deepcopy(model)
+        self.steps = 0
+        blocks = list(model_hook(self.model, "blocks") or [])
+        frozen = {id(p) for b in blocks[: h.ttt_freeze_blocks] for p in b.parameters()}
+        # Parameters the model itself keeps fixed (e.g. a fixed manifold) stay fixed here too.
+        frozen |= {id(p) for p in self.model.parameters() if not p.requires_grad}
         self.params = [p for p in self.model.parameters() if id(p) not in frozen]
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+
     def train_chunk(self, tokens, n):
-        h, (rank, world), seq = self.h, _dist_info(), self.h.eval_len
+        h = self.h
+        rank, world = _dist_info()
+        seq = h.eval_len
         for g in self.opt.param_groups:  # cosine over the chunks
             g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
         n_seqs = (tokens.numel() - 1) // seq
         if n_seqs < 1:
             return
-        seqs = tokens[:n_seqs * seq + 1]
+        seqs = tokens[: n_seqs * seq + 1]
         self.model.train()
         for _ in range(h.ttt_epochs):
             for b0 in range(0, n_seqs, h.ttt_batch_seqs):
@@ -1214,8 +1911,10 @@ class _TTTTrainer:
                 mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
                 self.opt.zero_grad(set_to_none=False)
                 if len(mine):
-                    win = seqs[mine[:, None] * seq + torch.arange(seq + 1, device=seqs.device)[None]]
-                    (token_nll(self.model, win[:, :-1], win[:, 1:]).sum() / (len(ids) * seq)).backward()
+                    offsets = torch.arange(seq + 1, device=seqs.device)[None]
+                    win = seqs[mine[:, None] * seq + offsets]
+                    nll = token_nll(self.model, win[:, :-1], win[:, 1:])
+                    (nll.sum() / (len(ids) * seq)).backward()
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -1227,38 +1926,65 @@ class _TTTTrainer:
                 yield self.steps
         self.model.eval()
 
+
 def audit_score_first(ledger, coverage):
-    """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and every
-    target 1..N-1 was scored exactly once."""
-    scored_upto, failures, updates = 0, [], 0
+    """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and
+    every target 1..N-1 was scored exactly once."""
+    scored_upto = 0
+    failures = []
+    updates = 0
     for entry in ledger:
         if entry["event"] == "score":
             scored_upto = max(scored_upto, entry["scored_upto"])
         elif entry["event"] == "update":
             updates += 1
             if entry["max_target"] > scored_upto:
-                failures.append(f"update {entry['step']} on chunk {entry['chunk']} used target "
-                                f"{entry['max_target']} before it was scored (scored up to {scored_upto})")
+                failures.append(
+                    f"update {entry['step']} on chunk {entry['chunk']} used target "
+                    f"{entry['max_target']} before it was scored (scored up to {scored_upto})"
+                )
     counts = coverage[1:]
-    twice, missing = int((counts > 1).sum()), int((counts == 0).sum())
-    failures += [msg for bad, msg in ((twice, f"{twice} targets scored more than once"),
-                                      (missing, f"{missing} targets never scored"),
-                                      (int(coverage[0]), "token 0 has no context and was scored")) if bad]
-    return {"passed": not failures, "failures": failures[:5], "chunks_scored": sum(
-        e["event"] == "score" for e in ledger), "updates": updates, "targets": int(counts.numel()),
-        "scored_twice": twice, "never_scored": missing}
+    twice = int((counts > 1).sum())
+    missing = int((counts == 0).sum())
+    failures += [
+        msg
+        for bad, msg in (
+            (twice, f"{twice} targets scored more than once"),
+            (missing, f"{missing} targets never scored"),
+            (int(coverage[0]), "token 0 has no context and was scored"),
+        )
+        if bad
+    ]
+    return {
+        "passed": not failures,
+        "failures": failures[:5],
+        "chunks_scored": sum(e["event"] == "score" for e in ledger),
+        "updates": updates,
+        "targets": int(counts.numel()),
+        "scored_twice": twice,
+        "never_scored": missing,
+    }
+
 
 def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, seed=0):
-    """C1 and C2 in eval mode, fp32: prefix invariance at several cuts, zero gradient from later embedding outputs
-    (catches 1e-22 leaks such as a clamp after the mask), independent batch rows, a full finite distribution."""
-    device, was_training, gen = _model_device(model), model.training, torch.Generator().manual_seed(seed)
+    """C1 and C2 on the model about to be scored, in eval mode and fp32: logits at positions <= p do
+    not move when tokens after p change (several cuts), zero gradient from later embedding
+    outputs (catches 1e-22 leaks such as a clamp after the mask), independent batch rows, and a
+    full finite distribution over the vocabulary."""
+    device = _model_device(model)
+    was_training = model.training
+    gen = torch.Generator().manual_seed(seed)
     model.eval()
+
     def rand_tokens(*shape):
         return torch.randint(0, vocab_size, shape, generator=gen).to(device)
+
     def logits_of(x):
         with torch.no_grad():
             return model.forward_logits(x).float()
-    failures, max_diff = [], 0.0
+
+    failures = []
+    max_diff = 0.0
     x = rand_tokens(batch, seq_len)
     base = logits_of(x)
     if base.shape != (batch, seq_len, vocab_size):
@@ -1267,35 +1993,57 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
         failures.append("logits are not all finite")
     elif (torch.softmax(base.double(), dim=-1).sum(-1) - 1).abs().max() > 1e-4:
         failures.append("softmax over the vocabulary does not sum to 1")
-    cuts = sorted({p for p in (0, 1, 2, chunk - 1, chunk, chunk + 1, seq_len // 2, seq_len - 2)
-                   if 0 <= p < seq_len - 1})
+    cuts = sorted(
+        {
+            p
+            for p in (0, 1, 2, chunk - 1, chunk, chunk + 1, seq_len // 2, seq_len - 2)
+            if 0 <= p < seq_len - 1
+        }
+    )
     for p in cuts:
         for kind in ("suffix", "next"):
             x2 = x.clone()
             if kind == "suffix":
-                x2[:, p + 1:] = rand_tokens(batch, seq_len - p - 1)
+                x2[:, p + 1 :] = rand_tokens(batch, seq_len - p - 1)
             else:
                 x2[:, p + 1] = (x2[:, p + 1] + 1 + rand_tokens(batch)) % vocab_size
-            diff = (logits_of(x2)[:, :p + 1] - base[:, :p + 1]).abs().max().item()
+            diff = (logits_of(x2)[:, : p + 1] - base[:, : p + 1]).abs().max().item()
             max_diff = max(max_diff, diff)
             if not diff <= tol:
-                failures.append(f"prefix: changing tokens after position {p} ({kind}) moved its logits by {diff:.3g}")
+                failures.append(
+                    f"prefix: changing tokens after position {p} ({kind}) "
+                    f"moved its logits by {diff:.3g}"
+                )
     if batch > 1:
-        diff = (logits_of(torch.cat([x[:1], rand_tokens(batch - 1, seq_len)]))[0] - base[0]).abs().max().item()
+        others_changed = torch.cat([x[:1], rand_tokens(batch - 1, seq_len)])
+        diff = (logits_of(others_changed)[0] - base[0]).abs().max().item()
         if not diff <= tol:
             failures.append(f"batch: changing other rows moved row 0 by {diff:.3g}")
-    failures += _audit_jacobian(model, x, sorted({0, 1, seq_len // 2, seq_len - 2} & set(range(seq_len - 1))))
+    failures += _audit_jacobian(
+        model, x, sorted({0, 1, seq_len // 2, seq_len - 2} & set(range(seq_len - 1)))
+    )
     model.train(was_training)
-    return {"passed": not failures, "failures": failures[:8], "seq_len": seq_len, "cuts": cuts,
-            "max_prefix_diff": max_diff}
+    return {
+        "passed": not failures,
+        "failures": failures[:8],
+        "seq_len": seq_len,
+        "cuts": cuts,
+        "max_prefix_diff": max_diff,
+    }
+
 
 def _audit_jacobian(model, x, positions):
+    """Gradients of the logits at each position w.r.t. every embedding output: zero beyond it."""
     outputs = []
+
     def capture(module, inputs, out):
         if out.dim() >= 2 and tuple(out.shape[:2]) == tuple(x.shape):
             outputs.append(out.detach().requires_grad_(True))
             return outputs[-1]
-    handles = [m.register_forward_hook(capture) for m in model.modules() if isinstance(m, nn.Embedding)]
+
+    handles = [
+        m.register_forward_hook(capture) for m in model.modules() if isinstance(m, nn.Embedding)
+    ]
     try:
         with torch.enable_grad():
             logits = model.forward_logits(x).float()
@@ -1304,128 +2052,237 @@ def _audit_jacobian(model, x, positions):
             handle.remove()
     if not outputs:
         return ["jacobian: no embedding output found to differentiate through"]
-    failures, gen = [], torch.Generator().manual_seed(1)
+    failures = []
+    gen = torch.Generator().manual_seed(1)
     for i in positions:
         r = torch.randn(logits.shape[0], logits.shape[-1], generator=gen).to(logits.device)
-        grads = torch.autograd.grad((logits[:, i] * r).sum(), outputs, retain_graph=True, allow_unused=True)
-        leak = max((g[:, i + 1:].abs().max().item() for g in grads if g is not None and g[:, i + 1:].numel()),
-                   default=0.0)
+        grads = torch.autograd.grad(
+            (logits[:, i] * r).sum(), outputs, retain_graph=True, allow_unused=True
+        )
+        leak = max(
+            (
+                g[:, i + 1 :].abs().max().item()
+                for g in grads
+                if g is not None and g[:, i + 1 :].numel()
+            ),
+            default=0.0,
+        )
         if leak != 0:
-            failures.append(f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})")
+            failures.append(
+                f"jacobian: position {i} depends on later inputs (max |grad| {leak:.3g})"
+            )
     return failures
+
+
+@dataclass(frozen=True)
+class EvalMode:
+    """An eval mode: its EVAL_MODE name, `evaluate(h, model, val_tokens, luts)`, and the label of
+    its final log lines (`<label> val_loss:... val_bpb:...` and `<label>_exact ...`)."""
+
+    name: str
+    evaluate: Callable
+    label: str
+
+
+EVAL_MODES = {
+    mode.name: mode
+    for mode in (
+        EvalMode("standard", eval_val, "final_int8_zlib_roundtrip"),
+        EvalMode("sliding", eval_val_sliding, "final_sliding_window"),
+        EvalMode("ttt", eval_val_ttt, "legal_ttt"),
+    )
+}
+
 
 # ===== END SHARED BLOCK: eval v1 =====
 
 # ===== BEGIN SHARED BLOCK: train v1 =====
-# The pipeline every script runs: warmup-then-restore (compile priming off the clock), the wallclock-capped loop
-# (stop decision all-reduced), EMA, periodic validation with a coherence sample, then serialize -> re-read from
-# disk -> audits -> final eval -> summary. Optional model hooks: `prepare_training(h, rt, logger)` (timed inside
-# the budget), `set_training_progress(frac)`, `validation_probes()` (dashboard). Telemetry (TECHNIQUES.md part E):
-# SMMA 10/100/1000, cliff flag, status file, sample audits, embedding probes, an optional UCB1 shard mixer.
+# The training pipeline every script runs, in named stages (run_main is their table of contents):
+# open the run (tokenizer, val data, loader: made once) -> build the model -> train
+# (warmup-then-restore for compile priming outside the clock, the wallclock-capped loop with the
+# stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
+# -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
+# to the TimeLedger. Models plug in through the hooks of the model contract (runtime block).
+# Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file, sample audits,
+# embedding probes, and an optional UCB1 shard mixer.
+
 
 class Smma:
     """SMMA_t = (SMMA_{t-1} (N - 1) + x_t) / N, seeded with the first value."""
+
     def __init__(self, n):
-        self.n, self.value = n, None
+        self.n = n
+        self.value = None
+
     def update(self, x):
         self.value = x if self.value is None else (self.value * (self.n - 1) + x) / self.n
         return self.value
 
+
 def coherence_score(text):
-    """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) + distinct
-    characters (10). "region region ..." scores about 23, ordinary prose 70 or more."""
+    """0-100: word bigram diversity (35) + trigram diversity (35) + English-looking words (20) +
+    distinct characters (10). "region region ..." scores about 23, ordinary prose 70 or more."""
     words = text.split()
     if not words:
         return 0.0
+
     def diversity(n):
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
         return len(set(grams)) / len(grams) if grams else 0.0
-    english = sum(w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words)
-    return 35 * diversity(2) + 35 * diversity(3) + 20 * english / len(words) + 10 * min(1.0, len(set(text)) / 25)
+
+    english = sum(
+        w.isalpha() and len(w) <= 20 and any(c in "aeiouyAEIOUY" for c in w) for w in words
+    )
+    return (
+        35 * diversity(2)
+        + 35 * diversity(3)
+        + 20 * english / len(words)
+        + 10 * min(1.0, len(set(text)) / 25)
+    )
+
 
 @torch.no_grad()
 def generate_sample(model, sp, prompt, n_tokens, seq_len, temperature=0.0, seed=0):
     """Greedy (temperature 0) or sampled continuation of a fixed prompt, for the sample audit."""
-    device, prompt_ids, was_training = _model_device(model), sp.encode(prompt), model.training
-    ids, gen = [1] + prompt_ids, torch.Generator(device="cpu").manual_seed(seed)
+    device = _model_device(model)
+    prompt_ids = sp.encode(prompt)
+    was_training = model.training
+    ids = [1] + prompt_ids  # BOS first, as every document in the shards
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     for _ in range(n_tokens):
         x = torch.tensor([ids[-seq_len:]], device=device)
         with _autocast(device):
             logits = model.forward_logits(x)[0, -1].float().cpu()
-        ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
-                       if temperature > 0 else logits.argmax()))
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, -1)
+            ids.append(int(torch.multinomial(probs, 1, generator=gen)))
+        else:
+            ids.append(int(logits.argmax()))
     model.train(was_training)
-    return sp.decode(ids[1 + len(prompt_ids):])
+    return sp.decode(ids[1 + len(prompt_ids) :])
 
-def embedding_probes(weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")):
-    """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine neighbours
-    of a fixed probe list, and (with `other`, e.g. the dequantized copy) neighbour overlap@5."""
+
+def embedding_probes(
+    weight, sp, other=None, words=("the", "and", "of", "in", "is", "for", "with", "not")
+):
+    """Anisotropy (mean cosine of random pairs), effective rank at 90/95% variance, top-5 cosine
+    neighbours of a fixed probe list, and (with `other`, e.g. the dequantized copy) neighbour
+    overlap@5."""
     w = F.normalize(weight.detach().float().cpu(), dim=-1)
     i, j = torch.randint(0, w.size(0), (2, 4096), generator=torch.Generator().manual_seed(0))
     s2 = torch.linalg.svdvals(weight.detach().float().cpu()).square()
     cum = torch.cumsum(s2, 0) / s2.sum()
-    probes = [p for p in (sp.piece_to_id("\u2581" + t) for t in words) if 0 < p < w.size(0) and not sp.is_unknown(p)]
+    probes = [
+        p
+        for p in (sp.piece_to_id("\u2581" + t) for t in words)
+        if 0 < p < w.size(0) and not sp.is_unknown(p)
+    ]
+
     def top5(m):
         sim = m[probes] @ m.T
         sim[torch.arange(len(probes)), probes] = -2.0
         return sim.topk(5, dim=-1).indices
+
     nb = top5(w) if probes else torch.zeros(0, 5, dtype=torch.long)
-    out = {"anisotropy": float((w[i] * w[j]).sum(-1).mean()), "rank90": int((cum < 0.90).sum()) + 1,
-           "rank95": int((cum < 0.95).sum()) + 1,
-           "neighbours": {sp.id_to_piece(p): [sp.id_to_piece(int(q)) for q in row] for p, row in zip(probes, nb)}}
+    out = {
+        "anisotropy": float((w[i] * w[j]).sum(-1).mean()),
+        "rank90": int((cum < 0.90).sum()) + 1,
+        "rank95": int((cum < 0.95).sum()) + 1,
+        "neighbours": {
+            sp.id_to_piece(p): [sp.id_to_piece(int(q)) for q in row] for p, row in zip(probes, nb)
+        },
+    }
     if other is not None and probes:
         nb2 = top5(F.normalize(other.detach().float().cpu(), dim=-1))
-        out["neighbour_overlap"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nb, nb2))
-                                         / (5 * len(probes)))
+        out["neighbour_overlap"] = float(
+            sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nb, nb2)) / (5 * len(probes))
+        )
     return out
 
+
 def project_capped_simplex(w, lo, hi, iters=100):
-    """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by bisection."""
-    w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (w, lo, hi))
+    """argmin ||x - w|| s.t. lo <= x <= hi, sum x = 1: x = clip(w + tau, lo, hi) with tau by
+    bisection."""
+    w = np.asarray(w, dtype=np.float64)
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
     if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12 or (lo > hi).any():
-        raise ValueError(f"shard mixer: infeasible bounds (sum of floors {lo.sum():.3f}, of caps {hi.sum():.3f})")
-    a, b = (lo - w).min() - 1, (hi - w).max() + 1
+        raise ValueError(
+            f"shard mixer: infeasible bounds (sum of floors {lo.sum():.3f}, of caps {hi.sum():.3f})"
+        )
+    a = (lo - w).min() - 1  # tau bracket: the sum is below 1 at a, above 1 at b
+    b = (hi - w).max() + 1
     for _ in range(iters):
         tau = (a + b) / 2
-        a, b = (tau, b) if np.clip(w + tau, lo, hi).sum() < 1 else (a, tau)
+        if np.clip(w + tau, lo, hi).sum() < 1:
+            a = tau
+        else:
+            b = tau
     return np.clip(w + (a + b) / 2, lo, hi)
 
+
 class ShardMixer:
-    """UCB1 over training shards (off by default; weak evidence, PR #737): each phase plays the best-UCB arm, its
-    one-hot projected onto {floor <= w <= cap, sum w = 1}; reward = loss drop on held-out *training* data."""
+    """UCB1 over training shards (optional, off by default; evidence for it is weak, PR #737). Each
+    phase plays the arm with the best upper confidence bound: its one-hot, projected onto {floor
+    <= w <= cap, sum w = 1}, gives the sampling weights. The reward of a phase is the loss drop
+    on a held-out slice of *training* data, never val."""
+
     def __init__(self, h, n_shards):
-        self.h, self.k, self.arm, self.last_loss = h, n_shards, 0, None
-        self.counts, self.rewards, self.rng = np.zeros(n_shards), np.zeros(n_shards), np.random.default_rng(h.seed)
+        self.h = h
+        self.k = n_shards
+        self.arm = 0
+        self.last_loss = None
+        self.counts = np.zeros(n_shards)
+        self.rewards = np.zeros(n_shards)
+        self.rng = np.random.default_rng(h.seed)
         self.lo = np.full(n_shards, min(h.mixer_floor, 1.0 / n_shards))
         self.hi = np.full(n_shards, max(h.mixer_cap, 1.0 / n_shards))
         self.weights = project_capped_simplex(np.eye(n_shards)[0], self.lo, self.hi)
+
     def pick(self):
         return int(self.rng.choice(self.k, p=self.weights))
+
     def end_phase(self, heldout_loss):
         if self.last_loss is not None:
             self.counts[self.arm] += 1
             self.rewards[self.arm] += self.last_loss - heldout_loss
         self.last_loss = heldout_loss
-        n, plays = self.counts.sum(), np.maximum(self.counts, 1)
+        n = self.counts.sum()
+        plays = np.maximum(self.counts, 1)
         ucb = self.rewards / plays + self.h.mixer_ucb_c * np.sqrt(np.log(max(n, 1)) / plays)
         self.arm = int(np.argmax(np.where(self.counts == 0, np.inf, ucb)))
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
 
+
 def build_optimizers(model, h, device):
+    """Muon for the model's matrices, AdamW for everything else (`param_groups` decides)."""
     matrices, adam_groups = param_groups(model, h)
-    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd, row_norm=h.muon_row_norm)
+    muon = Muon(
+        matrices,
+        lr=h.matrix_lr,
+        momentum=h.muon_momentum,
+        backend_steps=h.muon_backend_steps,
+        weight_decay=h.muon_wd,
+        row_norm=h.muon_row_norm,
+    )
     for g in muon.param_groups:
         g["base_lr"] = h.matrix_lr
-    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
-                             fused=device.type == "cuda")
+    adam = torch.optim.AdamW(
+        adam_groups,
+        betas=(h.beta1, h.beta2),
+        eps=h.adam_eps,
+        weight_decay=h.adam_wd,
+        fused=device.type == "cuda",
+    )
     return [muon, adam]
+
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
 
 def _broadcast(rt, obj):
     """Rank 0's value of obj on every rank."""
@@ -1434,70 +2291,176 @@ def _broadcast(rt, obj):
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
+
+@dataclass
+class TimeLedger:
+    """Where the run's time went, in seconds; every stage writes its field, the summary,
+    submission.json and pack.py's compliance read them. Two clocks count against the rules:
+    `train_s` (precompute, the training loop and GPTQ calibration: 600 s) and `eval_s` (the final
+    eval: 600 s). Warmup (compile priming, the model restored after it) is excluded and logged as
+    such."""
+
+    hardware: str = ""
+    warmup_excluded_s: float = 0.0
+    precompute_s: float = 0.0
+    train_loop_s: float = 0.0
+    gptq_s: float = 0.0
+    serialize_s: float = 0.0
+    audit_s: float = 0.0
+    evals_s: dict = field(default_factory=dict)  # log label -> seconds, every timed eval
+    final_eval_s: float = 0.0
+
+    @property
+    def train_s(self):
+        return self.train_loop_s + self.precompute_s + self.gptq_s
+
+    @property
+    def eval_s(self):
+        return self.final_eval_s
+
+    def as_dict(self):
+        return {**dataclasses.asdict(self), "train_s": self.train_s, "eval_s": self.eval_s}
+
+
+@dataclass
+class RunContext:
+    """What the stages share, made once by `open_run`: the tokenizer, the val tokens with their byte
+    lookup tables, and the training token loader are loaded once and passed on."""
+
+    h: Hyperparameters
+    rt: Runtime
+    logger: RunLogger
+    ledger: TimeLedger
+    sp: object  # sentencepiece.SentencePieceProcessor
+    val_tokens: torch.Tensor
+    luts: tuple  # (base_bytes, has_leading_space, is_boundary_token)
+    loader: DistributedTokenLoader
+    run_id: str
+    artifact_path: str
+
+
 class Validator:
-    """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the status."""
-    def __init__(self, h, rt, model, sp, logger):
-        self.h, self.rt, self.model, self.sp, self.logger = h, rt, model, sp, logger
-        self.val, self.low_streak = None, 0
+    """Periodic validation (paused clock): val loss, a coherence sample, the model's probes, the
+    status."""
+
+    def __init__(self, run, model):
+        self.run = run
+        self.model = model
+        self.low_streak = 0  # consecutive samples under coherence 30
+
     def __call__(self, step, train_ms):
-        h, logger = self.h, self.logger
-        if self.val is None:  # (tokens, lookup tables), loaded on first use
-            self.val = (load_validation_tokens(h.data_path, h.train_seq_len, h.val_max_tokens),
-                        build_sentencepiece_luts(self.sp, h.vocab_size, self.rt.device))
-        res = eval_val(h, self.model, *self.val)
-        logger.log0(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-        sample = generate_sample(self.model, self.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
+        h = self.run.h
+        logger = self.run.logger
+        res = eval_val(h, self.model, self.run.val_tokens, self.run.luts)
+        logger.log0(
+            f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} "
+            f"val_bpb:{res['val_bpb']:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+        )
+        sample = generate_sample(
+            self.model, self.run.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len
+        )
         score = coherence_score(sample)
         self.low_streak = self.low_streak + 1 if score < 30 else 0
         collapsed = self.low_streak >= 5  # five low samples in a row
-        logger.log0(f"sample:{step} coherence:{score:.1f}{' COLLAPSE' if collapsed else ''} text:{sample[:160]!r}")
-        probes = self.model.validation_probes() if hasattr(self.model, "validation_probes") else None
-        logger.event("eval", step=step, label="periodic", val_loss=res["val_loss"], val_bpb=res["val_bpb"],
-                     coherence=score, collapse=collapsed, sample=sample, probes=probes)
-        history = {"val_step": step, "val_bpb": res["val_bpb"], "coherence_step": step, "coherence": score}
+        collapse_flag = " COLLAPSE" if collapsed else ""
+        logger.log0(f"sample:{step} coherence:{score:.1f}{collapse_flag} text:{sample[:160]!r}")
+        probes_hook = model_hook(self.model, "validation_probes")
+        probes = probes_hook() if probes_hook is not None else None
+        logger.event(
+            "eval",
+            step=step,
+            label="periodic",
+            val_loss=res["val_loss"],
+            val_bpb=res["val_bpb"],
+            coherence=score,
+            collapse=collapsed,
+            sample=sample,
+            probes=probes,
+        )
+        history = {
+            "val_step": step,
+            "val_bpb": res["val_bpb"],
+            "coherence_step": step,
+            "coherence": score,
+        }
         if probes:
-            history.update({"geometry_step": step, **{k: probes[k] for k in
-                            ("analogy", "cluster_gap", "direction", "word_order") if k in probes}})
-        logger.update_status(force=True, val_loss=res["val_loss"], val_bpb=res["val_bpb"], coherence=score,
-                             collapse=collapsed, sample=sample, geometry=probes, history=history,
-                             artifact_bytes=estimate_artifact_bytes(self.model, h), artifact_bytes_exact=False)
+            history["geometry_step"] = step
+            for key in ("analogy", "cluster_gap", "direction", "word_order"):
+                if key in probes:
+                    history[key] = probes[key]
+        logger.update_status(
+            force=True,
+            val_loss=res["val_loss"],
+            val_bpb=res["val_bpb"],
+            coherence=score,
+            collapse=collapsed,
+            sample=sample,
+            geometry=probes,
+            history=history,
+            artifact_bytes=estimate_artifact_bytes(self.model, h),
+            artifact_bytes_exact=False,
+        )
         return collapsed and h.halt_on_collapse
 
+
 def estimate_artifact_bytes(model, h):
-    """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the end."""
+    """Fast estimate for the dashboard (default widths, zlib level 1); the exact figure comes at the
+    end."""
     _, raw = quantize_state_dict(artifact_state(model), h)
     return len(zlib.compress(raw, 1))
 
-def train_model(h, rt, model, logger, ledger, validator=None):
-    """Train in place; returns the EMA (or None), the loop statistics and the loader (GPTQ calibrates from it)."""
+
+def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
+    """Train `model` in place. Returns (EMA or None, loop statistics). Writes the warmup and loop
+    times to `ledger` (a TimeLedger; a scratch one when none is given) and reads its
+    precompute_s, which the wallclock cap subtracts. `loader`: the run's training token loader
+    (made here when None)."""
+    ledger = ledger or TimeLedger()
     device = rt.device
     if h.qat_start_frac > 0:
         n = enable_qat(model, h)
-        logger.log0(f"qat: {n} matrices fake-quantized to int{h.qat_bits or h.quant_bits} from {h.qat_start_frac:.2f}")
-    step_model = torch.compile(model, dynamic=False) if h.compile and device.type == "cuda" else model
+        qat_scheme = QuantScheme("int", h.qat_bits or h.quant_bits)
+        logger.log0(f"qat: {n} matrices fake-quantized to {qat_scheme} from {h.qat_start_frac:.2f}")
+    step_model = model
+    if h.compile and device.type == "cuda":
+        step_model = torch.compile(model, dynamic=False)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        step_model = DDP(step_model, device_ids=[rt.local_rank] if device.type == "cuda" else None,
-                         broadcast_buffers=False)
+
+        step_model = DDP(
+            step_model,
+            device_ids=[rt.local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
     optimizers = build_optimizers(model, h, device)
-    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
+    if loader is None:
+        loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
-    progress_hook = getattr(model, "set_training_progress", None)
+    progress_hook = model_hook(model, "set_training_progress")
+
     def train_step(step, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
-            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps,
-                                     shard=mixer.pick() if mixer else None)
-            last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last micro-step only
-            ctx = step_model.no_sync() if rt.distributed and not last_micro else contextlib.nullcontext()
+            x, y = loader.next_batch(
+                h.train_batch_tokens,
+                h.train_seq_len,
+                rt.grad_accum_steps,
+                shard=mixer.pick() if mixer else None,
+            )
+            last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last one only
+            if rt.distributed and not last_micro:
+                ctx = step_model.no_sync()
+            else:
+                ctx = contextlib.nullcontext()
             with ctx, _autocast(device):
                 loss = step_model(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
-        for g in (g for opt in optimizers for g in opt.param_groups):
-            g["lr"] = g["base_lr"] * lr_scale
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_scale
         for g in optimizers[0].param_groups:
             g["momentum"] = muon_momentum_at(h, step)
         if h.grad_clip_norm > 0:
@@ -1506,32 +2469,48 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             opt.step()
         model.zero_grad(set_to_none=True)
         return total / rt.grad_accum_steps
+
     if h.warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
-        t0, loader_state = time.perf_counter(), loader.state()
-        initial, opt_states = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
+        t0 = time.perf_counter()
+        loader_state = loader.state()
+        initial, opt_states = copy.deepcopy(
+            (model.state_dict(), [opt.state_dict() for opt in optimizers])
+        )
         for step in range(h.warmup_steps):
-            if progress_hook:  # both halves of a schedule that changes the graph (recurrence) get compiled
+            if progress_hook:
+                # Both halves of a schedule that changes the graph (recurrence) get compiled.
                 progress_hook(float(step >= h.warmup_steps // 2))
             train_step(step, 1.0)
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
         loader.restore(loader_state)
-        ledger["warmup_s_excluded"] = time.perf_counter() - t0
-        logger.log0(f"warmup: {h.warmup_steps} steps in {ledger['warmup_s_excluded']:.1f}s (excluded from the clock)")
-    ema, smmas = EMA(model, h.ema_decay) if h.ema_decay > 0 else None, {n: Smma(n) for n in (10, 100, 1000)}
-    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0  # GPTQ calibrates inside the budget (#1001)
-    cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.get("precompute_s", 0.0) - reserve, 0.0) \
-        if h.max_wallclock_seconds > 0 else 0.0
+        ledger.warmup_excluded_s = time.perf_counter() - t0
+        logger.log0(
+            f"warmup: {h.warmup_steps} steps in {ledger.warmup_excluded_s:.1f}s "
+            "(excluded from the clock)"
+        )
+    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
+    smmas = {n: Smma(n) for n in (10, 100, 1000)}
+    # GPTQ calibrates inside the training budget (#1001): the loop leaves it time.
+    reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+    cap_ms = 0.0
+    if h.max_wallclock_seconds > 0:
+        cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.precompute_s - reserve, 0.0)
     if reserve and cap_ms:
         logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
-    train_ms, step, stop_after, halted, qat_on = 0.0, 0, None, False, False
+    train_ms = 0.0
+    step = 0
+    stop_after = None  # the step at which every rank agreed the wallclock cap was reached
+    halted = False
+    qat_on = False
     _sync(device)
     t0 = time.perf_counter()
     while True:
         last = step == h.iterations or (stop_after is not None and step >= stop_after) or halted
-        if validator and h.val_loss_every > 0 and step > 0 and (last or step % h.val_loss_every == 0):
+        validate_now = h.val_loss_every > 0 and (last or step % h.val_loss_every == 0)
+        if validator and step > 0 and validate_now:
             _sync(device)
             train_ms += 1000.0 * (time.perf_counter() - t0)
             halted = validator(step, train_ms) or halted
@@ -1550,7 +2529,8 @@ def train_model(h, rt, model, logger, ledger, validator=None):
             qat_on = True
             logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss, step = train_step(step, lr_scale), step + 1
+        loss = train_step(step, lr_scale)
+        step += 1
         if ema is not None:
             ema.update(model)
         for s in smmas.values():  # every step, on the device: no host sync on the hot path
@@ -1562,200 +2542,456 @@ def train_model(h, rt, model, logger, ledger, validator=None):
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
         if log_now or step % max(h.status_every, 1) == 0:
-            value, smoothed = float(loss), {f"smma{n}": float(s.value) for n, s in smmas.items()}
-            step_ms, tok_s = approx_ms / step, h.train_batch_tokens * step * 1000.0 / max(approx_ms, 1e-9)
-            if value < 0.5 * smoothed["smma100"]:
-                logger.event("cliff", step=step, train_loss=value, smma100=smoothed["smma100"])
-            if log_now:
-                logger.log0(f"step:{step}/{h.iterations} train_loss:{value:.4f} "
-                            f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms tok/s:{tok_s:.0f}")
-                logger.event("train", step=step, train_loss=value, lr_scale=lr_scale, train_time_ms=approx_ms, **smoothed)
-            logger.update_status(state="training", step=step, iterations=h.iterations, elapsed_s=approx_ms / 1000,
-                                 tokens_seen=step * h.train_batch_tokens, lr_scale=lr_scale, train_loss=value,
-                                 step_ms=step_ms, tokens_per_s=tok_s, **smoothed,
-                                 history={"step": step, "train_loss": value, "smma100": smoothed["smma100"],
-                                          "lr_scale": lr_scale, "tokens_per_s": tok_s})
+            _log_train_step(h, logger, step, loss, smmas, lr_scale, approx_ms, log_now)
         reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
         if stop_after is None and bool(dist_max(reached)):
             stop_after = step
-            logger.log0(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
-    ledger["train_loop_s"] = train_ms / 1000.0
-    logger.update_status(force=True, step=step, elapsed_s=train_ms / 1000, tokens_seen=step * h.train_batch_tokens)
+            logger.log0(
+                f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms "
+                f"step:{step}/{h.iterations}"
+            )
+    ledger.train_loop_s = train_ms / 1000.0
+    logger.update_status(
+        force=True, step=step, elapsed_s=train_ms / 1000, tokens_seen=step * h.train_batch_tokens
+    )
     if device.type == "cuda":
-        logger.log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    stats = {"steps": step, "train_time_ms": train_ms, "step_avg_ms": train_ms / max(step, 1), "halted": halted}
-    return ema, stats, loader
+        logger.log0(
+            f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
+        )
+    stats = {
+        "steps": step,
+        "train_time_ms": train_ms,
+        "step_avg_ms": train_ms / max(step, 1),
+        "halted": halted,
+    }
+    return ema, stats
 
-def timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger):
-    """One eval, logged in one format: `<label> val_loss:... val_bpb:... eval_time:...ms`."""
-    res = {"standard": eval_val, "sliding": eval_val_sliding, "ttt": eval_val_ttt}[mode](h, model, val_tokens, luts)
-    ledger[f"eval_{label}_s"] = res["eval_time_ms"] / 1000.0
-    logger.log0(f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
-                f"eval_time:{res['eval_time_ms']:.0f}ms")
-    logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
+
+def _log_train_step(h, logger, step, loss, smmas, lr_scale, approx_ms, log_now):
+    """The step line (when log_now), the train event, the cliff flag and the status file."""
+    value = float(loss)
+    smoothed = {f"smma{n}": float(s.value) for n, s in smmas.items()}
+    step_ms = approx_ms / step
+    tok_s = h.train_batch_tokens * step * 1000.0 / max(approx_ms, 1e-9)
+    if value < 0.5 * smoothed["smma100"]:
+        logger.event("cliff", step=step, train_loss=value, smma100=smoothed["smma100"])
+    if log_now:
+        logger.log0(
+            f"step:{step}/{h.iterations} train_loss:{value:.4f} "
+            f"train_time:{approx_ms:.0f}ms step_avg:{step_ms:.2f}ms tok/s:{tok_s:.0f}"
+        )
+        logger.event(
+            "train",
+            step=step,
+            train_loss=value,
+            lr_scale=lr_scale,
+            train_time_ms=approx_ms,
+            **smoothed,
+        )
+    logger.update_status(
+        state="training",
+        step=step,
+        iterations=h.iterations,
+        elapsed_s=approx_ms / 1000,
+        tokens_seen=step * h.train_batch_tokens,
+        lr_scale=lr_scale,
+        train_loss=value,
+        step_ms=step_ms,
+        tokens_per_s=tok_s,
+        **smoothed,
+        history={
+            "step": step,
+            "train_loss": value,
+            "smma100": smoothed["smma100"],
+            "lr_scale": lr_scale,
+            "tokens_per_s": tok_s,
+        },
+    )
+
+
+def timed_eval(run, model, mode, label=None):
+    """One eval by EVAL_MODES[mode], logged in one format: `<label> val_loss:... val_bpb:...
+    eval_time:...ms` (label: the mode's final label unless given). Its time goes to the ledger."""
+    eval_mode = EVAL_MODES[mode]
+    label = label or eval_mode.label
+    res = eval_mode.evaluate(run.h, model, run.val_tokens, run.luts)
+    run.ledger.evals_s[label] = res["eval_time_ms"] / 1000.0
+    run.logger.log0(
+        f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
+        f"eval_time:{res['eval_time_ms']:.0f}ms"
+    )
+    run.logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     return res
 
-def run_audits(h, model, sp, val_tokens, luts, logger):
-    """Causality at the train length and at the eval window, and the byte accounting on a val sample."""
+
+# --- the pipeline: run_main calls these stages in order -----------------------------------------
+
+
+def open_run(h):
+    """Runtime, run id, logger and the log's header (source, versions, hardware, hyperparameters);
+    the tokenizer, val tokens, byte tables and training loader, each made once for every stage."""
+    rt = setup_runtime()
+    default_id = time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
+    run_id = _broadcast(rt, h.run_id or default_id)
+    artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
+    logger = RunLogger(h.log_dir, run_id, rt.is_main)
+    device_name = device_description(rt.device)
+    logger.log0(code_bytes_of().decode("utf-8") + "\n" + "=" * 100, console=False)
+    logger.log0(
+        f"versions: python {platform.python_version()} torch {torch.__version__} "
+        f"numpy {np.__version__}"
+    )
+    logger.log0(
+        f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}"
+    )
+    hparam_lines = [f"  {k}: {v}" for k, v in sorted(dataclasses.asdict(h).items())]
+    logger.log0("\n".join(["Hyperparameters:"] + hparam_lines))
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    n_val = val_token_count(h.data_path)
+    longest = max(h.train_seq_len, h.eval_len)
+    if n_val < longest + 1:
+        raise ValueError(
+            f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
+            f"sequence of {longest} + 1"
+        )
+    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, rt.device)
+    val_tokens = load_validation_tokens(h.data_path, longest, h.val_max_tokens)
+    if h.val_max_tokens:
+        logger.log0(
+            f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
+            "not an official score"
+        )
+    return RunContext(
+        h=h,
+        rt=rt,
+        logger=logger,
+        ledger=TimeLedger(hardware=device_name),
+        sp=sp,
+        val_tokens=val_tokens,
+        luts=build_sentencepiece_luts(sp, h.vocab_size, rt.device),
+        loader=loader,
+        run_id=run_id,
+        artifact_path=artifact_path,
+    )
+
+
+def build_run_model(run):
+    """Seed, build the model on the run's device, log its size and the start event."""
+    h = run.h
+    seed_everything(h.seed)
+    model = build_model(h).to(run.rt.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = len(run.loader.files)
+    n_val = val_token_count(h.data_path)
+    run.logger.log0(f"model_params:{n_params}\ntrain_shards:{n_train} val_tokens:{n_val}")
+    run.logger.event(
+        "start",
+        run_id=run.run_id,
+        preset=h.preset,
+        device=run.ledger.hardware,
+        world_size=run.rt.world_size,
+        model_params=n_params,
+        hparams=dataclasses.asdict(h),
+    )
+    run.logger.update_status(
+        force=True,
+        script=os.path.basename(CODE_PATH),
+        preset=h.preset,
+        device=run.ledger.hardware,
+        state="starting",
+        step=0,
+        iterations=h.iterations,
+        code_bytes=len(code_bytes_of()),
+    )
+    return model, n_params
+
+
+def train(run, model):
+    """The model's precompute (inside the budget), the training loop, then the EMA weights."""
+    prepare = model_hook(model, "prepare_training")
+    if prepare is not None:
+        t0 = time.perf_counter()
+        prepare(run.h, run.rt, run.logger)
+        run.ledger.precompute_s = time.perf_counter() - t0
+        run.logger.log0(
+            f"precompute: {run.ledger.precompute_s:.1f}s from train shards "
+            "(inside the training budget)"
+        )
+    validator = Validator(run, model)
+    ema, stats = train_model(
+        run.h, run.rt, model, run.logger, run.ledger, validator, loader=run.loader
+    )
+    if ema is not None:
+        model.load_state_dict(ema.state_dict(model))
+    return stats
+
+
+def calibrate(run, model):
+    """GPTQ Hessians (GPTQ_ENABLED) on training data or self-samples, never val; the time counts
+    against the training budget. Closes the training clock with its `training_budget` line."""
+    h = run.h
+    hessians = None
+    if h.gptq_enabled:
+        t0 = time.perf_counter()
+        hessians = gptq_calibrate(
+            model,
+            h,
+            lambda: run.loader.next_batch(
+                h.train_batch_tokens, h.train_seq_len, run.rt.grad_accum_steps
+            ),
+        )
+        run.ledger.gptq_s = time.perf_counter() - t0
+        run.logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {run.ledger.gptq_s:.1f}s")
+    run.logger.log0(
+        f"training_budget: {run.ledger.train_s:.1f}s (loop + precompute + GPTQ) of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} on {run.ledger.hardware}"
+    )
+    run.logger.update_status(force=True, state="evaluating")
+    return hessians
+
+
+def serialize_and_reload(run, model, hessians):
+    """Write the artifact (rank 0), read it back from disk: the scored model is the bytes on disk.
+    Logs the byte accounting and the embedding probes (before vs after quantization)."""
+    h = run.h
+    logger = run.logger
+    embedding = model_hook(model, "tok_emb")
+    embed_before = embedding.weight.detach().clone() if embedding is not None else None
+    t0 = time.perf_counter()
+    sizes = None
+    if run.rt.is_main:
+        sizes = save_artifact(model, h, run.artifact_path, hessians=hessians)
+    sizes = _broadcast(run.rt, sizes)
+    run.ledger.serialize_s = time.perf_counter() - t0
+    model = load_artifact(run.artifact_path)[0].to(run.rt.device)
+    for row in sizes.get("plan") or []:
+        logger.log0(
+            f"quant_plan: {row['name']} {QuantScheme('int', row['bits'])} "
+            f"est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}"
+        )
+    widths = "mixed" if sizes.get("plan") else str(QuantScheme("int", h.quant_bits))
+    logger.log0(
+        f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
+        f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})\n"
+        f"Code size: {sizes['code_bytes']} bytes\n"
+        f"Total submission size int8+zlib: {sizes['total_bytes']} bytes"
+    )
+    over = sizes["total_bytes"] > h.size_budget
+    logger.log0(
+        f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
+        f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}"
+    )
+    logger.event("artifact", path=run.artifact_path, **sizes)
+    probes = None
+    if embed_before is not None:
+        probes = embedding_probes(embed_before, run.sp, model_hook(model, "tok_emb").weight)
+    logger.update_status(
+        force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True, probes=probes
+    )
+    if probes:
+        logger.log0(f"embedding_probes: {json.dumps(probes)}")
+    return model, sizes
+
+
+def run_audits(run, model):
+    """Causality at the train length and at the eval window, and the byte accounting on a val
+    sample, on the model about to be scored."""
+    h = run.h
+    t0 = time.perf_counter()
     audit_len = h.audit_seq_len or h.train_seq_len
     audits = {"causality": audit_causality(model, audit_len, h.vocab_size)}
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
-    audits["bytes"] = audit_bytes(sp, val_tokens, luts)
+    audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
     for name, res in audits.items():
-        detail = "" if res["passed"] else f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
-        logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
-        logger.event("audit", name=name, **res)
+        detail = ""
+        if not res["passed"]:
+            detail = f" failures:{res.get('failures') or res.get('first_mismatch_ids')}"
+        run.logger.log0(f"audit:{name} passed:{res['passed']}{detail}")
+        run.logger.event("audit", name=name, **res)
+    run.ledger.audit_s = time.perf_counter() - t0
     return audits
 
-def run_main(h):
-    """The whole run; returns the process exit status (0 valid, 3 score INVALID)."""
-    rt = setup_runtime()
-    run_id = _broadcast(rt, h.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}")
-    artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
-    logger = RunLogger(h.log_dir, run_id, rt.is_main)
-    code, device_name = code_bytes_of(), device_description(rt.device)
-    logger.log0(code.decode("utf-8") + "\n" + "=" * 100, console=False)
-    logger.log0(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
-    logger.log0(f"hardware: {device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
-    logger.log0("\n".join(["Hyperparameters:"] + [f"  {k}: {v}" for k, v in sorted(dataclasses.asdict(h).items())]))
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    n_train, n_val = len(shard_files(h.data_path, "train")), val_token_count(h.data_path)
-    if n_val < max(h.train_seq_len, h.eval_len) + 1:
-        raise ValueError(f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
-                         f"sequence of {max(h.train_seq_len, h.eval_len)} + 1")
-    seed_everything(h.seed)
-    model = build_model(h).to(rt.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log0(f"model_params:{n_params}\ntrain_shards:{n_train} val_tokens:{n_val}")
-    logger.event("start", run_id=run_id, preset=h.preset, device=device_name, world_size=rt.world_size,
-                 model_params=n_params, hparams=dataclasses.asdict(h))
-    logger.update_status(force=True, script=os.path.basename(CODE_PATH), preset=h.preset, device=device_name,
-                         state="starting", step=0, iterations=h.iterations, code_bytes=len(code))
-    ledger = {"hardware": device_name, "precompute_s": 0.0}
-    if hasattr(model, "prepare_training"):
-        t0 = time.perf_counter()
-        model.prepare_training(h, rt, logger)
-        ledger["precompute_s"] = time.perf_counter() - t0
-        logger.log0(f"precompute: {ledger['precompute_s']:.1f}s from train shards (inside the training budget)")
-    ema, stats, loader = train_model(h, rt, model, logger, ledger, Validator(h, rt, model, sp, logger))
-    if ema is not None:
-        model.load_state_dict(ema.state_dict(model))
-    hessians = None
-    if h.gptq_enabled:  # on training data (or self-samples), never val; timed against the training budget
-        t0 = time.perf_counter()
-        hessians = gptq_calibrate(model, h, lambda: loader.next_batch(h.train_batch_tokens, h.train_seq_len,
-                                                                       rt.grad_accum_steps))
-        ledger["gptq_calib_s"] = time.perf_counter() - t0
-        logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {ledger['gptq_calib_s']:.1f}s")
-    train_total = ledger["train_loop_s"] + ledger["precompute_s"] + ledger.get("gptq_calib_s", 0.0)
-    logger.log0(f"training_budget: {train_total:.1f}s (loop + precompute + GPTQ) of MAX_WALLCLOCK_SECONDS="
-                f"{h.max_wallclock_seconds:g} on {device_name}")
-    logger.update_status(force=True, state="evaluating")
-    val_tokens = load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len), h.val_max_tokens)
-    if h.val_max_tokens:
-        logger.log0(f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): not an official score")
-    luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
-    pre = timed_eval("pre-quantization post-ema", h, model, val_tokens, luts, "standard", logger, ledger)
-    embed_before = model.tok_emb.weight.detach().clone() if hasattr(model, "tok_emb") else None
-    t0 = time.perf_counter()
-    sizes = _broadcast(rt, save_artifact(model, h, artifact_path, hessians=hessians) if rt.is_main else None)
-    ledger["serialize_s"] = time.perf_counter() - t0
-    model = load_artifact(artifact_path)[0].to(rt.device)
-    for row in sizes.get("plan") or []:
-        logger.log0(f"quant_plan: {row['name']} int{row['bits']} est_bytes:{row['bytes']} est_error:{row['est_error']:.4g}")
-    widths = "mixed" if sizes.get("plan") else f"int{h.quant_bits}"
-    logger.log0(f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes (payload:"
-                f"{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})\nCode size: {sizes['code_bytes']} bytes\n"
-                f"Total submission size int8+zlib: {sizes['total_bytes']} bytes")
-    over = sizes["total_bytes"] > h.size_budget
-    logger.log0(f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "
-                f"{h.size_budget - sizes['total_bytes']}{' OVER BUDGET' if over else ''}")
-    logger.event("artifact", path=artifact_path, **sizes)
-    probes = embedding_probes(embed_before, sp, model.tok_emb.weight) if embed_before is not None else None
-    logger.update_status(force=True, artifact_bytes=sizes["artifact_bytes"], artifact_bytes_exact=True, probes=probes)
-    if probes:
-        logger.log0(f"embedding_probes: {json.dumps(probes)}")
-    t0 = time.perf_counter()
-    audits = run_audits(h, model, sp, val_tokens, luts, logger)
-    ledger["audit_s"] = time.perf_counter() - t0
-    rt_res = timed_eval("final_int8_zlib_roundtrip", h, model, val_tokens, luts, "standard", logger, ledger)
-    logger.log0(f"final_int8_zlib_roundtrip_exact val_loss:{rt_res['val_loss']:.8f} val_bpb:{rt_res['val_bpb']:.8f}")
-    final, mode = rt_res, ("ttt" if h.ttt_enabled else h.eval_mode)
+
+def final_eval(run, model, audits):
+    """The int8+zlib roundtrip eval (standard), then the EVAL_MODE score when it is another mode,
+    with its score-first audit added to `audits`. Returns (roundtrip result, final result, mode
+    name)."""
+    h = run.h
+    logger = run.logger
+    roundtrip = timed_eval(run, model, "standard")
+    logger.log0(
+        f"{EVAL_MODES['standard'].label}_exact val_loss:{roundtrip['val_loss']:.8f} "
+        f"val_bpb:{roundtrip['val_bpb']:.8f}"
+    )
+    final = roundtrip
+    mode = "ttt" if h.ttt_enabled else h.eval_mode
     if mode != "standard":
-        label = {"sliding": "final_sliding_window", "ttt": "legal_ttt"}[mode]
-        final = timed_eval(label, h, model, val_tokens, luts, mode, logger, ledger)
-        logger.log0(f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
-                    f"stride:{h.eval_stride} seq_len:{h.eval_len}")
-        sf = audits["score_first"] = final["score_first"]
-        logger.log0(f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} updates:{sf['updates']} "
-                    f"targets:{sf['targets']} scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}")
+        label = EVAL_MODES[mode].label
+        final = timed_eval(run, model, mode)
+        logger.log0(
+            f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
+            f"stride:{h.eval_stride} seq_len:{h.eval_len}"
+        )
+        sf = final["score_first"]
+        audits["score_first"] = sf
+        logger.log0(
+            f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
+            f"updates:{sf['updates']} targets:{sf['targets']} "
+            f"scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}"
+        )
+    run.ledger.final_eval_s = final["eval_time_ms"] / 1000.0
+    return roundtrip, final, mode
+
+
+def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
+    """Validity, the time ledger, the `summary: {json}` line, the end event and the final status.
+    Returns the exit status: 0 valid, 3 score INVALID."""
+    h = run.h
+    logger = run.logger
+    over = sizes["total_bytes"] > h.size_budget
     valid = all(a["passed"] for a in audits.values()) and not over
     if not valid:
-        why = [name for name, a in audits.items() if not a["passed"]] + (["over budget"] if over else [])
+        why = [name for name, a in audits.items() if not a["passed"]]
+        if over:
+            why.append("over budget")
         logger.log0(f"score INVALID: failed {', '.join(why)}")
-    logger.log0(f"time_ledger: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in ledger.items()})}")
+    ledger = run.ledger.as_dict()
+    logger.log0(f"time_ledger: {json.dumps(_rounded(ledger))}")
     summary = {
-        "run_id": run_id, "script": os.path.basename(CODE_PATH), "preset": h.preset, "valid": valid,
-        "artifact_path": artifact_path, "artifact_bytes": sizes["artifact_bytes"], "code_bytes": sizes["code_bytes"],
-        "total_bytes": sizes["total_bytes"], "budget_bytes": h.size_budget, "eval_mode": mode,
-        "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "tokens": final["tokens"], "bytes": final["bytes"],
-        "eval_time_ms": final["eval_time_ms"], "pre_quant_val_bpb": pre["val_bpb"],
-        "roundtrip_val_bpb": rt_res["val_bpb"], "val_truncated": bool(h.val_max_tokens), "model_params": n_params,
-        "seed": h.seed, "world_size": rt.world_size, "hardware": device_name, "time_ledger": ledger,
-        "train_budget_s": train_total,
-        "audits": {k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
-                   for k, v in audits.items()}, **stats,
+        "run_id": run.run_id,
+        "script": os.path.basename(CODE_PATH),
+        "preset": h.preset,
+        "valid": valid,
+        "artifact_path": run.artifact_path,
+        "artifact_bytes": sizes["artifact_bytes"],
+        "code_bytes": sizes["code_bytes"],
+        "total_bytes": sizes["total_bytes"],
+        "budget_bytes": h.size_budget,
+        "eval_mode": mode,
+        "val_loss": final["val_loss"],
+        "val_bpb": final["val_bpb"],
+        "tokens": final["tokens"],
+        "bytes": final["bytes"],
+        "eval_time_ms": final["eval_time_ms"],
+        "pre_quant_val_bpb": pre["val_bpb"],
+        "roundtrip_val_bpb": roundtrip["val_bpb"],
+        "val_truncated": bool(h.val_max_tokens),
+        "model_params": model_params,
+        "seed": h.seed,
+        "world_size": run.rt.world_size,
+        "hardware": run.ledger.hardware,
+        "time_ledger": ledger,
+        "train_budget_s": run.ledger.train_s,
+        "audits": {
+            k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
+            for k, v in audits.items()
+        },
+        **stats,
     }
     logger.event("end", **summary)
-    logger.update_status(force=True, state="done" if valid else "failed", val_loss=final["val_loss"],
-                         val_bpb=final["val_bpb"], audits=summary["audits"])
+    logger.update_status(
+        force=True,
+        state="done" if valid else "failed",
+        val_loss=final["val_loss"],
+        val_bpb=final["val_bpb"],
+        audits=summary["audits"],
+    )
     logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
-    if rt.distributed:
-        dist.destroy_process_group()
     return 0 if valid else 3
+
+
+def _rounded(obj):
+    """Floats to 3 decimals, through dicts: the time ledger as logged."""
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return round(obj, 3) if isinstance(obj, float) else obj
+
+
+def run_main(h):
+    """The whole run, stage by stage (#1394's `train_and_eval`); returns the process exit status
+    (0 valid, 3 score INVALID)."""
+    run = open_run(h)
+    model, model_params = build_run_model(run)
+    stats = train(run, model)
+    hessians = calibrate(run, model)
+    pre = timed_eval(run, model, "standard", label="pre-quantization post-ema")
+    model, sizes = serialize_and_reload(run, model, hessians)
+    audits = run_audits(run, model)
+    roundtrip, final, mode = final_eval(run, model, audits)
+    status = summarize(
+        run,
+        model_params=model_params,
+        stats=stats,
+        sizes=sizes,
+        audits=audits,
+        pre=pre,
+        roundtrip=roundtrip,
+        final=final,
+        mode=mode,
+    )
+    if run.rt.distributed:
+        dist.destroy_process_group()
+    return status
+
 
 # ===== END SHARED BLOCK: train v1 =====
 
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# The official baseline GPT parameter for parameter (RULES.md section 8: its state_dict loads with strict=True),
-# fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and on CPU. The record stack
-# (TECHNIQUES.md A.3) adds modules behind flags, all off by default, each credited where it is built; no
-# data-dependent Python branches, so torch.compile sees one graph (two with depth recurrence).
+# The official baseline GPT parameter for parameter (RULES.md section 8: its state_dict loads with
+# strict=True), fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and
+# on CPU. The record stack (TECHNIQUES.md A.3) adds modules behind flags, all off by default, each
+# credited where it is built; no data-dependent Python branches, so torch.compile sees one graph
+# (two with depth recurrence).
 
 BOS_ID = 1  # SentencePiece <s>: the first token of every document in the shards
+
 
 class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),))
 
+
 class CastedLinear(nn.Linear):
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        return F.linear(
+            x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None
+        )
+
 
 class Rotary(nn.Module):
     def __init__(self, dim, base):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq",
+            1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
+            persistent=False,
+        )
+
     def forward(self, seq_len, device, dtype):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
+
 def apply_rotary_emb(x, cos, sin):
-    """Rotate the first 2 x cos.size(-1) dims of each head; partial RoPE (#315) leaves the rest position-free."""
+    """Rotate the first 2 x cos.size(-1) dims of each head; partial RoPE (#315) leaves the rest
+    position-free."""
     half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    x1 = x[..., :half]
+    x2 = x[..., half : 2 * half]
+    rest = x[..., 2 * half :]
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, layer=0):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.num_heads = h.num_heads
+        self.num_kv_heads = h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(h.model_dim, h.model_dim, bias=False)
@@ -1766,39 +3002,58 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(min(h.rope_dims, self.head_dim) or self.head_dim, h.rope_base)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
-        self.v_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
-        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
+        self.v_mix = (
+            nn.Parameter(torch.tensor([0.5, 0.5])) if h.value_residual and layer > 0 else None
+        )
+        self.attn_gate = (
+            nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate else None
+        )
+
     def attend(self, x, v_first=None):
-        """Per-head output before the projection, (B, H, T, head_dim), and this layer's values (B, KV, T, hd)."""
+        """Per-head output before the projection, (B, H, T, head_dim), and this layer's values (B,
+        KV, T, hd)."""
         B, T, D = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.v_mix is not None and v_first is not None:
-            # Value residual (ResFormer, arXiv 2410.17897; the #940/#1170 stack): v <- a v + b v_first, with
-            # learned scalars (a, b) per layer, init (0.5, 0.5); v_first is the first layer's raw values.
+            # Value residual (ResFormer, arXiv 2410.17897; the #940/#1170 stack): v <- a v + b
+            # v_first, with learned scalars (a, b) per layer, init (0.5, 0.5); v_first is the first
+            # layer's raw values.
             v = self.v_mix[0].to(v.dtype) * v + self.v_mix[1].to(v.dtype) * v_first
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        q = F.rms_norm(q, (self.head_dim,))
+        k = F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(T, x.device, q.dtype)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q = apply_rotary_emb(q, cos, sin)
+        k = apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
         if self.xsa:
-            # XSA (#287 lineage, all layers from #1019): y <- y - (y . v_hat) v_hat with the token's own value;
-            # a (KV, group) reshape shares each v_hat across its query heads instead of repeating v.
+            # XSA (#287 lineage, all layers from #1019): y <- y - (y . v_hat) v_hat with the token's
+            # own value; a (KV, group) reshape shares each v_hat across its query heads instead of
+            # repeating v.
             vn = F.normalize(v, dim=-1).unsqueeze(2)
-            yg = y.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
-            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, self.num_heads, T, self.head_dim)
+            yg = y.reshape(
+                B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim
+            )
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(
+                B, self.num_heads, T, self.head_dim
+            )
         if self.attn_gate is not None:
-            # Gated attention (#1667; input window as SparseAttnGate #1787/#1855): head h is scaled by
-            # 2 sigmoid(w_h . x[:window]); w starts at zero, so the gate starts at exactly 1.
-            gate = 2 * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.to(x.dtype)))
+            # Gated attention (#1667; input window as SparseAttnGate #1787/#1855): head h is scaled
+            # by 2 sigmoid(w_h . x[:window]); w starts at zero, so the gate starts at exactly 1.
+            gate = 2 * torch.sigmoid(
+                F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype))
+            )
             y = y * gate.transpose(1, 2)[..., None]
         return y, v
+
     def forward(self, x, v_first=None):
         y, v = self.attend(x, v_first)
         return self.proj(y.transpose(1, 2).reshape(x.shape)), v
+
 
 class MLP(nn.Module):
     def __init__(self, h):
@@ -1808,23 +3063,33 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
         self.leaky = h.mlp_activation == "leaky_relu2"
+
     def forward(self, x):
-        # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2 is the baseline.
+        # LeakyReLU(0.5)^2 (#493/#518, #549) keeps a gradient for negative pre-activations; relu^2
+        # is the baseline.
         u = self.fc(x)
         return self.proj((F.leaky_relu(u, 0.5) if self.leaky else torch.relu(u)).square())
+
 
 class Block(nn.Module):
     def __init__(self, h, layer=0):
         super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
+        self.attn_norm = RMSNorm()
+        self.mlp_norm = RMSNorm()
         self.attn = CausalSelfAttention(h, layer)
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-        self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0  # LN scale 1/sqrt(layer + 1) (#315)
-        # Parallel residuals (modded-nanogpt #230; 2026-03-31 record from layer 7): x + attn(x) + mlp(x).
+        self.resid_mix = nn.Parameter(
+            torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim)))
+        )
+        self.ln_scale = (
+            (layer + 1) ** -0.5 if h.ln_scale else 1.0
+        )  # LN scale 1/sqrt(layer + 1) (#315)
+        # Parallel residuals (modded-nanogpt #230; 2026-03-31 record from layer 7): x + attn(x) +
+        # mlp(x).
         self.parallel = 0 <= h.parallel_residual_start <= layer
+
     def forward(self, x, x0, v_first=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None] * x + mix[1][None, None] * x0
@@ -1834,40 +3099,58 @@ class Block(nn.Module):
         m = self.mlp(self.mlp_norm(x_mlp if self.parallel else x) * self.ln_scale)
         return x + self.mlp_scale.to(x.dtype)[None, None] * m, v
 
+
 class BigramHash(nn.Module):
     """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
-    bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at zero (a no-op)."""
+    bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at
+    zero (a no-op)."""
+
     def __init__(self, h):
         super().__init__()
         self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
         nn.init.zeros_(self.embed.weight)
         self.proj = CastedLinear(h.bigram_dim, h.model_dim, bias=False)
+
     def forward(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
         return self.proj(self.embed((prev * 92821 + ids) % self.embed.num_embeddings))
 
+
 class NativeFlowMatcher(nn.Module):
-    """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field v(x, t) on
-    the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x (x detached, so only the
-    matcher learns from it); every forward takes one Euler step x <- x + sigmoid(g) v(x, 1), per position."""
+    """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field
+    v(x, t) on the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x
+    (x detached, so only the matcher learns from it); every forward takes one Euler step x <- x +
+    sigmoid(g) v(x, 1), per position."""
+
     def __init__(self, h):
         super().__init__()
-        d, f = h.model_dim, h.flow_dim
-        self.time_fc, self.fc = CastedLinear(d, f), CastedLinear(d, f)
+        d = h.model_dim
+        f = h.flow_dim
+        self.time_fc = CastedLinear(d, f)
+        self.fc = CastedLinear(d, f)
         self.out = CastedLinear(f, d, bias=False)
         self.out._zero_init = True
         self.flow_gate = nn.Parameter(torch.tensor(-5.0))
-        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(d // 2) / (d // 2)), persistent=False)
+        self.register_buffer(
+            "freqs", torch.exp(-math.log(1e4) * torch.arange(d // 2) / (d // 2)), persistent=False
+        )
+
     def velocity(self, x, t):
         angles = 1000.0 * t.float() * self.freqs
         temb = F.gelu(self.time_fc(torch.cat((angles.sin(), angles.cos()), dim=-1).to(x.dtype)))
         return self.out(F.gelu(self.fc(x) + temb))
+
     def forward(self, x):
-        return x + torch.sigmoid(self.flow_gate).to(x.dtype) * self.velocity(x, torch.ones_like(x[..., :1]))
+        return x + torch.sigmoid(self.flow_gate).to(x.dtype) * self.velocity(
+            x, torch.ones_like(x[..., :1])
+        )
+
     def loss(self, x):
         x = x.detach()
-        t, z = torch.rand_like(x[..., :1]), torch.randn_like(x)
+        t = torch.rand_like(x[..., :1])
+        z = torch.randn_like(x)
         return F.mse_loss(self.velocity((1 - t) * z + t * x, t).float(), (x - z).float())
+
 
 class GPT(nn.Module):
     def __init__(self, h):
@@ -1875,42 +3158,60 @@ class GPT(nn.Module):
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
-        # SmearGate (#65): x_t += sigmoid(g) (x_{t-1} - x_t), g init -3; never across a BOS (#1851/#1855).
+        # SmearGate (#65): x_t += sigmoid(g) (x_{t-1} - x_t), g init -3; never across a BOS
+        # (#1851/#1855).
         self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0)) if h.smear_gate else None
-        # Depth recurrence (#1394, #1493/#1855): after the last of RECUR_LAYERS, run them RECUR_LOOPS more times
-        # with the same weights; set_recurrence switches between the two layer orders and their U-Net split.
+        # Depth recurrence (#1394, #1493/#1855): after the last of RECUR_LAYERS, run them
+        # RECUR_LOOPS more times with the same weights; set_recurrence switches between the two
+        # layer orders and their U-Net split.
         recur = _recur_layers(h)
         plain = list(range(h.num_layers))
-        looped = plain[:recur[-1] + 1] + recur * h.recur_loops + plain[recur[-1] + 1:] if recur else plain
-        self.orders, self.recur_active = {False: plain, True: looped}, bool(recur)
+        looped = (
+            plain[: recur[-1] + 1] + recur * h.recur_loops + plain[recur[-1] + 1 :]
+            if recur
+            else plain
+        )
+        self.orders = {False: plain, True: looped}
+        self.recur_active = bool(recur)
         self.recur_start_frac = h.recur_start_frac
         self.num_skip_weights = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (plain, looped))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, h.model_dim))
         # Gated U-Net skips (#1218, #1855): x <- lerp(w * skip, x, sigmoid(g)), g init 0.
-        self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_weights, h.model_dim)) if h.skip_gates else None
+        self.skip_gates = (
+            nn.Parameter(torch.zeros(self.num_skip_weights, h.model_dim)) if h.skip_gates else None
+        )
         self.blocks = nn.ModuleList([Block(h, layer) for layer in range(h.num_layers)])
         self.final_norm = RMSNorm()
         self.flow = NativeFlowMatcher(h) if h.flow_matcher else None
         self.flow_loss_weight = h.flow_loss_weight
-        self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
+        self.lm_head = (
+            None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
+        )
         self._init_weights(h)
+
     def _init_weights(self, h):
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
+
     def set_recurrence(self, active):
-        """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and compiles
-        once more when it flips. Built on, the state in which a finished run is evaluated."""
+        """Depth recurrence on or off. A plain bool read in forward: torch.compile guards on it and
+        compiles once more when it flips. Built on, the state in which a finished run is
+        evaluated."""
         self.recur_active = bool(active)
+
     def set_training_progress(self, frac):
-        """Called by the training loop every step: recurrence joins at RECUR_START_FRAC of the budget."""
+        """Called by the training loop every step: recurrence joins at RECUR_START_FRAC of the
+        budget."""
         if len(self.orders[True]) != len(self.orders[False]):
             self.set_recurrence(frac >= self.recur_start_frac)
+
     def embed(self, input_ids):
-        """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0 and BOS
-        tokens have no previous token in their document, so they get neither bigram nor smear."""
+        """The blocks' input x0: token embedding (+ BigramHash), normed, then smeared. Position 0
+        and BOS tokens have no previous token in their document, so they get neither bigram nor
+        smear."""
         x = self.tok_emb(input_ids)
         pos = torch.arange(input_ids.size(1), device=input_ids.device)
         keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
@@ -1918,32 +3219,43 @@ class GPT(nn.Module):
             x = x + self.bigram(input_ids) * keep
         x = F.rms_norm(x, (x.size(-1),))
         if self.smear_gate is not None:
-            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
+            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
+                F.pad(x[:, :-1], (0, 0, 1, 0)) - x
+            )
         return x
+
     def hidden(self, input_ids):
-        x = x0 = self.embed(input_ids)
+        x0 = self.embed(input_ids)
+        x = x0
         order = self.orders[self.recur_active]
-        n_enc, skips, v_first = len(order) // 2, [], None
+        n_enc = len(order) // 2  # the first half of the layers is the U-Net's encoder
+        skips = []
+        v_first = None  # the first layer's values, for the value residual
         for j, i in enumerate(order):
             if j >= n_enc and skips:
                 skip = self.skip_weights[j - n_enc].to(x.dtype)[None, None] * skips.pop()
                 if self.skip_gates is None:
                     x = x + skip
                 else:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j - n_enc].to(x.dtype))[None, None])
+                    x = torch.lerp(
+                        skip, x, torch.sigmoid(self.skip_gates[j - n_enc].to(x.dtype))[None, None]
+                    )
             x, v = self.blocks[i](x, x0, v_first)
             v_first = v if v_first is None else v_first
             if j < n_enc:
                 skips.append(x)
         return self.final_norm(x)
+
     def logits(self, x):
         if self.flow is not None:
             x = self.flow(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight.to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
     def forward_logits(self, input_ids):
         return self.logits(self.hidden(input_ids))
+
     def forward(self, input_ids, target_ids):
         x = self.hidden(input_ids)
         logits = self.logits(x)
@@ -1952,44 +3264,65 @@ class GPT(nn.Module):
             loss = loss + self.flow_loss_weight * self.flow.loss(x)
         return loss
 
+
 def _recur_layers(h):
     try:
         layers = sorted({int(s) for s in h.recur_layers.split(",") if s.strip()})
     except ValueError:
-        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: expected comma-separated layer indices") from None
+        raise ValueError(
+            f"RECUR_LAYERS={h.recur_layers!r}: expected comma-separated layer indices"
+        ) from None
     if layers and not 0 <= layers[0] <= layers[-1] < h.num_layers:
-        raise ValueError(f"RECUR_LAYERS={h.recur_layers!r}: layers must lie in 0..{h.num_layers - 1}")
+        raise ValueError(
+            f"RECUR_LAYERS={h.recur_layers!r}: layers must lie in 0..{h.num_layers - 1}"
+        )
     return layers
+
 
 def build_model(h):
     return GPT(h)
 
+
 def param_groups(model, h):
-    """Muon for 2-D block matrices and the BigramHash projection; Adam for the embeddings, the head, and
-    scalars, vectors and control tensors (gates, mixes)."""
-    matrices, embeds, scalars = [], [model.tok_emb.weight], []
+    """Muon for 2-D block matrices and the BigramHash projection; Adam for the embeddings, the head,
+    and scalars, vectors and control tensors (gates, mixes)."""
+    matrices = []
+    embeds = [model.tok_emb.weight]
+    scalars = []
     for name, p in model.named_parameters():
-        control = any(c in name for c in CONTROL_TENSOR_PATTERNS)
-        if (name.startswith("blocks.") or name == "bigram.proj.weight") and p.ndim == 2 and not control:
+        control = is_control_tensor(name)
+        if (
+            (name.startswith("blocks.") or name == "bigram.proj.weight")
+            and p.ndim == 2
+            and not control
+        ):
             matrices.append(p)
         elif name == "bigram.embed.weight":
             embeds.append(p)
         elif name not in ("tok_emb.weight", "lm_head.weight"):
             scalars.append(p)
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    adam_groups = [{"params": embeds, "lr": embed_lr, "base_lr": embed_lr},
-                   {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}]
+    adam_groups = [
+        {"params": embeds, "lr": embed_lr, "base_lr": embed_lr},
+        {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr},
+    ]
     if model.lm_head is not None:
-        adam_groups.append({"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr})
+        adam_groups.append(
+            {"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr}
+        )
     return matrices, adam_groups
+
 
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
-# The loop, serialization, audits and final eval are the shared train block; this script adds nothing.
+# The loop, serialization, audits and final eval are the shared train block; this script adds
+# nothing.
+
 
 def main():
     return run_main(Hyperparameters.from_env())
+
 
 if __name__ == "__main__":
     try:

@@ -1,12 +1,13 @@
 """Worker for data/embedded.py: collect the standard library's docstrings, one document per module.
 
-Run as a script in a child process (`python -B -s data/_stdlib_docs.py OUT.json`, stdlib only): importing
-~300 modules may print, warn or touch global state, and none of that may reach the builder's process or
-its output. Writes {module name: document} as JSON to OUT.json.
+Run as a script in a child process (`python -B -s data/_stdlib_docs.py OUT.json`, stdlib only):
+importing ~300 modules may print, warn or touch global state, and none of that may reach the
+builder's process or its output. Writes {module name: document} as JSON to OUT.json.
 
-Modules come from sys.stdlib_module_names and their subpackages, walked in sorted order. Kept: modules
-whose file is a .py inside the standard library directory and that import without error. Skipped:
-private names, GUI and joke modules that act on import, test suites, `__main__` modules, codecs.
+Modules come from sys.stdlib_module_names and their subpackages, walked in sorted order. Kept:
+modules whose file is a .py inside the standard library directory and that import without error.
+Skipped: private names, GUI and joke modules that act on import, test suites, `__main__` modules,
+codecs.
 """
 
 import contextlib
@@ -21,10 +22,23 @@ import sysconfig
 import warnings
 
 SKIP = {
-    "antigravity", "this", "__hello__", "__phello__",  # act on import (browser, printing)
-    "tkinter", "idlelib", "turtle", "turtledemo",  # GUI
-    "test", "tests", "idle_test", "__main__",  # test suites, script entry points
-    "ensurepip", "venv", "lib2to3", "encodings", "pydoc_data",  # installers, codec tables, the topics
+    "antigravity",
+    "this",
+    "__hello__",
+    "__phello__",  # act on import (browser, printing)
+    "tkinter",
+    "idlelib",
+    "turtle",
+    "turtledemo",  # GUI
+    "test",
+    "tests",
+    "idle_test",
+    "__main__",  # test suites, script entry points
+    "ensurepip",
+    "venv",
+    "lib2to3",
+    "encodings",
+    "pydoc_data",  # installers, codec tables, the topics
 }
 STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"])
 
@@ -53,7 +67,11 @@ def module_document(name: str, module) -> str:
                     member = member.__func__
                 elif isinstance(member, property):
                     member = member.fget
-                if attr.startswith("_") or not inspect.isroutine(member) or not clean(member.__doc__):
+                if (
+                    attr.startswith("_")
+                    or not inspect.isroutine(member)
+                    or not clean(member.__doc__)
+                ):
                     continue
                 parts.append(f"{name}.{key}.{attr}\n{clean(member.__doc__)}")
     return "\n\n".join(parts) if len(parts) > 1 else ""
@@ -66,7 +84,10 @@ def collect() -> dict:
         if any(part.startswith("_") or part in SKIP for part in name.split(".")):
             return
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 module = importlib.import_module(name)
         except BaseException:  # a missing platform module, a SystemExit on import: not our corpus
             return

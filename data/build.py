@@ -1,11 +1,12 @@
-"""Tokenizer and shard builder: any corpus -> a SentencePiece BPE with the official settings -> shards.
+"""Tokenizer and shard builder: any corpus -> SentencePiece BPE (official settings) -> shards.
 
-The settings are those of the official export (RULES.md section 6) so that a tokenizer built here behaves
-like fineweb_1024_bpe.model: byte fallback (no <unk> on real text), split digits, nmt_nfkc normalization,
-pad/bos/eos/unk = 0/1/2/3. A document becomes [BOS] + encode(text) with no EOS, and validation is the
-first N documents, as in the official export.
+The settings are those of the official export (RULES.md section 6) so that a tokenizer built here
+behaves like fineweb_1024_bpe.model: byte fallback (no <unk> on real text), split digits, nmt_nfkc
+normalization, pad/bos/eos/unk = 0/1/2/3. A document becomes [BOS] + encode(text) with no EOS, and
+validation is the first N documents, as in the official export.
 
-    python -m data.build tokenizer --input docs.jsonl --vocab-size 1024 --model data/tokenizers/my_1024_bpe.model
+    python -m data.build tokenizer --input docs.jsonl --vocab-size 1024 \\
+        --model data/tokenizers/my_1024_bpe.model
     python -m data.build shards --input docs.jsonl --model data/tokenizers/my_1024_bpe.model \\
         --out-dir data/datasets/my_sp1024 --num-val-docs 50000
 """
@@ -25,7 +26,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.shards import MAX_TOKEN_ID, SHARD_SIZE, sha256_file, shard_info, write_bytes_atomic, write_shard
+from data.shards import (
+    MAX_TOKEN_ID,
+    SHARD_SIZE,
+    sha256_file,
+    shard_info,
+    write_bytes_atomic,
+    write_shard,
+)
 
 # Official trainer settings (RULES.md section 6); ids are fixed so every script can rely on BOS=1.
 TOKENIZER_SETTINGS = dict(
@@ -54,9 +62,11 @@ ENCODE_BATCH_DOCS = 256
 def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     """Yield the documents of one corpus file.
 
-    - `.jsonl` / `.jsonl.gz`: one JSON object per line with a string "text" field; blank lines are skipped.
-    - `.txt` / `.txt.gz`: plain text; a document is a block of lines ended by one or more blank lines
-      (lines holding only whitespace count as blank), i.e. paragraphs separated by two or more newlines.
+    - `.jsonl` / `.jsonl.gz`: one JSON object per line with a string "text" field; blank lines are
+      skipped.
+    - `.txt` / `.txt.gz`: plain text; a document is a block of lines ended by one or more blank
+      lines (lines holding only whitespace count as blank), i.e. paragraphs separated by two or
+      more newlines.
     """
     path = Path(path)
     name = path.name
@@ -87,7 +97,9 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
             if block:
                 yield "".join(block).rstrip("\n")
     else:
-        raise ValueError(f"{path}: unsupported corpus file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
+        raise ValueError(
+            f"{path}: unsupported corpus file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)"
+        )
 
 
 def iter_corpus(paths: Iterable[str | os.PathLike], max_docs: int | None = None) -> Iterator[str]:
@@ -112,13 +124,15 @@ def _training_lines(documents: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str | os.PathLike) -> Path:
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, model_path: str | os.PathLike
+) -> Path:
     """Train a SentencePiece BPE with the official settings; writes model_path and its .vocab.
 
     Deterministic: the whole input is used in order (no sampling, no shuffle) with a fixed thread
-    count, and the model is serialized in memory (a model_prefix on disk would be recorded inside the
-    model, so the bytes would depend on the output path). With hard_vocab_limit=False a small corpus may
-    give fewer pieces than vocab_size. Model and .vocab are written atomically.
+    count, and the model is serialized in memory (a model_prefix on disk would be recorded inside
+    the model, so the bytes would depend on the output path). With hard_vocab_limit=False a small
+    corpus may give fewer pieces than vocab_size. Model and .vocab are written atomically.
     """
     import sentencepiece as spm
 
@@ -126,7 +140,10 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str |
     if model_path.suffix != ".model":
         raise ValueError(f"{model_path}: tokenizer path must end in .model")
     if not 260 < vocab_size <= MAX_TOKEN_ID + 1:
-        raise ValueError(f"vocab_size={vocab_size}: must be above 260 (4 specials + 256 byte pieces) and at most 65,536")
+        raise ValueError(
+            f"vocab_size={vocab_size}: must be above 260 (4 specials + 256 byte pieces) "
+            "and at most 65,536"
+        )
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -140,10 +157,13 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str |
             **TOKENIZER_SETTINGS,
         )
     except RuntimeError as e:
-        raise RuntimeError(f"{model_path}: SentencePiece training failed: {str(e).strip()}") from None
+        raise RuntimeError(
+            f"{model_path}: SentencePiece training failed: {str(e).strip()}"
+        ) from None
     proto = writer.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
-    # The .vocab text SentencePiece itself writes: "piece<TAB>score" per id, score as C++ prints a float.
+    # The .vocab text SentencePiece itself writes: "piece<TAB>score" per id, the score as C++
+    # prints a float.
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     model_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(model_path.with_suffix(".vocab"), vocab.encode("utf-8"))
@@ -160,7 +180,9 @@ def load_tokenizer(model_path: str | os.PathLike):
         raise ValueError(f"{model_path}: tokenizer model not found")
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     if sp.vocab_size() > MAX_TOKEN_ID + 1:
-        raise ValueError(f"{model_path}: vocab size {sp.vocab_size()} above 65,536 does not fit uint16 shards")
+        raise ValueError(
+            f"{model_path}: vocab size {sp.vocab_size()} above 65,536 does not fit uint16 shards"
+        )
     if sp.bos_id() < 0:
         raise ValueError(f"{model_path}: tokenizer has no BOS piece; documents could not be split")
     return sp
@@ -175,7 +197,9 @@ class _SplitWriter:
     """Buffers one split's token stream and cuts it into files of exactly shard_size tokens."""
 
     def __init__(self, out_dir: Path, name: str, shard_size: int):
-        self.out_dir, self.name, self.shard_size = out_dir, name, shard_size
+        self.out_dir = out_dir
+        self.name = name
+        self.shard_size = shard_size
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.files: list[Path] = []
@@ -189,12 +213,14 @@ class _SplitWriter:
             stream = np.concatenate(self.buffer)
             self._write(stream[: self.shard_size])
             rest = stream[self.shard_size :]
-            self.buffer, self.buffered = [rest], rest.size
+            self.buffer = [rest]
+            self.buffered = rest.size
 
     def close(self) -> None:
         if self.buffered:
             self._write(np.concatenate(self.buffer))
-        self.buffer, self.buffered = [], 0
+        self.buffer = []
+        self.buffered = 0
 
     def _write(self, tokens: np.ndarray) -> None:
         path = self.out_dir / f"{self.name}_{len(self.files):06d}.bin"
@@ -209,7 +235,8 @@ def export_shards(
     shard_size: int = SHARD_SIZE,
     prefix: str = "fineweb",
 ) -> dict:
-    """Tokenize documents into `{prefix}_val_%06d.bin` (the first num_val_docs) and `{prefix}_train_%06d.bin`.
+    """Tokenize documents into `{prefix}_val_%06d.bin` (the first num_val_docs) and
+    `{prefix}_train_%06d.bin`.
 
     Each document is [BOS] + encode(text), no EOS. Each split is one token stream cut into files of
     exactly shard_size tokens (the last file of a split holds the rest), so a document may span two
@@ -223,7 +250,8 @@ def export_shards(
         raise ValueError(f"num_val_docs={num_val_docs}: must be >= 0")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: must be >= 1")
-    sp_model_path, out_dir = Path(sp_model_path), Path(out_dir)
+    sp_model_path = Path(sp_model_path)
+    out_dir = Path(out_dir)
     sp = load_tokenizer(sp_model_path)
     bos = sp.bos_id()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +271,9 @@ def export_shards(
 
     batch: list[str] = []
     split = "val"
-    progress = tqdm(documents, desc=f"export {out_dir.name}", unit="doc", disable=not sys.stderr.isatty())
+    progress = tqdm(
+        documents, desc=f"export {out_dir.name}", unit="doc", disable=not sys.stderr.isatty()
+    )
     for i, text in enumerate(progress):
         doc_split = "val" if i < num_val_docs else "train"
         if doc_split != split or len(batch) >= ENCODE_BATCH_DOCS:
@@ -256,7 +286,10 @@ def export_shards(
 
     written = {p.name for w in writers.values() for p in w.files}
     for stale in sorted(out_dir.glob(f"{prefix}_*_*.bin")):
-        if re.fullmatch(rf"{re.escape(prefix)}_(val|train)_\d{{6}}\.bin", stale.name) and stale.name not in written:
+        if (
+            re.fullmatch(rf"{re.escape(prefix)}_(val|train)_\d{{6}}\.bin", stale.name)
+            and stale.name not in written
+        ):
             stale.unlink()
 
     manifest = {
@@ -291,8 +324,13 @@ def write_json(path: Path, obj: dict) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
-def verify_manifest(out_dir: str | os.PathLike, sp_model_path: str | os.PathLike | None = None) -> list[str]:
-    """Problems found checking an export against its manifest (sha256 of every file); [] when intact."""
+def verify_manifest(
+    out_dir: str | os.PathLike, sp_model_path: str | os.PathLike | None = None
+) -> list[str]:
+    """Problems found checking an export against its manifest (sha256 of every file).
+
+    [] when intact.
+    """
     out_dir = Path(out_dir)
     try:
         manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -324,7 +362,8 @@ def print_summary(summary: dict, as_json: bool = False) -> None:
 
 
 def report(action, as_json: bool = False) -> int:
-    """Run a CLI's action: its summary as `key: value` lines (or JSON), or one `error:` line and exit 1."""
+    """Run a CLI's action: its summary as `key: value` lines (or JSON), or one `error:` line and
+    exit status 1."""
     try:
         summary = action()
     except (ValueError, RuntimeError, OSError) as e:
@@ -337,22 +376,44 @@ def report(action, as_json: bool = False) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.build",
-        description="Train a SentencePiece BPE tokenizer with the official settings and export documents to shards.",
+        description=(
+            "Train a SentencePiece BPE tokenizer with the official settings "
+            "and export documents to shards."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train a tokenizer (writes MODEL and its .vocab)")
-    shards = sub.add_parser("shards", help="export documents to fineweb_{val,train}_%%06d.bin + manifest.json")
+    shards = sub.add_parser(
+        "shards", help="export documents to fineweb_{val,train}_%%06d.bin + manifest.json"
+    )
     for p in (tok, shards):
-        p.add_argument("--input", action="append", required=True, metavar="FILE",
-                       help="corpus file: .jsonl(.gz) with a 'text' field, or .txt(.gz) with blank-line-separated documents; repeatable, read in order")
+        p.add_argument(
+            "--input",
+            action="append",
+            required=True,
+            metavar="FILE",
+            help=(
+                "corpus file: .jsonl(.gz) with a 'text' field, or .txt(.gz) with "
+                "blank-line-separated documents; repeatable, read in order"
+            ),
+        )
         p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
         p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     tok.add_argument("--vocab-size", type=int, default=1024, help="number of pieces (default 1024)")
     tok.add_argument("--model", required=True, help="output path, must end in .model")
     shards.add_argument("--model", required=True, help="SentencePiece model to encode with")
-    shards.add_argument("--out-dir", required=True, help="directory for the shards and manifest.json")
-    shards.add_argument("--num-val-docs", type=int, required=True, help="the first N documents form the validation split")
-    shards.add_argument("--shard-size", type=int, default=SHARD_SIZE, help=f"tokens per file (default {SHARD_SIZE})")
+    shards.add_argument(
+        "--out-dir", required=True, help="directory for the shards and manifest.json"
+    )
+    shards.add_argument(
+        "--num-val-docs",
+        type=int,
+        required=True,
+        help="the first N documents form the validation split",
+    )
+    shards.add_argument(
+        "--shard-size", type=int, default=SHARD_SIZE, help=f"tokens per file (default {SHARD_SIZE})"
+    )
     return parser
 
 
@@ -365,9 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             import sentencepiece as spm
 
             sp = spm.SentencePieceProcessor(model_file=str(path))
-            summary = {"model": str(path), "vocab_size": sp.vocab_size(), "sha256": sha256_file(path)}
+            summary = {
+                "model": str(path),
+                "vocab_size": sp.vocab_size(),
+                "sha256": sha256_file(path),
+            }
         else:
-            m = export_shards(docs, args.model, args.out_dir, args.num_val_docs, shard_size=args.shard_size)
+            m = export_shards(
+                docs, args.model, args.out_dir, args.num_val_docs, shard_size=args.shard_size
+            )
             summary = {
                 "out_dir": args.out_dir,
                 "docs": m["num_docs"],

@@ -1,16 +1,18 @@
-"""Download the official shards and tokenizer from the Hugging Face hub, driven by the published manifest.
+"""Download the official shards and tokenizer from the Hugging Face hub, by the published manifest.
 
 The hub repo (a dataset repo) holds, under a remote prefix (default `datasets`):
     manifest.json
     datasets/fineweb10B_sp1024/fineweb_val_000000.bin, fineweb_train_000000.bin, ...
     tokenizers/fineweb_1024_bpe.model (+ .vocab)
-and is mirrored locally without the prefix: data/manifest.json, data/datasets/..., data/tokenizers/....
+and is mirrored locally without the prefix: data/manifest.json, data/datasets/...,
+data/tokenizers/....
 
     python -m data.download --variant sp1024 --train-shards 80 [--local-dir data] [--repo-id ...]
 
-Always fetches the manifest (a stale cached manifest is a known pitfall), all val shards, the first N
-train shards and the tokenizer. A file already present is skipped when it verifies: for a shard, a valid
-header and exactly the token count the manifest implies (shard_size per full file, the rest in the last).
+Always fetches the manifest (a stale cached manifest is a known pitfall), all val shards, the first
+N train shards and the tokenizer. A file already present is skipped when it verifies: for a shard,
+a valid header and exactly the token count the manifest implies (shard_size per full file, the rest
+in the last).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ OFFLINE_HINT = "check the network or use the embedded corpus (python -m data.emb
 
 
 def fetch(repo_id: str, filename: str, local_dir: Path) -> Path:
-    """The only call that touches the network: download `filename` of the dataset repo under local_dir.
+    """The only call that touches the network: download `filename` of the dataset repo under
+    local_dir.
 
     Tests replace this with a stand-in that serves files from a local directory.
     """
@@ -47,7 +50,11 @@ def fetch(repo_id: str, filename: str, local_dir: Path) -> Path:
             socket.getaddrinfo(host, 443)
         except OSError as e:
             raise ConnectionError(f"cannot resolve {host}: {e}") from None
-    return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir))
+    return Path(
+        hf_hub_download(
+            repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir
+        )
+    )
 
 
 def _fetch_checked(repo_id: str, filename: str, staging: Path) -> Path:
@@ -57,14 +64,23 @@ def _fetch_checked(repo_id: str, filename: str, staging: Path) -> Path:
     except Exception as e:  # classified below; anything unknown is re-raised untouched
         kind = type(e).__name__
         names = {c.__name__ for c in type(e).__mro__}
-        if "LocalEntryNotFoundError" in names or isinstance(e, (ConnectionError, TimeoutError)) \
-                or type(e).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
+        if (
+            "LocalEntryNotFoundError" in names
+            or isinstance(e, (ConnectionError, TimeoutError))
+            or type(e).__module__.split(".")[0] in ("httpx", "requests", "urllib3")
+        ):
             reason = str(e).splitlines()[0] if isinstance(e, ConnectionError) and str(e) else kind
-            raise RuntimeError(f"cannot reach the Hugging Face hub ({reason}): {OFFLINE_HINT}") from None
+            raise RuntimeError(
+                f"cannot reach the Hugging Face hub ({reason}): {OFFLINE_HINT}"
+            ) from None
         if "EntryNotFoundError" in names:
-            raise RuntimeError(f"{repo_id}: {filename} not found on the hub (check --remote-prefix)") from None
+            raise RuntimeError(
+                f"{repo_id}: {filename} not found on the hub (check --remote-prefix)"
+            ) from None
         if "RepositoryNotFoundError" in names:
-            raise RuntimeError(f"{repo_id}: dataset repo not found or not accessible (check --repo-id)") from None
+            raise RuntimeError(
+                f"{repo_id}: dataset repo not found or not accessible (check --repo-id)"
+            ) from None
         if "HfHubHTTPError" in names:
             first = str(e).strip().splitlines()[0] if str(e).strip() else kind
             raise RuntimeError(f"{repo_id}: the hub refused {filename}: {first}") from None
@@ -73,33 +89,56 @@ def _fetch_checked(repo_id: str, filename: str, staging: Path) -> Path:
 
 def available_variants(manifest: dict) -> dict[str, dict]:
     """Variant name (the dataset suffix, e.g. sp1024) -> its dataset entry in the manifest."""
-    return {entry["name"].rsplit("_", 1)[-1]: entry for entry in manifest.get("datasets", []) if "name" in entry}
+    return {
+        entry["name"].rsplit("_", 1)[-1]: entry
+        for entry in manifest.get("datasets", [])
+        if "name" in entry
+    }
 
 
 def plan_files(manifest: dict, variant: str, train_shards: int) -> list[tuple[str, int | None]]:
-    """(path relative to the remote prefix, expected token count or None) for every file to fetch."""
+    """(path relative to the remote prefix, expected token count or None) for every file to
+    fetch."""
     variants = available_variants(manifest)
     if variant not in variants:
-        raise ValueError(f"unknown variant {variant!r}: the manifest lists {', '.join(sorted(variants)) or 'none'}")
+        raise ValueError(
+            f"unknown variant {variant!r}: "
+            f"the manifest lists {', '.join(sorted(variants)) or 'none'}"
+        )
     entry = variants[variant]
     stats = entry.get("stats") or {}
-    files_val, files_train = int(stats.get("files_val", 1)), stats.get("files_train")
+    files_val = int(stats.get("files_val", 1))
+    files_train = stats.get("files_train")
     if train_shards < 0:
         raise ValueError(f"--train-shards {train_shards}: must be >= 0")
     if files_train is not None and train_shards > int(files_train):
-        raise ValueError(f"--train-shards {train_shards}: {variant} has only {files_train} train shards")
+        raise ValueError(
+            f"--train-shards {train_shards}: {variant} has only {files_train} train shards"
+        )
     shard_size = manifest.get("shard_size")
 
     def expected(i: int, files, tokens) -> int | None:
         if shard_size is None or files is None or tokens is None:
             return None
-        return int(shard_size) if i < int(files) - 1 else int(tokens) - (int(files) - 1) * int(shard_size)
+        return (
+            int(shard_size)
+            if i < int(files) - 1
+            else int(tokens) - (int(files) - 1) * int(shard_size)
+        )
 
     base = entry.get("path") or f"datasets/{entry['name']}"
-    plan = [(f"{base}/fineweb_val_{i:06d}.bin", expected(i, files_val, stats.get("tokens_val"))) for i in range(files_val)]
-    plan += [(f"{base}/fineweb_train_{i:06d}.bin", expected(i, files_train, stats.get("tokens_train")))
-             for i in range(train_shards)]
-    tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
+    plan = [
+        (f"{base}/fineweb_val_{i:06d}.bin", expected(i, files_val, stats.get("tokens_val")))
+        for i in range(files_val)
+    ]
+    plan += [
+        (f"{base}/fineweb_train_{i:06d}.bin", expected(i, files_train, stats.get("tokens_train")))
+        for i in range(train_shards)
+    ]
+    tokenizer = next(
+        (t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")),
+        {},
+    )
     vocab = variant[2:] if variant.startswith("sp") else variant
     model = tokenizer.get("model_path") or f"tokenizers/fineweb_{vocab}_bpe.model"
     plan.append((model, None))
@@ -109,23 +148,35 @@ def plan_files(manifest: dict, variant: str, train_shards: int) -> list[tuple[st
 
 
 def verify_file(path: Path, expected_tokens: int | None) -> None:
-    """Raise ValueError when a local file is missing, empty, or (for a shard) malformed or the wrong length."""
+    """Raise ValueError when a local file is missing, empty, or (for a shard) malformed or the
+    wrong length."""
     if not path.is_file():
         raise ValueError(f"{path}: missing")
     if path.suffix == ".bin":
         num_tokens = check_shard(path)
         if expected_tokens is not None and num_tokens != expected_tokens:
-            raise ValueError(f"{path}: holds {num_tokens} tokens, the manifest implies {expected_tokens}")
+            raise ValueError(
+                f"{path}: holds {num_tokens} tokens, the manifest implies {expected_tokens}"
+            )
     elif path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file")
 
 
-def download(variant: str, train_shards: int, local_dir: str | os.PathLike = "data", repo_id: str = REPO_ID,
-             remote_prefix: str = REMOTE_PREFIX) -> dict:
-    """Fetch the manifest, val shards, the first train_shards train shards and the tokenizer; returns a summary."""
+def download(
+    variant: str,
+    train_shards: int,
+    local_dir: str | os.PathLike = "data",
+    repo_id: str = REPO_ID,
+    remote_prefix: str = REMOTE_PREFIX,
+) -> dict:
+    """Fetch the manifest, val shards, the first train_shards train shards and the tokenizer.
+
+    Returns a summary.
+    """
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    staging = local_dir / ".download"  # same filesystem, so finished files move into place atomically
+    # On the same filesystem, so finished files move into place atomically.
+    staging = local_dir / ".download"
     prefix = remote_prefix.strip("/")
 
     def get(relative: str, expected_tokens: int | None = None) -> Path:
@@ -140,7 +191,8 @@ def download(variant: str, train_shards: int, local_dir: str | os.PathLike = "da
         shutil.move(str(got), str(dest))
         return dest
 
-    downloaded = skipped = 0
+    downloaded = 0
+    skipped = 0
     try:
         manifest_path = get("manifest.json")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -173,21 +225,48 @@ def download(variant: str, train_shards: int, local_dir: str | os.PathLike = "da
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.download",
-        description="Download the official Parameter Golf shards and tokenizer from the Hugging Face hub.",
+        description=(
+            "Download the official Parameter Golf shards and tokenizer from the Hugging Face hub."
+        ),
     )
-    parser.add_argument("--variant", default="sp1024", help="tokenizer variant named in the manifest, e.g. sp1024, sp4096, sp8192 (default: sp1024)")
-    parser.add_argument("--train-shards", type=int, default=80, help="number of train shards to fetch, from the first (default: 80, the usual 8B tokens)")
-    parser.add_argument("--local-dir", default="data", help="local root for manifest.json, datasets/ and tokenizers/ (default: data)")
-    parser.add_argument("--repo-id", default=REPO_ID, help=f"Hugging Face dataset repo (default: {REPO_ID})")
-    parser.add_argument("--remote-prefix", default=REMOTE_PREFIX, help=f"folder of the export inside the repo (default: {REMOTE_PREFIX})")
+    parser.add_argument(
+        "--variant",
+        default="sp1024",
+        help=(
+            "tokenizer variant named in the manifest, e.g. sp1024, sp4096, sp8192 (default: sp1024)"
+        ),
+    )
+    parser.add_argument(
+        "--train-shards",
+        type=int,
+        default=80,
+        help="number of train shards to fetch, from the first (default: 80, the usual 8B tokens)",
+    )
+    parser.add_argument(
+        "--local-dir",
+        default="data",
+        help="local root for manifest.json, datasets/ and tokenizers/ (default: data)",
+    )
+    parser.add_argument(
+        "--repo-id", default=REPO_ID, help=f"Hugging Face dataset repo (default: {REPO_ID})"
+    )
+    parser.add_argument(
+        "--remote-prefix",
+        default=REMOTE_PREFIX,
+        help=f"folder of the export inside the repo (default: {REMOTE_PREFIX})",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return report(lambda: download(args.variant, args.train_shards, args.local_dir, args.repo_id, args.remote_prefix),
-                  args.json)
+    return report(
+        lambda: download(
+            args.variant, args.train_shards, args.local_dir, args.repo_id, args.remote_prefix
+        ),
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def check_shard(path: str | os.PathLike) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise ValueError(
+            f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header"
+        )
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     return _check_header(path, header, size)
@@ -63,12 +65,16 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < HEADER_BYTES:
-            raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+            raise ValueError(
+                f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header"
+            )
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
         num_tokens = _check_header(path, header, size)
         tokens = np.fromfile(f, dtype="<u2", count=num_tokens)
     if tokens.size != num_tokens:  # the file shrank while we read it
-        raise ValueError(f"{path}: truncated: header says {num_tokens} tokens, file holds {tokens.size}")
+        raise ValueError(
+            f"{path}: truncated: header says {num_tokens} tokens, file holds {tokens.size}"
+        )
     return tokens.astype(np.uint16, copy=False)
 
 
@@ -84,7 +90,8 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
     if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
+        lo = int(arr.min())
+        hi = int(arr.max())
         if lo < 0 or hi > MAX_TOKEN_ID:
             bad = lo if lo < 0 else hi
             raise ValueError(
@@ -93,7 +100,7 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
     if arr.size > np.iinfo(np.int32).max:
         raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = MAGIC, VERSION, arr.size
+    header[:3] = (MAGIC, VERSION, arr.size)
     body = arr.astype("<u2", copy=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, header.tobytes(), np.ascontiguousarray(body))
@@ -101,8 +108,11 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
 
 
 def write_bytes_atomic(path: str | os.PathLike, *chunks) -> None:
-    """Write through a temporary file in the same directory, then os.replace: readers see the old file
-    or the whole new one, never a half-written one, and a failure leaves no temporary behind."""
+    """Write through a temporary file in the same directory, then os.replace.
+
+    Readers see the old file or the whole new one, never a half-written one, and a failure leaves
+    no temporary behind.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -120,6 +130,8 @@ def write_bytes_atomic(path: str | os.PathLike, *chunks) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The same digest as the training scripts' file_sha256; a copy, because the data tools need
+    only numpy and sentencepiece (importing a training script would pull in torch)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -130,4 +142,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 def shard_info(path: str | os.PathLike) -> dict:
     """num_tokens, bytes and sha256 of a valid shard: what a manifest records per file."""
     path = Path(path)
-    return {"num_tokens": check_shard(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "num_tokens": check_shard(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }

@@ -16,8 +16,11 @@ from pathlib import Path
 
 CANONICAL = "train_gpt.py"
 COPIES = ("train_manifold.py", "train_hydra.py")
-BLOCK = re.compile(r"^# ===== BEGIN SHARED BLOCK: (?P<name>\w+) v(?P<version>\d+) =====\n.*?"
-                   r"^# ===== END SHARED BLOCK: (?P=name) v(?P=version) =====\n", re.S | re.M)
+BLOCK = re.compile(
+    r"^[ ]*# ===== BEGIN SHARED BLOCK: (?P<name>\w+) v(?P<version>\d+) =====\n.*?"
+    r"^[ ]*# ===== END SHARED BLOCK: (?P=name) v(?P=version) =====\n",
+    re.S | re.M,
+)
 
 
 def blocks(text):
@@ -64,8 +67,12 @@ def sync(repo):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="report drift and exit 1 instead of fixing it")
-    parser.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent), help="repository root")
+    parser.add_argument(
+        "--check", action="store_true", help="report drift and exit 1 instead of fixing it"
+    )
+    parser.add_argument(
+        "--repo", default=str(Path(__file__).resolve().parent.parent), help="repository root"
+    )
     args = parser.parse_args(argv)
     repo = Path(args.repo)
     if args.check:

@@ -3,7 +3,8 @@
   python pack.py size ARTIFACT --script train_gpt.py [--json]
   python pack.py record logs/run_s1.txt logs/run_s2.txt --name MyStack \
       --author "A. Person" --github-id aperson
-  python pack.py check records/track_10min_16mb/2026-05-01_MyStack
+  python pack.py check records/track_10min_16mb/2026-05-01_MyStack [--rescore \
+      --data-path DIR --tokenizer-path MODEL]
   python pack.py significance --new logs/a.txt logs/b.txt \
       --baseline-values 1.2244,1.2250 --metric val_bpb
 
@@ -11,6 +12,12 @@ Counted size = artifact file bytes + script bytes, against 16,000,000 (decimal).
 reads the baseline log family (`step:N/M ...`, `final_int8_zlib_roundtrip_exact ...`), the late
 family (`N/M train_loss: ...`, `quantized_ttt val_loss:...`) and this harness's `summary: {json}`
 line (preferred).
+
+Record folders are tamper-evident: submission.json holds the sha256 of every other file in the
+folder, and `check` verifies them (`--rescore` also re-scores each artifact with eval_bpb.py and
+compares with its log). pack.py never runs code it was handed: it imports only this checkout's
+training scripts, and only when the record's script is byte for byte one of them.
+
 Exit status: 0 ok, 1 over budget / a check failed / a record refused, 2 bad input.
 """
 
@@ -26,6 +33,7 @@ import shlex
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +47,17 @@ ARTIFACT_PREFIX = struct.Struct("<8sII")
 RUN_ONLY_HPARAMS = ("run_id", "seed", "log_dir", "artifact_path")
 SEPARATOR = "=" * 100
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's training scripts: the only code pack.py imports, and only when a record's script
+# is byte for byte one of them.
+OUR_SCRIPTS = ("train_gpt.py", "train_hydra.py", "train_manifold.py")
+# A name that stays inside its folder: letters, digits and . _ -, no separator, no leading dot.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# The most a payload may inflate to, whatever its header says (a 16 MB artifact's raw tensors are
+# far below this).
+MAX_RAW_BYTES = 1 << 31
+TIME_LIMIT_S = 600.0
+RESCORE_TOLERANCE = 1e-6
 
 
 class InputError(Exception):
@@ -65,6 +84,32 @@ def sha256_file(path):
     return _train_gpt().file_sha256(path)
 
 
+def is_plain_name(name):
+    """True for a bare file or folder name that cannot leave its folder."""
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None
+
+
+def plain_name(name, what):
+    """name itself, or InputError naming `what` and the bad value."""
+    if not is_plain_name(name):
+        raise InputError(
+            f"{what} {name!r}: not a plain name (letters, digits and . _ - only, "
+            "no path separators, no leading dot)"
+        )
+    return name
+
+
+def plain_date(date):
+    """A YYYY-MM-DD date that exists, or InputError."""
+    try:
+        valid = bool(DATE.fullmatch(date)) and bool(time.strptime(date, "%Y-%m-%d"))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise InputError(f"--date {date!r}: not a date of the form YYYY-MM-DD")
+    return date
+
+
 # -----------------------------------------------------------------------------
 # ARTIFACTS
 # -----------------------------------------------------------------------------
@@ -74,19 +119,34 @@ def sha256_file(path):
 
 
 def _inflate(name, data, limit):
+    """data decompressed, at most `limit` bytes (streamed: the output never grows past it)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_RAW_BYTES:
+        raise InputError(f"raw_bytes {limit!r} is not a size between 0 and {MAX_RAW_BYTES}")
     if name == "zlib":
         out = zlib.decompressobj().decompress(data, limit + 1)
     elif name == "lzma":
         out = lzma.LZMADecompressor().decompress(data, limit + 1)
     elif name == "zstd":
+        import io
+
         import zstandard
 
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit + 1)
+        # A frame that declares its content size ignores max_output_size: read a bounded stream.
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            out = reader.read(limit + 1)
     else:
         raise InputError(f"unknown compressor {name!r}")
     if len(out) > limit:
         raise InputError(f"payload inflates beyond {limit} bytes")
     return out
+
+
+def _header_sha256(header):
+    """sha256 of the canonical header JSON without its own checksum (the scripts' definition)."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def read_container(path):
@@ -106,6 +166,10 @@ def read_container(path):
             raise InputError(f"{path}: truncated artifact header (declares {head_len} bytes)")
         try:
             header = json.loads(blob[ARTIFACT_PREFIX.size : start].decode("utf-8"))
+            if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
+                raise InputError(
+                    f"{path}: header is corrupted (its sha256 differs from the one it records)"
+                )
             payload = blob[start:]
             if (
                 len(payload) != header["payload_bytes"]
@@ -115,7 +179,7 @@ def read_container(path):
                     f"{path}: payload is truncated or corrupted "
                     "(length or sha256 differs from the header)"
                 )
-            raw = _inflate(header["compressor"], payload, int(header["raw_bytes"]))
+            raw = _inflate(header["compressor"], payload, header["raw_bytes"])
         except InputError:
             raise
         except Exception as exc:
@@ -129,7 +193,7 @@ def read_container(path):
             "file_bytes": len(blob),
         }
     try:
-        raw = _inflate("zlib", blob, 1 << 31)
+        raw = _inflate("zlib", blob, MAX_RAW_BYTES)
     except (zlib.error, InputError):
         raise InputError(
             f"{path}: neither a Parameter Golf artifact nor a zlib-compressed official .ptz"
@@ -294,7 +358,7 @@ def parse_log(path):
         "world_size": None,
         "seed": None,
     }
-    sep = re.search(rf"^{SEPARATOR}$", text, flags=re.M)
+    sep = re.search(rf"^{SEPARATOR}$", text, flags=re.MULTILINE)
     body = text
     if sep and sep.start() > 0:
         source = text[: sep.start() - 1].encode("utf-8")
@@ -371,9 +435,9 @@ def _parse_line(log, line):
     elif m := P["invalid"].match(line):
         log["invalid"] = m[1] or "INVALID"
     elif m := P["ledger"].match(line):
-        log["time_ledger"] = json.loads(m[1])
+        log["time_ledger"] = _json_line(log, "time_ledger", m[1])
     elif m := P["summary"].match(line):
-        log["summary"] = json.loads(m[1])
+        log["summary"] = _json_line(log, "summary", m[1])
     elif m := P["versions"].match(line):
         words = m[1].split()
         log["versions"] = dict(zip(words[::2], words[1::2]))
@@ -384,6 +448,17 @@ def _parse_line(log, line):
         log["total_eval_time_s"] = float(m[1])
     elif m := P["seed"].match(line):
         log["seed_line"] = int(m[1])
+
+
+def _json_line(log, key, text):
+    """The JSON object of a `key: {...}` line, or InputError naming the log."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{log['path']}: the {key} line is not JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{log['path']}: the {key} line is not a JSON object")
+    return obj
 
 
 def _apply_summary(log):
@@ -612,10 +687,10 @@ def compliance_of(logs):
             for lg in logs
         ),
         "training_under_600s": all_of(
-            None if s is None else (s <= 600.0 and hw) for s, hw in zip(train_s, on_8xh100)
+            None if s is None else (s <= TIME_LIMIT_S and hw) for s, hw in zip(train_s, on_8xh100)
         ),
         "eval_under_600s": all_of(
-            None if s is None else (s <= 600.0 and hw) for s, hw in zip(eval_s, on_8xh100)
+            None if s is None else (s <= TIME_LIMIT_S and hw) for s, hw in zip(eval_s, on_8xh100)
         ),
         "score_first_ttt": score_first,
         "causality_audit_passed": all_of(all(c) if c else None for c in causality),
@@ -633,20 +708,31 @@ def _train_seconds(log):
     """
     ledger = log.get("time_ledger") or {}
     if "train_s" in ledger:
-        return ledger["train_s"]
+        return _seconds(log, ledger, "train_s")
     if "train_loop_s" in ledger:
-        gptq_s = ledger.get("gptq_s", ledger.get("gptq_calib_s", 0.0))
-        return ledger["train_loop_s"] + ledger.get("precompute_s", 0.0) + gptq_s
+        gptq_key = "gptq_s" if "gptq_s" in ledger else "gptq_calib_s"
+        parts = ("train_loop_s", "precompute_s", gptq_key)
+        return sum(_seconds(log, ledger, key) or 0.0 for key in parts)
     if log.get("train_time_ms") is not None:
         return log["train_time_ms"] / 1000.0
     return None
+
+
+def _seconds(log, ledger, key):
+    """ledger[key] as a float (None when absent); InputError naming the log for anything else."""
+    value = ledger.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{log['path']}: time_ledger {key} {value!r} is not a number")
+    return float(value)
 
 
 def _eval_seconds(log):
     """The run's 600 s eval clock in seconds: the ledger's `eval_s`, else the final eval's time."""
     ledger = log.get("time_ledger") or {}
     if "eval_s" in ledger:
-        return ledger["eval_s"]
+        return _seconds(log, ledger, "eval_s")
     if log.get("eval_time_ms") is not None:
         return log["eval_time_ms"] / 1000.0
     return None
@@ -654,9 +740,9 @@ def _eval_seconds(log):
 
 COMPLIANCE_NOTES = {
     "training_under_600s": (
-        "train loop + precompute within 600 s on 8xH100 (world_size 8), from the time ledger"
+        "time_ledger train_s (precompute + train loop + GPTQ) within 600 s on 8xH100 (world_size 8)"
     ),
-    "eval_under_600s": "the final eval's timed figure within 600 s on 8xH100",
+    "eval_under_600s": "time_ledger eval_s (the final eval) within 600 s on 8xH100",
     "score_first_ttt": (
         "null when the eval mode is not TTT; true only if the score_first audit passed"
     ),
@@ -669,13 +755,21 @@ COMPLIANCE_NOTES = {
 def problems_of(logs):
     """Why these logs cannot be a record.
 
-    Over budget, a failed audit, a score marked INVALID, or not proven within time on 8xH100.
+    Over budget, a failed audit, a score marked INVALID, over 600 s of training or of eval (the
+    time ledger's train_s and eval_s, the fields the scripts enforce), or not proven within time on
+    8xH100.
     """
     out = []
     for lg in logs:
         name = os.path.basename(lg["path"])
         if lg.get("total_bytes") is not None and lg["total_bytes"] > BUDGET_BYTES:
             out.append(f"{name}: total {lg['total_bytes']} bytes is over the {BUDGET_BYTES} budget")
+        for clock, seconds in (("train_s", _train_seconds(lg)), ("eval_s", _eval_seconds(lg))):
+            if seconds is not None and not seconds <= TIME_LIMIT_S:
+                out.append(
+                    f"{name}: time_ledger {clock} {seconds:.1f} s is over the "
+                    f"{TIME_LIMIT_S:.0f} s limit"
+                )
         for audit, res in lg["audits"].items():
             if not res["passed"]:
                 out.append(f"{name}: audit {audit} failed")
@@ -698,9 +792,7 @@ def problems_of(logs):
         out.append(f"ran on {', '.join(hardware)}, not 8xH100, so the 600 s bounds are not proven")
     comp = compliance_of(logs)
     for key in ("training_under_600s", "eval_under_600s"):
-        if comp[key] is False and not hardware:
-            out.append(f"{key} is false: the logged time exceeds 600 s")
-        elif comp[key] is None:
+        if comp[key] is None:
             out.append(f"{key} cannot be proven from these logs (no time figure)")
     return out
 
@@ -753,36 +845,60 @@ def mean_std(values):
 
 
 def env_lines(log, script_path):
-    """Env assignments that reproduce the run.
+    """Env assignments that reproduce the run, read from the log's `Hyperparameters:` block.
 
-    PRESET and every hyperparameter that differs from the preset's defaults.
+    PRESET and every hyperparameter that differs from the preset's defaults; every hyperparameter
+    when the defaults are not known (the script is not one of this checkout's). The script itself
+    is never executed.
     """
     hp = log["hparams"]
-    defaults = {}
-    try:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(f"_pack_script_{os.getpid()}", script_path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        import dataclasses
-
-        base = mod.Hyperparameters.from_env({"PRESET": hp.get("preset", "record")})
-        defaults = {k: str(v) for k, v in dataclasses.asdict(base).items()}
-    except Exception:
-        defaults = {}
-    finally:
-        sys.modules.pop(f"_pack_script_{os.getpid()}", None)
+    defaults = preset_defaults(hp.get("preset"), script_path)
     env = {"PRESET": hp.get("preset")} if hp.get("preset") else {}
     for key, value in sorted(hp.items()):
-        if (
-            key in ("preset", "log_dir", "artifact_path", "run_id", "seed")
-            or defaults.get(key) == value
-        ):
+        if key == "preset" or key in RUN_ONLY_HPARAMS or defaults.get(key) == value:
             continue
         env[key.upper()] = {"True": "1", "False": "0"}.get(value, value)
     return env
+
+
+def our_script(script_path):
+    """This checkout's copy of the training script at script_path when the two are byte for byte
+    the same file (sha256), else None: the only scripts pack.py runs or has eval_bpb.py run."""
+    name = os.path.basename(script_path)
+    ours = os.path.join(HERE, name)
+    if name not in OUR_SCRIPTS or not os.path.isfile(ours) or not os.path.isfile(script_path):
+        return None
+    if sha256_file(ours) != sha256_file(script_path):
+        return None
+    return ours
+
+
+def preset_defaults(preset, script_path):
+    """{hyperparameter: str(default)} of the preset, from this checkout's copy of the script;
+    {} when the record's script is not one of ours (it is not imported: pack.py runs no code it was
+    handed)."""
+    ours = our_script(script_path)
+    if not preset or ours is None:
+        return {}
+    import dataclasses
+    import importlib.util
+
+    name = "_pack_" + os.path.basename(ours).removesuffix(".py")
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, ours)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it executes
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+    try:
+        base = module.Hyperparameters.from_env({"PRESET": preset})
+    except ValueError:
+        return {}
+    return {k: str(v) for k, v in dataclasses.asdict(base).items()}
 
 
 def plot_curves(runs, path):
@@ -822,12 +938,14 @@ def plot_curves(runs, path):
 
 
 def build_record(args):
+    """(folder, submission) of a new record folder; InputError or Refused and nothing written
+    otherwise. Every name that becomes a path is a plain name; the folder is built beside its
+    final place and renamed into it at the end, or removed on any failure."""
+    name = plain_name(args.name, "--name")
+    date = plain_date(args.date) if args.date else time.strftime("%Y-%m-%d")
     logs = [parse_log(p) for p in args.logs]
     for lg in logs:
-        if lg.get("val_bpb") is None or lg.get("seed") is None:
-            raise InputError(
-                f"{lg['path']}: no final val_bpb or seed in this log (did the run finish?)"
-            )
+        _check_finished(lg)
     check_same_config(logs)
     artifacts = args.artifact or [locate_artifact(lg) for lg in logs]
     if len(artifacts) != len(logs):
@@ -842,8 +960,10 @@ def build_record(args):
                 f"{art}: {size} bytes, but {lg['path']} logged {lg['artifact_bytes']}: "
                 "not that run's artifact"
             )
+        plain_name(_artifact_name(lg["seed"], art), f"{art}: the artifact's file name")
         headers.append(read_container(art)["header"])
     script_name = (headers[0] or {}).get("script") or logs[0].get("script") or "train_gpt.py"
+    plain_name(script_name, "the script name in the artifact header or log")
     script = args.script or _find_file(
         [
             os.path.join(os.path.dirname(os.path.abspath(logs[0]["path"])), "..", script_name),
@@ -874,26 +994,64 @@ def build_record(args):
             metric=args.metric,
         )
     track = TRACKS[1] if args.non_record else TRACKS[0]
-    date = args.date or time.strftime("%Y-%m-%d")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
-        raise InputError(f"--name {args.name!r}: use letters, digits and _ . + - only")
-    final = os.path.join(args.out, track, f"{date}_{args.name}")
-    if os.path.exists(final):
+    final = os.path.join(args.out, track, f"{date}_{name}")
+    if os.path.lexists(final):
         raise InputError(f"{final} already exists")
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{args.name}.", dir=os.path.dirname(final))
+    parent = os.path.dirname(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{date}_{name}.", dir=parent)
+    except OSError as exc:
+        raise InputError(
+            f"{parent}: cannot create the record folder ({exc.strerror or exc})"
+        ) from None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a record folder is for everyone
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a record folder is for everyone
         sub = _write_record(
             tmp, args, logs, artifacts, script, script_name, track, date, problems, sig
         )
         os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(
+            f"{final}: could not write the record ({exc.strerror or exc}); nothing was left behind"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, sub
+
+
+def _check_finished(log):
+    """InputError unless the log is a finished run of this harness: a `summary:` line with a final
+    val_bpb and an integer seed (a killed run has neither, only its pre-quantization score)."""
+    path = log["path"]
+    if log["summary"] is None:
+        raise InputError(
+            f"{path}: no final `summary:` line: the run did not finish (killed or failed), "
+            "so the log has no final score"
+        )
+    if log.get("val_bpb") is None:
+        raise InputError(f"{path}: the summary has no val_bpb")
+    seed = log.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"{path}: seed {seed!r} is not a non-negative integer")
+
+
+def _artifact_name(seed, artifact):
+    """The artifact's file name in a record folder: final_model_seed<N> plus its extension."""
+    return f"final_model_seed{seed}{os.path.splitext(artifact)[1] or '.pga'}"
+
+
+def record_hashes(folder):
+    """{file name: sha256} of every file in the folder but submission.json, which holds them."""
+    return {
+        name: sha256_file(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if name != "submission.json"
+    }
 
 
 def _write_record(folder, args, logs, artifacts, script, script_name, track, date, problems, sig):
@@ -908,7 +1066,7 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
         if os.path.isfile(events_path):
             shutil.copyfile(events_path, os.path.join(folder, f"train_seed{seed}.jsonl"))
             curves.append((seed, read_events(events_path)))
-        art_name = f"final_model_seed{seed}{os.path.splitext(art)[1] or '.pga'}"
+        art_name = _artifact_name(seed, art)
         shutil.copyfile(art, os.path.join(folder, art_name))
         seed_results[str(seed)] = {
             "val_loss": lg["val_loss"],
@@ -957,15 +1115,17 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
             welch_df=sig["welch_df"],
             significance=sig,
         )
-    with open(os.path.join(folder, "submission.json"), "w", encoding="utf-8") as f:
-        json.dump(sub, f, indent=2)
-        f.write("\n")
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
         f.write(_requirements(first, artifacts))
     has_plot = plot_curves(curves, os.path.join(folder, "loss_curve.png")) if curves else False
     env = env_lines(first, script)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(_readme(sub, plain_logs, env, script_name, has_plot, track, date))
+    # Last: the sha256 of every file written above, so that `check` can tell any later change.
+    sub["sha256"] = record_hashes(folder)
+    with open(os.path.join(folder, "submission.json"), "w", encoding="utf-8") as f:
+        json.dump(sub, f, indent=2)
+        f.write("\n")
     return sub
 
 
@@ -1006,8 +1166,10 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
         "",
         "## Results",
         "",
-        "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes "
-        "| steps | step_avg ms | eval s |",
+        (
+            "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes "
+            "| steps | step_avg ms | eval s |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for seed, r in sub["seed_results"].items():
@@ -1077,22 +1239,30 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
     return "\n".join(out)
 
 
-def check_record(folder):
+def check_record(folder, rescore=None):
     """Problems found in a record folder (empty list: consistent).
 
     Each check below is one function returning its problems. The first ones stop the list early:
-    what follows them reads submission.json's fields and the script.
+    what follows them reads submission.json's fields, the files they name and the script. With
+    `rescore` ({data_path, tokenizer_path}, either None) each artifact is also re-scored by
+    eval_bpb.py and compared with its log.
     """
     problems = _check_files_present(folder)
     if not os.path.isfile(os.path.join(folder, "submission.json")):
         return problems
     try:
         sub = _read_submission(folder)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return problems + [f"submission.json is not JSON ({exc})"]
+    if not isinstance(sub, dict):
+        return problems + ["submission.json is not a JSON object"]
     problems += _check_submission_fields(sub)
     if problems:
         return problems
+    problems += _check_names(sub)
+    if problems:
+        return problems
+    problems += _check_hashes(folder, sub)
 
     logs, missing_logs = _read_seed_logs(folder, sub["seeds"])
     problems += missing_logs
@@ -1114,6 +1284,8 @@ def check_record(folder):
         problems += _check_significance(sub, seed_logs)
     problems += _check_bytes_total(folder, sub, code_bytes)
     problems += _check_track(folder, sub)
+    if rescore is not None:
+        problems += rescore_record(folder, sub, logs, **rescore)
     return problems
 
 
@@ -1149,16 +1321,73 @@ def _check_submission_fields(sub):
     return [f"submission.json lacks {key}" for key in SUBMISSION_FIELDS if key not in sub]
 
 
+def _check_names(sub):
+    """The seeds are integers and every file name submission.json gives is a plain name, so that
+    nothing below reads outside the folder."""
+    seeds = sub["seeds"]
+    if not isinstance(seeds, list) or not all(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in seeds
+    ):
+        return [f"seeds {seeds!r} is not a list of non-negative integers"]
+    if not isinstance(sub["seed_results"], dict) or not all(
+        isinstance(r, dict) for r in sub["seed_results"].values()
+    ):
+        return ["seed_results is not an object of per-seed objects"]
+    problems = []
+    script = sub.get("script", "train_gpt.py")
+    if not is_plain_name(script):
+        problems.append(f"script {script!r} is not a plain file name in the folder")
+    for seed, result in sub["seed_results"].items():
+        art = result.get("artifact")
+        if art is not None and not is_plain_name(art):
+            problems.append(f"seed {seed}: artifact {art!r} is not a plain file name in the folder")
+    return problems
+
+
+def _check_hashes(folder, sub):
+    """Every file of the folder but submission.json has the sha256 submission.json gives it: a
+    changed, missing or extra file is a problem naming it."""
+    table = sub.get("sha256")
+    if not isinstance(table, dict) or not table:
+        why = "its files cannot be verified (remake the folder with pack.py record)"
+        return [f"submission.json has no sha256 table, so {why}"]
+    problems = []
+    for name, want in sorted(table.items()):
+        path = os.path.join(folder, name)
+        if not is_plain_name(name):
+            problems.append(f"the sha256 table names {name!r}, not a plain file name")
+        elif os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            problems.append(f"{name}: not a regular file")
+        elif not os.path.isfile(path):
+            problems.append(f"{name}: missing (submission.json's sha256 table lists it)")
+        elif sha256_file(path) != want:
+            problems.append(
+                f"{name}: sha256 differs from submission.json (changed after recording)"
+            )
+    extra = sorted(set(os.listdir(folder)) - set(table) - {"submission.json"})
+    problems += [f"{name}: extra file, not in submission.json's sha256 table" for name in extra]
+    return problems
+
+
 def _read_seed_logs(folder, seeds):
     """({seed: parsed log}, problems) for the train_seed<N>.log of each seed."""
     logs = {}
     problems = []
     for seed in seeds:
         path = os.path.join(folder, f"train_seed{seed}.log")
-        if os.path.isfile(path):
-            logs[seed] = parse_log(path)
-        else:
+        if not os.path.isfile(path):
             problems.append(f"missing train_seed{seed}.log")
+            continue
+        try:
+            log = parse_log(path)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        if log["summary"] is None:
+            problems.append(
+                f"train_seed{seed}.log has no final `summary:` line (an unfinished run)"
+            )
+        logs[seed] = log
     return logs, problems
 
 
@@ -1296,6 +1525,74 @@ def _check_track(folder, sub):
     return problems
 
 
+def rescore_record(folder, sub, logs, data_path=None, tokenizer_path=None):
+    """Each seed's artifact re-scored by this checkout's eval_bpb.py (a subprocess) against the
+    val_bpb of its log, within RESCORE_TOLERANCE.
+
+    Only this checkout's copy of the record's script runs (passed to eval_bpb.py as --script); a
+    record whose script is not byte for byte one of ours is not re-scored here.
+    """
+    script_name = sub.get("script", "train_gpt.py")
+    ours = our_script(os.path.join(folder, script_name))
+    if ours is None:
+        why = "pack.py runs only this checkout's scripts (eval_bpb.py --trust-script runs another)"
+        return [f"not re-scored: {script_name} is not this checkout's {script_name}; {why}"]
+    flags = []
+    if data_path:
+        flags += ["--data-path", os.path.abspath(data_path)]
+    if tokenizer_path:
+        flags += ["--tokenizer-path", os.path.abspath(tokenizer_path)]
+    problems = []
+    for seed in sub["seeds"]:
+        result = sub["seed_results"].get(str(seed))
+        log = logs.get(seed)
+        if result is None or log is None or log.get("val_bpb") is None:
+            continue  # already a problem of the plain check
+        art = _seed_artifact(folder, seed, result)
+        if os.path.isfile(art):
+            problems += _rescore_one(seed, art, ours, flags, log["val_bpb"])
+    return problems
+
+
+def _rescore_one(seed, art, script, flags, logged):
+    """Problems of one artifact's re-score: eval_bpb.py refused it, an audit failed, or its val_bpb
+    is not the logged one."""
+    name = os.path.basename(art)
+    cmd = [sys.executable, os.path.join(HERE, "eval_bpb.py"), art, "--script", script, "--json"]
+    proc = subprocess.run(
+        cmd + flags, env=_rescore_env(), capture_output=True, text=True, check=False
+    )
+    last_err = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    if proc.returncode not in (0, 3):
+        return [f"seed {seed}: eval_bpb.py could not re-score {name}: {last_err}"]
+    try:
+        out = json.loads(proc.stdout[proc.stdout.index("{") :])
+    except ValueError:
+        return [f"seed {seed}: eval_bpb.py printed no JSON result for {name}"]
+    problems = []
+    if proc.returncode == 3 or not out.get("valid"):
+        problems.append(f"seed {seed}: re-scored {name} is INVALID ({last_err})")
+    got = out.get("val_bpb")
+    if not isinstance(got, (int, float)) or not abs(got - logged) <= RESCORE_TOLERANCE:
+        problems.append(
+            f"seed {seed}: {name} re-scores to val_bpb {got} but train_seed{seed}.log "
+            f"says {logged} (tolerance {RESCORE_TOLERANCE})"
+        )
+    return problems
+
+
+def _rescore_env():
+    """The environment without the variables that would change the eval (every hyperparameter,
+    PRESET) or make it distributed: the re-score uses the artifact's own settings."""
+    import dataclasses
+
+    names = {f.name.upper() for f in dataclasses.fields(_train_gpt().Hyperparameters)}
+    names |= {"PRESET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _close(a, b, tol=1e-9):
     return (
         isinstance(a, (int, float))
@@ -1376,7 +1673,15 @@ def cmd_record(args):
 def cmd_check(args):
     if not os.path.isdir(args.folder):
         raise InputError(f"{args.folder}: not a folder")
-    problems = check_record(args.folder)
+    if (args.data_path or args.tokenizer_path) and not args.rescore:
+        raise InputError("--data-path and --tokenizer-path are for --rescore")
+    for flag, path in (("--data-path", args.data_path), ("--tokenizer-path", args.tokenizer_path)):
+        if path and not os.path.exists(path):
+            raise InputError(f"{flag} {path}: no such file or folder")
+    rescore = None
+    if args.rescore:
+        rescore = {"data_path": args.data_path, "tokenizer_path": args.tokenizer_path}
+    problems = check_record(args.folder, rescore)
     if args.json:
         _emit({"folder": args.folder, "ok": not problems, "problems": problems}, True)
     else:
@@ -1445,7 +1750,11 @@ def build_parser():
     r.add_argument(
         "--script", help="training script (default: the one the artifacts name, beside logs/)"
     )
-    r.add_argument("--name", required=True, help="short description, becomes <date>_<name>")
+    r.add_argument(
+        "--name",
+        required=True,
+        help="short description, becomes <date>_<name> (letters, digits and . _ -)",
+    )
     r.add_argument("--author", required=True, help="author's name")
     r.add_argument("--github-id", required=True, help="author's GitHub id")
     r.add_argument("--blurb", default="", help="one paragraph on what is new")
@@ -1466,6 +1775,14 @@ def build_parser():
 
     c = sub.add_parser("check", help="validate a record folder against its logs and files")
     c.add_argument("folder", help="records/<track>/<date>_<name>")
+    c.add_argument(
+        "--rescore",
+        action="store_true",
+        help="also re-score each artifact with eval_bpb.py and compare with its log's val_bpb "
+        "(runs only this checkout's copy of the record's script)",
+    )
+    c.add_argument("--data-path", help="with --rescore: the val shards (default: the run's)")
+    c.add_argument("--tokenizer-path", help="with --rescore: the tokenizer (default: the run's)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_check)
 

@@ -7,6 +7,12 @@ Each training script replaces logs/<RUN_ID>.status.json atomically every few ste
 telemetry"); this server only reads those files. It binds to 127.0.0.1, answers GET and HEAD only, and
 has no endpoint that writes or controls anything (TECHNIQUES.md E: the dashboard is read-only).
 
+What it will not do: serve anything but a regular file inside LOGDIR (a status file that is a symlink,
+a FIFO or a device is refused, whatever it points to), answer a request whose Host header is not the
+address:port it is bound to (a DNS-rebinding page in the browser cannot read the runs), or read more
+than MAX_STATUS_BYTES of a status file (a huge file costs one bounded read, not the server's memory).
+Every failure is answered as JSON, {"error": "..."}, with its HTTP status.
+
 Routes:
     /                     dashboard.html (read from next to this file)
     /api/runs             [{"run_id", "mtime", "state"}, ...] for every *.status.json, newest first
@@ -18,9 +24,12 @@ Stdlib only, so it runs wherever the trainer runs.
 import argparse
 import json
 import math
+import os
 import re
+import stat
 import sys
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -30,6 +39,7 @@ DEFAULT_PORT = 8765
 STATUS_SUFFIX = ".status.json"
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")  # no "/" and no "%", so no way out of LOGDIR
 PAGE = Path(__file__).resolve().with_name("dashboard.html")
+MAX_STATUS_BYTES = 1 << 20  # a status file is a few KB; anything over 1 MiB is not one
 
 
 # -----------------------------------------------------------------------------
@@ -47,49 +57,103 @@ def _finite_or_none(text):
     return value if math.isfinite(value) else None
 
 
+class StatusError(Exception):
+    """A status request that cannot be answered: the HTTP code and a one-line reason."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def read_regular_file(path, limit):
+    """At most limit + 1 bytes of path, which must be a regular file and not a symlink (O_NOFOLLOW:
+    checked by the same open that reads, so the file cannot be swapped in between). OSError when it
+    is missing or anything else."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path}: not a regular file")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class StatusReader:
     def __init__(self, logdir):
         self.logdir = Path(logdir)
         self._last_good = {}
         self._lock = threading.Lock()  # requests are served on several threads
 
-    def read(self, run_id):
-        """The run's status dict ("stale": False), else its last good copy ("stale": True), else None."""
+    def status_path(self, run_id):
+        """LOGDIR/<run_id>.status.json, a regular file directly inside LOGDIR: the run id has no
+        "/" and the file is not a symlink, so its real path is inside LOGDIR's. StatusError 400 for a
+        bad run id, 403 when the file is a symlink or not a regular file; a missing file is left
+        to read()."""
+        if not RUN_ID_RE.fullmatch(run_id):
+            raise StatusError(400, "bad run id: use letters, digits, _ . -")
         path = self.logdir / (run_id + STATUS_SUFFIX)
         try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return path  # missing: read() serves the last good copy or 404
+        if not stat.S_ISREG(mode):
+            raise StatusError(403, f"the status file of run {run_id} is not a regular file")
+        return path
+
+    def read(self, run_id):
+        """The run's status dict ("stale": False), else its last good copy ("stale": True).
+
+        StatusError: 400 for a bad run id, 403 for a symlink or a non-regular file, 404 when there
+        is neither a readable file (at most MAX_STATUS_BYTES of JSON) nor a last good copy."""
+        path = self.status_path(run_id)
+        try:
+            raw = read_regular_file(path, MAX_STATUS_BYTES)
+            if len(raw) > MAX_STATUS_BYTES:
+                raise ValueError(f"over {MAX_STATUS_BYTES} bytes")
             status = json.loads(
-                path.read_text(encoding="utf-8"),
+                raw.decode("utf-8"),
                 parse_float=_finite_or_none,
                 parse_constant=lambda _: None,
             )
             if not isinstance(status, dict):
                 raise ValueError("status is not a JSON object")
-        except (OSError, ValueError):  # missing, unreadable, truncated or not UTF-8
+        except (OSError, ValueError) as exc:  # missing, unreadable, truncated, too big, not UTF-8
             with self._lock:
                 last_good = self._last_good.get(run_id)
-            return None if last_good is None else {**last_good, "stale": True}
+            if last_good is None:
+                reason = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+                if isinstance(exc, ValueError) and str(exc).startswith("over "):
+                    reason = str(exc)
+                raise StatusError(404, f"no status file for run {run_id} ({reason})") from None
+            return {**last_good, "stale": True}
         status["stale"] = False
         with self._lock:
             self._last_good[run_id] = status
         return status
 
     def runs(self):
-        """Every run with a status file in LOGDIR, newest first; [] when LOGDIR does not exist."""
+        """Every run with a status file in LOGDIR, newest first; [] when LOGDIR does not exist.
+        Symlinks and other non-regular files are left out."""
         if not self.logdir.is_dir():
             return []
         runs = []
         for path in self.logdir.glob("*" + STATUS_SUFFIX):
             run_id = path.name[: -len(STATUS_SUFFIX)]
-            if not RUN_ID_RE.fullmatch(run_id):
-                continue
             try:
-                mtime = path.stat().st_mtime
-            except OSError:  # removed since the glob
+                info = os.lstat(self.status_path(run_id))
+                status = self.read(run_id)
+            except (OSError, StatusError):  # removed since the glob, a symlink, not a status
                 continue
-            status = self.read(run_id)
-            runs.append(
-                {"run_id": run_id, "mtime": mtime, "state": status.get("state") if status else None}
-            )
+            runs.append({"run_id": run_id, "mtime": info.st_mtime, "state": status.get("state")})
         runs.sort(key=lambda run: run["mtime"], reverse=True)
         return runs
 
@@ -105,6 +169,8 @@ class StatusReader:
 
 class DashboardHandler(BaseHTTPRequestHandler):
     server_version = "dashboard"
+    # A malformed request line is answered with headers (and its JSON error), never as HTTP/0.9.
+    default_request_version = "HTTP/1.0"
 
     def do_GET(self):
         self._serve(send_body=True)
@@ -120,6 +186,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _refuse_method(self):
+        if not self._host_ok(send_body=True):
+            return
         self._send_json(
             405,
             {"error": f"{self.command} not allowed: the dashboard is read-only"},
@@ -127,28 +195,37 @@ class DashboardHandler(BaseHTTPRequestHandler):
             extra_headers={"Allow": "GET, HEAD"},
         )
 
+    def _host_ok(self, send_body):
+        """True when the Host header names the address:port this server is bound to; else the
+        request is answered 400 (no Host) or 421 (another name: DNS rebinding) and False."""
+        host = self.headers.get("Host")
+        address, port = self.server.server_address[:2]
+        if host is None:
+            self._send_json(400, {"error": "missing Host header"}, send_body)
+            return False
+        if host.strip().lower() != f"{address}:{port}":
+            self._send_json(
+                421, {"error": f"this server answers only Host {address}:{port}"}, send_body
+            )
+            return False
+        return True
+
     def _serve(self, send_body):
         path = unquote(urlsplit(self.path).path)
         reader = self.server.reader
         try:
+            if not self._host_ok(send_body):
+                return
             if path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8", send_body)
             elif path == "/api/runs":
                 self._send_json(200, reader.runs(), send_body)
             elif path.startswith("/api/status/"):
-                run_id = path[len("/api/status/") :]
-                if not RUN_ID_RE.fullmatch(run_id):
-                    self._send_json(
-                        400, {"error": "bad run id: use letters, digits, _ . -"}, send_body
-                    )
-                    return
-                status = reader.read(run_id)
-                if status is None:
-                    self._send_json(404, {"error": f"no status file for run {run_id}"}, send_body)
-                else:
-                    self._send_json(200, status, send_body)
+                self._send_json(200, reader.read(path[len("/api/status/") :]), send_body)
             else:
                 self._send_json(404, {"error": f"no such page: {path}"}, send_body)
+        except StatusError as exc:
+            self._send_json(exc.code, {"error": str(exc)}, send_body)
         except ConnectionError:  # the browser went away mid-answer
             pass
         except Exception as exc:  # a bad file or a bug must cost one request, not the server
@@ -156,6 +233,17 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"}, send_body)
             except OSError:
                 pass
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, an over-long URI or header) as
+        JSON like every other error, instead of its HTML page."""
+        self.close_connection = True
+        reason = message or HTTPStatus(code).phrase
+        send_body = getattr(self, "command", None) != "HEAD" and code >= 200
+        try:
+            self._send_json(code, {"error": reason}, send_body)
+        except OSError:
+            pass
 
     def _send_json(self, code, obj, send_body, extra_headers=None):
         body = json.dumps(obj, allow_nan=False).encode("utf-8")

@@ -324,7 +324,9 @@ def eval_modes(mod, script):
 def evaluate(mod, model, h, rt, max_tokens=None):
     """(mode, result, audits): the audits run on the model before the eval mode scores it."""
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
-    val_tokens = mod.load_validation_tokens(h.data_path, max(h.train_seq_len, h.eval_len))
+    from train_gpt import load_checked_val_tokens  # this checkout's data checks, for any script
+
+    val_tokens = load_checked_val_tokens(h, sp, max(h.train_seq_len, h.eval_len))
     # --max-tokens, else the run's VAL_MAX_TOKENS: the first N + 1 tokens
     limit = max_tokens or getattr(h, "val_max_tokens", 0)
     if limit:

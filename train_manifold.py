@@ -557,9 +557,14 @@ class RunLogger:
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_BYTES = 256 * 4
+BOS_ID = 1
+SHARDS_BINDING = "shards.json"  # written by data/: the sha256 of the tokenizer the shards need
+REENCODE_MAX_DOCS = 4
+REENCODE_MAX_TOKENS = 20_000
 
 
-def load_data_shard(path):
+def shard_token_count(path):
+    """The header's token count after checking magic, version and the file size it implies."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
@@ -579,6 +584,11 @@ def load_data_shard(path):
             f"{path}: truncated or padded: header says {num_tokens} tokens "
             f"({expected} bytes) but the file has {size} bytes"
         )
+    return num_tokens
+
+
+def load_data_shard(path):
+    num_tokens = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
@@ -681,16 +691,137 @@ def val_token_count(data_path):
     )
 
 
-def load_validation_tokens(data_path, seq_len, max_tokens=0):
+def load_validation_tokens(data_path, seq_len, max_tokens=0, vocab_size=0):
     """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official
-    score)."""
-    tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")]).to(torch.int64)
+    score). With vocab_size, every val shard is checked as it is read (check_val_shard)."""
+    shards = []
+    for i, path in enumerate(shard_files(data_path, "val")):
+        shard = load_data_shard(path)
+        if vocab_size:
+            check_val_shard(path, shard, vocab_size, first=i == 0)
+        shards.append(shard)
+    tokens = torch.cat(shards).to(torch.int64)
     tokens = tokens[: max_tokens + 1] if max_tokens > 0 else tokens
     if tokens.numel() < seq_len + 1:
         raise ValueError(
             f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
             f"shorter than one sequence of {seq_len} + 1"
         )
+    return tokens
+
+
+def check_val_shard(path, tokens, vocab_size, first):
+    """A val shard's ids lie below VOCAB_SIZE, and the split opens with BOS (id 1): an id out of
+    range fails at the first eval, after the whole training run, and a stream without BOS has no
+    document boundaries for the byte audit and TTT."""
+    ids = tokens.numpy()
+    if ids.size == 0:
+        raise ValueError(f"{path}: val shard holds no tokens")
+    top = int(ids.max())
+    if top >= vocab_size:
+        where = int(np.argmax(ids >= vocab_size))
+        raise ValueError(
+            f"{path}: token id {top} >= VOCAB_SIZE={vocab_size} (first at position {where})"
+        )
+    if first and int(ids[0]) != BOS_ID:
+        raise ValueError(
+            f"{path}: val split starts with token {int(ids[0])}, not BOS (id {BOS_ID}); "
+            "documents must be written as [BOS] + tokens"
+        )
+
+
+def read_shards_binding(data_path):
+    """DATA_PATH/shards.json as a dict (None when absent), after checking its format."""
+    path = os.path.join(data_path, SHARDS_BINDING)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            binding = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable shard binding ({exc})") from None
+    if not isinstance(binding, dict) or binding.get("format") != "pgolf-shards":
+        raise ValueError(f"{path}: not a pgolf-shards binding (format must be 'pgolf-shards')")
+    if binding.get("version") != 1:
+        raise ValueError(f"{path}: unsupported binding version {binding.get('version')!r}")
+    digest = binding.get("tokenizer_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ValueError(f"{path}: tokenizer_sha256 {digest!r} is not a sha256 hex digest")
+    if not isinstance(binding.get("vocab_size"), int):
+        raise ValueError(f"{path}: vocab_size {binding.get('vocab_size')!r} is not an integer")
+    return binding
+
+
+def check_shards_binding(h, binding):
+    """The tokenizer must be the one the shards were written with (same sha256, same vocab)."""
+    got = file_sha256(h.tokenizer_path)
+    if got != binding["tokenizer_sha256"]:
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path!r} (sha256 {got}) is not the tokenizer the shards "
+            f"of DATA_PATH={h.data_path!r} were made with (sha256 {binding['tokenizer_sha256']}, "
+            f"{binding.get('tokenizer', '?')}, recorded in {SHARDS_BINDING})"
+        )
+    if binding["vocab_size"] != h.vocab_size:
+        raise ValueError(
+            f"DATA_PATH={h.data_path!r}: {SHARDS_BINDING} records vocab_size "
+            f"{binding['vocab_size']} but VOCAB_SIZE={h.vocab_size}"
+        )
+
+
+def reencode_sample(sp, tokens):
+    """The first documents of the val stream (split at BOS, at most REENCODE_MAX_DOCS documents and
+    REENCODE_MAX_TOKENS tokens), each as a list of ids. The last one, maybe cut, ends before its last
+    word-initial piece, so re-encoding its text cannot merge across the cut."""
+    sample = tokens[: REENCODE_MAX_TOKENS + 1].tolist()
+    starts = [i for i, t in enumerate(sample) if t == BOS_ID] + [len(sample)]
+    docs = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        doc = sample[a + 1 : b]
+        if b == len(sample):  # the last document may run on past the sample (or VAL_MAX_TOKENS)
+            word_starts = [i for i, t in enumerate(doc) if sp.id_to_piece(t).startswith("\u2581")]
+            doc = doc[: word_starts[-1]] if word_starts else []
+        if doc:
+            docs.append(doc)
+    return docs[:REENCODE_MAX_DOCS]
+
+
+def check_reencode(h, sp, tokens):
+    """Without shards.json: decoding the first val documents and encoding the text again must give
+    back the same ids. The official export wrote encode(text), and decode(encode(text)) encodes to
+    the same ids (nmt_nfkc normalization is idempotent); a different tokenizer of the same
+    vocabulary size decodes the ids to other text that encodes differently."""
+    docs = reencode_sample(sp, tokens)
+    if not docs:
+        raise ValueError(f"DATA_PATH={h.data_path!r}: no val document to check the tokenizer on")
+    disagree = []
+    for doc in docs:
+        again = sp.encode(sp.decode(doc))
+        if again != doc:
+            pos = next((i for i, (a, b) in enumerate(zip(doc, again)) if a != b), len(doc))
+            disagree.append((len(doc), pos))
+    if 2 * len(disagree) >= len(docs):
+        n_tokens, pos = disagree[0]
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path!r} does not reproduce the val tokens of "
+            f"DATA_PATH={h.data_path!r}: {len(disagree)} of the first {len(docs)} documents "
+            f"re-encode differently (the first from token {pos} of {n_tokens}); use the tokenizer "
+            f"the shards were made with, or write {SHARDS_BINDING} beside them"
+        )
+
+
+def load_checked_val_tokens(h, sp, seq_len, max_tokens=0):
+    """load_validation_tokens after the data checks that must pass before training or scoring: the
+    tokenizer belongs to the shards (shards.json, else the re-encode check), every val shard holds
+    ids < VOCAB_SIZE and starts the split with BOS, and every train shard's header matches its file
+    size. Each failure is a one-line ValueError naming the file or variable."""
+    binding = read_shards_binding(h.data_path)
+    if binding is not None:
+        check_shards_binding(h, binding)
+    for path in sorted(glob.glob(os.path.join(h.data_path, "fineweb_train_*.bin"))):
+        shard_token_count(path)
+    tokens = load_validation_tokens(h.data_path, seq_len, max_tokens, h.vocab_size)
+    if binding is None:
+        check_reencode(h, sp, tokens)
     return tokens
 
 
@@ -2597,7 +2728,7 @@ def open_run(h):
             f"sequence of {longest} + 1"
         )
     loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, rt.device)
-    val_tokens = load_validation_tokens(h.data_path, longest, h.val_max_tokens)
+    val_tokens = load_checked_val_tokens(h, sp, longest, h.val_max_tokens)
     if h.val_max_tokens:
         logger.log0(
             f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "

@@ -31,6 +31,7 @@ from data.shards import (
     SHARD_SIZE,
     sha256_file,
     shard_info,
+    write_binding,
     write_bytes_atomic,
     write_shard,
 )
@@ -196,10 +197,11 @@ def load_tokenizer(model_path: str | os.PathLike):
 class _SplitWriter:
     """Buffers one split's token stream and cuts it into files of exactly shard_size tokens."""
 
-    def __init__(self, out_dir: Path, name: str, shard_size: int):
+    def __init__(self, out_dir: Path, name: str, shard_size: int, vocab_size: int):
         self.out_dir = out_dir
         self.name = name
         self.shard_size = shard_size
+        self.vocab_size = vocab_size
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.files: list[Path] = []
@@ -224,7 +226,7 @@ class _SplitWriter:
 
     def _write(self, tokens: np.ndarray) -> None:
         path = self.out_dir / f"{self.name}_{len(self.files):06d}.bin"
-        self.files.append(write_shard(path, tokens))
+        self.files.append(write_shard(path, tokens, self.vocab_size))
 
 
 def export_shards(
@@ -241,7 +243,8 @@ def export_shards(
     Each document is [BOS] + encode(text), no EOS. Each split is one token stream cut into files of
     exactly shard_size tokens (the last file of a split holds the rest), so a document may span two
     files, as in the official export; val and train never share a file. Writes out_dir/manifest.json
-    (tokenizer sha256, vocab size, document and token counts, per-file sha256), removes shards of an
+    (tokenizer sha256, vocab size, document and token counts, per-file sha256) and
+    out_dir/shards.json (the tokenizer binding the training scripts check), removes shards of an
     earlier export that this one did not write, and returns the manifest.
     """
     from tqdm import tqdm
@@ -255,9 +258,10 @@ def export_shards(
     sp = load_tokenizer(sp_model_path)
     bos = sp.bos_id()
     out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = int(sp.vocab_size())
     writers = {
-        "val": _SplitWriter(out_dir, f"{prefix}_val", shard_size),
-        "train": _SplitWriter(out_dir, f"{prefix}_train", shard_size),
+        "val": _SplitWriter(out_dir, f"{prefix}_val", shard_size, vocab_size),
+        "train": _SplitWriter(out_dir, f"{prefix}_train", shard_size, vocab_size),
     }
     counts = {"val": 0, "train": 0}
     text_bytes = {"val": 0, "train": 0}
@@ -316,6 +320,7 @@ def export_shards(
         ],
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_binding(out_dir, sp_model_path, vocab_size)
     return manifest
 
 

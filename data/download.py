@@ -12,7 +12,8 @@ data/tokenizers/....
 Always fetches the manifest (a stale cached manifest is a known pitfall), all val shards, the first
 N train shards and the tokenizer. A file already present is skipped when it verifies: for a shard,
 a valid header and exactly the token count the manifest implies (shard_size per full file, the rest
-in the last).
+in the last). The dataset folder then gets shards.json, the sha256 of the tokenizer that came with
+the shards, so that training and eval refuse any other tokenizer for them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from data.build import report
-from data.shards import check_shard
+from data.shards import check_shard, write_binding
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_PREFIX = "datasets"
@@ -139,12 +140,24 @@ def plan_files(manifest: dict, variant: str, train_shards: int) -> list[tuple[st
         (t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")),
         {},
     )
-    vocab = variant[2:] if variant.startswith("sp") else variant
+    vocab = variant.removeprefix("sp")
     model = tokenizer.get("model_path") or f"tokenizers/fineweb_{vocab}_bpe.model"
     plan.append((model, None))
     if tokenizer.get("vocab_path"):
         plan.append((tokenizer["vocab_path"], None))
     return plan
+
+
+def variant_vocab_size(manifest: dict, variant: str) -> int:
+    """The vocabulary size of a variant: the manifest's dataset entry, else the digits of its name
+    (sp1024 -> 1024)."""
+    entry = available_variants(manifest).get(variant, {})
+    if entry.get("vocab_size"):
+        return int(entry["vocab_size"])
+    digits = variant.removeprefix("sp")
+    if not digits.isdigit():
+        raise ValueError(f"variant {variant!r}: no vocab_size in the manifest and none in the name")
+    return int(digits)
 
 
 def verify_file(path: Path, expected_tokens: int | None) -> None:
@@ -209,11 +222,14 @@ def download(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shards = [p for p, _ in plan if p.endswith(".bin")]
+    dataset_dir = local_dir / Path(shards[0]).parent
+    tokenizer_path = local_dir / next(p for p, _ in plan if p.endswith(".model"))
+    write_binding(dataset_dir, tokenizer_path, variant_vocab_size(manifest, variant))
     return {
         "variant": variant,
         "repo_id": repo_id,
-        "dataset": str(local_dir / Path(shards[0]).parent),
-        "tokenizer": str(local_dir / next(p for p, _ in plan if p.endswith(".model"))),
+        "dataset": str(dataset_dir),
+        "tokenizer": str(tokenizer_path),
         "val_shards": sum(1 for p in shards if "_val_" in Path(p).name),
         "train_shards": train_shards,
         "downloaded": downloaded,

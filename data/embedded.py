@@ -14,7 +14,7 @@ train documents only.
     python -m data.embedded [--out-root data] [--vocab-size 1024] [--force] [--json]
 
 writes data/tokenizers/pydoc_1024_bpe.model (+ .vocab) and data/datasets/pydoc_sp1024/
-fineweb_{val,train}_000000.bin + manifest.json, and prints the counts and unigram_bpb: the bits per
+fineweb_{val,train}_000000.bin + manifest.json + shards.json, and prints the counts and unigram_bpb: the bits per
 byte of the val tokens under the train unigram distribution (add-one smoothing), the floor a trained
 model must beat.
 """
@@ -44,7 +44,7 @@ from data.build import (
     verify_manifest,
     write_json,
 )
-from data.shards import read_shard
+from data.shards import BINDING_NAME, read_shard, write_binding
 
 SEED = 1337
 VAL_TEXT_BYTES = 320_000  # ~120k sp1024 tokens: enough for smoke evals of 1024-token sequences
@@ -197,6 +197,8 @@ def build_embedded(
             and model_path.with_suffix(".vocab").is_file()
             and not verify_manifest(dataset_dir, model_path)
         ):
+            if not (dataset_dir / BINDING_NAME).is_file():  # a build from before the binding
+                write_binding(dataset_dir, model_path, old["summary"]["vocab_size"])
             return {
                 "status": "up to date",
                 **old["summary"],

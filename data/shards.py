@@ -9,6 +9,7 @@ paid run is the most expensive way to learn about a truncated download.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,10 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_SIZE = 10**8  # tokens per file in the official export
 MAX_TOKEN_ID = 2**16 - 1
+# The binding of a shard folder to its tokenizer, read by the training scripts' data block.
+BINDING_NAME = "shards.json"
+BINDING_FORMAT = "pgolf-shards"
+BINDING_VERSION = 1
 
 
 def check_shard(path: str | os.PathLike) -> int:
@@ -78,10 +83,11 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
-def write_shard(path: str | os.PathLike, tokens) -> Path:
+def write_shard(path: str | os.PathLike, tokens, vocab_size: int | None = None) -> Path:
     """Write tokens as one shard, atomically: a crash never leaves a half-written file behind.
 
-    Ids outside 0..65535 are refused (a vocab above 65,535 does not fit the uint16 format).
+    Ids outside 0..65535 are refused (a vocab above 65,535 does not fit the uint16 format), and so
+    are ids >= vocab_size when it is given.
     """
     path = Path(path)
     arr = np.asarray(tokens)
@@ -97,6 +103,8 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
             raise ValueError(
                 f"{path}: token id {bad} outside 0..{MAX_TOKEN_ID} (vocab above 65,535 is refused)"
             )
+        if vocab_size is not None and hi >= vocab_size:
+            raise ValueError(f"{path}: token id {hi} >= vocab size {vocab_size}")
     if arr.size > np.iinfo(np.int32).max:
         raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
@@ -147,3 +155,24 @@ def shard_info(path: str | os.PathLike) -> dict:
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
     }
+
+
+def write_binding(
+    out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, vocab_size: int
+) -> Path:
+    """Write out_dir/shards.json: the sha256 of the tokenizer the shards were made with.
+
+    Training and eval refuse a TOKENIZER_PATH whose sha256 differs, so a tokenizer of the same
+    vocabulary size but other pieces (whose byte counts would be wrong) cannot score these shards.
+    """
+    out_dir = Path(out_dir)
+    binding = {
+        "format": BINDING_FORMAT,
+        "version": BINDING_VERSION,
+        "tokenizer_sha256": sha256_file(tokenizer_path),
+        "tokenizer": Path(tokenizer_path).name,
+        "vocab_size": int(vocab_size),
+    }
+    path = out_dir / BINDING_NAME
+    write_bytes_atomic(path, (json.dumps(binding, indent=2) + "\n").encode("utf-8"))
+    return path

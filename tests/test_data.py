@@ -278,7 +278,7 @@ def test_embedded_build_is_deterministic_and_offline(tmp_path, no_network):
     assert a["status"] == b["status"] == "built" and a["val_tokens"] > 0 and a["train_tokens"] > 0
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 5  # model, vocab, val, train, manifest
+    assert files_a == files_b and len(files_a) == 6  # model, vocab, val, train, manifest, shards.json
     for rel in files_a:
         assert sha256(tmp_path / "a" / rel) == sha256(tmp_path / "b" / rel), rel
 
@@ -300,7 +300,7 @@ def test_default_embedded_build_has_enough_val_tokens_and_a_unigram_baseline(tmp
     assert 1.0 < float(summary["unigram_bpb"]) < 8.0
     assert (tmp_path / "tokenizers" / "pydoc_1024_bpe.model").is_file()
     assert sorted(p.name for p in (tmp_path / "datasets" / "pydoc_sp1024").iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "manifest.json"]
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "manifest.json", "shards.json"]
 
 
 # -----------------------------------------------------------------------------
@@ -356,9 +356,19 @@ def test_download_fetches_manifest_val_first_train_shards_and_tokenizer(tmp_path
         "datasets/tokenizers/fineweb_1024_bpe.vocab",
     ])
     got = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
-    assert got == sorted(c.removeprefix("datasets/") for c in calls)
+    binding = "datasets/fineweb10B_sp1024/shards.json"  # written after the download
+    assert got == sorted([binding] + [c.removeprefix("datasets/") for c in calls])
     assert (summary["downloaded"], summary["skipped"], summary["val_shards"]) == (5, 0, 1)
     assert read_shard(local / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin").tolist() == list(range(60))
+
+
+def test_download_binds_the_shards_to_the_downloaded_tokenizer(tmp_path, hub):
+    local = tmp_path / "data"
+    download.download("sp1024", 1, local)
+    binding = json.loads((local / "datasets/fineweb10B_sp1024/shards.json").read_text())
+    assert binding == {"format": "pgolf-shards", "version": 1, "vocab_size": 1024,
+                       "tokenizer_sha256": sha256(local / "tokenizers/fineweb_1024_bpe.model"),
+                       "tokenizer": "fineweb_1024_bpe.model"}
 
 
 def test_second_download_fetches_only_the_manifest(tmp_path, hub):

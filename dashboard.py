@@ -196,14 +196,20 @@ class DashboardHandler(BaseHTTPRequestHandler):
         )
 
     def _host_ok(self, send_body):
-        """True when the Host header names the address:port this server is bound to; else the
+        """True when the Host header names the address:port this server is bound to (or
+        localhost:port on loopback); else the
         request is answered 400 (no Host) or 421 (another name: DNS rebinding) and False."""
         host = self.headers.get("Host")
         address, port = self.server.server_address[:2]
         if host is None:
             self._send_json(400, {"error": "missing Host header"}, send_body)
             return False
-        if host.strip().lower() != f"{address}:{port}":
+        allowed = {f"{address}:{port}"}
+        if address == "127.0.0.1":
+            # The loopback name a person types: it resolves only to this machine, so it is no
+            # DNS-rebinding door (a rebinding page arrives under its own domain name).
+            allowed.add(f"localhost:{port}")
+        if host.strip().lower() not in allowed:
             self._send_json(
                 421, {"error": f"this server answers only Host {address}:{port}"}, send_body
             )

@@ -130,6 +130,11 @@ def test_the_bound_address_is_answered(server):
     assert fetch(server, "/api/status/smoke", host=f"127.0.0.1:{port}")[0] == 200
 
 
+def test_localhost_with_the_bound_port_is_answered(server):
+    port = server.server_address[1]
+    assert fetch(server, "/api/status/smoke", host=f"localhost:{port}")[0] == 200
+
+
 # --- a huge status file -----------------------------------------------------------------------
 
 

@@ -306,11 +306,15 @@ def import_script(path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ left beside a record's script
     try:
         spec.loader.exec_module(module)
     except Exception:
         sys.modules.pop(name, None)
         raise
+    finally:
+        sys.dont_write_bytecode = write_bytecode
     return module
 
 

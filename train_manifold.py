@@ -1568,7 +1568,7 @@ def _check_entry(path, i, e, names):
     names.add(name)
     where = f"{path}: artifact header tensor {name[:80]!r}"
     dtype = e.get("dtype")
-    if dtype not in ARTIFACT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ARTIFACT_DTYPES:
         raise ValueError(
             f"{where}: dtype {str(dtype)[:40]!r} is not one of {', '.join(ARTIFACT_DTYPES)}"
         )
@@ -1586,6 +1586,8 @@ def _check_entry(path, i, e, names):
     if numel > ARTIFACT_MAX_RAW_BYTES:
         raise ValueError(f"{where}: shape {shape} holds {numel} elements, beyond the ceiling")
     text = e.get("scheme")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: scheme {str(text)[:40]!r}: expected text")
     if text == "raw":
         scheme = None
         if ARTIFACT_DTYPES[dtype][1] is None:

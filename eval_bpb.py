@@ -16,8 +16,9 @@ official .ptz is read with torch.load(weights_only=True) only, through this tool
 `load_official_int8` (zlib output, pickle size and opcodes bounded first), and evaluated with the
 `baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or
 TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters; env vars
-EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them. The causality audit (at TRAIN_SEQ_LEN and at the
-eval window) and the byte audit run before scoring. Exit status: 0 ok, 2 bad input (one line on
+EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them.
+The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run before
+scoring. Exit status: 0 ok, 2 bad input (one line on
 stderr), 3 an audit failed (score INVALID).
 """
 

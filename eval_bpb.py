@@ -5,36 +5,51 @@
       --tokenizer-path data/tokenizers/fineweb_1024_bpe.model      # official baseline format
   EVAL_STRIDE=64 torchrun --standalone --nproc_per_node=8 eval_bpb.py ARTIFACT --mode sliding
 
-Our artifact names its script and the script's sha256: the script is taken from --script, else
-beside the artifact, its parent folder, or the current folder, must hash to that sha256, and is
-then imported from its path so that its own loader, model and eval functions (its EVAL_MODES)
-score the bytes (the training run did the same, so the figures agree to the printed digits). Our
-format holds no pickle; the official .ptz is read with torch.load(weights_only=True) only, through
-this tool's `load_official_int8`, and evaluated with the `baseline` preset architecture sized from
-its tensors (env vars such as NUM_LAYERS or TRAIN_SEQ_LEN override). Eval settings come from the
-artifact's hyperparameters; env vars EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN,
-VAL_BATCH_SIZE and VAL_MAX_TOKENS override them. The causality audit (at TRAIN_SEQ_LEN and at the
-eval window) and the byte audit run before scoring. Exit status: 0 ok, 2 bad input (one line on
+Our artifact names its script and the script's sha256. Its header is checked first (checksum,
+script name, tensor table, sizes) by this checkout's reader, before any code runs. Re-scoring
+imports that script so that its own loader, model and eval functions (its EVAL_MODES) score the
+bytes (the training run did the same, so the figures agree to the printed digits), and importing
+a script runs its code: by default only this checkout's train_*.py, or a git revision of it, with
+the header's sha256 is run. A script from anywhere else (a downloaded record folder) runs only
+when named with --trust-script PATH, which prints a warning. Our format holds no pickle; the
+official .ptz is read with torch.load(weights_only=True) only, through this tool's
+`load_official_int8` (zlib output, pickle size and opcodes bounded first), and evaluated with the
+`baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or
+TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters; env vars
+EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them.
+The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run before
+scoring. Exit status: 0 ok, 2 bad input (one line on
 stderr), 3 an audit failed (score INVALID).
 """
 
 import argparse
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
-import struct
+import shutil
+import subprocess
 import sys
+import tempfile
 import warnings
+import zipfile
 import zlib
 
-# This checkout's training script, for its file hash only: scripts and tokenizers are hashed before
-# any of them is trusted. The eval modes come from the script that wrote the artifact (load()).
-from train_gpt import file_sha256
+# This checkout's training script, for its file hash and its artifact header checks only: scripts
+# and tokenizers are hashed before any of them is trusted. The eval modes come from the script that
+# wrote the artifact (load()).
+from train_gpt import file_sha256, read_artifact_header, sha256_hex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARTIFACT_MAGIC = b"PGOLFART"
-PREFIX = struct.Struct("<8sII")
+# The official .ptz: bounds checked before torch.load (the baseline's own: ~17 MB inflated, a 17 KB
+# pickle of ~5,200 opcodes, ~1,100 memo reads, 147 storages, 17M elements).
+OFFICIAL_MAX_RAW_BYTES = 256 << 20
+OFFICIAL_MAX_PICKLE_BYTES = 1 << 20
+OFFICIAL_MAX_PICKLE_OPS = 100_000
+OFFICIAL_MAX_MEMO_GETS = 20_000
+OFFICIAL_MAX_ELEMENTS = 64 << 20
 BASELINE_ARCH = (
     "vocab_size",
     "model_dim",
@@ -50,15 +65,84 @@ class BadInput(Exception):
     """One-line refusal: exit 2."""
 
 
-def load_official_int8(path, max_bytes=1 << 31):
+def check_official_pickle(path, raw):
+    """Refuse, before unpickling, a zlib output that is not torch.save's zip archive of stored
+    members, or whose data.pkl is too large, too long or too memo-heavy to be the official dict."""
+    import io
+    import pickletools
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ValueError(
+            f"{path}: refused: not a torch.save zip archive ({type(exc).__name__})"
+        ) from None
+    pickles = [m for m in members if m.filename.endswith("/data.pkl")]
+    if len(pickles) != 1 or any(m.compress_type != zipfile.ZIP_STORED for m in members):
+        raise ValueError(f"{path}: refused: not a torch.save archive (one stored data.pkl)")
+    if pickles[0].file_size > OFFICIAL_MAX_PICKLE_BYTES:
+        raise ValueError(
+            f"{path}: refused: its pickle is {pickles[0].file_size} bytes, more than the "
+            f"{OFFICIAL_MAX_PICKLE_BYTES} an int8 state dict needs"
+        )
+    data = archive.read(pickles[0])
+    ops = 0
+    gets = 0
+    try:
+        for op, _, _ in pickletools.genops(data):
+            ops += 1
+            gets += op.name in ("GET", "BINGET", "LONG_BINGET", "DUP")
+            if ops > OFFICIAL_MAX_PICKLE_OPS or gets > OFFICIAL_MAX_MEMO_GETS:
+                raise ValueError(
+                    f"{path}: refused: its pickle has more than {OFFICIAL_MAX_PICKLE_OPS} opcodes "
+                    f"or {OFFICIAL_MAX_MEMO_GETS} memo reads (an int8 state dict needs a few "
+                    "thousand)"
+                )
+    except (ValueError, EOFError) as exc:
+        if str(exc).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: refused: unreadable pickle ({exc})") from None
+
+
+def check_official_tensors(path, obj):
+    """Refuse a dict whose tensors would materialize more than OFFICIAL_MAX_ELEMENTS (counting
+    every reference: a memo bomb points thousands of names at one tensor) or view more than their
+    storage holds (stride-0 expansion)."""
+    import torch
+
+    total = 0
+    for group in ("quantized", "scales", "passthrough"):
+        tensors = obj.get(group, {})
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{path}: {group}: expected a dict of tensors")  # noqa: TRY004
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                what = f"{group}[{str(name)[:60]!r}]"
+                raise ValueError(f"{path}: {what}: not a tensor")  # noqa: TRY004
+            total += t.numel()
+            if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+                raise ValueError(
+                    f"{path}: {group}[{str(name)[:60]!r}]: a view larger than its storage"
+                )
+            if total > OFFICIAL_MAX_ELEMENTS:
+                raise ValueError(
+                    f"{path}: refused: the tensors hold more than {OFFICIAL_MAX_ELEMENTS} elements"
+                )
+
+
+def load_official_int8(path, max_bytes=OFFICIAL_MAX_RAW_BYTES):
     """State dict of an official `final_model.int8.ptz`: zlib of a torch.save dict in the
-    int8_clean_per_row_v1 format. torch.load runs with weights_only=True, so a pickle carrying code
+    int8_clean_per_row_v1 format. The zlib output is streamed up to max_bytes, the pickle checked
+    (check_official_pickle), and torch.load runs with weights_only=True, so a pickle carrying code
     is refused, never executed."""
     import io
     import pickle
 
     import torch
 
+    if os.path.getsize(path) > max_bytes:
+        raise ValueError(f"{path}: not an official int8 artifact (more than {max_bytes} bytes)")
     with open(path, "rb") as f:
         blob = f.read()
     try:
@@ -69,6 +153,7 @@ def load_official_int8(path, max_bytes=1 << 31):
         raise ValueError(
             f"{path}: not an official int8 artifact (inflates beyond {max_bytes} bytes)"
         )
+    check_official_pickle(path, raw)
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -82,6 +167,7 @@ def load_official_int8(path, max_bytes=1 << 31):
         ) from None
     if not isinstance(obj, dict) or obj.get("__quant_format__") != "int8_clean_per_row_v1":
         raise ValueError(f"{path}: not in the int8_clean_per_row_v1 format")
+    check_official_tensors(path, obj)
     state = {}
     dtypes = obj.get("dtypes", {})
     for name, q in obj.get("quantized", {}).items():
@@ -99,69 +185,137 @@ def load_official_int8(path, max_bytes=1 << 31):
 
 
 def peek_header(path):
-    """Our artifact's JSON header, or None for anything else (the official reader judges those)."""
+    """Our artifact's header, checked by this checkout's reader (checksum, script name, tensor
+    table, sizes) before any script runs, or None for anything else (the official reader judges
+    those)."""
     with open(path, "rb") as f:
-        prefix = f.read(PREFIX.size)
-        if prefix[:8] != ARTIFACT_MAGIC:
+        if f.read(len(ARTIFACT_MAGIC)) != ARTIFACT_MAGIC:
             return None
-        if len(prefix) < PREFIX.size:
-            raise BadInput(f"{path}: truncated artifact ({len(prefix)} bytes)")
-        _, _, head_len = PREFIX.unpack(prefix)
-        if head_len > min(16 << 20, os.path.getsize(path) - PREFIX.size):
-            raise BadInput(f"{path}: truncated or corrupt artifact header")
-        try:
-            header = json.loads(f.read(head_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"{path}: corrupt artifact header ({exc.__class__.__name__})") from None
-    if not isinstance(header, dict) or not header.get("script") or not header.get("script_sha256"):
-        raise BadInput(f"{path}: the artifact header names no script")
-    return header
+    try:
+        return read_artifact_header(path)[0]
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
 
 
-def find_script(artifact, header, given):
-    """The script the header names, with a matching sha256."""
-    want = header["script_sha256"]
-    if given:
-        if not os.path.isfile(given):
-            raise BadInput(f"--script {given}: no such file")
-        got = file_sha256(given)
-        if got != want:
-            raise BadInput(
-                f"--script {given}: sha256 {got[:16]}... does not match the artifact's "
-                f"script_sha256 {want[:16]}... ({header['script']})"
-            )
-        return given
-    here = os.path.dirname(os.path.abspath(artifact))
-    seen = []
-    for folder in (here, os.path.dirname(here), os.getcwd()):
-        cand = os.path.join(folder, os.path.basename(header["script"]))
-        if os.path.isfile(cand) and cand not in seen:
-            seen.append(cand)
-            if file_sha256(cand) == want:
-                return cand
-    if seen:
-        raise BadInput(
-            f"{seen[0]}: sha256 does not match the artifact's script_sha256 {want[:16]}...; "
-            f"pass the exact {header['script']} that wrote it with --script"
+def checkout_script(sha, name, cleanup):
+    """The path of a training script of this checkout whose sha256 is sha: one of its train_*.py,
+    else the file `name` at a git revision of this checkout (written to a temp folder that is
+    added to cleanup). None when there is none."""
+    for path in sorted(glob.glob(os.path.join(HERE, "train_*.py"))):
+        if file_sha256(path) == sha:
+            return path
+    git = ["git", "-C", HERE]
+    try:
+        revs = subprocess.run(
+            [*git, "log", "--all", "--format=%H", "--", name],
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
-    raise BadInput(
-        f"{header['script']} (sha256 {want[:16]}...) not found beside {artifact}; "
-        "pass it with --script"
+        for rev in revs.stdout.decode("ascii", "replace").split() if revs.returncode == 0 else []:
+            blob = subprocess.run(
+                [*git, "show", f"{rev}:{name}"], capture_output=True, timeout=60, check=False
+            )
+            if blob.returncode == 0 and sha256_hex(blob.stdout) == sha:
+                folder = tempfile.mkdtemp(prefix="pgolf-script-")
+                cleanup.append(folder)
+                path = os.path.join(folder, name)
+                with open(path, "wb") as f:
+                    f.write(blob.stdout)
+                return path
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return None
+
+
+def trust_warning(path):
+    print(
+        f"warning: --trust-script {path}: eval_bpb.py will import and execute this file's code; "
+        "use it only for a script you have read",
+        file=sys.stderr,
     )
+
+
+def check_hash(flag, path, want, script):
+    if not os.path.isfile(path):
+        raise BadInput(f"{flag} {path}: no such file")
+    got = file_sha256(path)
+    if got != want:
+        raise BadInput(
+            f"{flag} {path}: sha256 {got[:16]}... does not match the artifact's "
+            f"script_sha256 {want[:16]}... ({script})"
+        )
+
+
+def find_script(artifact, header, args, cleanup):
+    """The script to run for our artifact: --trust-script (any file, with a warning), else the
+    checkout's script (or git revision) with the header's sha256. A script of that name beside the
+    artifact must match the header."""
+    want = header["script_sha256"]
+    name = header["script"]
+    if args.trust_script:
+        check_hash("--trust-script", args.trust_script, want, name)
+        trust_warning(args.trust_script)
+        return args.trust_script
+    if args.script:
+        check_hash("--script", args.script, want, name)
+    here = os.path.dirname(os.path.abspath(artifact))
+    beside = os.path.join(here, name)
+    if here != HERE and os.path.isfile(beside) and file_sha256(beside) != want:
+        raise BadInput(
+            f"{beside}: sha256 does not match the artifact's script_sha256 {want[:16]}...; "
+            f"the record's {name} is not the one that wrote {os.path.basename(artifact)}"
+        )
+    path = checkout_script(want, name, cleanup)
+    if path is None:
+        raise BadInput(
+            f"{artifact}: needs {name} sha256 {want[:16]}..., not a training script of this "
+            f"checkout or of its git history; re-scoring runs that script's code: to run a copy "
+            f"you trust, pass --trust-script PATH/{name}"
+        )
+    return path
+
+
+def official_script(args, cleanup):
+    """The script whose model evaluates an official .ptz: this checkout's train_gpt.py, --script
+    when it is a training script of this checkout, or --trust-script (with a warning)."""
+    if args.trust_script:
+        if not os.path.isfile(args.trust_script):
+            raise BadInput(f"--trust-script {args.trust_script}: no such file")
+        trust_warning(args.trust_script)
+        return args.trust_script
+    if not args.script:
+        return os.path.join(HERE, "train_gpt.py")
+    if not os.path.isfile(args.script):
+        raise BadInput(
+            f"{args.script}: no such file (the baseline format is evaluated with train_gpt.py)"
+        )
+    path = checkout_script(file_sha256(args.script), os.path.basename(args.script), cleanup)
+    if path is None:
+        raise BadInput(
+            f"--script {args.script}: not a training script of this checkout or of its git "
+            "history; to run it anyway, pass --trust-script PATH"
+        )
+    return path
 
 
 def import_script(path):
     name = f"pgolf_script_{file_sha256(path)[:12]}"
-    if name in sys.modules:
-        return sys.modules[name]
+    cached = sys.modules.get(name)
+    if cached is not None and os.path.isfile(getattr(cached, "__file__", "")):
+        return cached
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ left beside a record's script
     try:
         spec.loader.exec_module(module)
     except Exception:
         sys.modules.pop(name, None)
         raise
+    finally:
+        sys.dont_write_bytecode = write_bytecode
     return module
 
 
@@ -232,15 +386,16 @@ def infer_baseline(state):
     }
 
 
-def load(args, env):
-    """(module, model, h, info) for either format, with the eval overrides applied."""
+def load(args, env, cleanup):
+    """(module, model, h, info) for either format, with the eval overrides applied. Temp folders
+    made on the way are added to cleanup."""
     if not os.path.isfile(args.artifact):
         raise BadInput(f"{args.artifact}: no such file")
     header = peek_header(args.artifact)
     info = {"artifact": args.artifact, "artifact_bytes": os.path.getsize(args.artifact)}
 
     if header is not None:
-        script = find_script(args.artifact, header, args.script)
+        script = find_script(args.artifact, header, args, cleanup)
         mod = import_script(script)
         model, h = mod.load_artifact(args.artifact)
         info.update(
@@ -252,11 +407,7 @@ def load(args, env):
         )
         info["total_bytes"] = info["artifact_bytes"] + info["code_bytes"]
     else:
-        script = args.script or os.path.join(HERE, "train_gpt.py")
-        if not os.path.isfile(script):
-            raise BadInput(
-                f"{script}: no such file (the baseline format is evaluated with train_gpt.py)"
-            )
+        script = official_script(args, cleanup)
         mod = import_script(script)
 
         # torch warns about pickle protocols before refusing: keep the refusal to one line
@@ -366,7 +517,14 @@ def build_parser():
     )
     p.add_argument(
         "--script",
-        help="training script (ours: must match the header's sha256; official: train_gpt.py)",
+        help="training script (ours: must match the header's sha256; official: train_gpt.py); "
+        "it runs only if it is a training script of this checkout or of its git history",
+    )
+    p.add_argument(
+        "--trust-script",
+        metavar="PATH",
+        help="run this script even though it is not of this checkout (a downloaded record's "
+        "script): its code is executed, so read it first; ours: must match the header's sha256",
     )
     p.add_argument(
         "--max-tokens",
@@ -381,8 +539,17 @@ def build_parser():
 def main(argv=None, env=None):
     args = build_parser().parse_args(argv)
     env = os.environ if env is None else env
+    cleanup = []  # temp folders of scripts taken from git history
     try:
-        mod, model, h, info = load(args, env)
+        return run(args, env, cleanup)
+    finally:
+        for folder in cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, env, cleanup):
+    try:
+        mod, model, h, info = load(args, env, cleanup)
         rt = mod.setup_runtime()
         mode, res, audits = evaluate(mod, model, h, rt, args.max_tokens)
     except BadInput as exc:

@@ -1118,21 +1118,45 @@ class QuantScheme:
 
 
 def _bounded(decompressor, data, limit):
+    """At most limit + 1 bytes out of a zlib or lzma stream: a longer stream is refused, not
+    inflated. limit is a validated raw_bytes (0 <= limit <= ARTIFACT_MAX_RAW_BYTES)."""
+    if not 0 <= limit <= ARTIFACT_MAX_RAW_BYTES:
+        raise ValueError(f"decompression limit {limit} is outside [0, {ARTIFACT_MAX_RAW_BYTES}]")
     out = decompressor.decompress(data, limit + 1)
     if len(out) > limit:
         raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
     return out
 
 
+def _zstd_bounded(data, limit):
+    """zstd streamed in 1 MiB reads that stop at limit + 1 bytes: a frame that declares a huge
+    content size is read, not trusted (one-shot decompress allocates what the frame declares)."""
+    if not 0 <= limit <= ARTIFACT_MAX_RAW_BYTES:
+        raise ValueError(f"decompression limit {limit} is outside [0, {ARTIFACT_MAX_RAW_BYTES}]")
+    chunks = []
+    got = 0
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    with dctx.stream_reader(data, read_across_frames=True) as reader:
+        while got <= limit:
+            chunk = reader.read(min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    if got > limit:
+        raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
+    return b"".join(chunks)
+
+
 # name: (compress(data, level), decompress(data, limit)); zstd needs the zstandard package.
 COMPRESSORS = {
     "zstd": (
         lambda d, level: zstandard.ZstdCompressor(level=level).compress(d),
-        lambda d, limit: zstandard.ZstdDecompressor().decompress(d, max_output_size=limit),
+        _zstd_bounded,
     ),
     "lzma": (
         lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
-        lambda d, limit: _bounded(lzma.LZMADecompressor(), d, limit),
+        lambda d, limit: _bounded(lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT), d, limit),
     ),
     "zlib": (
         lambda d, level: zlib.compress(d, 9),
@@ -1563,14 +1587,15 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
 
 
 def dequantize_entries(entries, raw):
-    """The state dict of the header's tensor entries over the decompressed payload."""
+    """The state dict of the header's tensor entries over the decompressed payload (entries checked
+    by check_artifact_header, or made by quantize_state_dict)."""
     state = {}
     for e in entries:
         off, n = e["data"]
-        dtype = getattr(torch, e["dtype"])
+        dtype, raw_np_dtype = ARTIFACT_DTYPES[e["dtype"]]
         scheme = None if e["scheme"] == "raw" else QuantScheme.parse(e["scheme"])
         if scheme is None:
-            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            np_dtype = raw_np_dtype
         elif scheme.is_int:
             np_dtype = np.int8
         else:
@@ -1613,8 +1638,221 @@ def write_artifact(path, header, payload):
     return write_bytes_atomic(path, _artifact_prefix_and_head(header) + payload)
 
 
+# --- reading an artifact: every header field is checked before anything is allocated or run ---
+
+ARTIFACT_MAX_RAW_BYTES = 1 << 30  # the most any payload may inflate to (a 16 MB artifact: ~30 MB)
+ARTIFACT_MAX_TENSORS = 65536
+ARTIFACT_MAX_RANK = 8
+ZSTD_MAX_WINDOW = 1 << 27  # zstd -22 uses at most a 128 MiB window
+LZMA_MEMLIMIT = 1 << 28  # preset 9e needs ~65 MiB to decode
+# dtype name in the header -> (torch dtype, numpy dtype of a "raw" tensor or None for float dtypes)
+ARTIFACT_DTYPES = {
+    "float32": (torch.float32, None),
+    "float16": (torch.float16, None),
+    "bfloat16": (torch.bfloat16, None),
+    "int64": (torch.int64, np.int64),
+    "int32": (torch.int32, np.int32),
+    "int16": (torch.int16, np.int16),
+    "int8": (torch.int8, np.int8),
+    "uint8": (torch.uint8, np.uint8),
+    "bool": (torch.bool, np.bool_),
+}
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_sha256(value):
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _is_count(value):
+    """A non-negative int (JSON true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def valid_script_name(name):
+    """A bare training-script file name: no folder, no '..', ends in .py."""
+    if not isinstance(name, str) or not name.endswith(".py") or len(name) > 128:
+        return False
+    if ".." in name or name.startswith("."):
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "_.-") for c in name)
+
+
+def _entry_parts(e, scheme, numel):
+    """{part: expected byte length} of one tensor entry."""
+    if scheme is None:
+        itemsize = np.dtype(ARTIFACT_DTYPES[e["dtype"]][1]).itemsize
+        return {"data": numel * itemsize}
+    if scheme.is_int:
+        return {"data": numel, "scale": 2 * e["shape"][0]}
+    return {"data": numel * scheme.bits // 8}
+
+
+def _check_entry(path, i, e, names):
+    """The byte spans [(offset, length, what)] of one valid tensor entry; ValueError otherwise."""
+    where = f"{path}: artifact header tensors[{i}]"
+    if not isinstance(e, dict):
+        raise ValueError(f"{where}: expected an object, got {type(e).__name__}")  # noqa: TRY004
+    name = e.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256 or name in names:
+        raise ValueError(f"{where}.name {name!r}: expected a new non-empty tensor name")
+    names.add(name)
+    where = f"{path}: artifact header tensor {name[:80]!r}"
+    dtype = e.get("dtype")
+    if not isinstance(dtype, str) or dtype not in ARTIFACT_DTYPES:
+        raise ValueError(
+            f"{where}: dtype {str(dtype)[:40]!r} is not one of {', '.join(ARTIFACT_DTYPES)}"
+        )
+    shape = e.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > ARTIFACT_MAX_RANK
+        or not all(_is_count(n) for n in shape)
+    ):
+        raise ValueError(
+            f"{where}: shape {str(shape)[:80]}: expected at most {ARTIFACT_MAX_RANK} "
+            "non-negative integers"
+        )
+    numel = math.prod(shape)
+    if numel > ARTIFACT_MAX_RAW_BYTES:
+        raise ValueError(f"{where}: shape {shape} holds {numel} elements, beyond the ceiling")
+    text = e.get("scheme")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: scheme {str(text)[:40]!r}: expected text")
+    if text == "raw":
+        scheme = None
+        if ARTIFACT_DTYPES[dtype][1] is None:
+            raise ValueError(f"{where}: scheme 'raw' is for integer tensors, not {dtype}")
+    else:
+        try:
+            scheme = QuantScheme.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if ARTIFACT_DTYPES[dtype][1] is not None:
+            raise ValueError(f"{where}: scheme {text!r} is for float tensors, not {dtype}")
+        if scheme.is_int and len(shape) != 2:
+            raise ValueError(f"{where}: scheme {text!r} needs a 2-D shape, got {shape}")
+    parts = _entry_parts(e, scheme, numel)
+    extra = {"data", "scale"} - set(parts)
+    if any(k in e for k in extra):
+        raise ValueError(f"{where}: unexpected {sorted(k for k in extra if k in e)} for {text}")
+    spans = []
+    for part, want in parts.items():
+        span = e.get(part)
+        if not (isinstance(span, list) and len(span) == 2 and all(_is_count(v) for v in span)):
+            raise ValueError(f"{where}.{part} {str(span)[:80]}: expected [offset, length]")
+        if span[1] != want:
+            raise ValueError(
+                f"{where}.{part}: length {span[1]}, but shape {shape} as {text} needs {want}"
+            )
+        spans.append((span[0], span[1], f"{name[:80]!r}.{part}"))
+    return spans
+
+
+def check_artifact_header(path, header, payload_bytes):
+    """ValueError naming the file and the field for anything a reader should not act on: the
+    checksum is mandatory, then every field is checked (see DESIGN.md, Artifact)."""
+    if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
+        raise ValueError(f"{path}: artifact header lacks its tensor table")
+    if "header_sha256" not in header:
+        raise ValueError(f"{path}: artifact header has no header_sha256 (it is mandatory)")
+    if header["header_sha256"] != _header_sha256(header):
+        raise ValueError(
+            f"{path}: header is corrupted (its sha256 differs from the one it records)"
+        )
+    if header.get("format") != "pgolf-artifact":
+        raise ValueError(f"{path}: artifact header format {header.get('format')!r}")
+    if not valid_script_name(header.get("script")):
+        raise ValueError(
+            f"{path}: artifact header script {str(header.get('script'))[:80]!r}: expected a bare "
+            "file name ending in .py"
+        )
+    for key in ("script_sha256", "payload_sha256"):
+        if not _is_sha256(header.get(key)):
+            raise ValueError(f"{path}: artifact header {key}: expected 64 lowercase hex digits")
+    if header.get("tokenizer_sha256") is not None and not _is_sha256(header["tokenizer_sha256"]):
+        raise ValueError(f"{path}: artifact header tokenizer_sha256: expected 64 hex digits")
+    name = header.get("compressor")
+    if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
+        raise ValueError(
+            f"{path}: compressor {str(name)[:40]!r} is unknown or not installed "
+            "(zstd needs zstandard)"
+        )
+    raw_bytes = header.get("raw_bytes")
+    if not _is_count(raw_bytes) or raw_bytes > ARTIFACT_MAX_RAW_BYTES:
+        raise ValueError(
+            f"{path}: artifact header raw_bytes {str(raw_bytes)[:40]}: expected an integer in "
+            f"[0, {ARTIFACT_MAX_RAW_BYTES}]"
+        )
+    if header.get("payload_bytes") != payload_bytes:
+        raise ValueError(
+            f"{path}: payload is truncated or corrupted ({payload_bytes} bytes after the header, "
+            f"the header says {str(header.get('payload_bytes'))[:40]})"
+        )
+    if not isinstance(header.get("hparams"), dict):
+        raise ValueError(f"{path}: artifact header hparams: expected an object")  # noqa: TRY004
+    tensors = header["tensors"]
+    if not isinstance(tensors, list) or len(tensors) > ARTIFACT_MAX_TENSORS:
+        raise ValueError(
+            f"{path}: artifact header tensors: expected a list of at most "
+            f"{ARTIFACT_MAX_TENSORS} entries"
+        )
+    names = set()
+    spans = []
+    for i, e in enumerate(tensors):
+        spans += _check_entry(path, i, e, names)
+    end = 0
+    for offset, length, what in sorted(spans):
+        if offset < end:
+            raise ValueError(f"{path}: artifact header {what} overlaps the tensor before it")
+        end = offset + length
+        if end > raw_bytes:
+            raise ValueError(
+                f"{path}: artifact header {what} ends at {end}, beyond raw_bytes {raw_bytes}"
+            )
+    if sum(length for _, length, _ in spans) != raw_bytes:
+        raise ValueError(
+            f"{path}: artifact header raw_bytes {raw_bytes} is not the "
+            f"{sum(length for _, length, _ in spans)} bytes its tensor shapes imply"
+        )
+
+
+def artifact_hparams(path, header):
+    """The header's hyperparameters through the checks of Hyperparameters.from_env: only this
+    script's fields (run-only ones excluded), each of its declared type, then validate()."""
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    values = {}
+    for key, value in header["hparams"].items():
+        f = fields.get(key)
+        if f is None or key in RUN_ONLY_FIELDS:
+            raise ValueError(
+                f"{path}: artifact header hparams.{str(key)[:60]}: not a field this script reads"
+            )
+        kind = f.type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if ok and kind is float and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{path}: artifact header hparams.{key} {str(value)[:40]!r}: expected a finite "
+                f"{kind.__name__}"
+            )
+        values[key] = value
+    if values.get("preset", "record") not in PRESETS:
+        raise ValueError(f"{path}: artifact header hparams.preset {values['preset']!r} is unknown")
+    try:
+        h = Hyperparameters(**values)
+        h.validate()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: artifact header hparams: {exc}") from None
+    return h
+
+
 def read_artifact_header(path):
-    """(header, payload offset). ValueError naming the file for anything not our artifact."""
+    """(header, payload offset) of a checked header (check_artifact_header). ValueError naming the
+    file for anything else."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(ARTIFACT_PREFIX.size)
@@ -1631,37 +1869,30 @@ def read_artifact_header(path):
             raise ValueError(f"{path}: truncated or corrupt header (declares {head_len} bytes)")
         try:
             header = json.loads(f.read(head_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: corrupt artifact header ({exc})") from None
-    if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
-        raise ValueError(f"{path}: artifact header lacks its tensor table")
-    if header.get("header_sha256", _header_sha256(header)) != _header_sha256(header):
-        raise ValueError(
-            f"{path}: header is corrupted (its sha256 differs from the one it records)"
-        )
-    return header, ARTIFACT_PREFIX.size + head_len
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: corrupt artifact header ({why})") from None
+    offset = ARTIFACT_PREFIX.size + head_len
+    check_artifact_header(path, header, size - offset)
+    return header, offset
 
 
 def read_artifact(path):
+    """(checked header, decompressed payload): the payload's length and sha256 are the header's,
+    and it inflates, streamed, to exactly raw_bytes (never beyond)."""
     header, offset = read_artifact_header(path)
     with open(path, "rb") as f:
-        payload = f.read()[offset:]
-    if (
-        len(payload) != header.get("payload_bytes")
-        or sha256_hex(payload) != header["payload_sha256"]
-    ):
+        f.seek(offset)
+        payload = f.read(header["payload_bytes"] + 1)
+    if len(payload) != header["payload_bytes"] or sha256_hex(payload) != header["payload_sha256"]:
         raise ValueError(
             f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)"
         )
-    name = header.get("compressor")
-    if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
-        raise ValueError(
-            f"{path}: compressor {name!r} is unknown or not installed (zstd needs zstandard)"
-        )
     try:
-        raw = COMPRESSORS[name][1](payload, int(header["raw_bytes"]))
+        raw = COMPRESSORS[header["compressor"]][1](payload, header["raw_bytes"])
     except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
-        raise ValueError(f"{path}: payload does not decompress ({exc})") from None
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: payload does not decompress ({why})") from None
     if len(raw) != header["raw_bytes"]:
         raise ValueError(
             f"{path}: payload inflates to {len(raw)} bytes, header says {header['raw_bytes']}"
@@ -1743,18 +1974,18 @@ def _artifact_header(h, code, compressor, raw, payload, entries):
 
 
 def load_artifact(path, allow_script_mismatch=False):
-    """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk."""
-    header, raw = read_artifact(path)
+    """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk.
+    The header, the script binding and the hyperparameters are checked before the payload is read
+    or the model allocated."""
+    header, _ = read_artifact_header(path)
     own_sha = sha256_hex(code_bytes_of())
-    if header.get("script_sha256") != own_sha and not allow_script_mismatch:
+    if header["script_sha256"] != own_sha and not allow_script_mismatch:
         raise ValueError(
-            f"{path}: written by {header.get('script')} sha256 {header.get('script_sha256')}, "
+            f"{path}: written by {header['script']} sha256 {header['script_sha256']}, "
             f"not by this script ({os.path.basename(CODE_PATH)} sha256 {own_sha})"
         )
-    known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    h = dataclasses.replace(
-        Hyperparameters(), **{k: v for k, v in header["hparams"].items() if k in known}
-    )
+    h = artifact_hparams(path, header)
+    header, raw = read_artifact(path)
     model = build_model(h)
     state = dequantize_entries(header["tensors"], raw)
     missing = [k for k in artifact_state(model) if k not in state]

@@ -241,6 +241,7 @@ def test_failed_causality_audit_exits_3_with_score_invalid(tiny, tmp_path, capsy
                                       "TOKENIZER_PATH": str(tiny["s1"]["tokenizer"])})
     torch.manual_seed(0)
     mod.save_artifact(mod.build_model(h), h, str(tmp_path / "leaky.pga"))
-    code, out, _ = rescore(capsys, tmp_path / "leaky.pga")
+    # a script outside the checkout runs only when trusted explicitly (issue 13)
+    code, out, _ = rescore(capsys, tmp_path / "leaky.pga", "--trust-script", leaky)
     assert code == 3
     assert "audit:causality passed:False" in out and "score INVALID" in out and "valid: False" in out

@@ -15,9 +15,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from conftest import TINY_ENV, load_script, summary_of
+from torch import nn
 
 V = 64
 

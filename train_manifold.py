@@ -2904,7 +2904,7 @@ def calibrate(run, model):
         run.ledger.gptq_s = time.perf_counter() - t0
         run.logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {run.ledger.gptq_s:.1f}s")
     run.logger.log0(
-        f"training_budget: {run.ledger.train_s:.1f}s (loop + precompute + GPTQ) of "
+        f"training_budget: {run.ledger.train_s:.1f}s (precompute + setup + loop + GPTQ) of "
         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} on {run.ledger.hardware}"
     )
     run.logger.update_status(force=True, state="evaluating")

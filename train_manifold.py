@@ -73,6 +73,9 @@ class Hyperparameters:
     vocab_size: int = 1024
     run_id: str = ""
     seed: int = 1337
+    # The 10-minute track (PRESET=record, or any run with RECORD_ATTEMPT=1): the score is valid only
+    # with training and evaluation each within 600 s (TimeLedger.train_s and eval_s).
+    record_attempt: bool = False
     log_dir: str = "logs"
     artifact_path: str = ""
     val_batch_size: int = 524288
@@ -196,9 +199,16 @@ class Hyperparameters:
                     return int(number)
             if kind in (bool, int):
                 raise ValueError
-            return float(text) if kind is float else text
+            if kind is not float:
+                return text
+            number = float(text)
+            if not math.isfinite(number):  # nan and inf parse as floats but mean nothing here
+                raise ValueError
+            return number
         except ValueError:
-            expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "a string")
+            expected = {bool: "0 or 1", int: "an integer", float: "a finite number"}.get(
+                kind, "a string"
+            )
             raise ValueError(f"{name}={raw!r}: expected {expected}") from None
 
     def bad(self, name, why):
@@ -206,6 +216,13 @@ class Hyperparameters:
 
     def validate(self):
         """Checks of the shared fields, then the script's own `validate_model`."""
+        for f in dataclasses.fields(self):  # every float knob, the model's too: finite
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                self.bad(f.name, "must be a finite number")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_lr") and getattr(self, f.name) < 0:
+                self.bad(f.name, "a learning rate must not be negative")
+        self.validate_run_id()
         for name in (
             "iterations",
             "train_batch_tokens",
@@ -252,14 +269,30 @@ class Hyperparameters:
         ):
             if not lo <= getattr(self, name) <= hi:
                 self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
-        for name in ("size_margin", "gptq_reserve_seconds"):
+        for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
         self.validate_model()
 
+    def validate_run_id(self):
+        """RUN_ID names files in LOG_DIR: a plain name (letters, digits, `._-`), never a path."""
+        run_id = self.run_id
+        plain = all(c.isascii() and (c.isalnum() or c in "._-") for c in run_id)
+        if not plain or run_id.startswith(".") or len(run_id) > 128:
+            self.bad(
+                "run_id",
+                "must be a plain name of at most 128 letters, digits, '.', '_' or '-', "
+                "not starting with '.' (no path separators)",
+            )
+
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def record_track(self):
+        """Whether the run competes on the 10-minute track (PRESET=record or RECORD_ATTEMPT=1)."""
+        return self.preset == "record" or self.record_attempt
 
     # ===== END SHARED BLOCK: hparams v1 =====
     # Model: the manifold hop network (record shape). NUM_LAYERS = hops, MODEL_DIM = hidden width,
@@ -486,14 +519,32 @@ def device_description(device):
 
 
 def write_bytes_atomic(path, blob):
-    """Write through a temporary file and a rename: a concurrent reader sees the old file or the new
-    one, never half of one. Returns the bytes written."""
+    """Write through a temporary file (`<path>.tmp<PID>`) and a rename: a concurrent reader sees
+    the old file or the new one, never half of one. On any failure (a full disk, an interrupt) the
+    temporary file is removed before the error goes on. Returns the bytes written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        f.write(blob)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(blob)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise
     return len(blob)
+
+
+def remove_stale_temps(paths):
+    """Remove the atomic writer's leftovers (`<path>.tmp<PID>`) of these paths, from an earlier run
+    of the same RUN_ID that died mid-write. Returns the removed paths."""
+    removed = []
+    for path in paths:
+        for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+            if tmp[len(path) + 4 :].isdigit() and os.path.isfile(tmp):
+                os.remove(tmp)
+                removed.append(tmp)
+    return removed
 
 
 def write_json_atomic(path, obj):
@@ -545,6 +596,25 @@ class RunLogger:
             self.status["updated_at"] = round(now, 3)
             write_json_atomic(self.status_path, self.status)
             self._status_written = now
+
+    def record_failure(self, exc):
+        """An exception that ends the run, where people look: `error: <one line>` in the text log
+        (with the traceback after it), an `error` event, and the status file's `state: failed`.
+        Returns the one-line message."""
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (ValueError, FileNotFoundError)):
+            message = f"{type(exc).__name__}: {message}"
+        if not self.enabled:
+            return message
+        import traceback
+
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        with contextlib.suppress(OSError):  # a full disk must not hide the original error
+            self.log0(f"error: {message}", console=False)
+            self.log0(trace.rstrip(), console=False)
+            self.event("error", message=message)
+            self.update_status(force=True, state="failed", error=message)
+        return message
 
 
 # ===== END SHARED BLOCK: runtime v1 =====
@@ -2004,6 +2074,9 @@ def load_artifact(path, allow_script_mismatch=False):
 # target scored once, in the first window that holds it. Score-first TTT (PR #461/#549): windows
 # grouped in chunks; a chunk is scored under inference mode, then trained on; the last chunk never
 # is. Sliding is TTT without training, so the two share one code path and agree exactly at TTT_LR=0.
+# The score-first audit is built from what the code did, not from what it meant to do: the scorer
+# counts every target it scores (coverage), and the TTT trainer sees the val tokens only through a
+# RecordedTokens view that logs every position it reads.
 # EVAL_MODES is the one registry of the modes (name -> function and final log label) that the
 # scripts, eval_bpb.py and pack.py read. The causality audit (RULES.md C1) runs on any model with
 # `forward_logits`.
@@ -2097,8 +2170,9 @@ def sliding_windows(num_tokens, seq_len, stride):
 
 def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
     """Score a list of (starts, firsts, lasts) windows, all on this rank, into sums; count every
-    scored target in coverage."""
+    scored target in coverage. Returns the highest target position scored (-1 if none)."""
     device = sums.device
+    top = torch.full((), -1, dtype=torch.int64, device=device)
     for i in range(0, len(windows[0]), batch):
         s, f, l = (w[i : i + batch] for w in windows)
         for length in np.unique(l - s):
@@ -2114,6 +2188,42 @@ def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
             sums[2] += (target_bytes(x, y, luts) * mask).sum()
             targets = (ws[:, None] + 1 + pos)[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
+            if targets.numel():
+                top = torch.maximum(top, targets.max())
+    return top
+
+
+class RecordedTokens:
+    """The TTT trainer's only view of the val tokens: `read(lo, hi)` gives tokens lo..hi-1 and
+    records the span, so the score-first audit checks the positions actually read."""
+
+    def __init__(self, tokens):
+        self._tokens = tokens
+        self._spans = []
+
+    def __len__(self):
+        return self._tokens.numel()
+
+    def read(self, lo, hi):
+        lo = int(lo)
+        hi = int(hi)
+        if not 0 <= lo <= hi <= self._tokens.numel():
+            raise IndexError(f"val tokens {lo}..{hi - 1}: outside 0..{self._tokens.numel() - 1}")
+        self._spans.append((lo, hi))
+        return self._tokens[lo:hi]
+
+    def take_reads(self):
+        """(number of reads, highest position read or -1) since the last call."""
+        spans = self._spans
+        self._spans = []
+        return len(spans), max((hi - 1 for lo, hi in spans if hi > lo), default=-1)
+
+
+def ttt_train_range(chunk_index, chunk_tokens, scored_upto):
+    """The val positions [lo, hi) the trainer may adapt on after scoring chunk `chunk_index`: the
+    chunk's own tokens, never past the last scored target."""
+    lo = chunk_index * chunk_tokens
+    return lo, min(lo + chunk_tokens, scored_upto + 1)
 
 
 def _windowed_eval(h, model, val_tokens, luts, train_chunks):
@@ -2135,12 +2245,14 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
     trainer = _TTTTrainer(h, model, len(chunk_ids)) if train_chunks else None
     scorer = trainer.model if trainer else model
+    view = RecordedTokens(tokens)
+    scored_upto = -1
     for n, ci in enumerate(chunk_ids):
         sel = np.arange(bounds[n], bounds[n + 1])
         mine = sel[len(sel) * rank // world : len(sel) * (rank + 1) // world]
         scorer.eval()
         with torch.inference_mode():
-            _score_windows(
+            top = _score_windows(
                 scorer,
                 tokens,
                 (starts[mine], firsts[mine], lasts[mine]),
@@ -2149,13 +2261,18 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
                 sums,
                 coverage,
             )
-        scored_upto = int(lasts[sel].max())
+        if trainer is not None and world > 1:
+            top = dist_max(top.clone())
+        scored_upto = max(scored_upto, int(top))  # what was scored, on every rank
         ledger.append({"event": "score", "chunk": int(ci), "scored_upto": scored_upto})
         if trainer is not None and n < len(chunk_ids) - 1:
-            hi_tok = min(int(ci) * chunk + chunk, scored_upto + 1)
-            for step in trainer.train_chunk(tokens[int(ci) * chunk : hi_tok], n):
-                update = {"event": "update", "chunk": int(ci), "step": step}
-                ledger.append({**update, "max_target": hi_tok - 1})
+            lo, hi = ttt_train_range(int(ci), chunk, scored_upto)
+            for step in trainer.train_chunk(view, lo, hi, n):
+                reads, max_read = view.take_reads()
+                if world > 1:
+                    max_read = int(dist_max(torch.tensor(max_read, device=device)))
+                update = {"event": "update", "chunk": int(ci), "step": step, "reads": reads}
+                ledger.append({**update, "max_target": max_read})
     dist_sum(sums)
     dist_sum(coverage)
     return _eval_result(
@@ -2197,25 +2314,26 @@ class _TTTTrainer:
             p.requires_grad_(id(p) not in frozen)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
-    def train_chunk(self, tokens, n):
+    def train_chunk(self, view, lo, hi, n):
+        """Adapt on val positions lo..hi-1, read through `view` (a RecordedTokens); yields the
+        running step count after each optimizer step."""
         h = self.h
         rank, world = _dist_info()
         seq = h.eval_len
         for g in self.opt.param_groups:  # cosine over the chunks
             g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * n / max(self.num_chunks - 1, 1)))
-        n_seqs = (tokens.numel() - 1) // seq
+        n_seqs = (hi - lo - 1) // seq
         if n_seqs < 1:
             return
-        seqs = tokens[: n_seqs * seq + 1]
         self.model.train()
         for _ in range(h.ttt_epochs):
             for b0 in range(0, n_seqs, h.ttt_batch_seqs):
                 ids = list(range(b0, min(b0 + h.ttt_batch_seqs, n_seqs)))
-                mine = torch.tensor(ids[rank::world], dtype=torch.long, device=seqs.device)
+                mine = ids[rank::world]
                 self.opt.zero_grad(set_to_none=False)
-                if len(mine):
-                    offsets = torch.arange(seq + 1, device=seqs.device)[None]
-                    win = seqs[mine[:, None] * seq + offsets]
+                if mine:
+                    starts = [lo + i * seq for i in mine]
+                    win = torch.stack([view.read(s, s + seq + 1) for s in starts])
                     nll = token_nll(self.model, win[:, :-1], win[:, 1:])
                     (nll.sum() / (len(ids) * seq)).backward()
                 for p in self.params:
@@ -2231,8 +2349,10 @@ class _TTTTrainer:
 
 
 def audit_score_first(ledger, coverage):
-    """C3 and C4 from the evaluator's own ledger: every update uses only targets already scored, and
-    every target 1..N-1 was scored exactly once."""
+    """C3 and C4 from what the evaluator did: every update read only positions already scored (its
+    `max_target` is the highest position the trainer read through RecordedTokens; a score's
+    `scored_upto` the highest target the scorer counted), and every target 1..N-1 was scored
+    exactly once (`coverage`, counted by the scorer)."""
     scored_upto = 0
     failures = []
     updates = 0
@@ -2595,17 +2715,27 @@ def _broadcast(rt, obj):
     return holder[0]
 
 
+# The 10-minute track's two clocks (RULES.md section 3), enforced in `summarize` when
+# Hyperparameters.record_track.
+TRAIN_LIMIT_S = 600.0
+EVAL_LIMIT_S = 600.0
+
+
 @dataclass
 class TimeLedger:
-    """Where the run's time went, in seconds; every stage writes its field, the summary,
-    submission.json and pack.py's compliance read them. Two clocks count against the rules:
-    `train_s` (precompute, the training loop and GPTQ calibration: 600 s) and `eval_s` (the final
-    eval: 600 s). Warmup (compile priming, the model restored after it) is excluded and logged as
-    such."""
+    """Where the run's time went, in seconds: the one source of every time figure of the summary,
+    submission.json and pack.py's compliance. Two clocks count against the rules. `train_s`: all
+    that uses training data or shapes the weights once the clock starts (the model's precompute,
+    the loop's setup and wind-down - optimizers, QAT modules, the mixer's held-out slice, EMA -,
+    the loop itself with its QAT, and GPTQ calibration and Hessians): 600 s. `eval_s`: the final
+    eval: 600 s. Excluded and logged as such: warmup (compile priming, model, optimizers and
+    loader restored after it) and the periodic validations inside the loop."""
 
     hardware: str = ""
     warmup_excluded_s: float = 0.0
+    validation_excluded_s: float = 0.0
     precompute_s: float = 0.0
+    train_setup_s: float = 0.0
     train_loop_s: float = 0.0
     gptq_s: float = 0.0
     serialize_s: float = 0.0
@@ -2615,7 +2745,7 @@ class TimeLedger:
 
     @property
     def train_s(self):
-        return self.train_loop_s + self.precompute_s + self.gptq_s
+        return self.precompute_s + self.train_setup_s + self.train_loop_s + self.gptq_s
 
     @property
     def eval_s(self):
@@ -2623,6 +2753,45 @@ class TimeLedger:
 
     def as_dict(self):
         return {**dataclasses.asdict(self), "train_s": self.train_s, "eval_s": self.eval_s}
+
+
+def time_violations(h, ledger):
+    """Why the run breaks the 10-minute track's clocks: one reason per clock over its limit; empty
+    within them or off the track."""
+    if not h.record_track:
+        return []
+    reasons = []
+    for clock, seconds, limit in (
+        ("training", ledger.train_s, TRAIN_LIMIT_S),
+        ("evaluation", ledger.eval_s, EVAL_LIMIT_S),
+    ):
+        if not seconds <= limit:
+            reasons.append(f"{clock} took {seconds:.1f}s, over the {limit:g}s limit")
+    return reasons
+
+
+class ShardIdCheck:
+    """Every token id of a training shard must be < VOCAB_SIZE. Called after each batch is taken,
+    it checks each shard the loader has open once (a max on the host, milliseconds per shard),
+    before any of its tokens reach the model."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+        self.checked = set()
+
+    def __call__(self, loader):
+        for stream in (loader.stream, *loader.shard_streams.values()):
+            path = stream.files[stream.file_idx]
+            if path in self.checked:
+                continue
+            tokens = stream.tokens.numpy()
+            top = int(tokens.max()) if tokens.size else 0
+            if top >= self.vocab_size:
+                raise ValueError(
+                    f"{path}: token id {top} >= VOCAB_SIZE={self.vocab_size}; the shard was not "
+                    "made with this tokenizer"
+                )
+            self.checked.add(path)
 
 
 @dataclass
@@ -2717,8 +2886,9 @@ def estimate_artifact_bytes(model, h):
 def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     """Train `model` in place. Returns (EMA or None, loop statistics). Writes the warmup and loop
     times to `ledger` (a TimeLedger; a scratch one when none is given) and reads its
-    precompute_s, which the wallclock cap subtracts. `loader`: the run's training token loader
-    (made here when None)."""
+    precompute_s, which the wallclock cap subtracts along with the loop's own setup. `loader`: the
+    run's training token loader (made here when None)."""
+    entered = time.perf_counter()
     ledger = ledger or TimeLedger()
     device = rt.device
     if h.qat_start_frac > 0:
@@ -2739,6 +2909,8 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     optimizers = build_optimizers(model, h, device)
     if loader is None:
         loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
+    check_ids = ShardIdCheck(h.vocab_size)
+    check_ids(loader)
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
@@ -2752,6 +2924,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
+            check_ids(loader)
             last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last one only
             if rt.distributed and not last_micro:
                 ctx = step_model.no_sync()
@@ -2795,11 +2968,14 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         )
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     smmas = {n: Smma(n) for n in (10, 100, 1000)}
-    # GPTQ calibrates inside the training budget (#1001): the loop leaves it time.
+    # GPTQ calibrates inside the training budget (#1001): the loop leaves it time. The loop gets
+    # what the precompute and its own setup have not used.
     reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+    setup_s = time.perf_counter() - entered - ledger.warmup_excluded_s
     cap_ms = 0.0
     if h.max_wallclock_seconds > 0:
-        cap_ms = 1000.0 * max(h.max_wallclock_seconds - ledger.precompute_s - reserve, 0.0)
+        spent_s = ledger.precompute_s + setup_s + reserve
+        cap_ms = max(1000.0 * (h.max_wallclock_seconds - spent_s), 1.0)  # 1 ms: stop at once
     if reserve and cap_ms:
         logger.log0(f"gptq:reserving {reserve:.1f}s, effective={cap_ms:.0f}ms")
     cap_h = dataclasses.replace(h, max_wallclock_seconds=cap_ms / 1000.0)
@@ -2815,11 +2991,13 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         validate_now = h.val_loss_every > 0 and (last or step % h.val_loss_every == 0)
         if validator and step > 0 and validate_now:
             _sync(device)
-            train_ms += 1000.0 * (time.perf_counter() - t0)
+            paused = time.perf_counter()
+            train_ms += 1000.0 * (paused - t0)
             halted = validator(step, train_ms) or halted
             if halted and not last:
                 logger.log0(f"halting: coherence collapse at step {step} (HALT_ON_COLLAPSE=1)")
             t0 = time.perf_counter()
+            ledger.validation_excluded_s += t0 - paused
         if last or halted:
             _sync(device)
             train_ms += 1000.0 * (time.perf_counter() - t0)
@@ -2854,6 +3032,8 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 f"step:{step}/{h.iterations}"
             )
     ledger.train_loop_s = train_ms / 1000.0
+    excluded_s = ledger.warmup_excluded_s + ledger.validation_excluded_s
+    ledger.train_setup_s = time.perf_counter() - entered - excluded_s - ledger.train_loop_s
     logger.update_status(
         force=True, step=step, elapsed_s=train_ms / 1000, tokens_seen=step * h.train_batch_tokens
     )
@@ -2931,14 +3111,37 @@ def timed_eval(run, model, mode, label=None):
 # --- the pipeline: run_main calls these stages in order -----------------------------------------
 
 
+@contextlib.contextmanager
+def failures_recorded(logger):
+    """An exception inside goes to the run's text log and status file (`state: failed`, the
+    one-line message) before it propagates; `main` then exits non-zero."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:
+        logger.record_failure(exc)
+        raise
+
+
 def open_run(h):
     """Runtime, run id, logger and the log's header (source, versions, hardware, hyperparameters);
-    the tokenizer, val tokens, byte tables and training loader, each made once for every stage."""
+    the tokenizer, val tokens, byte tables and training loader, each made once for every stage.
+    Stale temporary files of an earlier run of the same RUN_ID are removed first."""
+    h.validate_run_id()
     rt = setup_runtime()
     default_id = time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
     run_id = _broadcast(rt, h.run_id or default_id)
     artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{run_id}.pga")
     logger = RunLogger(h.log_dir, run_id, rt.is_main)
+    if rt.is_main:
+        remove_stale_temps(
+            [logger.text_path, logger.events_path, logger.status_path, artifact_path]
+        )
+    with failures_recorded(logger):
+        return _open_run(h, rt, logger, run_id, artifact_path)
+
+
+def _open_run(h, rt, logger, run_id, artifact_path):
+    """open_run after the logger exists, so that a failure here is recorded in the run's log."""
     device_name = device_description(rt.device)
     logger.log0(code_bytes_of().decode("utf-8") + "\n" + "=" * 100, console=False)
     logger.log0(
@@ -2950,6 +3153,11 @@ def open_run(h):
     )
     hparam_lines = [f"  {k}: {v}" for k, v in sorted(dataclasses.asdict(h).items())]
     logger.log0("\n".join(["Hyperparameters:"] + hparam_lines))
+    if h.record_track and not 0 < h.max_wallclock_seconds <= TRAIN_LIMIT_S:
+        logger.log0(
+            f"record track: MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} does not stop "
+            f"training within {TRAIN_LIMIT_S:g}s; the score is INVALID if training takes longer"
+        )
     sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
     n_val = val_token_count(h.data_path)
     longest = max(h.train_seq_len, h.eval_len)
@@ -2960,6 +3168,7 @@ def open_run(h):
         )
     loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, rt.device)
     val_tokens = load_checked_val_tokens(h, sp, longest, h.val_max_tokens)
+    ShardIdCheck(h.vocab_size)(loader)
     if h.val_max_tokens:
         logger.log0(
             f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
@@ -3011,7 +3220,10 @@ def build_run_model(run):
 
 
 def train(run, model):
-    """The model's precompute (inside the budget), the training loop, then the EMA weights."""
+    """The model's precompute (inside the budget), the training loop, then the EMA weights. The
+    training clock starts here: all of this stage but the ledger's excluded warmup and periodic
+    validation is in TimeLedger.train_s."""
+    started = time.perf_counter()
     prepare = model_hook(model, "prepare_training")
     if prepare is not None:
         t0 = time.perf_counter()
@@ -3027,6 +3239,10 @@ def train(run, model):
     )
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
+    ledger = run.ledger
+    excluded_s = ledger.warmup_excluded_s + ledger.validation_excluded_s
+    counted_s = ledger.precompute_s + ledger.train_loop_s
+    ledger.train_setup_s = time.perf_counter() - started - excluded_s - counted_s
     return stats
 
 
@@ -3037,17 +3253,20 @@ def calibrate(run, model):
     hessians = None
     if h.gptq_enabled:
         t0 = time.perf_counter()
-        hessians = gptq_calibrate(
-            model,
-            h,
-            lambda: run.loader.next_batch(
+        check_ids = ShardIdCheck(h.vocab_size)
+
+        def next_batch():
+            batch = run.loader.next_batch(
                 h.train_batch_tokens, h.train_seq_len, run.rt.grad_accum_steps
-            ),
-        )
+            )
+            check_ids(run.loader)
+            return batch
+
+        hessians = gptq_calibrate(model, h, next_batch)
         run.ledger.gptq_s = time.perf_counter() - t0
         run.logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {run.ledger.gptq_s:.1f}s")
     run.logger.log0(
-        f"training_budget: {run.ledger.train_s:.1f}s (loop + precompute + GPTQ) of "
+        f"training_budget: {run.ledger.train_s:.1f}s (precompute + setup + loop + GPTQ) of "
         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} on {run.ledger.hardware}"
     )
     run.logger.update_status(force=True, state="evaluating")
@@ -3107,6 +3326,13 @@ def run_audits(run, model):
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
+    if not audits["bytes"]["passed"]:
+        res = audits["bytes"]
+        message = (
+            f"byte table: the lookup tables count {res['lut_bytes']} bytes of a val sample whose "
+            f"decoded text has {res['decoded_bytes']} (token ids {res['first_mismatch_ids']})"
+        )
+        res["failures"] = [message]
     for name, res in audits.items():
         detail = ""
         if not res["passed"]:
@@ -3149,17 +3375,22 @@ def final_eval(run, model, audits):
 
 
 def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
-    """Validity, the time ledger, the `summary: {json}` line, the end event and the final status.
-    Returns the exit status: 0 valid, 3 score INVALID."""
+    """Validity (audits, the byte budget, and on the 10-minute track the two clocks), the time
+    ledger, the `summary: {json}` line, the end event and the final status. Every time figure of
+    the summary comes from the TimeLedger. Returns the exit status: 0 valid, 3 score INVALID."""
     h = run.h
     logger = run.logger
     over = sizes["total_bytes"] > h.size_budget
-    valid = all(a["passed"] for a in audits.values()) and not over
+    failed = [name for name, a in audits.items() if not a["passed"]]
+    reasons = []
+    if failed:
+        reasons.append(f"failed {', '.join(failed)}")
+    if over:
+        reasons.append(f"over budget ({sizes['total_bytes']} > {h.size_budget} bytes)")
+    reasons += time_violations(h, run.ledger)
+    valid = not reasons
     if not valid:
-        why = [name for name, a in audits.items() if not a["passed"]]
-        if over:
-            why.append("over budget")
-        logger.log0(f"score INVALID: failed {', '.join(why)}")
+        logger.log0(f"score INVALID: {'; '.join(reasons)}")
     ledger = run.ledger.as_dict()
     logger.log0(f"time_ledger: {json.dumps(_rounded(ledger))}")
     summary = {
@@ -3177,7 +3408,6 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
         "val_bpb": final["val_bpb"],
         "tokens": final["tokens"],
         "bytes": final["bytes"],
-        "eval_time_ms": final["eval_time_ms"],
         "pre_quant_val_bpb": pre["val_bpb"],
         "roundtrip_val_bpb": roundtrip["val_bpb"],
         "val_truncated": bool(h.val_max_tokens),
@@ -3185,18 +3415,26 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
         "seed": h.seed,
         "world_size": run.rt.world_size,
         "hardware": run.ledger.hardware,
-        "time_ledger": ledger,
-        "train_budget_s": run.ledger.train_s,
+        "record_track": h.record_track,
+        "invalid_reasons": reasons,
         "audits": {
             k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
             for k, v in audits.items()
         },
-        **stats,
+        "steps": stats["steps"],
+        "halted": stats["halted"],
+        # Time: the ledger's figures only.
+        "time_ledger": ledger,
+        "train_budget_s": ledger["train_s"],
+        "train_time_ms": 1000.0 * ledger["train_loop_s"],
+        "step_avg_ms": 1000.0 * ledger["train_loop_s"] / max(stats["steps"], 1),
+        "eval_time_ms": 1000.0 * ledger["eval_s"],
     }
     logger.event("end", **summary)
     logger.update_status(
         force=True,
         state="done" if valid else "failed",
+        invalid_reasons=reasons,
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
         audits=summary["audits"],
@@ -3214,26 +3452,28 @@ def _rounded(obj):
 
 def run_main(h):
     """The whole run, stage by stage (#1394's `train_and_eval`); returns the process exit status
-    (0 valid, 3 score INVALID)."""
+    (0 valid, 3 score INVALID). An exception is recorded in the run's log and status file, then
+    raised (`main` exits 2 for bad input, 1 otherwise)."""
     run = open_run(h)
-    model, model_params = build_run_model(run)
-    stats = train(run, model)
-    hessians = calibrate(run, model)
-    pre = timed_eval(run, model, "standard", label="pre-quantization post-ema")
-    model, sizes = serialize_and_reload(run, model, hessians)
-    audits = run_audits(run, model)
-    roundtrip, final, mode = final_eval(run, model, audits)
-    status = summarize(
-        run,
-        model_params=model_params,
-        stats=stats,
-        sizes=sizes,
-        audits=audits,
-        pre=pre,
-        roundtrip=roundtrip,
-        final=final,
-        mode=mode,
-    )
+    with failures_recorded(run.logger):
+        model, model_params = build_run_model(run)
+        stats = train(run, model)
+        hessians = calibrate(run, model)
+        pre = timed_eval(run, model, "standard", label="pre-quantization post-ema")
+        model, sizes = serialize_and_reload(run, model, hessians)
+        audits = run_audits(run, model)
+        roundtrip, final, mode = final_eval(run, model, audits)
+        status = summarize(
+            run,
+            model_params=model_params,
+            stats=stats,
+            sizes=sizes,
+            audits=audits,
+            pre=pre,
+            roundtrip=roundtrip,
+            final=final,
+            mode=mode,
+        )
     if run.rt.distributed:
         dist.destroy_process_group()
     return status

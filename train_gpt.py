@@ -400,6 +400,18 @@ PRESETS = {
         "eval_seq_len": 2048,
         "eval_stride": 64,
         "eval_mode": "sliding",
+        # The artifact (#1855, TECHNIQUES.md A.2): GPTQ on int6 matrices and an int7 embedding, SD-clip
+        # k by role (MLP 11.5, attention 13.0, embeddings 14.0), then bit allocation fits the widths to
+        # SIZE_BUDGET - SIZE_MARGIN with the code counted; the smallest compressor wins.
+        "gptq_enabled": True,
+        "quant_bits": 6,
+        "embed_bits": 7,
+        "clip_method": "sdclip",
+        "sdclip_k_mlp": 11.5,
+        "sdclip_k_attn": 13.0,
+        "sdclip_k_embed": 14.0,
+        "bit_alloc": True,
+        "compressor": "auto",
     },
     # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown.
     "smoke": {

@@ -475,7 +475,8 @@ def eval_modes(mod, script):
 def evaluate(mod, model, h, rt, max_tokens=None):
     """(mode, result, audits): the audits run on the model before the eval mode scores it."""
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
-    from train_gpt import load_checked_val_tokens  # this checkout's data checks, for any script
+    # this checkout's data checks, for any script
+    from train_gpt import load_checked_val_tokens, load_val_byte_sidecar
 
     val_tokens = load_checked_val_tokens(h, sp, max(h.train_seq_len, h.eval_len))
     # --max-tokens, else the run's VAL_MAX_TOKENS: the first N + 1 tokens
@@ -483,7 +484,15 @@ def evaluate(mod, model, h, rt, max_tokens=None):
     if limit:
         val_tokens = val_tokens[: limit + 1]
     model = model.to(rt.device)
-    luts = mod.build_sentencepiece_luts(sp, h.vocab_size, rt.device)
+    if hasattr(mod, "val_byte_counter"):
+        luts = mod.val_byte_counter(h, sp, val_tokens, rt.device)
+    elif load_val_byte_sidecar(h.data_path, val_tokens.numel()) is not None:
+        raise ValueError(
+            f"DATA_PATH={h.data_path!r} counts bytes with fineweb_val_bytes_*.bin sidecars, which "
+            f"{os.path.basename(mod.__file__)} predates: it would count the tables instead"
+        )
+    else:
+        luts = mod.build_sentencepiece_luts(sp, h.vocab_size, rt.device)
 
     audits = {
         "causality": mod.audit_causality(model, h.audit_seq_len or h.train_seq_len, h.vocab_size)

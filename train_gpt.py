@@ -27,6 +27,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -735,9 +736,11 @@ def load_data_shard(path):
 
 
 def shard_files(data_path, split):
-    """Sorted shard paths of one split; an error naming DATA_PATH when there are none."""
+    """Sorted shard paths of one split (`fineweb_val_bytes_*.bin` sidecars are not val shards);
+    an error naming DATA_PATH when there are none."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    name_rule = re.compile(rf"fineweb_{split}_\d{{6}}\.bin")
+    files = sorted(p for p in glob.glob(pattern) if name_rule.fullmatch(os.path.basename(p)))
     if not files:
         raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
     return files
@@ -966,6 +969,72 @@ def load_checked_val_tokens(h, sp, seq_len, max_tokens=0):
     return tokens
 
 
+def data_text_transform(data_path):
+    """The text transform the shards' manifest.json declares (e.g. "lossless_caps_caseops_v1"),
+    or None (no manifest, or plain text)."""
+    path = os.path.join(data_path, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    transform = manifest.get("text_transform")
+    if transform is not None and not isinstance(transform, str):
+        raise ValueError(f"{path}: text_transform must be a string, not {transform!r}")
+    return transform
+
+
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def sidecar_path(val_shard):
+    """The byte sidecar of a val shard: fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin."""
+    folder, name = os.path.split(val_shard)
+    return os.path.join(folder, name.replace("_val_", "_val_bytes_", 1))
+
+
+def load_val_byte_sidecar(data_path, n_tokens):
+    """The val split's per-token original byte counts (int64, the first n_tokens), or None when
+    the split has no `fineweb_val_bytes_*.bin`. Once any sidecar exists, every val shard must have
+    one of its exact length: a missing or short sidecar is an error, never a silent fallback to the
+    lookup tables (they would count the transformed text)."""
+    pattern = os.path.join(data_path, "fineweb_val_bytes_*.bin")
+    present = sorted(glob.glob(pattern))
+    val_files = shard_files(data_path, "val")
+    if not present:
+        transform = data_text_transform(data_path)
+        if transform:
+            missing = sidecar_path(val_files[0])
+            raise ValueError(
+                f"{missing}: missing; DATA_PATH={data_path!r} holds {transform} text, whose bytes "
+                "only the sidecars count"
+            )
+        return None
+    expected = {sidecar_path(p) for p in val_files}
+    strays = [p for p in present if p not in expected]
+    if strays:
+        raise ValueError(f"{strays[0]}: a byte sidecar with no val shard of the same number")
+    parts = []
+    for val_file in val_files:
+        side = sidecar_path(val_file)
+        if not os.path.isfile(side):
+            raise ValueError(f"{side}: missing byte sidecar of {os.path.basename(val_file)}")
+        counts = load_data_shard(side)
+        n_val = shard_token_count(val_file)
+        if counts.numel() != n_val:
+            raise ValueError(
+                f"{side}: {counts.numel()} byte counts for the {n_val} tokens of "
+                f"{os.path.basename(val_file)}"
+            )
+        parts.append(counts)
+    per_token = torch.cat(parts).to(torch.int64)
+    return per_token[:n_tokens]
+
+
 # ===== END SHARED BLOCK: data v1 =====
 
 # ===== BEGIN SHARED BLOCK: bpb v1 =====
@@ -1030,15 +1099,106 @@ def build_sentencepiece_luts(sp, vocab_size, device):
     )
 
 
-def target_bytes(prev_ids, target_ids, luts):
-    """Bytes of each target token given the token before it (the official formula)."""
+class SidecarBytes:
+    """Per-token ORIGINAL UTF-8 byte counts of the val split (`fineweb_val_bytes_*.bin`, parallel
+    to the val tokens), written for CaseOps data (PR #1729): the tokens spell a transformed text,
+    so the lookup tables would count operator characters and lowercase text, not the bytes of the
+    document. With a sidecar, target j counts `per_token[j]` whatever the token before it."""
+
+    def __init__(self, per_token):
+        self.per_token = per_token
+
+    def to(self, device):
+        return SidecarBytes(self.per_token.to(device))
+
+
+def target_bytes(prev_ids, target_ids, luts, positions=None):
+    """Bytes of each target token given the token before it (the official formula), or, when
+    `luts` is a SidecarBytes, the sidecar's count at each target's position in the val split."""
+    if isinstance(luts, SidecarBytes):
+        if positions is None:
+            raise ValueError("sidecar byte counts need the targets' positions in the val split")
+        return luts.per_token[positions]
     base_bytes, has_leading_space, is_boundary_token = luts
     leading_space = has_leading_space[target_ids] & ~is_boundary_token[prev_ids]
     return base_bytes[target_ids].to(torch.int64) + leading_space.to(torch.int64)
 
 
+def val_byte_counter(h, sp, val_tokens, device):
+    """How this val split counts bytes: its sidecar (SidecarBytes) when it has one, else the
+    official lookup tables."""
+    per_token = load_val_byte_sidecar(h.data_path, val_tokens.numel())
+    if per_token is None:
+        return build_sentencepiece_luts(sp, h.vocab_size, device)
+    return SidecarBytes(per_token.to(device))
+
+
+# CaseOps operator characters (PR #1729): TITLE, ALLCAPS, CAPNEXT stand for no original byte; ESC
+# makes the character after it literal.
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003")
+CASEOPS_ESCAPE = "\ue004"
+SIDECAR_TOLERANCE = 0.005  # decoded text is normalized (NFKC, whitespace): allow 0.5 %
+
+
+def original_utf8_bytes(transformed):
+    """UTF-8 bytes of the text before the CaseOps transform, counted without inverting it: case
+    changes keep ASCII lengths, operators count 0, an escaped character counts itself."""
+    total = 0
+    escaped = False
+    for char in transformed:
+        if escaped:
+            total += len(char.encode("utf-8"))
+            escaped = False
+        elif char == CASEOPS_ESCAPE:
+            escaped = True
+        elif char not in CASEOPS_OPERATORS:
+            total += len(char.encode("utf-8"))
+    return total
+
+
+def audit_sidecar_bytes(sp, tokens, counter, sample_tokens=10_000, bos_id=1):
+    """The sidecar against an independent recount on a val sample: BOS counts 0, and each
+    document's sidecar total equals the original bytes of its decoded text up to the tokenizer's
+    normalization (SIDECAR_TOLERANCE; the difference is reported)."""
+    tokens = tokens.detach().cpu().to(torch.int64)
+    per_token = counter.per_token.detach().cpu()
+    start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
+    stop = min(tokens.numel(), start + sample_tokens)
+    sample = tokens[start:stop]
+    counts = per_token[start:stop]
+    failures = []
+    if per_token.numel() != tokens.numel():
+        failures.append(f"sidecar has {per_token.numel()} counts for {tokens.numel()} tokens")
+    bos_bytes = int(counts[sample == bos_id].sum())
+    if bos_bytes:
+        failures.append(f"BOS tokens count {bos_bytes} bytes (must be 0)")
+    bounds = (sample == bos_id).nonzero().flatten().tolist() + [sample.numel()]
+    sidecar_total = 0
+    recount_total = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sidecar_total += int(counts[a + 1 : b].sum())
+        recount_total += original_utf8_bytes(sp.decode(sample[a + 1 : b].tolist()))
+    difference = sidecar_total - recount_total
+    if abs(difference) > SIDECAR_TOLERANCE * max(recount_total, 1):
+        failures.append(
+            f"sidecar counts {sidecar_total} bytes, the decoded text {recount_total} "
+            f"(off by more than {SIDECAR_TOLERANCE:.1%})"
+        )
+    return {
+        "passed": not failures,
+        "tokens": int(sample.numel()),
+        "sidecar_bytes": sidecar_total,
+        "decoded_bytes": recount_total,
+        "difference": difference,
+        "failures": failures,
+    }
+
+
 def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
-    """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents."""
+    """Lookup-table bytes of a val sample must equal the UTF-8 bytes of its decoded documents (or,
+    with a sidecar, audit_sidecar_bytes)."""
+    if isinstance(luts, SidecarBytes):
+        return audit_sidecar_bytes(sp, tokens, luts, sample_tokens, bos_id)
     tokens = tokens.detach().cpu().to(torch.int64)
     start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
     sample = tokens[start : min(tokens.numel(), start + sample_tokens)]
@@ -2216,9 +2376,10 @@ def eval_val(h, model, val_tokens, luts):
             )
             x = chunk[:-1].view(-1, seq)
             y = chunk[1:].view(-1, seq)
+            positions = torch.arange(1, y.numel() + 1, device=device).view(-1, seq) + s * seq
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
-            sums[2] += target_bytes(x, y, luts).sum()
+            sums[2] += target_bytes(x, y, luts, positions).sum()
     model.train(was_training)
     dist_sum(sums)
     return _eval_result(sums, t0, "standard")
@@ -2256,8 +2417,9 @@ def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
             mask = pos >= torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
             sums[0] += (token_nll(model, x, y).double() * mask).sum()
             sums[1] += mask.sum()
-            sums[2] += (target_bytes(x, y, luts) * mask).sum()
-            targets = (ws[:, None] + 1 + pos)[mask]
+            positions = ws[:, None] + 1 + pos
+            sums[2] += (target_bytes(x, y, luts, positions) * mask).sum()
+            targets = positions[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
             if targets.numel():
                 top = torch.maximum(top, targets.max())
@@ -2876,7 +3038,7 @@ class RunContext:
     ledger: TimeLedger
     sp: object  # sentencepiece.SentencePieceProcessor
     val_tokens: torch.Tensor
-    luts: tuple  # (base_bytes, has_leading_space, is_boundary_token)
+    luts: object  # lookup tables (base_bytes, has_leading_space, is_boundary) or SidecarBytes
     loader: DistributedTokenLoader
     run_id: str
     artifact_path: str
@@ -3245,6 +3407,11 @@ def _open_run(h, rt, logger, run_id, artifact_path):
             f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
             "not an official score"
         )
+    luts = val_byte_counter(h, sp, val_tokens, rt.device)
+    if isinstance(luts, SidecarBytes):
+        logger.log0("val_bytes: per-token original UTF-8 counts from fineweb_val_bytes_*.bin")
+    else:
+        logger.log0("val_bytes: SentencePiece lookup tables")
     return RunContext(
         h=h,
         rt=rt,
@@ -3252,7 +3419,7 @@ def _open_run(h, rt, logger, run_id, artifact_path):
         ledger=TimeLedger(hardware=device_name),
         sp=sp,
         val_tokens=val_tokens,
-        luts=build_sentencepiece_luts(sp, h.vocab_size, rt.device),
+        luts=luts,
         loader=loader,
         run_id=run_id,
         artifact_path=artifact_path,

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from data.caseops import CASEOPS_SHARD_TOKENS, export_caseops_shards
 from data.shards import (
     MAX_TOKEN_ID,
     SHARD_SIZE,
@@ -417,7 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N documents form the validation split",
     )
     shards.add_argument(
-        "--shard-size", type=int, default=SHARD_SIZE, help=f"tokens per file (default {SHARD_SIZE})"
+        "--shard-size",
+        type=int,
+        default=None,
+        help=f"tokens per file (default {SHARD_SIZE}; {CASEOPS_SHARD_TOKENS} with --caseops)",
+    )
+    shards.add_argument(
+        "--caseops",
+        action="store_true",
+        help="CaseOps-transform the documents first (PR #1729; use the CaseOps tokenizer) and "
+        "write the fineweb_val_bytes_*.bin sidecars of original UTF-8 bytes",
     )
     return parser
 
@@ -436,9 +446,30 @@ def main(argv: list[str] | None = None) -> int:
                 "vocab_size": sp.vocab_size(),
                 "sha256": sha256_file(path),
             }
+        elif args.caseops:
+            m = export_caseops_shards(
+                docs,
+                args.model,
+                args.out_dir,
+                num_val_docs=args.num_val_docs,
+                shard_size=args.shard_size or CASEOPS_SHARD_TOKENS,
+            )
+            summary = {
+                "out_dir": args.out_dir,
+                "transform": m["text_transform"],
+                "val_docs": m["num_val_docs"],
+                "train_docs": m["num_train_docs"],
+                "val_tokens": m["tokens_val"],
+                "train_tokens": m["tokens_train"],
+                "val_original_bytes": m["original_bytes_val"],
+            }
         else:
             m = export_shards(
-                docs, args.model, args.out_dir, args.num_val_docs, shard_size=args.shard_size
+                docs,
+                args.model,
+                args.out_dir,
+                args.num_val_docs,
+                shard_size=args.shard_size or SHARD_SIZE,
             )
             summary = {
                 "out_dir": args.out_dir,

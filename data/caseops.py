@@ -46,6 +46,7 @@ from data.shards import (
     read_shard,
     sha256_file,
     shard_info,
+    write_binding,
     write_bytes_atomic,
     write_shard,
 )
@@ -370,6 +371,8 @@ def export_caseops_shards(
     }
     manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     write_bytes_atomic(out_dir / "manifest.json", manifest_bytes)
+    # The binding the training scripts check before they train or score (shards.json).
+    write_binding(out_dir, sp_model_path, sp.vocab_size())
     return manifest
 
 

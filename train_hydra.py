@@ -1328,6 +1328,7 @@ ALLOC_MIN_BITS = (
 )
 TRITON_BLOCK = 1024
 _TRITON = None  # the kernels, built on first use
+_TRITON_FAILED = False  # a kernel failed to compile or launch: the torch path from then on
 
 
 @dataclass(frozen=True)
@@ -1468,8 +1469,10 @@ def _triton_kernels():
                 tl.store(out_ptr + row * n_cols + cols, q * s, mask=cols < n_cols)
 
             _TRITON = (triton, quant, dequant)
-        except Exception:
+        except ImportError:
             _TRITON = False
+        except Exception as exc:  # Triton present but broken: one line, then the torch path
+            _kernel_failed(exc)
     return _TRITON or None
 
 
@@ -1480,32 +1483,64 @@ def _use_triton(use_triton, t):
     return t.is_cuda and _triton_kernels() is not None
 
 
-def quantize_rows(w, bits, clip, use_triton=None):
-    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns
-    (q int8, s fp16)."""
-    qmax = 2 ** (bits - 1) - 1
-    w = w.float().contiguous()
-    clip = clip.float().clamp_min(0).contiguous()
-    scale = _row_scales(clip, qmax)
-    if not _use_triton(use_triton, w):
-        return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
+def _kernel_failed(exc):
+    """Triton compiles a kernel on its first launch, so a GPU, driver or Triton version it does not
+    support fails there: say so in one line, once, and use the torch path from then on."""
+    global _TRITON, _TRITON_FAILED
+    if not _TRITON_FAILED:
+        print(
+            f"quant: Triton kernel failed ({type(exc).__name__}: {exc}); using the torch path",
+            file=sys.stderr,
+        )
+    _TRITON_FAILED = True
+    _TRITON = False
+
+
+def _launch_quant(w, clip, scale, qmax):
     triton, quant, _ = _triton_kernels()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     quant[(w.shape[0], triton.cdiv(w.shape[1], TRITON_BLOCK))](
         w, clip, scale, q, w.shape[1], qmax, BLOCK=TRITON_BLOCK
     )
-    return q, scale
+    return q
 
 
-def dequantize_rows(q, scale, use_triton=None):
-    if not _use_triton(use_triton, q):
-        return q.float() * scale.float()[:, None]
+def _launch_dequant(q, scale):
     triton, _, dequant = _triton_kernels()
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dequant[(q.shape[0], triton.cdiv(q.shape[1], TRITON_BLOCK))](
         q.contiguous(), scale.contiguous(), out, q.shape[1], BLOCK=TRITON_BLOCK
     )
     return out
+
+
+def quantize_rows(w, bits, clip, use_triton=None):
+    """Per-row symmetric int-k: q = round(clamp(w, -c, c) / s), s = c / qmax stored as fp16. Returns
+    (q int8, s fp16). An explicit use_triton=True (the kernel tests) lets a kernel failure raise;
+    the automatic choice falls back to the torch maths (_kernel_failed)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float().contiguous()
+    clip = clip.float().clamp_min(0).contiguous()
+    scale = _row_scales(clip, qmax)
+    if _use_triton(use_triton, w) and not (use_triton is None and _TRITON_FAILED):
+        try:
+            return _launch_quant(w, clip, scale, qmax), scale
+        except Exception as exc:
+            if use_triton:
+                raise
+            _kernel_failed(exc)
+    return _round_clamp(w, clip[:, None], scale.float()[:, None], qmax).to(torch.int8), scale
+
+
+def dequantize_rows(q, scale, use_triton=None):
+    if _use_triton(use_triton, q) and not (use_triton is None and _TRITON_FAILED):
+        try:
+            return _launch_dequant(q, scale)
+        except Exception as exc:
+            if use_triton:
+                raise
+            _kernel_failed(exc)
+    return q.float() * scale.float()[:, None]
 
 
 # --- clip selection -----------------------------------------------------------------------------

@@ -395,11 +395,6 @@ def test_a_kernel_builder_that_raises_never_crashes_the_dispatch(monkeypatch):
     assert torch.equal(fresh.dequantize_rows(q, s), q.float() * s.float()[:, None])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quant block: a kernel failing at launch (Triton compiles on first launch) is not "
-    "caught and no line is logged; see BENCHMARKS.md 'GPU readiness' for the proposed fallback",
-)
 def test_a_kernel_that_fails_to_compile_falls_back_with_one_logged_line(monkeypatch, capsys):
     from conftest import load_script
 

@@ -1174,15 +1174,34 @@ def _mismatched_token_ids(sp, sample, luts):
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932; PR #1344, used by #1787 and #1855): one
+# minimax-optimal (a, b, c) per iteration instead of one fixed triple. The first steps grow small
+# singular values fast, the last ones settle them near 1. Values as published in PR #1344.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
-def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
-    a, b, c = NS_COEFFS
+
+def newton_schulz_coeffs(steps, polar_express=False):
+    """The (a, b, c) of each of `steps` iterations. Polar Express past its 5 tuples repeats the
+    last one, which only keeps converged singular values near 1."""
+    if not polar_express:
+        return [NS_COEFFS] * steps
+    table = list(POLAR_EXPRESS_COEFFS[:steps])
+    return table + [POLAR_EXPRESS_COEFFS[-1]] * (steps - len(table))
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, polar_express=False):
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for a, b, c in newton_schulz_coeffs(steps, polar_express):
         A = X @ X.T
         B = b * A + c * (A @ A)
         X = a * X + B @ X
@@ -1190,8 +1209,18 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
+    """`polar_express` may also be set per parameter group (the model's `param_groups` does)."""
+
     def __init__(
-        self, params, lr, momentum, backend_steps=5, nesterov=True, weight_decay=0.0, row_norm=False
+        self,
+        params,
+        lr,
+        momentum,
+        backend_steps=5,
+        nesterov=True,
+        weight_decay=0.0,
+        row_norm=False,
+        polar_express=False,
     ):
         defaults = dict(
             lr=lr,
@@ -1200,6 +1229,7 @@ class Muon(torch.optim.Optimizer):
             nesterov=nesterov,
             weight_decay=weight_decay,
             row_norm=row_norm,
+            polar_express=polar_express,
         )
         super().__init__(params, defaults)
 
@@ -1225,7 +1255,9 @@ class Muon(torch.optim.Optimizer):
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     if group["row_norm"]:
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    g = zeropower_via_newtonschulz5(
+                        g, steps=group["backend_steps"], polar_express=group["polar_express"]
+                    )
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     updates[offset : offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()
@@ -1244,7 +1276,9 @@ class Muon(torch.optim.Optimizer):
 def lr_multiplier(h, step, elapsed_ms):
     """LR scale in [MIN_LR, 1]. WARMDOWN_FRAC > 0: linear decay over the last fraction of the
     wallclock budget (or of ITERATIONS when uncapped). Otherwise the baseline: the warmdown lasts
-    WARMDOWN_ITERS x the mean step time so far."""
+    WARMDOWN_ITERS x the mean step time so far. MIN_LR is a floor, max(schedule, MIN_LR), as the
+    records define it (#1787, #1855): the decay keeps its slope and stops at the floor. With
+    MIN_LR=0 (the baseline) the schedule is unchanged."""
     cap_ms = 1000.0 * h.max_wallclock_seconds
     if h.warmdown_frac > 0:
         progress = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
@@ -1257,7 +1291,7 @@ def lr_multiplier(h, step, elapsed_ms):
         warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
         remaining_ms = max(cap_ms - elapsed_ms, 0.0)
         x = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-    return h.min_lr + (1.0 - h.min_lr) * x
+    return max(x, h.min_lr)
 
 
 def muon_momentum_at(h, step):

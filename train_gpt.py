@@ -1346,6 +1346,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay=0.0,
         row_norm=False,
         polar_express=False,
+        orthogonalize=None,
     ):
         defaults = dict(
             lr=lr,
@@ -1357,6 +1358,9 @@ class Muon(torch.optim.Optimizer):
             polar_express=polar_express,
         )
         super().__init__(params, defaults)
+        # zeropower_via_newtonschulz5, or its torch.compile'd form on CUDA (the official script
+        # compiles it: one graph per matrix shape).
+        self.orthogonalize = orthogonalize or zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -1380,7 +1384,7 @@ class Muon(torch.optim.Optimizer):
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     if group["row_norm"]:
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
-                    g = zeropower_via_newtonschulz5(
+                    g = self.orthogonalize(
                         g, steps=group["backend_steps"], polar_express=group["polar_express"]
                     )
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
@@ -3038,6 +3042,9 @@ class ShardMixer:
 def build_optimizers(model, h, device):
     """Muon for the model's matrices, AdamW for everything else (`param_groups` decides)."""
     matrices, adam_groups = param_groups(model, h)
+    orthogonalize = None
+    if h.compile and device.type == "cuda":
+        orthogonalize = torch.compile(zeropower_via_newtonschulz5)
     muon = Muon(
         matrices,
         lr=h.matrix_lr,
@@ -3045,6 +3052,7 @@ def build_optimizers(model, h, device):
         backend_steps=h.muon_backend_steps,
         weight_decay=h.muon_wd,
         row_norm=h.muon_row_norm,
+        orthogonalize=orthogonalize,
     )
     for g in muon.param_groups:
         g["base_lr"] = h.matrix_lr

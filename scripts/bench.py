@@ -167,27 +167,6 @@ def dry_run(preset, args, env):
     return out
 
 
-def build_optimizers(model, h, device):
-    matrices, adam_groups = tg.param_groups(model, h)
-    return [
-        tg.Muon(
-            matrices,
-            lr=h.matrix_lr,
-            momentum=h.muon_momentum,
-            backend_steps=h.muon_backend_steps,
-            weight_decay=h.muon_wd,
-            row_norm=h.muon_row_norm,
-        ),
-        torch.optim.AdamW(
-            adam_groups,
-            betas=(h.beta1, h.beta2),
-            eps=h.adam_eps,
-            weight_decay=h.adam_wd,
-            fused=device.type == "cuda",
-        ),
-    ]
-
-
 def bench(preset, args, env, device):
     h = tg.Hyperparameters.from_env({**env, "PRESET": preset})
     world = args.world_size or int(env.get("WORLD_SIZE", 8))
@@ -200,7 +179,7 @@ def bench(preset, args, env, device):
     model = tg.build_model(h).to(device)
     if args.recurrence != "built":
         model.set_recurrence(args.recurrence == "on")
-    optimizers = build_optimizers(model, h, device)
+    optimizers = tg.build_optimizers(model, h, device)  # the training script's own
     compiled = device.type == "cuda" and h.compile and not args.no_compile
     step_model = torch.compile(model, dynamic=False) if compiled else model
 

@@ -31,8 +31,15 @@ def setup():
 
 
 def lora_h(gpt, **kw):
-    base = {"ttt_lora_chunk": 8, "ttt_lora_batch_docs": 3, "ttt_lora_rank": 4, "ttt_lora_lr": 0.01,
-            "ttt_phases": "2,4", "ttt_phase_lr": 0.05, "ttt_batch_seqs": 2}
+    base = {
+        "ttt_lora_chunk": 8,
+        "ttt_lora_batch_docs": 3,
+        "ttt_lora_rank": 4,
+        "ttt_lora_lr": 0.01,
+        "ttt_phases": "2,4",
+        "ttt_phase_lr": 0.05,
+        "ttt_batch_seqs": 2,
+    }
     return small_h(gpt, **{**base, **kw})
 
 
@@ -169,8 +176,12 @@ def test_a_phase_trainer_reading_the_next_phase_is_caught(setup, monkeypatch):
 
 def test_the_knobs_are_validated(setup):
     gpt = setup[0]
-    for kw, match in (({"ttt_phases": "5,3"}, "TTT_PHASES"), ({"ttt_lora_rank": 0}, "TTT_LORA_RANK"),
-                      ({"ttt_lora_beta2": 1.0}, "TTT_LORA_BETA2"), ({"ttt_phases": "a"}, "TTT_PHASES")):
+    for kw, match in (
+        ({"ttt_phases": "5,3"}, "TTT_PHASES"),
+        ({"ttt_lora_rank": 0}, "TTT_LORA_RANK"),
+        ({"ttt_lora_beta2": 1.0}, "TTT_LORA_BETA2"),
+        ({"ttt_phases": "a"}, "TTT_PHASES"),
+    ):
         with pytest.raises(ValueError, match=match):
             lora_h(gpt, **kw)
     record = gpt.Hyperparameters.from_env({})
@@ -206,13 +217,23 @@ def test_two_gloo_processes_equal_one(tmp_path):
     script.write_text(WORKER.format(tests=str(REPO / "tests")))
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     runs = []
-    for cmd in ([sys.executable, str(script)],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 str(script)]):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    for cmd in (
+        [sys.executable, str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+        ],
+    ):
+        out = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        runs.append(json.loads(line[len("RESULT "):]))
+        runs.append(json.loads(line[len("RESULT ") :]))
     one, two = runs
     assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"]
     assert one["score_first"]["passed"] and two["score_first"]["passed"], two["score_first"]

@@ -675,7 +675,7 @@ def compliance_of(logs):
     causality = [
         [a["passed"] for n, a in lg["audits"].items() if n.startswith("causality")] for lg in logs
     ]
-    ttt = [lg.get("eval_mode") == "ttt" for lg in logs]
+    ttt = [str(lg.get("eval_mode") or "").startswith("ttt") for lg in logs]
     score_first = None
     if all(ttt):
         score_first = all(lg["audits"].get("score_first", {}).get("passed", False) for lg in logs)

@@ -82,7 +82,7 @@ def test_a_name_merely_containing_gate_is_not_a_control_tensor(script):
 
 def test_eval_modes_registry_names_functions_and_labels(script):
     modes = script.EVAL_MODES
-    assert set(modes) == {"standard", "sliding", "ttt"}
+    assert set(modes) == {"standard", "sliding", "ttt", "ttt_lora", "ttt_phased"}
     assert all(mode.name == name for name, mode in modes.items())
     assert modes["standard"].evaluate is script.eval_val
     assert modes["sliding"].evaluate is script.eval_val_sliding
@@ -90,6 +90,10 @@ def test_eval_modes_registry_names_functions_and_labels(script):
     assert modes["standard"].label == "final_int8_zlib_roundtrip"
     assert modes["sliding"].label == "final_sliding_window"
     assert modes["ttt"].label == "legal_ttt"
+    assert modes["ttt_lora"].evaluate is script.eval_val_ttt_lora
+    assert modes["ttt_phased"].evaluate is script.eval_val_ttt_phased
+    assert modes["ttt_lora"].label == "quantized_ttt_lora"
+    assert modes["ttt_phased"].label == "quantized_ttt_phased"
 
 
 def test_eval_mode_outside_the_registry_is_rejected(script):

@@ -137,7 +137,7 @@ def test_parse_log_reads_the_baseline_family():
 def test_parse_log_reads_the_late_family():
     log = pack.parse_log(FIXTURES / "late_seed42.log")
     assert log["family"] == "late"
-    assert log["final_label"] == "quantized_ttt_phased" and log["eval_mode"] == "ttt"
+    assert log["final_label"] == "quantized_ttt_phased" and log["eval_mode"] == "ttt_phased"
     assert log["val_bpb"] == 1.06107587 and log["val_loss"] == 2.74090811
     assert log["code_bytes"] == 31999 and log["total_bytes"] == 15897259
     assert log["evals"]["quantized_sliding_window"]["val_bpb"] == 1.0629876

@@ -266,6 +266,7 @@ def find_script(artifact, header, args, cleanup):
             f"{beside}: sha256 does not match the artifact's script_sha256 {want[:16]}...; "
             f"the record's {name} is not the one that wrote {os.path.basename(artifact)}"
         )
+    check_compact_beside(here, name, header)
     path = checkout_script(want, name, cleanup)
     if path is None:
         raise BadInput(
@@ -274,6 +275,26 @@ def find_script(artifact, header, args, cleanup):
             f"you trust, pass --trust-script PATH/{name}"
         )
     return path
+
+
+def check_compact_beside(here, name, header):
+    """A compact form of the script beside the artifact (a record folder, issue 15) must expand,
+    read and not run, to exactly the source the header binds, and be the counted code it binds."""
+    compact = os.path.join(here, name.removesuffix(".py") + "_compact.py")
+    if not os.path.isfile(compact):
+        return
+    from train_gpt import expand_compact
+
+    with open(compact, "rb") as f:
+        blob = f.read()
+    try:
+        source, inner = expand_compact(blob)
+    except ValueError as exc:
+        raise BadInput(f"{compact}: {exc}") from None
+    if sha256_hex(source) != header["script_sha256"] or inner != name:
+        raise BadInput(f"{compact}: does not expand to the {name} the artifact binds")
+    if header.get("code_sha256") not in (None, sha256_hex(blob)):
+        raise BadInput(f"{compact}: not the counted code the artifact binds (code_sha256)")
 
 
 def official_script(args, cleanup):
@@ -403,7 +424,8 @@ def load(args, env, cleanup):
             script=script,
             script_sha256=header["script_sha256"],
             tokenizer_sha256=header.get("tokenizer_sha256"),
-            code_bytes=os.path.getsize(script),
+            # the counted code: the compact form's size where the header binds one (issue 15)
+            code_bytes=header.get("code_bytes", os.path.getsize(script)),
         )
         info["total_bytes"] = info["artifact_bytes"] + info["code_bytes"]
     else:

@@ -134,6 +134,13 @@ def _inflate(name, data, limit):
         # A frame that declares its content size ignores max_output_size: read a bounded stream.
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
             out = reader.read(limit + 1)
+    elif name == "brotli":
+        import brotli
+
+        dec = brotli.Decompressor()
+        out = dec.process(data, output_buffer_limit=limit + 1)
+        if len(out) <= limit and not dec.is_finished():
+            raise InputError("brotli stream is truncated or has trailing data")
     else:
         raise InputError(f"unknown compressor {name!r}")
     if len(out) > limit:
@@ -149,6 +156,109 @@ def _header_sha256(header):
     ).hexdigest()
 
 
+# Per-group payloads (issue 15), decoded here from the header's tensor entries alone, as the
+# scripts do: int codes and float values bucketed by role and scheme, every other part one group,
+# rows of sorted groups stored in the order kept in group "order".
+GROUP_PARTS = ("data", "scale", "lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
+CONTROL_PARTS = (
+    "attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "smear_gate",
+    "attn_gate",
+)  # fmt: skip
+
+
+def _role(name):
+    if any(part in CONTROL_PARTS for part in name.split(".")):
+        return "control"
+    if "emb" in name or "lm_head" in name:
+        return "embed"
+    for role in ("mlp", "attn"):
+        if role in name:
+            return role
+    return "other"
+
+
+def _groups_of(tensors):
+    groups = {}
+    for i, e in enumerate(tensors):
+        for part in GROUP_PARTS:
+            if part in e:
+                key = f"{_role(e['name'])}.{e['scheme']}" if part == "data" else part
+                groups.setdefault(key, []).append((i, part))
+    return dict(sorted(groups.items()))
+
+
+def _sortable(e, part):
+    return part == "data" and e["scheme"].startswith("int") and 1 < e["shape"][0] <= 8192
+
+
+def inflate_groups(header, payload):
+    """The logical payload of a per-group artifact; its streams and their table."""
+    tensors = header["tensors"]
+    members = _groups_of(tensors)
+    table = header.get("groups")
+    names = [g.get("name") for g in table] if isinstance(table, list) else None
+    sorted_ids = sorted(
+        i
+        for g in table or []
+        if g.get("sorted") and g.get("name") in members
+        for i, part in members[g["name"]]
+        if _sortable(tensors[i], part)
+    )
+    if names != list(members) + (["order"] if sorted_ids else []):
+        raise InputError(f"groups {str(names)[:100]} are not those its tensors imply")
+    raw = bytearray(header["raw_bytes"])
+    streams = {}
+    at = 0
+
+    for g in table:
+        if g["name"] == "order":
+            want = sum(2 * len_rows for len_rows in (tensors[i]["shape"][0] for i in sorted_ids))
+        else:
+            want = sum(tensors[i][part][1] for i, part in members[g["name"]])
+        segment = 4 << 20  # raw bytes per compressed segment (PERGROUP_SEGMENT_BYTES)
+        if len(g["segments"]) != max(1, -(-want // segment)) or sum(g["segments"]) != g["bytes"]:
+            raise InputError(f"group {g['name']!r}: segments do not match its {want} bytes")
+        out = b""
+        for k, n in enumerate(g["segments"]):
+            limit = min(segment, want - k * segment)
+            piece = _inflate(g["codec"], payload[at : at + n], limit)
+            if len(piece) != limit:
+                raise InputError(f"group {g['name']!r} inflates to a short segment")
+            out += piece
+            at += n
+        streams[g["name"]] = out
+        g["raw_bytes"] = want
+
+    if at != len(payload):
+        raise InputError(f"groups add up to {at} bytes, the payload has {len(payload)}")
+
+    orders = {}
+    pos = 0
+    for i in sorted_ids:
+        rows = tensors[i]["shape"][0]
+        order = [int.from_bytes(streams["order"][pos + 2 * k : pos + 2 * k + 2], "little")
+                 for k in range(rows)]  # fmt: skip
+        pos += 2 * rows
+        if sorted(order) != list(range(rows)):
+            raise InputError(f"row order of {tensors[i]['name'][:80]!r} is not a permutation")
+        orders[i] = order
+
+    for name, parts in members.items():
+        at = 0
+        for i, part in parts:
+            off, n = tensors[i][part]
+            chunk = streams[name][at : at + n]
+            at += n
+            if i in orders and _sortable(tensors[i], part):
+                width = n // len(orders[i])
+                rows = [b""] * len(orders[i])
+                for k, r in enumerate(orders[i]):
+                    rows[r] = chunk[k * width : (k + 1) * width]
+                chunk = b"".join(rows)
+            raw[off : off + n] = chunk
+    return bytes(raw), table
+
+
 def read_container(path):
     """{format, header, raw, overhead_bytes, file_bytes}: raw is the decompressed payload (ours)
     or the raw torch.save bytes (official int8 .ptz). InputError for anything else."""
@@ -161,11 +271,22 @@ def read_container(path):
         if len(blob) < ARTIFACT_PREFIX.size:
             raise InputError(f"{path}: truncated artifact ({len(blob)} bytes)")
         _, version, head_len = ARTIFACT_PREFIX.unpack_from(blob)
-        start = ARTIFACT_PREFIX.size + head_len
-        if head_len > len(blob) - ARTIFACT_PREFIX.size:
+        digest_len = 32 if version == 2 else 0  # version 2: sha256, then the compressed header
+        start = ARTIFACT_PREFIX.size + digest_len + head_len
+        if head_len + digest_len > len(blob) - ARTIFACT_PREFIX.size:
             raise InputError(f"{path}: truncated artifact header (declares {head_len} bytes)")
         try:
-            header = json.loads(blob[ARTIFACT_PREFIX.size : start].decode("utf-8"))
+            head = blob[ARTIFACT_PREFIX.size + digest_len : start]
+            if digest_len:
+                if hashlib.sha256(head).digest() != blob[ARTIFACT_PREFIX.size :][:32]:
+                    raise InputError(
+                        f"{path}: header is corrupted (its sha256 differs from the one it records)"
+                    )
+                codec = {b"x": "lzma", b"b": "brotli"}.get(head[:1])
+                if codec is None:
+                    raise InputError(f"{path}: unknown header codec {head[:1]!r}")
+                head = _inflate(codec, head[1:], 16 << 20)
+            header = json.loads(head.decode("utf-8"))
             if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
                 raise InputError(
                     f"{path}: header is corrupted (its sha256 differs from the one it records)"
@@ -179,7 +300,12 @@ def read_container(path):
                     f"{path}: payload is truncated or corrupted "
                     "(length or sha256 differs from the header)"
                 )
-            raw = _inflate(header["compressor"], payload, header["raw_bytes"])
+            groups = None
+
+            if header["compressor"] == "pergroup":
+                raw, groups = inflate_groups(header, payload)
+            else:
+                raw = _inflate(header["compressor"], payload, header["raw_bytes"])
         except InputError:
             raise
         except Exception as exc:
@@ -191,6 +317,7 @@ def read_container(path):
             "raw": raw,
             "overhead_bytes": start,
             "file_bytes": len(blob),
+            "groups": groups,
         }
     try:
         raw = _inflate("zlib", blob, MAX_RAW_BYTES)
@@ -207,6 +334,7 @@ def read_container(path):
         "raw": raw,
         "overhead_bytes": 0,
         "file_bytes": len(blob),
+        "groups": None,
     }
 
 
@@ -253,9 +381,18 @@ def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
     header = info["header"]
     if header is not None:
         report["compressor"] = header.get("compressor")
-        report["script_sha256_matches"] = hashlib.sha256(code).hexdigest() == header.get(
-            "script_sha256"
-        )
+        report["header_bytes"] = info["overhead_bytes"]
+        code_sha = hashlib.sha256(code).hexdigest()
+        report["script_sha256_matches"] = code_sha == header.get("script_sha256")
+        if "code_sha256" in header:  # the counted code is a compact form of the script
+            report["counted_code_bytes"] = header.get("code_bytes")
+            report["code_is_the_counted_form"] = code_sha == header["code_sha256"]
+    if info["groups"]:
+        report["groups"] = [
+            {k: g[k] for k in ("name", "codec", "sorted", "raw_bytes", "bytes")}
+            for g in info["groups"]
+        ]
+        report["pergroup_payload_bytes"] = sum(g["bytes"] for g in info["groups"])
     if table:
         report["compressors"] = {
             name: {"payload_bytes": n, "total_bytes": info["overhead_bytes"] + n + len(code)}
@@ -1057,6 +1194,8 @@ def record_hashes(folder):
 def _write_record(folder, args, logs, artifacts, script, script_name, track, date, problems, sig):
     logs = sorted(zip(logs, artifacts), key=lambda p: p[0]["seed"])
     shutil.copyfile(script, os.path.join(folder, script_name))
+    compact_name = _write_compact(folder, script, script_name, artifacts)
+    code_bytes = os.path.getsize(os.path.join(folder, compact_name or script_name))
     seed_results = {}
     curves = []
     for lg, art in logs:
@@ -1072,7 +1211,7 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
             "val_loss": lg["val_loss"],
             "val_bpb": lg["val_bpb"],
             "artifact_bytes": os.path.getsize(art),
-            "total_bytes": os.path.getsize(art) + os.path.getsize(script),
+            "total_bytes": os.path.getsize(art) + code_bytes,
             "steps": lg.get("steps"),
             "step_avg_ms": lg.get("step_avg_ms"),
             "eval_time_s": None if lg.get("eval_time_ms") is None else lg["eval_time_ms"] / 1000.0,
@@ -1095,8 +1234,9 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
         "val_bpb": bpb_mean,
         "val_bpb_std": bpb_std,
         "bytes_total": max(r["total_bytes"] for r in seed_results.values()),
-        "bytes_code": os.path.getsize(script),
+        "bytes_code": code_bytes,
         "script": script_name,
+        **({"script_compact": compact_name} if compact_name else {}),
         "eval_mode": first.get("eval_mode"),
         "seeds": [lg["seed"] for lg in plain_logs],
         "seed_results": seed_results,
@@ -1140,6 +1280,54 @@ def _requirements(log, artifacts):
     if "zstd" in compressors:
         lines.append("zstandard")
     return "\n".join(lines) + "\n"
+
+
+def compact_name_of(script_name):
+    return script_name.removesuffix(".py") + "_compact.py"
+
+
+def _write_compact(folder, script, script_name, artifacts):
+    """Under CODE_FORM=compact (the artifacts' headers give a code_sha256 that is not the
+    script's): write the compact form (issue 15) beside the readable script and return its name.
+    It must be the counted code every header binds."""
+    wants = {(read_container(a)["header"] or {}).get("code_sha256") for a in artifacts}
+    with open(script, "rb") as f:
+        source = f.read()
+    readable_sha = hashlib.sha256(source).hexdigest()
+    if wants <= {None, readable_sha}:
+        return None
+    compact = _train_gpt().compact_code(source, script_name)
+    if wants != {hashlib.sha256(compact).hexdigest()}:
+        raise Refused(
+            f"the artifacts bind counted code {sorted(w or '' for w in wants)} but the compact "
+            f"form of {script_name} has sha256 {hashlib.sha256(compact).hexdigest()}"
+        )
+    name = compact_name_of(script_name)
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(compact)
+    return name
+
+
+def _check_compact(folder, sub, script):
+    """(problems, counted code bytes): a compact form named in submission.json must expand,
+    without running, to exactly the readable script."""
+    name = sub.get("script_compact")
+    if name is None:
+        return [], os.path.getsize(script)
+    path = os.path.join(folder, name)
+    if not is_plain_name(name) or not os.path.isfile(path):
+        return [f"missing the compact form {str(name)[:80]}"], os.path.getsize(script)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(script, "rb") as f:
+        source = f.read()
+    try:
+        expanded, inner = _train_gpt().expand_compact(blob)
+    except ValueError as exc:
+        return [f"{name}: {exc}"], len(blob)
+    if expanded != source or inner != os.path.basename(script):
+        return [f"{name} does not expand to {os.path.basename(script)}"], len(blob)
+    return [], len(blob)
 
 
 def _readme(sub, logs, env, script_name, has_plot, track, date):
@@ -1231,6 +1419,13 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
         "## Files",
         "",
         f"- `{script_name}`: the training script (its sha256 is in every artifact header)",
+    ]
+    if sub.get("script_compact"):
+        out.append(
+            f"- `{sub['script_compact']}`: its compact form, the counted code (bytes_code); "
+            "it expands to exactly the readable script and runs it"
+        )
+    out += [
         "- `final_model_seed<N>.pga`: the artifacts",
         "- `train_seed<N>.log`, `train_seed<N>.jsonl`: the run logs",
         "- `submission.json`, `requirements.txt`" + (", `loss_curve.png`" if has_plot else ""),
@@ -1271,7 +1466,8 @@ def check_record(folder, rescore=None):
         return problems + [f"missing the script {os.path.basename(script)}"]
     problems += _check_script_compiles(script)
     script_sha = sha256_file(script)
-    code_bytes = os.path.getsize(script)
+    compact_problems, code_bytes = _check_compact(folder, sub, script)
+    problems += compact_problems
     problems += _check_code_bytes(sub, code_bytes)
     for seed in sub["seeds"]:
         problems += _check_seed(folder, sub, seed, logs.get(seed), script_sha)
@@ -1634,8 +1830,12 @@ def cmd_size(args):
                 "margin_bytes",
                 "over_budget",
                 "compressor",
+                "header_bytes",
                 "script_sha256_matches",
+                "counted_code_bytes",
+                "code_is_the_counted_form",
                 "raw_payload_bytes",
+                "pergroup_payload_bytes",
                 "code_bytes_lzma_info_only",
             ],
         )
@@ -1643,6 +1843,11 @@ def cmd_size(args):
             print(
                 f"compressor {name}: payload {row['payload_bytes']} bytes, "
                 f"total {row['total_bytes']} bytes"
+            )
+        for g in rep.get("groups", []):
+            print(
+                f"group {g['name']}: {g['codec']}{' sorted' if g['sorted'] else ''}, "
+                f"{g['raw_bytes']} raw -> {g['bytes']} bytes"
             )
     if rep["over_budget"]:
         print(

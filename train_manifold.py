@@ -54,6 +54,10 @@ try:
     import zstandard
 except ImportError:  # zstd is optional: zlib and lzma are in the standard library
     zstandard = None
+try:
+    import brotli
+except ImportError:  # Brotli is optional: the per-group compressor uses it where installed
+    brotli = None
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -170,6 +174,18 @@ class Hyperparameters:
     ttt_phase_lr: float = 0.001
     ttt_phase_momentum: float = 0.9
     ttt_phase_epochs: int = 1
+    # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
+    # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
+    # gates; rows sorted in per-group compression; the compressed header; the compact code form.
+    sdclip_k_other: float = 13.0
+    gptq_embed: bool = False
+    lqer_rank: int = 0
+    lqer_top_k: int = 3
+    lqer_group: int = 64
+    gate_int8: bool = False
+    pergroup_sort: bool = True
+    header_compress: bool = False
+    code_form: str = "readable"
 
     @classmethod
     def from_env(cls, env=None):
@@ -250,6 +266,9 @@ class Hyperparameters:
             "sdclip_k_mlp",
             "sdclip_k_attn",
             "sdclip_k_embed",
+            "sdclip_k_other",
+            "lqer_top_k",
+            "lqer_group",
             "gptq_calib_seqs",
         ):
             if getattr(self, name) <= 0:
@@ -272,7 +291,9 @@ class Hyperparameters:
             ("QAT_BITS", (0, *QUANT_INT_BITS)),
             ("CLIP_METHOD", ("percentile", "search", "sdclip")),
             ("GPTQ_CALIB_SOURCE", ("train", "self")),
-            ("COMPRESSOR", ("auto", *COMPRESSORS)),
+            ("COMPRESSOR", ("auto", "pergroup", *COMPRESSORS)),
+            ("CODE_FORM", ("readable", "compact")),
+            ("LQER_RANK", tuple(range(65))),
         ):
             if getattr(self, name.lower()) not in allowed:
                 self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
@@ -1606,18 +1627,28 @@ def dequantize_rows(q, scale, use_triton=None):
 
 
 def tensor_role(name):
-    """embed, mlp or attn: which SD-clip k and which default width a tensor gets."""
+    """embed, mlp, attn or other: which SD-clip k and which default width a tensor gets."""
     if "emb" in name or "lm_head" in name:
         return "embed"
     if "mlp" in name:
         return "mlp"
-    return "attn"
+    if "attn" in name:
+        return "attn"
+    return "other"
 
 
 def sdclip_k(name, h):
-    return {"embed": h.sdclip_k_embed, "mlp": h.sdclip_k_mlp}.get(
-        tensor_role(name), h.sdclip_k_attn
-    )
+    """SD-clip k by role (#1855: MLP 11.5, attention 13.0, other 12.85, embedding 14.0)."""
+    return {
+        "embed": h.sdclip_k_embed,
+        "mlp": h.sdclip_k_mlp,
+        "attn": h.sdclip_k_attn,
+    }.get(tensor_role(name), h.sdclip_k_other)
+
+
+def is_gate(name, t, h):
+    """A 2-D control gate stored int8 per row under GATE_INT8 (#1736/#1855 ship their gates so)."""
+    return h.gate_int8 and t.ndim == 2 and is_control_tensor(name) and "gate" in name
 
 
 def row_clip(w, bits, h, name=""):
@@ -1646,11 +1677,25 @@ def _block_linears(model):
     ]
 
 
+def _head_input(model):
+    """(param name, module, whether the head's input is the module's output) of the output head:
+    an untied lm_head reads its input; a tied embedding is read by the head on the output of
+    final_norm. None where the model has neither (then the embedding gets no Hessian)."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        return "lm_head.weight", head, False
+    norm = getattr(model, "final_norm", None)
+    if isinstance(norm, nn.Module) and hasattr(model, "tok_emb"):
+        return "tok_emb.weight", norm, True
+    return None
+
+
 @torch.no_grad()
-def collect_hessians(model, batches):
-    """{param name: H = X^T X / tokens} for every nn.Linear under `blocks.`, from forward hooks
-    while the model reads `batches` (input id tensors); summed over ranks. Pass the bare model,
-    not a compiled or DDP wrapper."""
+def collect_hessians(model, batches, embed=False):
+    """{param name: H = X^T X / tokens} for every nn.Linear under `blocks.` (and, with embed, for
+    the output head's weight from the head's input: GPTQ on the tied embedding, #1394/#1855),
+    from forward hooks while the model reads `batches` (input id tensors); summed over ranks.
+    Pass the bare model, not a compiled or DDP wrapper."""
     sums = {}
     count = torch.zeros((), dtype=torch.float64)
     device = next(model.parameters()).device
@@ -1659,8 +1704,16 @@ def collect_hessians(model, batches):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         sums[module] = x.T @ x + sums.get(module, 0.0)
 
+    def out_hook(module, inputs, output):
+        x = output.detach().reshape(-1, output.shape[-1]).float()
+        sums[module] = x.T @ x + sums.get(module, 0.0)
+
     linears = _block_linears(model)
     hooks = [m.register_forward_hook(hook) for _, m in linears]
+    head = _head_input(model) if embed else None
+    if head is not None:
+        linears.append(head[:2])
+        hooks.append(head[1].register_forward_hook(out_hook if head[2] else hook))
     try:
         for x in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -1705,7 +1758,7 @@ def gptq_calibrate(model, h, next_batch=None):
         )
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][: n - sum(x.shape[0] for x in seqs)])
-    return collect_hessians(model, seqs)
+    return collect_hessians(model, seqs, embed=h.gptq_embed)
 
 
 def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
@@ -1799,6 +1852,8 @@ def tensor_plan(name, t, h, bits=None):
     fp32; every other float tensor fp16."""
     if not t.is_floating_point():
         return None
+    if is_gate(name, t, h):
+        return QuantScheme("int", 8)
     if t.ndim == 2 and t.numel() > h.keep_float_max_numel:
         default = h.embed_bits if tensor_role(name) == "embed" else h.quant_bits
         return QuantScheme("int", (bits or {}).get(name) or default)
@@ -1823,6 +1878,8 @@ def width_table(state, h, hessians=None, cache=None):
         table[name] = {}
         clip = None if h.clip_method == "search" else row_clip(t, 8, h, name)
         min_bits = h.embed_bits if tensor_role(name) == "embed" else ALLOC_MIN_BITS
+        if is_gate(name, t, h):
+            min_bits = 8  # a few hundred bytes: never worth a narrower width
         for bits in range(min_bits, 9):
             q, scale = quantize_rows(t, bits, row_clip(t, bits, h, name) if clip is None else clip)
             if cache is not None and H is None:
@@ -1847,7 +1904,11 @@ def _fixed_bytes(state, h, code_bytes):
             float_bytes += t.numel() * t.element_size()
         elif not scheme.is_int:
             float_bytes += t.numel() * scheme.bits // 8
-    return code_bytes + 4096 + 200 * len(state) + float_bytes
+    lqer_bytes = 0
+    if h.lqer_rank > 0:  # at most top_k factor pairs, their int8 containers as the upper bound
+        sides = [sum(t.shape) for n, t in state.items() if _is_int(tensor_plan(n, t, h))]
+        lqer_bytes = h.lqer_top_k * h.lqer_rank * max(sides, default=0)
+    return code_bytes + 4096 + 200 * len(state) + float_bytes + lqer_bytes
 
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
@@ -1879,6 +1940,19 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     ]
 
 
+def _quantized(name, t, scheme, h, hessians, cache):
+    """(q, scale) of one int tensor, from cache or made: the CLIP_METHOD clip, then GPTQ given a
+    Hessian, else plain rounding."""
+    if (name, scheme) not in cache:
+        H = (hessians or {}).get(name)
+        clip = row_clip(t.float(), scheme.bits, h, name)
+        if H is not None:
+            cache[(name, scheme)] = gptq_quantize(t, H, scheme.bits, clip)
+        else:
+            cache[(name, scheme)] = quantize_rows(t, scheme.bits, clip)
+    return cache[(name, scheme)]
+
+
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per
     tensor; tensors with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
@@ -1886,6 +1960,12 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     chunks = []
     offset = 0
     cache = {} if cache is None else cache
+    quantized = {}
+    for name in sorted(state):
+        scheme = tensor_plan(name, state[name], h, bits)
+        if scheme is not None and scheme.is_int:
+            quantized[name] = _quantized(name, state[name].detach(), scheme, h, hessians, cache)
+    lqer = lqer_corrections(state, h, quantized)
     for name in sorted(state):
         t = state[name].detach()
         scheme = tensor_plan(name, t, h, bits)
@@ -1899,17 +1979,14 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
             parts = {"data": t}
         elif scheme.is_int:
             H = (hessians or {}).get(name)
-            if (name, scheme) not in cache:
-                # The CLIP_METHOD clip, then GPTQ given a Hessian, else plain rounding.
-                clip = row_clip(t.float(), scheme.bits, h, name)
-                if H is not None:
-                    cache[(name, scheme)] = gptq_quantize(t, H, scheme.bits, clip)
-                else:
-                    cache[(name, scheme)] = quantize_rows(t, scheme.bits, clip)
             entry["method"] = "gptq" if H is not None else h.clip_method
-            parts = dict(zip(("data", "scale"), cache[(name, scheme)]))
+            parts = dict(zip(("data", "scale"), quantized[name]))
         else:
             parts = {"data": t.to(torch.float16 if scheme.bits == 16 else torch.float32)}
+        if scheme is not None and scheme.is_int and name in lqer:
+            entry["lqer_rank"] = h.lqer_rank
+            entry["lqer_group"] = h.lqer_group
+            parts.update(lqer[name])
         for key, part in parts.items():
             blob = part.detach().cpu().contiguous().numpy().tobytes()
             entry[key] = [offset, len(blob)]
@@ -1917,6 +1994,59 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
             offset += len(blob)
         entries.append(entry)
     return entries, b"".join(chunks)
+
+
+# --- LQER asym (#1797/#1851/#1855): a low-rank correction of the worst quantization residuals ----
+
+
+def lqer_factors(err, rank, group):
+    """E ~ A B with A (rows x rank) INT2 in [-2, 1] with one fp16 scale and B (rank x cols) INT4
+    in [-8, 7] with an fp16 scale per `group` columns. A comes from the rank-r SVD (U sqrt(S));
+    B is refitted by least squares to the quantized A before it is quantized itself, so B absorbs
+    A's coarse rounding. Returns {part: tensor} as stored."""
+    U, S, _ = torch.linalg.svd(err.double(), full_matrices=False)
+    r = min(rank, len(S))
+    a = (U[:, :r] * S[:r].sqrt()).float()
+    a_scale = (a.abs().amax() / 2).clamp_min(1e-8).to(torch.float16)
+    qa = torch.clamp(torch.round(a / a_scale.float()), -2, 1)
+    a_hat = qa * a_scale.float()
+    b = torch.linalg.lstsq(a_hat.double(), err.double()).solution.float()
+    if r < rank:  # a matrix narrower than the rank: pad with zero factors
+        qa = F.pad(qa, (0, rank - r))
+        b = F.pad(b, (0, 0, 0, rank - r))
+    cols = b.shape[1]
+    n_groups = -(-cols // group)
+    bp = F.pad(b, (0, n_groups * group - cols)).reshape(rank, n_groups, group)
+    b_scale = (bp.abs().amax(-1) / 7).clamp_min(1e-8).to(torch.float16)
+    qb = torch.clamp(torch.round(bp / b_scale.float()[..., None]), -8, 7)
+    return {
+        "lqer_a": qa.to(torch.int8).contiguous(),
+        "lqer_a_scale": a_scale.reshape(1),
+        "lqer_b": qb.reshape(rank, -1)[:, :cols].to(torch.int8).contiguous(),
+        "lqer_b_scale": b_scale.contiguous(),
+    }
+
+
+def lqer_product(parts, rank, group, shape):
+    """A_hat B_hat (float32, `shape`) of stored LQER parts."""
+    rows, cols = shape
+    a = parts["lqer_a"].float().reshape(rows, rank) * parts["lqer_a_scale"].float()
+    n_groups = -(-cols // group)
+    b = F.pad(parts["lqer_b"].float().reshape(rank, cols), (0, n_groups * group - cols))
+    b = b.reshape(rank, n_groups, group) * parts["lqer_b_scale"].float().reshape(rank, n_groups, 1)
+    return a @ b.reshape(rank, -1)[:, :cols]
+
+
+def lqer_corrections(state, h, quantized):
+    """{name: LQER parts} for the LQER_TOP_K int tensors with the largest ||W - W_hat||_F.
+    quantized: {name: (q, scale)} of the int tensors."""
+    if h.lqer_rank <= 0:
+        return {}
+    errs = {}
+    for name, (q, scale) in quantized.items():
+        errs[name] = state[name].detach().float().cpu() - dequantize_rows(q.cpu(), scale.cpu())
+    top = sorted(errs, key=lambda n: -float(errs[n].norm()))[: h.lqer_top_k]
+    return {n: lqer_factors(errs[n], h.lqer_rank, h.lqer_group) for n in top}
 
 
 def dequantize_entries(entries, raw):
@@ -1939,11 +2069,468 @@ def dequantize_entries(entries, raw):
             scale_raw = raw[scale_off : scale_off + scale_n]
             scale = torch.from_numpy(np.frombuffer(scale_raw, np.float16).copy())
             t = dequantize_rows(t.reshape(e["shape"]), scale)
+            if "lqer_rank" in e:
+                parts = {}
+                for part, np_type in LQER_PARTS.items():
+                    p_off, p_n = e[part]
+                    parts[part] = torch.from_numpy(
+                        np.frombuffer(raw[p_off : p_off + p_n], np_type).copy()
+                    )
+                t = t + lqer_product(parts, e["lqer_rank"], e["lqer_group"], e["shape"])
         state[e["name"]] = t.reshape(e["shape"]).to(dtype)
     return state
 
 
+# --- per-group compression (PR #1855): tensors bucketed by role, rows sorted, best back end ------
+# The logical payload (the tensor entries' offsets) is the same as for one stream; only its
+# storage differs: each group's parts are concatenated (int rows in a stored order), compressed by
+# whichever back end makes the group smallest, and the streams follow one another. The header's
+# "groups" names each group, its back end, its compressed length and whether its rows are sorted;
+# a reader recomputes the groups from the checked entries, so it trusts none of their sizes.
+
+PERGROUP_SAMPLE_BYTES = 1 << 19  # bytes of each group on which the back ends are compared
+PERGROUP_AUTO_MIN_RAW = 4 << 20  # "auto" uses per-group from this raw size (overheads below)
+PERGROUP_SEGMENT_BYTES = 4 << 20  # groups are compressed in segments of this many raw bytes, in
+# parallel (one Brotli-11 stream of the 17 MB MLP group alone took minutes); each segment restarts
+# its back end's model, which costs a few hundred bytes
+SORT_MIN_BYTES = 1 << 16  # smaller groups keep their row order
+SORT_MAX_ROWS = 8192  # the row order is uint16, and the greedy tour costs rows^2
+SORT_SAMPLE_ROWS = 256  # rows of a group's largest tensor on which sorting is tried first
+
+
+def _brotli_bounded(data, limit):
+    """Brotli with an output ceiling of limit + 1 bytes; a stream that is not finished there (or
+    that is cut short) is refused."""
+    if not 0 <= limit <= ARTIFACT_MAX_RAW_BYTES:
+        raise ValueError(f"decompression limit {limit} is outside [0, {ARTIFACT_MAX_RAW_BYTES}]")
+    dec = brotli.Decompressor()
+    out = dec.process(data, output_buffer_limit=limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"payload inflates beyond the {limit} bytes its header declares")
+    if not dec.is_finished():
+        raise ValueError("brotli stream is truncated or has trailing data")
+    return out
+
+
+def _zstd_long(data, level):
+    """zstd with a 128 MiB window and long-distance matching (what `zstd --long=27` does)."""
+    params = zstandard.ZstdCompressionParameters.from_level(level, window_log=27, enable_ldm=True)
+    return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+# name: (compress(data), decompress(data, limit)) of the per-group back ends that are installed.
+PERGROUP_CODECS = {
+    "brotli": (
+        lambda d: brotli.compress(d, quality=11, lgwin=24),
+        _brotli_bounded,
+    ),
+    "lzma": (lambda d: COMPRESSORS["lzma"][0](d, 9), COMPRESSORS["lzma"][1]),
+    "zstd": (lambda d: _zstd_long(d, 22), _zstd_bounded),
+}
+
+
+def pergroup_codecs():
+    """The back ends this process can write and read (brotli and zstd are optional packages)."""
+    return [
+        n
+        for n in PERGROUP_CODECS
+        if not (n == "brotli" and brotli is None) and not (n == "zstd" and zstandard is None)
+    ]
+
+
+def _group_key(e, part):
+    """Int codes and float values are bucketed by role and scheme (their statistics differ);
+    scales, row orders and other side parts each form one group."""
+    if part != "data":
+        return part
+    role = "control" if is_control_tensor(e["name"]) else tensor_role(e["name"])
+    return f"{role}.{e['scheme']}"
+
+
+def payload_groups(entries):
+    """[(group name, [(tensor index, part)])] in a fixed order, from the tensor entries alone."""
+    groups = {}
+    for i, e in enumerate(entries):
+        for part in ENTRY_PARTS:
+            if part in e:
+                groups.setdefault(_group_key(e, part), []).append((i, part))
+    return sorted(groups.items())
+
+
+def _sortable(e, part):
+    """Int codes of a 2-D tensor with at most SORT_MAX_ROWS rows: those a sorted group reorders."""
+    return (
+        part == "data"
+        and e["scheme"].startswith("int")
+        and len(e["shape"]) == 2
+        and 1 < e["shape"][0] <= SORT_MAX_ROWS
+    )
+
+
+def l1_row_order(q):
+    """A greedy nearest-neighbour tour over the rows of q under L1 distance, from row 0: similar
+    rows end up next to each other, which a back end with a long window can exploit (#1855)."""
+    x = torch.from_numpy(np.asarray(q, np.float32))
+    dist_l1 = torch.cdist(x, x, p=1)
+    dist_l1.fill_diagonal_(float("inf"))
+    seen = torch.zeros(len(x), dtype=torch.bool)
+    order = [0]
+    seen[0] = True
+    for _ in range(len(x) - 1):
+        nxt = int(dist_l1[order[-1]].masked_fill(seen, float("inf")).argmin())
+        order.append(nxt)
+        seen[nxt] = True
+    return np.asarray(order, np.uint16)
+
+
+def _best_codec(data, codecs):
+    """(name, blob) of the smallest compression of data among codecs."""
+    return min(((n, PERGROUP_CODECS[n][0](data)) for n in codecs), key=lambda nb: len(nb[1]))
+
+
+def _sample(data):
+    """Up to PERGROUP_SAMPLE_BYTES of data: 8 evenly spaced slices, so a long group is sampled
+    all along, not only at its start."""
+    if len(data) <= PERGROUP_SAMPLE_BYTES:
+        return data
+    step = PERGROUP_SAMPLE_BYTES // 8
+    starts = np.linspace(0, len(data) - step, 8).astype(np.int64)
+    return b"".join(data[s : s + step] for s in starts)
+
+
+def _sort_pays(entries, members, raw, codec):
+    """Whether sorting rows pays on a sample: the largest sortable tensor's first
+    SORT_SAMPLE_ROWS rows, sorted and compressed plus their order, against unsorted."""
+    cands = [(i, p) for i, p in members if _sortable(entries[i], p)]
+    if not cands:
+        return False
+    i = max(cands, key=lambda ip: entries[ip[0]]["data"][1])[0]
+    off, _ = entries[i]["data"]
+    rows, cols = entries[i]["shape"][0], entries[i]["shape"][1]
+    n = min(rows, SORT_SAMPLE_ROWS)
+    q = np.frombuffer(raw, np.int8, n * cols, off).reshape(n, cols)
+    order = l1_row_order(q)
+    plain = len(PERGROUP_CODECS[codec][0](q.tobytes()))
+    sorted_bytes = len(PERGROUP_CODECS[codec][0](q[order].tobytes())) + 2 * n
+    return sorted_bytes < plain
+
+
+def _group_stream(entries, members, raw, orders):
+    """The group's bytes: its parts in order, int rows in `orders[i]` order where given."""
+    out = []
+    for i, part in members:
+        off, n = entries[i][part]
+        if i in orders and _sortable(entries[i], part):
+            rows = entries[i]["shape"][0]
+            q = np.frombuffer(raw, np.int8, n, off).reshape(rows, -1)
+            out.append(q[orders[i]].tobytes())
+        else:
+            out.append(raw[off : off + n])
+    return b"".join(out)
+
+
+def compress_pergroup(entries, raw, cache=None, sort_rows=True):
+    """(payload, groups): every group compressed by the back end that made its sample smallest,
+    rows of large groups sorted where a sample says it pays (the order stored in group "order").
+    cache: {sha256 of a group's bytes: (codec, blob)}, kept across bit-allocation tries so
+    unchanged groups are not compressed again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = {} if cache is None else cache
+    codecs = pergroup_codecs()
+    plan = []  # (name, stream, sorted)
+    orders = {}
+    for name, members in payload_groups(entries):
+        stream = _group_stream(entries, members, raw, {})
+        codec = _best_codec(_sample(stream), codecs)[0]
+        do_sort = (
+            sort_rows and len(stream) >= SORT_MIN_BYTES and _sort_pays(entries, members, raw, codec)
+        )
+        if do_sort:
+            for i, part in members:
+                if _sortable(entries[i], part):
+                    off, _ = entries[i]["data"]
+                    rows = entries[i]["shape"][0]
+                    q = np.frombuffer(raw, np.int8, entries[i]["data"][1], off).reshape(rows, -1)
+                    orders[i] = l1_row_order(q)
+            stream = _group_stream(entries, members, raw, orders)
+        plan.append((name, stream, do_sort, codec))
+    if orders:
+        order_stream = b"".join(orders[i].tobytes() for i in sorted(orders))
+        plan.append(("order", order_stream, False, None))
+
+    def work(item):
+        segment, codec = item
+        key = (sha256_hex(segment), codec)
+        if key not in cache:
+            if codec is None:  # a group of one segment no larger than a sample: try them all
+                cache[key] = _best_codec(segment, codecs)
+            else:  # the sample chose the back end; only that one compresses the segment
+                cache[key] = (codec, PERGROUP_CODECS[codec][0](segment))
+        return cache[key]
+
+    items = []
+    for _, stream, _, codec in plan:
+        step = PERGROUP_SEGMENT_BYTES
+        segments = [stream[a : a + step] for a in range(0, len(stream), step)] or [b""]
+        use = None if len(stream) <= PERGROUP_SAMPLE_BYTES else codec
+        items += [(seg, use) for seg in segments]
+    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        done = iter(list(pool.map(work, items)))
+    groups = []
+    blobs = []
+    for name, stream, do_sort, _ in plan:
+        parts = [next(done) for _ in range(_segment_count(len(stream)))]
+        groups.append(
+            {
+                "name": name,
+                "codec": parts[0][0],
+                "bytes": sum(len(b) for _, b in parts),
+                "sorted": do_sort,
+                "segments": [len(b) for _, b in parts],
+            }
+        )
+        blobs += [b for _, b in parts]
+    return b"".join(blobs), groups
+
+
+def _segment_count(raw_len):
+    return max(1, -(-raw_len // PERGROUP_SEGMENT_BYTES))
+
+
+def _check_groups(path, header, entries, payload_bytes):
+    """The header's groups against the groups its entries imply: names, order, back ends,
+    lengths (summing to the payload); ValueError naming the file and the field otherwise."""
+    groups = header.get("groups")
+    expected = [name for name, _ in payload_groups(entries)]
+    if not isinstance(groups, list) or len(groups) > len(expected) + 1:
+        raise ValueError(f"{path}: artifact header groups: expected a list of group objects")
+    names = []
+    for k, g in enumerate(groups):
+        if not isinstance(g, dict) or set(g) != {"name", "codec", "bytes", "sorted", "segments"}:
+            raise ValueError(
+                f"{path}: artifact header groups[{k}]: expected name, codec, bytes, sorted, "
+                "segments"
+            )
+        segs = g["segments"]
+        if (
+            not isinstance(segs, list)
+            or not segs
+            or len(segs) > ARTIFACT_MAX_RAW_BYTES // PERGROUP_SEGMENT_BYTES + 1
+            or not all(_is_count(n) for n in segs)
+            or sum(segs) != g["bytes"]
+        ):
+            raise ValueError(
+                f"{path}: artifact header groups[{k}].segments: expected compressed lengths "
+                "adding up to its bytes"
+            )
+        if g["codec"] not in pergroup_codecs():
+            raise ValueError(
+                f"{path}: artifact header groups[{k}].codec {str(g['codec'])[:40]!r} is unknown "
+                "or not installed (brotli and zstd are optional packages)"
+            )
+        if not _is_count(g["bytes"]) or not isinstance(g["sorted"], bool):
+            raise ValueError(f"{path}: artifact header groups[{k}]: bad bytes or sorted field")
+        names.append(g["name"])
+    any_sorted = any(g["sorted"] for g in groups)
+    if names != expected + (["order"] if any_sorted else []):
+        raise ValueError(
+            f"{path}: artifact header groups {str(names)[:120]} are not the groups its tensors "
+            f"imply {str(expected)[:120]}"
+        )
+    if groups and groups[-1]["name"] == "order" and groups[-1]["sorted"]:
+        raise ValueError(f"{path}: artifact header group 'order' cannot itself be sorted")
+    if sum(g["bytes"] for g in groups) != payload_bytes:
+        raise ValueError(
+            f"{path}: artifact header groups add up to {sum(g['bytes'] for g in groups)} bytes, "
+            f"the payload has {payload_bytes}"
+        )
+
+
+def decompress_pergroup(header, payload):
+    """The logical payload (raw_bytes) of a per-group payload whose header passed
+    check_artifact_header: each stream inflates, bounded, to exactly the bytes its members need;
+    row orders are checked to be permutations before they are applied."""
+    entries = header["tensors"]
+    members = dict(payload_groups(entries))
+    groups = header["groups"]
+    sorted_ids = sorted(
+        i
+        for g in groups
+        if g["sorted"]
+        for i, part in members[g["name"]]
+        if _sortable(entries[i], part)
+    )
+    streams = {}
+    at = 0
+    for g in groups:
+        if g["name"] == "order":
+            want = sum(2 * entries[i]["shape"][0] for i in sorted_ids)
+        else:
+            want = sum(entries[i][part][1] for i, part in members[g["name"]])
+        if len(g["segments"]) != _segment_count(want):
+            raise ValueError(
+                f"group {g['name']!r} has {len(g['segments'])} segments, its {want} bytes need "
+                f"{_segment_count(want)}"
+            )
+        out = []
+        for k, n in enumerate(g["segments"]):
+            limit = min(PERGROUP_SEGMENT_BYTES, want - k * PERGROUP_SEGMENT_BYTES)
+            piece = PERGROUP_CODECS[g["codec"]][1](payload[at : at + n], limit)
+            if len(piece) != limit:
+                raise ValueError(f"group {g['name']!r} inflates to a short segment")
+            out.append(piece)
+            at += n
+        streams[g["name"]] = b"".join(out)
+    orders = {}
+    order_at = 0
+    for i in sorted_ids:
+        rows = entries[i]["shape"][0]
+        order = np.frombuffer(streams["order"], np.uint16, rows, order_at).astype(np.int64)
+        order_at += 2 * rows
+        if not np.array_equal(np.sort(order), np.arange(rows)):
+            raise ValueError(
+                f"row order of tensor {entries[i]['name'][:80]!r} is not a permutation"
+            )
+        orders[i] = order
+    raw = bytearray(header["raw_bytes"])
+    for g in groups:
+        if g["name"] == "order":
+            continue
+        at = 0
+        stream = streams[g["name"]]
+        for i, part in members[g["name"]]:
+            off, n = entries[i][part]
+            chunk = stream[at : at + n]
+            at += n
+            if i in orders and _sortable(entries[i], part):
+                rows = entries[i]["shape"][0]
+                stored = np.frombuffer(chunk, np.int8).reshape(rows, -1)
+                restored = np.empty_like(stored)
+                restored[orders[i]] = stored
+                chunk = restored.tobytes()
+            raw[off : off + n] = chunk
+    return bytes(raw)
+
+
+# --- the compressed header (HEADER_COMPRESS) ---------------------------------------------------
+# Version 2 of the container: after the prefix, the sha256 of the stored header bytes, then one
+# codec byte and the header JSON compressed. The digest is checked before anything is inflated,
+# and the inflated header still carries its mandatory header_sha256.
+
+ARTIFACT_VERSION_PACKED_HEADER = 2
+HEADER_CODECS = {b"x": "lzma", b"b": "brotli"}
+
+
+def _pack_head(head):
+    """One codec byte and head compressed: Brotli where installed (it wins on JSON), else LZMA."""
+    if brotli is not None:
+        return b"b" + brotli.compress(head, quality=11)
+    return b"x" + lzma.compress(head, preset=9 | lzma.PRESET_EXTREME)
+
+
+def _unpack_head(path, stored):
+    """The header JSON bytes of a version-2 head (digest already checked), at most
+    MAX_HEADER_BYTES."""
+    codec = HEADER_CODECS.get(stored[:1])
+    if codec is None or (codec == "brotli" and brotli is None):
+        raise ValueError(
+            f"{path}: artifact header codec {stored[:1]!r} is unknown or not installed"
+        )
+    try:
+        if codec == "brotli":
+            return _brotli_bounded(stored[1:], MAX_HEADER_BYTES)
+        return _bounded(lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT), stored[1:], MAX_HEADER_BYTES)
+    except Exception as exc:
+        why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: artifact header does not decompress ({why})") from None
+
+
+# --- the compact counted code (CODE_FORM=compact) ------------------------------------------------
+# As the records ship it (#1394's train_gpt.py beside train_gpt_human.py): a few-line script that
+# holds the readable source LZMA-compressed in one latin-1 string literal (about 2% escapes, where
+# base85 costs 25%), expands it and runs it under the readable file's name. linecache gets the
+# source, so inspect (and @triton.jit, which reads its kernel's source) work as for the file.
+
+COMPACT_MAX_SOURCE = 4 << 20
+
+
+def _latin1_literal(data):
+    """data as the body of a "..." literal in a latin-1 source file: backslash, quote, newline,
+    carriage return and NUL escaped, every other byte as itself."""
+    for raw, esc in ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r")):
+        data = data.replace(raw, esc)
+    return data.replace(b"\x00", b"\\x00")
+
+
+def _compact_wrapper(literal, name):
+    return b"".join(
+        [
+            b"# -*- coding: latin-1 -*-\n",
+            b"import linecache,lzma,os\n",
+            b'_D="' + literal + b'"\n',
+            b'READABLE_SOURCE=lzma.decompress(_D.encode("latin-1"))\n',
+            b"__file__=os.path.join(os.path.dirname(os.path.abspath(__file__)),"
+            + repr(name).encode()
+            + b")\n",
+            b"_S=READABLE_SOURCE.decode()\n",
+            b"linecache.cache[__file__]=(len(_S),None,_S.splitlines(True),__file__)\n",
+            b'exec(compile(_S,__file__,"exec"))\n',
+        ]
+    )
+
+
+def compact_code(source, name):
+    """The compact form of the readable script `source` (bytes) named `name`."""
+    if not valid_script_name(name):
+        raise ValueError(f"compact_code name {name!r}: expected a bare .py file name")
+    packed = lzma.compress(
+        source, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME
+    )
+    return _compact_wrapper(_latin1_literal(packed), name)
+
+
+def expand_compact(blob):
+    """(readable source, script name) of a compact form, read without running it: the literal is
+    parsed by ast.literal_eval and the file must be exactly the wrapper around it. ValueError for
+    anything else."""
+    import ast
+    import re
+
+    m = re.fullmatch(
+        rb'# -\*- coding: latin-1 -\*-\nimport linecache,lzma,os\n_D=("(?:[^"\\\n]|\\.)*")\n'
+        rb"READABLE_SOURCE=.*\n__file__=os\.path\.join\(os\.path\.dirname\(os\.path\.abspath"
+        rb"\(__file__\)\),('[A-Za-z0-9_.-]{1,128}')\)\n.*",
+        blob,
+        re.DOTALL,
+    )
+    if m is None:
+        raise ValueError("not a compact form of a training script (its wrapper differs)")
+    packed = ast.literal_eval(m[1].decode("latin-1")).encode("latin-1")
+    name = ast.literal_eval(m[2].decode("ascii"))
+    if _compact_wrapper(_latin1_literal(packed), name) != blob:
+        raise ValueError("compact form: the wrapper around its source differs from ours")
+    try:
+        source = _bounded(lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT), packed, COMPACT_MAX_SOURCE)
+    except Exception as exc:
+        raise ValueError(f"compact form: its source does not decompress ({exc})") from None
+    return source, name
+
+
+def counted_code(h, code=None):
+    """The bytes that count against SIZE_BUDGET: the readable script (CODE_FORM=readable) or its
+    compact form (CODE_FORM=compact)."""
+    code = code_bytes_of() if code is None else code
+    if h.code_form == "compact":
+        return compact_code(code, os.path.basename(CODE_PATH))
+    return code
+
+
 def code_bytes_of(path=None):
+    """The readable script's bytes: this file, or the source a compact form expanded (it sets
+    READABLE_SOURCE before running it)."""
+    if path is None and globals().get("READABLE_SOURCE") is not None:
+        return globals()["READABLE_SOURCE"]
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
 
@@ -1958,17 +2545,22 @@ def _header_sha256(header):
     return sha256_hex(body.encode("utf-8"))
 
 
-def _artifact_prefix_and_head(header):
+def _artifact_prefix_and_head(header, packed=False):
+    """The bytes before the payload: version 1 with the header as JSON, or (packed) version 2
+    with its sha256 and the compressed JSON."""
     head = json.dumps(
         {**header, "header_sha256": _header_sha256(header)}, sort_keys=True, separators=(",", ":")
-    )
-    return ARTIFACT_PREFIX.pack(
-        ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head.encode("utf-8"))
-    ) + head.encode("utf-8")
+    ).encode("utf-8")
+    if not packed:
+        return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(head)) + head
+    stored = _pack_head(head)
+    version = ARTIFACT_VERSION_PACKED_HEADER
+    digest = hashlib.sha256(stored).digest()
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, version, len(stored)) + digest + stored
 
 
-def write_artifact(path, header, payload):
-    return write_bytes_atomic(path, _artifact_prefix_and_head(header) + payload)
+def write_artifact(path, header, payload, packed=False):
+    return write_bytes_atomic(path, _artifact_prefix_and_head(header, packed) + payload)
 
 
 # --- reading an artifact: every header field is checked before anything is allocated or run ---
@@ -2011,13 +2603,34 @@ def valid_script_name(name):
     return all(c.isascii() and (c.isalnum() or c in "_.-") for c in name)
 
 
+# LQER parts of a corrected int tensor: numpy dtype of each
+LQER_PARTS = {
+    "lqer_a": np.int8,
+    "lqer_a_scale": np.float16,
+    "lqer_b": np.int8,
+    "lqer_b_scale": np.float16,
+}
+ENTRY_PARTS = ("data", "scale", *LQER_PARTS)  # the byte spans an entry may have, in payload order
+LQER_MAX_RANK = 64
+LQER_MAX_GROUP = 4096
+
+
 def _entry_parts(e, scheme, numel):
-    """{part: expected byte length} of one tensor entry."""
+    """{part: expected byte length} of one tensor entry (lqer_rank / lqer_group already
+    checked)."""
     if scheme is None:
         itemsize = np.dtype(ARTIFACT_DTYPES[e["dtype"]][1]).itemsize
         return {"data": numel * itemsize}
     if scheme.is_int:
-        return {"data": numel, "scale": 2 * e["shape"][0]}
+        parts = {"data": numel, "scale": 2 * e["shape"][0]}
+        if "lqer_rank" in e:
+            rows, cols = e["shape"]
+            rank = e["lqer_rank"]
+            parts["lqer_a"] = rows * rank
+            parts["lqer_a_scale"] = 2
+            parts["lqer_b"] = rank * cols
+            parts["lqer_b_scale"] = 2 * rank * (-(-cols // e["lqer_group"]))
+        return parts
     return {"data": numel * scheme.bits // 8}
 
 
@@ -2065,8 +2678,17 @@ def _check_entry(path, i, e, names):
             raise ValueError(f"{where}: scheme {text!r} is for float tensors, not {dtype}")
         if scheme.is_int and len(shape) != 2:
             raise ValueError(f"{where}: scheme {text!r} needs a 2-D shape, got {shape}")
+    if "lqer_rank" in e or "lqer_group" in e:
+        rank = e.get("lqer_rank")
+        group = e.get("lqer_group")
+        if scheme is None or not scheme.is_int:
+            raise ValueError(f"{where}: LQER factors on a tensor that is not int-k ({text})")
+        if not (_is_count(rank) and 1 <= rank <= LQER_MAX_RANK):
+            raise ValueError(f"{where}: lqer_rank {str(rank)[:40]}: expected 1..{LQER_MAX_RANK}")
+        if not (_is_count(group) and 1 <= group <= LQER_MAX_GROUP):
+            raise ValueError(f"{where}: lqer_group {str(group)[:40]}: expected 1..{LQER_MAX_GROUP}")
     parts = _entry_parts(e, scheme, numel)
-    extra = {"data", "scale"} - set(parts)
+    extra = set(ENTRY_PARTS) - set(parts)
     if any(k in e for k in extra):
         raise ValueError(f"{where}: unexpected {sorted(k for k in extra if k in e)} for {text}")
     spans = []
@@ -2100,13 +2722,21 @@ def check_artifact_header(path, header, payload_bytes):
             f"{path}: artifact header script {str(header.get('script'))[:80]!r}: expected a bare "
             "file name ending in .py"
         )
+    if "code_sha256" in header and not (
+        _is_sha256(header["code_sha256"]) and _is_count(header.get("code_bytes"))
+    ):
+        raise ValueError(f"{path}: artifact header code_sha256 / code_bytes: bad values")
     for key in ("script_sha256", "payload_sha256"):
         if not _is_sha256(header.get(key)):
             raise ValueError(f"{path}: artifact header {key}: expected 64 lowercase hex digits")
     if header.get("tokenizer_sha256") is not None and not _is_sha256(header["tokenizer_sha256"]):
         raise ValueError(f"{path}: artifact header tokenizer_sha256: expected 64 hex digits")
     name = header.get("compressor")
-    if name not in COMPRESSORS or (name == "zstd" and zstandard is None):
+    if name == "pergroup":
+        pass  # its groups are checked against the tensor entries below
+    elif "groups" in header:
+        raise ValueError(f"{path}: artifact header groups given for compressor {name!r}")
+    elif name not in COMPRESSORS or (name == "zstd" and zstandard is None):
         raise ValueError(
             f"{path}: compressor {str(name)[:40]!r} is unknown or not installed "
             "(zstd needs zstandard)"
@@ -2148,6 +2778,8 @@ def check_artifact_header(path, header, payload_bytes):
             f"{path}: artifact header raw_bytes {raw_bytes} is not the "
             f"{sum(length for _, length, _ in spans)} bytes its tensor shapes imply"
         )
+    if name == "pergroup":
+        _check_groups(path, header, tensors, payload_bytes)
 
 
 def artifact_hparams(path, header):
@@ -2194,18 +2826,28 @@ def read_artifact_header(path):
         magic, version, head_len = ARTIFACT_PREFIX.unpack(prefix)
         if magic != ARTIFACT_MAGIC:
             raise ValueError(f"{path}: not a Parameter Golf artifact (magic {magic!r})")
-        if version != ARTIFACT_VERSION:
+        if version not in (ARTIFACT_VERSION, ARTIFACT_VERSION_PACKED_HEADER):
             raise ValueError(
-                f"{path}: artifact format version {version}, this script reads {ARTIFACT_VERSION}"
+                f"{path}: artifact format version {version}, this script reads "
+                f"{ARTIFACT_VERSION} and {ARTIFACT_VERSION_PACKED_HEADER}"
             )
-        if head_len > min(MAX_HEADER_BYTES, size - ARTIFACT_PREFIX.size):
+        digest_len = 32 if version == ARTIFACT_VERSION_PACKED_HEADER else 0
+        if head_len + digest_len > min(MAX_HEADER_BYTES, size - ARTIFACT_PREFIX.size):
             raise ValueError(f"{path}: truncated or corrupt header (declares {head_len} bytes)")
+        digest = f.read(digest_len)
+        head = f.read(head_len)
+        if digest_len:
+            if hashlib.sha256(head).digest() != digest:
+                raise ValueError(
+                    f"{path}: header is corrupted (its sha256 differs from the one it records)"
+                )
+            head = _unpack_head(path, head)
         try:
-            header = json.loads(f.read(head_len).decode("utf-8"))
+            header = json.loads(head.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
             raise ValueError(f"{path}: corrupt artifact header ({why})") from None
-    offset = ARTIFACT_PREFIX.size + head_len
+    offset = ARTIFACT_PREFIX.size + digest_len + head_len
     check_artifact_header(path, header, size - offset)
     return header, offset
 
@@ -2222,7 +2864,10 @@ def read_artifact(path):
             f"{path}: payload is truncated or corrupted (sha256 or length differs from the header)"
         )
     try:
-        raw = COMPRESSORS[header["compressor"]][1](payload, header["raw_bytes"])
+        if header["compressor"] == "pergroup":
+            raw = decompress_pergroup(header, payload)
+        else:
+            raw = COMPRESSORS[header["compressor"]][1](payload, header["raw_bytes"])
     except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError, zstandard's own error type
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise ValueError(f"{path}: payload does not decompress ({why})") from None
@@ -2244,8 +2889,10 @@ def save_artifact(model, h, path, state=None, hessians=None):
     BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
     >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
     state = artifact_state(model) if state is None else state
-    code = code_bytes_of()
+    readable = code_bytes_of()
+    code = counted_code(h, readable)
     cache = {}
+    group_cache = {}  # per-group streams already compressed, by content
     ratio = 1.0  # compressed bytes per estimated byte, measured after each try
     compressor = h.compressor  # "auto" picks on the first try; later tries keep the winner
     plan = None
@@ -2259,9 +2906,10 @@ def save_artifact(model, h, path, state=None, hessians=None):
                 break
         widths = {r["name"]: r["bits"] for r in plan or []}
         entries, raw = quantize_state_dict(state, h, widths, hessians, cache)
-        compressor, payload = compress_payload(raw, compressor, h.zstd_level)
-        header = _artifact_header(h, code, compressor, raw, payload, entries)
-        total = len(_artifact_prefix_and_head(header)) + len(payload) + len(code)
+        compressor, payload, groups = compress_artifact(entries, raw, compressor, h, group_cache)
+        header = _artifact_header(h, readable, code, compressor, raw, payload, entries, groups)
+        head_bytes = len(_artifact_prefix_and_head(header, h.header_compress))
+        total = head_bytes + len(payload) + len(code)
         tries.append((total, header, payload, plan))
         target = 0.99 * (h.size_budget - h.size_margin)
         if not h.bit_alloc or h.size_budget >= total >= target:
@@ -2273,10 +2921,13 @@ def save_artifact(model, h, path, state=None, hessians=None):
         _, header, payload, plan = max(fitting, key=lambda t: t[0])
     else:
         _, header, payload, plan = min(tries, key=lambda t: t[0])
-    artifact_bytes = write_artifact(path, header, payload)
+    artifact_bytes = write_artifact(path, header, payload, h.header_compress)
     return {
         "artifact_bytes": artifact_bytes,
+        "header_bytes": artifact_bytes - len(payload),
         "code_bytes": len(code),
+        "code_bytes_readable": len(readable),
+        "groups": group_table(header),
         "total_bytes": artifact_bytes + len(code),
         "payload_bytes": len(payload),
         "raw_bytes": header["raw_bytes"],
@@ -2288,13 +2939,53 @@ def save_artifact(model, h, path, state=None, hessians=None):
     }
 
 
-def _artifact_header(h, code, compressor, raw, payload, entries):
-    """Everything a reader needs to rebuild the model from the payload, and to check it."""
+def compress_artifact(entries, raw, compressor, h, group_cache=None):
+    """(compressor name, payload, groups or None). "auto": per-group from PERGROUP_AUTO_MIN_RAW
+    raw bytes (it picks the best back end for every group, so the whole-payload compressors are
+    not run too), below that the smallest single stream."""
+    if compressor == "auto" and len(raw) >= PERGROUP_AUTO_MIN_RAW:
+        compressor = "pergroup"
+    if compressor == "pergroup":
+        payload, groups = compress_pergroup(entries, raw, group_cache, h.pergroup_sort)
+        return "pergroup", payload, groups
+    name, payload = compress_payload(raw, compressor, h.zstd_level)
+    return name, payload, None
+
+
+def group_table(header):
+    """[{name, codec, sorted, raw_bytes, bytes}] of a per-group header ([] for one stream)."""
+    if header.get("compressor") != "pergroup":
+        return []
+    members = dict(payload_groups(header["tensors"]))
+    rows = []
+    for g in header["groups"]:
+        if g["name"] == "order":
+            raw = sum(
+                2 * header["tensors"][i]["shape"][0]
+                for grp in header["groups"]
+                if grp["sorted"]
+                for i, part in members[grp["name"]]
+                if _sortable(header["tensors"][i], part)
+            )
+        else:
+            raw = sum(header["tensors"][i][part][1] for i, part in members[g["name"]])
+        rows.append({**g, "raw_bytes": raw})
+    return rows
+
+
+def _artifact_header(h, readable, code, compressor, raw, payload, entries, groups=None):
+    """Everything a reader needs to rebuild the model from the payload, and to check it. The
+    script binding is the readable source's sha256; code_sha256 / code_bytes are those of the
+    counted code (the compact form under CODE_FORM=compact)."""
     has_tokenizer = os.path.isfile(h.tokenizer_path)
+    extra = {} if groups is None else {"groups": groups}
     return {
+        **extra,
+        "code_sha256": sha256_hex(code),
+        "code_bytes": len(code),
         "format": "pgolf-artifact",
         "script": os.path.basename(CODE_PATH),
-        "script_sha256": sha256_hex(code),
+        "script_sha256": sha256_hex(readable),
         "tokenizer_sha256": file_sha256(h.tokenizer_path) if has_tokenizer else None,
         "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
         "vocab_size": h.vocab_size,
@@ -3981,9 +4672,19 @@ def serialize_and_reload(run, model, hessians):
     logger.log0(
         f"Serialized model {widths}+{sizes['compressor']}: {sizes['artifact_bytes']} bytes "
         f"(payload:{sizes['raw_bytes']} compressed:{sizes['payload_bytes']})\n"
-        f"Code size: {sizes['code_bytes']} bytes\n"
-        f"Total submission size int8+zlib: {sizes['total_bytes']} bytes"
+        f"Code size: {sizes['code_bytes_readable']} bytes\n"
+        + (
+            f"Code size (compressed): {sizes['code_bytes']} bytes\n"
+            if h.code_form == "compact"
+            else ""
+        )
+        + f"Total submission size int8+zlib: {sizes['total_bytes']} bytes"
     )
+    for g in sizes.get("groups") or []:
+        logger.log0(
+            f"artifact_group: {g['name']} {g['codec']}{' sorted' if g['sorted'] else ''} "
+            f"raw:{g['raw_bytes']} bytes:{g['bytes']}"
+        )
     over = sizes["total_bytes"] > h.size_budget
     logger.log0(
         f"budget: total {sizes['total_bytes']} of {h.size_budget} bytes, margin "

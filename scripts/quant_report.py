@@ -47,6 +47,16 @@ SCHEMES = [
         True,
     ),
 ]
+# Issue 15: the record's int6 GPTQ + int7 SD-clip embedding, then GPTQ on the tied embedding and
+# LQER (rank 4 on the 3 worst tensors), alone and together (#1855).
+RECORD_Q = {"quant_bits": 6, "embed_bits": 7, "clip_method": "sdclip", "sdclip_k_embed": 14.0}
+SCHEMES += [
+    ("int6 GPTQ, int7 embedding RTN (SD-clip)", RECORD_Q, True),
+    ("+ GPTQ embedding", {**RECORD_Q, "gptq_embed": True}, True),
+    ("+ LQER r4 top-3", {**RECORD_Q, "lqer_rank": 4, "lqer_top_k": 3}, True),
+    ("+ GPTQ embedding + LQER", {**RECORD_Q, "gptq_embed": True, "lqer_rank": 4}, True),
+]
+EMBED_HESSIANS = ("tok_emb.weight", "lm_head.weight")
 
 
 def load_script(path):
@@ -178,7 +188,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     hessians = mod.gptq_calibrate(
         model,
-        dataclasses.replace(h, gptq_calib_seqs=args.calib_seqs),
+        dataclasses.replace(h, gptq_calib_seqs=args.calib_seqs, gptq_embed=True),
         lambda: loader.next_batch(8 * h.train_seq_len, h.train_seq_len, 1),
     )
     calib_s = time.perf_counter() - t0
@@ -195,7 +205,14 @@ def main(argv=None):
 
         path = workdir / "scheme.pga"
         t0 = time.perf_counter()
-        sizes = mod.save_artifact(model, hs, str(path), hessians=hessians if use_gptq else None)
+        row_hessians = None
+        if use_gptq:  # the embedding's Hessian only for the rows that GPTQ it
+            row_hessians = {
+                k: v
+                for k, v in hessians.items()
+                if k not in EMBED_HESSIANS or getattr(hs, "gptq_embed", False)
+            }
+        sizes = mod.save_artifact(model, hs, str(path), hessians=row_hessians)
         save_s = time.perf_counter() - t0
 
         qmodel, _ = mod.load_artifact(str(path))

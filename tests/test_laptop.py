@@ -112,22 +112,38 @@ def test_the_eval_flags_choose_the_evals(gpt, monkeypatch):
     def fake_eval(run, model, mode, label=None):
         calls.append(label or gpt.EVAL_MODES[mode].label)
         run.evals[calls[-1]] = 10
-        audit = {"passed": True, "chunks_scored": 1, "updates": 0, "targets": 10, "scored_twice": 0,
-                 "never_scored": 0}
-        return {"val_loss": 1.0, "val_bpb": 1.0, "eval_time_ms": 1.0, "tokens": 10, "score_first": audit}
+        audit = {
+            "passed": True,
+            "chunks_scored": 1,
+            "updates": 0,
+            "targets": 10,
+            "scored_twice": 0,
+            "never_scored": 0,
+        }
+        return {
+            "val_loss": 1.0,
+            "val_bpb": 1.0,
+            "eval_time_ms": 1.0,
+            "tokens": 10,
+            "score_first": audit,
+        }
 
     monkeypatch.setattr(gpt, "timed_eval", fake_eval)
 
     def final(**env):
         calls.clear()
         h = gpt.Hyperparameters.from_env({"PRESET": "smoke", **env})
-        run = gpt.RunContext(h, None, ListLogger(), gpt.TimeLedger(), None, None, None, None, "r", "a")
+        run = gpt.RunContext(
+            h, None, ListLogger(), gpt.TimeLedger(), None, None, None, None, "r", "a"
+        )
         gpt.final_eval(run, None, {})
         return list(calls), gpt.describe_evals(run, "ttt" if h.ttt_enabled else h.eval_mode)
 
     assert final()[0] == ["final_sliding_window"]
     assert final(ROUNDTRIP_EVAL="1")[0] == ["final_int8_zlib_roundtrip", "final_sliding_window"]
-    assert final(EVAL_MODE="standard")[0] == ["final_int8_zlib_roundtrip"]  # the final figure itself
+    assert final(EVAL_MODE="standard")[0] == [
+        "final_int8_zlib_roundtrip"
+    ]  # the final figure itself
     _, line = final(VAL_MAX_TOKENS="0")
     assert "the whole val split" in line and "quick look" not in line
 
@@ -137,8 +153,9 @@ def test_the_eval_flags_choose_the_evals(gpt, monkeypatch):
 
 def test_progress_plain_lines_carry_an_eta_and_the_status_gets_the_stage(gpt):
     logger = ListLogger()
-    with gpt.Progress("eval sliding", 4, state="evaluating", every_s=0, interactive=False,
-                      logger=logger) as progress:
+    with gpt.Progress(
+        "eval sliding", 4, state="evaluating", every_s=0, interactive=False, logger=logger
+    ) as progress:
         for _ in range(4):
             gpt.Progress.advance_active(1)
         assert progress.done == 4
@@ -156,7 +173,9 @@ def test_progress_without_a_run_writes_to_its_stream_and_stays_quiet_when_fast(g
     progress = gpt.Progress("gptq calibration", 2, every_s=0, interactive=False, stream=out)
     progress.advance()
     progress.close()
-    assert re.fullmatch(r"progress: gptq calibration 50% 1/2 eta \d+s", out.getvalue().splitlines()[0])
+    assert re.fullmatch(
+        r"progress: gptq calibration 50% 1/2 eta \d+s", out.getvalue().splitlines()[0]
+    )
     quiet = io.StringIO()
     with gpt.Progress("serialize", 1, every_s=3600, interactive=False, stream=quiet) as p:
         p.advance()
@@ -167,7 +186,9 @@ def test_data_progress_has_the_same_plain_format():
     from data.shards import progress
 
     out = io.StringIO()
-    assert list(progress(range(3), "export x", unit="doc", every_s=0, stream=out, interactive=False)) == [0, 1, 2]
+    assert list(
+        progress(range(3), "export x", unit="doc", every_s=0, stream=out, interactive=False)
+    ) == [0, 1, 2]
     assert re.fullmatch(r"progress: export x 33% 1/3 doc eta \d+s", out.getvalue().splitlines()[0])
 
 
@@ -176,7 +197,9 @@ def test_data_progress_has_the_same_plain_format():
 
 def test_thread_choice_respects_omp_num_threads_and_counts_free_cores(gpt):
     assert gpt.choose_cpu_threads({"OMP_NUM_THREADS": "3"}, 8, 0.0, 8) == (
-        None, "OMP_NUM_THREADS=3 (set by the caller)")
+        None,
+        "OMP_NUM_THREADS=3 (set by the caller)",
+    )
     assert gpt.choose_cpu_threads({}, 2, 4.4, 2)[0] == 1  # a busy 2-core machine: one thread
     assert gpt.choose_cpu_threads({}, 8, 1.2, 4)[0] == 4  # never more than the physical cores
     assert gpt.choose_cpu_threads({}, 8, 5.0, 8)[0] == 3
@@ -198,7 +221,9 @@ def test_an_eager_cpu_run_keeps_one_warmup_step_and_says_so(gpt, embedded, tmp_p
     h = gpt.Hyperparameters.from_env(env)
     logger = ListLogger()
     ledger = gpt.TimeLedger()
-    gpt.train_model(h, gpt.setup_runtime({"OMP_NUM_THREADS": "1"}), gpt.build_model(h), logger, ledger)
+    gpt.train_model(
+        h, gpt.setup_runtime({"OMP_NUM_THREADS": "1"}), gpt.build_model(h), logger, ledger
+    )
     assert any("warmup: 1 step instead of WARMUP_STEPS=5" in line for line in logger.lines)
     assert any(line.startswith("warmup: 1 steps in ") for line in logger.lines)
     assert ledger.warmup_excluded_s > 0
@@ -208,8 +233,10 @@ def test_a_step_far_past_the_wallclock_cap_is_a_warning(gpt):
     logger = ListLogger()
     assert not gpt.overshoot_warning(logger, 65_000, 60_000, 9_000)  # 8 % past: fine
     assert gpt.overshoot_warning(logger, 85_000, 60_000, 30_000)
-    assert logger.lines == ["warning: the wallclock cap was overshot: the step that crossed 60.0s "
-                            "ended at 85.0s (42% past the cap; that step took 30.0s)"]
+    assert logger.lines == [
+        "warning: the wallclock cap was overshot: the step that crossed 60.0s "
+        "ended at 85.0s (42% past the cap; that step took 30.0s)"
+    ]
 
 
 def test_the_size_lines_name_the_true_compressor_beside_the_baseline_label(smoke_run):
@@ -217,8 +244,10 @@ def test_the_size_lines_name_the_true_compressor_beside_the_baseline_label(smoke
     s = smoke_run["summary"]
     header = pack.read_container(s["artifact_path"])["header"]  # names the compressor used
     assert f"Total submission size int8+zlib: {s['total_bytes']} bytes" in log
-    assert (f"Total submission size int8+{header['compressor']}: {s['total_bytes']} bytes "
-            "(the true widths and compressor)") in log
+    assert (
+        f"Total submission size int8+{header['compressor']}: {s['total_bytes']} bytes "
+        "(the true widths and compressor)"
+    ) in log
 
 
 # --- record folders ------------------------------------------------------------------------------
@@ -229,15 +258,39 @@ def test_a_record_folder_has_portable_commands_and_pinned_requirements(request, 
     if tiny["s1"] is None:
         pytest.skip("no data for the tiny runs")
     args = pack.build_parser().parse_args(
-        ["record", str(tiny["s1"]["log"]), str(tiny["s2"]["log"]), "--name", "Portable", "--author", "T",
-         "--github-id", "t", "--date", "2026-05-01", "--out", str(tmp_path / "records"), "--non-record"])
+        [
+            "record",
+            str(tiny["s1"]["log"]),
+            str(tiny["s2"]["log"]),
+            "--name",
+            "Portable",
+            "--author",
+            "T",
+            "--github-id",
+            "t",
+            "--date",
+            "2026-05-01",
+            "--out",
+            str(tmp_path / "records"),
+            "--non-record",
+        ]
+    )
     folder, _ = pack.build_record(args)
     readme = (Path(folder) / "README.md").read_text()
     assert not re.search(r"(^|[\s=])/[A-Za-z]", readme), "an absolute path in the README"
-    assert "DATA_PATH=data/datasets/data" in readme and "TOKENIZER_PATH=data/tokenizers/tokenizer.model" in readme
-    reqs = [line for line in (Path(folder) / "requirements.txt").read_text().splitlines()
-            if line and not line.startswith("#")]
-    pins = dict(line.split("==") for line in (TESTS.parent / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    assert (
+        "DATA_PATH=data/datasets/data" in readme
+        and "TOKENIZER_PATH=data/tokenizers/tokenizer.model" in readme
+    )
+    reqs = [
+        line
+        for line in (Path(folder) / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    pins = dict(
+        line.split("==")
+        for line in (TESTS.parent / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert {r.split("==")[0] for r in reqs} >= {"torch", "numpy", "sentencepiece", "zstandard"}
     assert all("==" in r and pins[r.split("==")[0]] == r.split("==")[1] for r in reqs)

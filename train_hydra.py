@@ -3757,7 +3757,8 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
         audits=summary["audits"],
     )
     logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
-    logger.log0(result_block(run, summary))
+    if logger.enabled:  # the console's last lines; the text log keeps `summary:` as its last line
+        print(result_block(run, summary), flush=True)
     return 0 if valid else 3
 
 

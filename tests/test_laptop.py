@@ -2,6 +2,7 @@
 choice, the eager warmup, the honest compressor label, the wallclock overshoot warning, and
 portable record folders. Tiny models, one thread, one short in-process run shared by the module."""
 
+import contextlib
 import io
 import json
 import os
@@ -53,10 +54,18 @@ def smoke_run(gpt, embedded, tmp_path_factory):
     torch.set_num_threads(1)
     logs = tmp_path_factory.mktemp("laptop")
     env = {**SMOKE_DEFAULTS, **embedded, "LOG_DIR": str(logs), "RUN_ID": "quick", "ITERATIONS": "2"}
-    status = gpt.run_main(gpt.Hyperparameters.from_env(env))
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        status = gpt.run_main(gpt.Hyperparameters.from_env(env))
     torch.set_num_threads(threads)
     text = (logs / "quick.txt").read_text().split("=" * 100, 1)[1]
-    return {"status": status, "log": text, "summary": summary_of(text), "dir": logs}
+    return {
+        "status": status,
+        "log": text,
+        "summary": summary_of(text),
+        "dir": logs,
+        "console": console.getvalue(),
+    }
 
 
 # --- evals proportionate to the run --------------------------------------------------------------
@@ -99,7 +108,8 @@ def test_a_smoke_run_prints_an_honest_unigram_floor_and_a_short_result_block(smo
     sp = gpt.load_tokenizer(hp["tokenizer_path"], 1024)
     expected, _ = unigram_bpb(sp, train, val[: 65536 + 1])
     assert s["unigram_bpb"] == pytest.approx(expected, rel=1e-3)
-    tail = smoke_run["log"].rstrip().splitlines()[-7:]
+    assert smoke_run["log"].rstrip().splitlines()[-1].startswith("summary: ")  # still the last line
+    tail = smoke_run["console"].rstrip().splitlines()[-7:]
     assert tail[0] == tail[-1] == "=" * 60
     assert tail[1].startswith(f"val_bpb:     {s['val_bpb']:.4f} (unigram {s['unigram_bpb']:.4f})")
     assert f"{s['total_bytes']:,} of 16,000,000" in tail[2] and tail[3] == "valid:       True"

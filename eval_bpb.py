@@ -36,6 +36,11 @@ import warnings
 import zipfile
 import zlib
 
+# OpenMP reads its wait policy when torch loads (importing train_gpt below): PASSIVE, so waiting
+# threads sleep instead of spinning on a busy CPU (issue 18). Imported as a module, nothing is set.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # This checkout's training script, for its file hash and its artifact header checks only: scripts
 # and tokenizers are hashed before any of them is trusted. The eval modes come from the script that
 # wrote the artifact (load()).
@@ -604,6 +609,7 @@ def run(args, env, cleanup):
             "seq_len": h.eval_len,
             "train_seq_len": h.train_seq_len,
             "max_tokens": args.max_tokens,
+            "val_max_tokens": args.max_tokens or getattr(h, "val_max_tokens", 0),
             "world_size": rt.world_size,
             "device": str(rt.device),
             "valid": valid,
@@ -640,6 +646,11 @@ def print_text(out):
     print(f"bytes: {out['bytes']}")
     if out["max_tokens"]:
         print(f"max_tokens: {out['max_tokens']} (a partial score, not the run's figure)")
+    elif out.get("val_max_tokens"):
+        print(
+            f"val_max_tokens: {out['val_max_tokens']} (the run's VAL_MAX_TOKENS: the run's figure, "
+            "a quick look, not an official score)"
+        )
     for name, audit in out["audits"].items():
         failures = "" if audit["passed"] else f" failures:{audit['failures']}"
         print(f"audit:{name} passed:{audit['passed']}{failures}")

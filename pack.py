@@ -1256,7 +1256,7 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
             significance=sig,
         )
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
-        f.write(_requirements(first, artifacts))
+        f.write(_requirements(first, artifacts, script))
     has_plot = plot_curves(curves, os.path.join(folder, "loss_curve.png")) if curves else False
     env = env_lines(first, script)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
@@ -1269,16 +1269,48 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
     return sub
 
 
-def _requirements(log, artifacts):
-    vers = log.get("versions") or {}
-    lines = [
-        f"torch=={vers['torch'].split('+')[0]}" if vers.get("torch") else "torch",
-        f"numpy=={vers['numpy']}" if vers.get("numpy") else "numpy",
-        "sentencepiece",
-    ]
+# The packages a training script may import, by import name -> requirement name; pinned from this
+# checkout's requirements.txt. torch, numpy and sentencepiece always (the loader, the model, the
+# byte tables), zstandard (COMPRESSOR=auto can pick zstd) and tqdm (progress bars) likewise.
+SCRIPT_PACKAGES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "sentencepiece": "sentencepiece",
+    "zstandard": "zstandard",
+    "tqdm": "tqdm",
+}
+
+
+def checkout_pins(path=None):
+    """{requirement name: pinned line} of this checkout's requirements.txt."""
+    pins = {}
+    with open(path or os.path.join(HERE, "requirements.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" in line and not line.startswith("-"):
+                pins[line.split("==", 1)[0].strip().lower()] = line
+    return pins
+
+
+def _requirements(log, artifacts, script=None):
+    """requirements.txt of a record folder: every package the script imports (and the ones it
+    needs at run time: zstandard, tqdm), pinned as in this checkout's requirements.txt, with the
+    versions the run logged as a comment when they differ."""
+    pins = checkout_pins()
+    source = ""
+    if script and os.path.isfile(script):
+        with open(script, encoding="utf-8") as f:
+            source = f.read()
+    imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", source, re.MULTILINE))
+    names = [n for n in SCRIPT_PACKAGES if n in imported or n in ("torch", "numpy", "zstandard")]
     compressors = {(read_container(a)["header"] or {}).get("compressor") for a in artifacts}
-    if "zstd" in compressors:
-        lines.append("zstandard")
+    if "zstd" in compressors and "zstandard" not in names:
+        names.append("zstandard")
+    lines = [pins.get(SCRIPT_PACKAGES[n], SCRIPT_PACKAGES[n]) for n in names]
+    vers = log.get("versions") or {}
+    logged = [f"{k} {v}" for k, v in sorted(vers.items()) if k in ("torch", "numpy")]
+    if logged:
+        lines.insert(0, f"# the run logged: {', '.join(logged)}")
     return "\n".join(lines) + "\n"
 
 
@@ -1328,6 +1360,30 @@ def _check_compact(folder, sub, script):
     if expanded != source or inner != os.path.basename(script):
         return [f"{name} does not expand to {os.path.basename(script)}"], len(blob)
     return [], len(blob)
+
+
+def portable_env(env):
+    """The env with absolute paths made relative to the repository root: from the last `data`
+    component on (`/x/shared/data/shards/a` -> `data/shards/a`), else `data/datasets/<name>` for a
+    folder and `data/tokenizers/<name>` for a file. Returns (env, names of the changed variables):
+    a record's reproduce commands must not name the machine's temporary folders."""
+    out = {}
+    changed = []
+    for key, value in env.items():
+        text = str(value)
+        if not os.path.isabs(text):
+            out[key] = value
+            continue
+        parts = [p for p in text.replace("\\", "/").split("/") if p]
+        if "data" in parts[:-1]:
+            last = len(parts) - 1 - parts[::-1].index("data", 1)
+            out[key] = "/".join(parts[last:])
+        elif text.endswith(".model"):
+            out[key] = f"data/tokenizers/{parts[-1]}"
+        else:
+            out[key] = f"data/datasets/{parts[-1]}"
+        changed.append(key)
+    return out, changed
 
 
 def _readme(sub, logs, env, script_name, has_plot, track, date):
@@ -1398,6 +1454,7 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
         if (sub["world_size"] or 1) > 1 or "cpu" not in str(sub["hardware"])
         else f"python {folder}/{script_name}"
     )
+    env, moved = portable_env(env)
     env_text = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
     art = next(iter(sub["seed_results"].values()))["artifact"]
     out += [
@@ -1406,6 +1463,17 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
         "",
         "From the repository root, with the data and tokenizer of the run in place:",
         "",
+        *(
+            [
+                (
+                    f"({', '.join(moved)}: relative to the repository root here; the run's own "
+                    "paths are in its log's `Hyperparameters:` block.)"
+                ),
+                "",
+            ]
+            if moved
+            else []
+        ),
         "```bash",
         "pip install -r " + f"{folder}/requirements.txt",
     ]

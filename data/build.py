@@ -30,6 +30,7 @@ from data.caseops import CASEOPS_SHARD_TOKENS, export_caseops_shards
 from data.shards import (
     MAX_TOKEN_ID,
     SHARD_SIZE,
+    progress,
     sha256_file,
     shard_info,
     write_binding,
@@ -248,8 +249,6 @@ def export_shards(
     out_dir/shards.json (the tokenizer binding the training scripts check), removes shards of an
     earlier export that this one did not write, and returns the manifest.
     """
-    from tqdm import tqdm
-
     if num_val_docs < 0:
         raise ValueError(f"num_val_docs={num_val_docs}: must be >= 0")
     if shard_size < 1:
@@ -276,10 +275,8 @@ def export_shards(
 
     batch: list[str] = []
     split = "val"
-    progress = tqdm(
-        documents, desc=f"export {out_dir.name}", unit="doc", disable=not sys.stderr.isatty()
-    )
-    for i, text in enumerate(progress):
+    docs = progress(documents, f"export {out_dir.name}", unit="doc")
+    for i, text in enumerate(docs):
         doc_split = "val" if i < num_val_docs else "train"
         if doc_split != split or len(batch) >= ENCODE_BATCH_DOCS:
             flush(split, batch)

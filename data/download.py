@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from data.build import report
-from data.shards import check_shard, write_binding
+from data.shards import check_shard, progress, write_binding
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_PREFIX = "datasets"
@@ -210,7 +210,7 @@ def download(
         manifest_path = get("manifest.json")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         plan = plan_files(manifest, variant, train_shards)
-        for relative, expected_tokens in plan:
+        for relative, expected_tokens in progress(plan, f"download {variant}", unit="file"):
             try:
                 verify_file(local_dir / relative, expected_tokens)
                 skipped += 1

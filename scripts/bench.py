@@ -93,7 +93,7 @@ def state_bytes(model, h):
     """fp32 weights and gradients, Adam's two moments, Muon's momentum, the fp32 EMA copy."""
     matrices, adam_groups = tg.param_groups(model, h)
     n_all = sum(p.numel() for p in model.parameters())
-    n_muon = sum(p.numel() for p in matrices)
+    n_muon = sum(p.numel() for g in matrices for p in g["params"])
     n_adam = sum(p.numel() for g in adam_groups for p in g["params"])
     ema = 4 * n_all if h.ema_decay > 0 else 0
     return 4 * n_all + 4 * n_all + 8 * n_adam + 4 * n_muon + ema

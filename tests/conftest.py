@@ -22,6 +22,10 @@ TINY_ENV = {
     "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096",
     "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "MAX_WALLCLOCK_SECONDS": "0",
     "VAL_BATCH_SIZE": "16384", "TTT_CHUNK_TOKENS": "4096", "VAL_MAX_TOKENS": "16384",
+    # The smoke preset skips these evals on a laptop (issue 18); the tiny test runs keep them, so
+    # the pipeline's every eval and log line stays under test (tests/test_laptop.py covers the
+    # smoke defaults).
+    "PRE_QUANT_EVAL": "1", "ROUNDTRIP_EVAL": "1",
 }
 
 

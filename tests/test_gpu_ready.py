@@ -270,7 +270,18 @@ def test_record_training_step_under_bf16_is_near_fp32(gpt):
     loss16, grads16 = loss_and_grads(model, model, x, y, autocast=True)
     assert loss16.dtype == torch.float32
     assert abs(float(loss16) - float(loss32)) <= 0.01 * float(loss32)
-    assert max(rel_err(a, b) for a, b in zip(grads16, grads32)) <= 0.05
+    # The whole gradient within 5 %, and every tensor that carries a visible share of it. A tensor
+    # whose gradient is a few 1e-4 (a fresh q_gain: 2 numbers) is all bf16 rounding noise in
+    # relative terms (11 % measured on the #1855 model), so it is held to the global bound only.
+    assert (
+        rel_err(
+            torch.cat([g.flatten() for g in grads16]), torch.cat([g.flatten() for g in grads32])
+        )
+        <= 0.05
+    )
+    total = torch.cat([g.flatten() for g in grads32]).norm()
+    visible = [(a, b) for a, b in zip(grads16, grads32) if b.norm() >= 0.01 * total]
+    assert visible and max(rel_err(a, b) for a, b in visible) <= 0.05
 
 
 def test_softcap_and_cross_entropy_see_fp32_logits_under_bf16(gpt, monkeypatch):

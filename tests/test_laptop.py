@@ -24,7 +24,11 @@ import pack  # noqa: E402
 import runs  # noqa: E402
 
 # TINY_ENV without its own eval choices: the smoke preset's defaults decide.
-SMOKE_DEFAULTS = {k: v for k, v in TINY_ENV.items() if k != "VAL_MAX_TOKENS"}
+SMOKE_DEFAULTS = {
+    k: v
+    for k, v in TINY_ENV.items()
+    if k not in ("VAL_MAX_TOKENS", "PRE_QUANT_EVAL", "ROUNDTRIP_EVAL")
+}
 
 
 class ListLogger:

@@ -4122,7 +4122,9 @@ class _LoraEval:
         y = y.clamp(min=0)
         self.sums[0] += (nll.double() * mask).sum()
         self.sums[1] += mask.sum()
-        self.sums[2] += (target_bytes(x, y, self.luts) * mask).sum()
+        # Padding positions can run past the split: clamp them (the mask zeroes their bytes).
+        positions = pos.clamp(max=self.coverage.numel() - 1)
+        self.sums[2] += (target_bytes(x, y, self.luts, positions) * mask).sum()
         doc_nll += (nll.double() * mask).sum(1)
         targets = pos[mask]
         self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=self.coverage.dtype))
@@ -5001,8 +5003,13 @@ def unigram_bpb(h, val_tokens, luts, max_train_tokens=20_000_000):
     log_p = np.log(counts + 1.0) - np.log(counts.sum() + h.vocab_size)
     targets = val_tokens[1:].to(torch.int64)
     nll = -float(log_p[targets.numpy()].sum())
-    device = luts[0].device
-    nbytes = int(target_bytes(val_tokens[:-1].to(device), targets.to(device), luts).sum())
+    if isinstance(luts, SidecarBytes):
+        device = luts.per_token.device
+    else:
+        device = luts[0].device
+    positions = torch.arange(1, val_tokens.numel(), device=device)
+    prev = val_tokens[:-1].to(device)
+    nbytes = int(target_bytes(prev, targets.to(device), luts, positions).sum())
     return nll / (math.log(2) * max(nbytes, 1))
 
 

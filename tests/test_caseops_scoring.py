@@ -138,3 +138,19 @@ def test_the_original_byte_recount_follows_the_operators(gpt):
     assert gpt.original_utf8_bytes(f"mc{capnext}donald") == len("McDonald")
     assert gpt.original_utf8_bytes(f"{esc}{title}x") == len(f"{title}x".encode("utf-8"))
     assert gpt.original_utf8_bytes("caf\u00e9") == 5
+
+
+@pytest.mark.parametrize("mode", ["standard", "sliding", "ttt_lora"])
+def test_every_eval_mode_counts_the_sidecar_bytes(caseops_data, gpt, mode):
+    import torch
+
+    env = {**caseops_env(caseops_data), "TTT_LORA_RANK": "2", "TTT_LORA_CHUNK": "32"}
+    h = gpt.Hyperparameters.from_env(env)
+    sp = gpt.load_tokenizer(h.tokenizer_path, h.vocab_size)
+    tokens = gpt.load_validation_tokens(h.data_path, h.train_seq_len, 1024)
+    counter = gpt.val_byte_counter(h, sp, tokens, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = gpt.build_model(h).eval()
+    result = gpt.EVAL_MODES[mode].evaluate(h, model, tokens, counter)
+    scored = counter.per_token[1 : result["tokens"] + 1]
+    assert result["bytes"] == int(scored.sum())

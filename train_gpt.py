@@ -732,16 +732,43 @@ def physical_cores():
     return len(pairs) or os.cpu_count() or 1
 
 
+def busy_cores_now(interval=0.25):
+    """How many cores other processes keep busy right now: two /proc/stat samples `interval` apart
+    (this process sleeps between them). The 1-minute load average, the fallback where /proc is
+    missing, lags: the install and corpus build that run just before a run would count against it
+    and halve a laptop's threads."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all jiffies, idle + iowait
+
+    try:
+        total_before, idle_before = sample()
+        time.sleep(interval)
+        total_after, idle_after = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    total = total_after - total_before
+    if total <= 0:
+        return 0.0
+    idle = idle_after - idle_before
+    return (os.cpu_count() or 1) * (1.0 - idle / total)
+
+
 def choose_cpu_threads(env, cores, load, physical, local_procs=1):
     """(threads or None, why). OMP_NUM_THREADS set: None (torch already follows it). Otherwise the
-    free cores (usable cores minus the 1-minute load average of other processes, at least 1), at
+    free cores (usable cores minus the cores other processes keep busy, `load`, at least 1), at
     most the physical cores, shared by this node's processes: a busy machine does not collapse a
     run whose threads would wait on each other (issue 18)."""
     if env.get("OMP_NUM_THREADS", "").strip():
         return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (set by the caller)"
     free = max(1, round(cores - load))
     threads = max(1, min(free, physical) // max(1, local_procs))
-    why = f"free cores {free} (cores {cores} - load {load:.2f}), physical cores {physical}"
+    why = f"free cores {free} (cores {cores} - busy {load:.2f}), physical cores {physical}"
     if local_procs > 1:
         why += f", {local_procs} processes on this node"
     return threads, why
@@ -765,10 +792,7 @@ def set_cpu_threads(env, world_size=1):
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
+    load = busy_cores_now()
     local = Hyperparameters.parse_env_value(
         "LOCAL_WORLD_SIZE", env.get("LOCAL_WORLD_SIZE", world_size), int
     )

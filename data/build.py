@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.caseops import CASEOPS_SHARD_TOKENS, export_caseops_shards
+from data.caseops import CASEOPS_SHARD_TOKENS, check_caseops_export, export_caseops_shards
 from data.shards import (
     MAX_TOKEN_ID,
     SHARD_SIZE,
@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_val_docs=args.num_val_docs,
                 shard_size=args.shard_size or CASEOPS_SHARD_TOKENS,
             )
+            checked = check_caseops_export(args.out_dir, args.model)
             summary = {
                 "out_dir": args.out_dir,
                 "transform": m["text_transform"],
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 "val_tokens": m["tokens_val"],
                 "train_tokens": m["tokens_train"],
                 "val_original_bytes": m["original_bytes_val"],
+                "sidecars_checked": checked["val_files"],
             }
         else:
             m = export_shards(

@@ -24,7 +24,7 @@ ORIGINAL UTF-8 byte counts, `fineweb_val_bytes_%06d.bin`, one uint16 per val tok
 format: each token counts the original bytes of the text it covers (SentencePiece's piece span,
 so whitespace the normalizer folds into a piece is counted with it), operators and BOS count 0.
 
-    python -m data.caseops shards --input docs.jsonl --model CASEOPS.model \\
+    python -m data.build shards --caseops --input docs.jsonl --model CASEOPS.model \\
         --out-dir data/datasets/fineweb10B_sp8192_caseops --num-val-docs 50000
     python -m data.caseops audit --input docs.jsonl --model CASEOPS.model --num-docs 200
 """
@@ -598,39 +598,23 @@ def _documents(paths: list[str], max_docs: int | None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.caseops",
-        description="CaseOps shards with an original-byte sidecar, and the byte audit.",
+        description="The CaseOps byte audit (shards: python -m data.build shards --caseops).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    shards = sub.add_parser(
-        "shards",
-        help="export fineweb_{val,val_bytes,train}_%%06d.bin + manifest.json",
-    )
     audit = sub.add_parser(
         "audit", help="recount the sidecar bytes of the first documents from their text"
     )
-    for p in (shards, audit):
-        p.add_argument(
-            "--input",
-            action="append",
-            required=True,
-            metavar="FILE",
-            help="corpus file (.jsonl(.gz) with a 'text' field, or .txt(.gz)); repeatable",
-        )
-        p.add_argument(
-            "--model", required=True, help="the CaseOps SentencePiece model (operators at 4-7)"
-        )
-        p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
-    shards.add_argument("--out-dir", required=True, help="directory for shards and manifest.json")
-    shards.add_argument(
-        "--num-val-docs", type=int, required=True, help="the first N documents form val"
+    audit.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="corpus file (.jsonl(.gz) with a 'text' field, or .txt(.gz)); repeatable",
     )
-    shards.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
-    shards.add_argument(
-        "--shard-size",
-        type=int,
-        default=CASEOPS_SHARD_TOKENS,
-        help=f"tokens per file (default {CASEOPS_SHARD_TOKENS:,}, as the records)",
+    audit.add_argument(
+        "--model", required=True, help="the CaseOps SentencePiece model (operators at 4-7)"
     )
+    audit.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     audit.add_argument("--num-docs", type=int, default=200, help="documents to audit")
     return parser
 
@@ -638,22 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "shards":
-            manifest = export_caseops_shards(
-                _documents(args.input, args.max_docs),
-                args.model,
-                args.out_dir,
-                num_val_docs=args.num_val_docs,
-                shard_size=args.shard_size,
-            )
-            summary = {k: v for k, v in manifest.items() if k not in ("files", "tokenizer")}
-            summary["tokenizer_sha256"] = manifest["tokenizer"]["sha256"]
-            summary["files"] = len(manifest["files"])
-            checked = check_caseops_export(args.out_dir, args.model)
-            summary["sidecars_checked"] = checked["val_files"]
-        else:
-            sp = load_caseops_tokenizer(args.model)
-            summary = audit_original_bytes(sp, _documents(args.input, args.num_docs))
+        sp = load_caseops_tokenizer(args.model)
+        summary = audit_original_bytes(sp, _documents(args.input, args.num_docs))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -662,9 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in summary.items():
             print(f"{key}: {value}")
-    if args.command == "audit" and not summary["passed"]:
-        return 1
-    return 0
+    return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_ENV, load_script, summary_of
+from test_eval import FakeSP
 from torch import nn
 
 V = 64
@@ -38,29 +39,6 @@ def small_h(gpt, **overrides):
     return gpt.Hyperparameters.from_env(env)
 
 
-class OneBytePieces:
-    """Enough of a SentencePiece model for the byte tables: ids 0-3 are control/unknown, the rest
-    one-byte pieces, every third with a leading space."""
-
-    def vocab_size(self):
-        return V
-
-    def is_control(self, i):
-        return i < 3
-
-    def is_unknown(self, i):
-        return i == 3
-
-    def is_unused(self, i):
-        return False
-
-    def is_byte(self, i):
-        return False
-
-    def id_to_piece(self, i):
-        return ("\u2581" if i % 3 == 0 else "") + chr(97 + i % 26)
-
-
 @pytest.fixture(scope="module")
 def gpt():
     return load_script("train_gpt.py")
@@ -76,7 +54,7 @@ def setup(gpt):
             p.add_(torch.randn_like(p) * 0.05)
     tokens = torch.randint(4, V, (301,), generator=torch.Generator().manual_seed(5))
     tokens[0] = 1
-    luts = gpt.build_sentencepiece_luts(OneBytePieces(), V, torch.device("cpu"))
+    luts = gpt.build_sentencepiece_luts(FakeSP(), V, torch.device("cpu"))
     return h, model, tokens, luts
 
 

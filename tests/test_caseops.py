@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from data import caseops
+from data import build, caseops
 from data.caseops import ALLCAPS, CAPNEXT, ESC, TITLE
 from data.shards import check_shard, read_shard, write_shard
 
@@ -254,20 +254,20 @@ def test_small_shard_size_cuts_tokens_and_sidecar_at_the_same_places(tmp_path, d
     assert checked["tokens"] == whole.size
 
 
-def test_main_cli_writes_shards_and_checks_them(tmp_path, capsys, docs, sp):
-    argv = ["shards", "--input", str(DOCS_PATH), "--model", str(MODEL_PATH)]
+def test_build_cli_writes_caseops_shards_and_checks_them(tmp_path, capsys, docs, sp):
+    argv = ["shards", "--caseops", "--input", str(DOCS_PATH), "--model", str(MODEL_PATH)]
     argv += ["--out-dir", str(tmp_path), "--num-val-docs", "3", "--max-docs", "5", "--json"]
-    assert caseops.main(argv) == 0
+    assert build.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["num_val_docs"], summary["num_train_docs"]) == (3, 2)
+    assert (summary["val_docs"], summary["train_docs"]) == (3, 2)
     assert summary["sidecars_checked"] == 1
 
 
-def test_main_cli_refuses_a_tokenizer_without_the_operators(tmp_path, capsys, docs, sp):
+def test_build_cli_refuses_a_tokenizer_without_the_operators(tmp_path, capsys, docs, sp):
     plain = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"
-    argv = ["shards", "--input", str(DOCS_PATH), "--model", str(plain)]
+    argv = ["shards", "--caseops", "--input", str(DOCS_PATH), "--model", str(plain)]
     argv += ["--out-dir", str(tmp_path), "--num-val-docs", "1"]
-    assert caseops.main(argv) == 1
+    assert build.main(argv) == 1
     assert "not a CaseOps tokenizer" in capsys.readouterr().err
 
 

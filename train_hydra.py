@@ -981,21 +981,35 @@ def shard_files(data_path, split):
 
 class TokenStream:
     """Reads shards in order, wrapping around (each file from token `start` on), in contiguous
-    spans."""
+    spans. With vocab_size, each shard is checked as it is opened (a max on the host, milliseconds
+    per shard): an id >= VOCAB_SIZE is a one-line error naming the shard before any of its tokens
+    reach the model."""
 
-    def __init__(self, files, start=0):
+    def __init__(self, files, start=0, vocab_size=0):
         self.files = list(files)
         self.start = start
+        self.vocab_size = vocab_size
         self.file_idx = 0
-        self.tokens = load_data_shard(self.files[0])
+        self.tokens = self._open(0)
         self.pos = start
+
+    def _open(self, idx):
+        path = self.files[idx]
+        tokens = load_data_shard(path)
+        top = int(tokens.numpy().max()) if self.vocab_size and tokens.numel() else 0
+        if top >= self.vocab_size > 0:
+            raise ValueError(
+                f"{path}: token id {top} >= VOCAB_SIZE={self.vocab_size}; the shard was not "
+                "made with this tokenizer"
+            )
+        return tokens
 
     def take(self, n):
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.numel():
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = load_data_shard(self.files[self.file_idx])
+                self.tokens = self._open(self.file_idx)
                 self.pos = self.start
                 continue
             k = min(n, self.tokens.numel() - self.pos)
@@ -1009,7 +1023,7 @@ class TokenStream:
 
     def restore(self, state):
         if state[0] != self.file_idx:
-            self.tokens = load_data_shard(self.files[state[0]])
+            self.tokens = self._open(state[0])
         self.file_idx, self.pos = state
 
 
@@ -1019,12 +1033,13 @@ class DistributedTokenLoader:
     8 processes). With `shard=k` (the shard mixer) the span comes from shard k's own stream
     instead of the sequential one."""
 
-    def __init__(self, data_path, rank, world_size, device):
+    def __init__(self, data_path, rank, world_size, device, vocab_size=0):
         self.rank = rank
         self.world_size = world_size
         self.device = device
+        self.vocab_size = vocab_size
         self.files = shard_files(data_path, "train")
-        self.stream = TokenStream(self.files)
+        self.stream = TokenStream(self.files, vocab_size=vocab_size)
         self.shard_streams = {}
         self.skip = 0  # tokens of shard 0 held out for the mixer's reward
 
@@ -1032,7 +1047,9 @@ class DistributedTokenLoader:
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         if shard is not None and shard not in self.shard_streams:
             self.shard_streams[shard] = TokenStream(
-                [self.files[shard]], start=self.skip if shard == 0 else 0
+                [self.files[shard]],
+                start=self.skip if shard == 0 else 0,
+                vocab_size=self.vocab_size,
             )
         stream = self.stream if shard is None else self.shard_streams[shard]
         chunk = stream.take(span * self.world_size)
@@ -4408,30 +4425,6 @@ def time_violations(h, ledger):
     return reasons
 
 
-class ShardIdCheck:
-    """Every token id of a training shard must be < VOCAB_SIZE. Called after each batch is taken,
-    it checks each shard the loader has open once (a max on the host, milliseconds per shard),
-    before any of its tokens reach the model."""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-        self.checked = set()
-
-    def __call__(self, loader):
-        for stream in (loader.stream, *loader.shard_streams.values()):
-            path = stream.files[stream.file_idx]
-            if path in self.checked:
-                continue
-            tokens = stream.tokens.numpy()
-            top = int(tokens.max()) if tokens.size else 0
-            if top >= self.vocab_size:
-                raise ValueError(
-                    f"{path}: token id {top} >= VOCAB_SIZE={self.vocab_size}; the shard was not "
-                    "made with this tokenizer"
-                )
-            self.checked.add(path)
-
-
 @dataclass
 class RunContext:
     """What the stages share, made once by `open_run`: the tokenizer, the val tokens with their byte
@@ -4555,9 +4548,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         )
     optimizers = build_optimizers(model, h, device)
     if loader is None:
-        loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device)
-    check_ids = ShardIdCheck(h.vocab_size)
-    check_ids(loader)
+        loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, device, h.vocab_size)
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
@@ -4571,7 +4562,6 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
-            check_ids(loader)
             last_micro = micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last one only
             if rt.distributed and not last_micro:
                 ctx = step_model.no_sync()
@@ -4841,10 +4831,9 @@ def _open_run(h, rt, logger, run_id, artifact_path):
             f"DATA_PATH={h.data_path!r}: the val split has {n_val} tokens, shorter than one "
             f"sequence of {longest} + 1"
         )
-    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(h.data_path, rt.rank, rt.world_size, rt.device, h.vocab_size)
     val_tokens = load_checked_val_tokens(h, sp, longest, h.val_max_tokens)
-    ShardIdCheck(h.vocab_size)(loader)
-    luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
+    luts = val_byte_counter(h, sp, val_tokens, rt.device)
     unigram = None
     if h.val_max_tokens:
         logger.log0(
@@ -4856,7 +4845,6 @@ def _open_run(h, rt, logger, run_id, artifact_path):
             f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on these val "
             "targets): a trained model must land clearly below it"
         )
-    luts = val_byte_counter(h, sp, val_tokens, rt.device)
     if isinstance(luts, SidecarBytes):
         logger.log0("val_bytes: per-token original UTF-8 counts from fineweb_val_bytes_*.bin")
     else:
@@ -4967,14 +4955,11 @@ def calibrate(run, model):
     hessians = None
     if h.gptq_enabled:
         t0 = time.perf_counter()
-        check_ids = ShardIdCheck(h.vocab_size)
 
         def next_batch():
-            batch = run.loader.next_batch(
+            return run.loader.next_batch(
                 h.train_batch_tokens, h.train_seq_len, run.rt.grad_accum_steps
             )
-            check_ids(run.loader)
-            return batch
 
         hessians = gptq_calibrate(model, h, next_batch)
         run.ledger.gptq_s = time.perf_counter() - t0

@@ -271,7 +271,6 @@ def find_script(artifact, header, args, cleanup):
             f"{beside}: sha256 does not match the artifact's script_sha256 {want[:16]}...; "
             f"the record's {name} is not the one that wrote {os.path.basename(artifact)}"
         )
-    check_compact_beside(here, name, header)
     path = checkout_script(want, name, cleanup)
     if path is None:
         raise BadInput(
@@ -282,22 +281,25 @@ def find_script(artifact, header, args, cleanup):
     return path
 
 
-def check_compact_beside(here, name, header):
+def check_compact_beside(artifact, header, mod):
     """A compact form of the script beside the artifact (a record folder, issue 15) must expand,
-    read and not run, to exactly the source the header binds, and be the counted code it binds."""
+    read and not run, to the minified form of the readable script the header binds (checked by
+    that script's own minifier, `mod`, the one that made it), and be the counted code it binds."""
+    name = header["script"]
+    here = os.path.dirname(os.path.abspath(artifact))
     compact = os.path.join(here, name.removesuffix(".py") + "_compact.py")
     if not os.path.isfile(compact):
         return
-    from train_gpt import expand_compact
-
+    if getattr(mod, "check_compact", None) is None:
+        raise BadInput(f"{compact}: the {name} this artifact binds cannot check a compact form")
     with open(compact, "rb") as f:
         blob = f.read()
+    with open(mod.__file__, "rb") as f:
+        readable = f.read()
     try:
-        source, inner = expand_compact(blob)
+        mod.check_compact(blob, readable, name)
     except ValueError as exc:
         raise BadInput(f"{compact}: {exc}") from None
-    if sha256_hex(source) != header["script_sha256"] or inner != name:
-        raise BadInput(f"{compact}: does not expand to the {name} the artifact binds")
     if header.get("code_sha256") not in (None, sha256_hex(blob)):
         raise BadInput(f"{compact}: not the counted code the artifact binds (code_sha256)")
 
@@ -423,6 +425,7 @@ def load(args, env, cleanup):
     if header is not None:
         script = find_script(args.artifact, header, args, cleanup)
         mod = import_script(script)
+        check_compact_beside(args.artifact, header, mod)
         model, h = mod.load_artifact(args.artifact)
         info.update(
             format=header.get("format", "pgolf-artifact"),

@@ -2712,78 +2712,59 @@ def _unpack_head(path, stored):
 
 # --- the compact counted code (CODE_FORM=compact) ------------------------------------------------
 # As the records ship it (#1394's train_gpt.py beside train_gpt_human.py): a few-line script that
-# holds the readable source LZMA-compressed in one latin-1 string literal (about 2% escapes, where
-# base85 costs 25%), expands it and runs it under the readable file's name. linecache gets the
-# source, so inspect (and @triton.jit, which reads its kernel's source) work as for the file.
+# holds a minified form of the readable source, compressed, in one latin-1 string literal (about 2%
+# escapes, where base85 costs 25%), expands it and runs it under the readable file's name.
+# linecache gets the running source, so inspect (and @triton.jit, which reads its kernel's source)
+# work as for the file. The minified form is a deterministic function of the readable source:
+# comments and docstrings dropped, function-local names shortened, one space per indent level,
+# lines joined inside brackets. The builder below is left out of it (between the two marker
+# comments): a compact form never builds another. Checking a compact form re-derives the minified
+# source from the readable one and compares; the header binds the readable sha256 as before.
 
 COMPACT_MAX_SOURCE = 4 << 20
+COMPACT_OMIT_BEGIN = "# compact form: omit from here"
+COMPACT_OMIT_END = "# compact form: omit to here"
 
 
-def _latin1_literal(data):
-    """data as the body of a "..." literal in a latin-1 source file: backslash, quote, newline,
-    carriage return and NUL escaped, every other byte as itself."""
-    for raw, esc in ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r")):
-        data = data.replace(raw, esc)
-    return data.replace(b"\x00", b"\\x00")
+def compact_running():
+    """Whether this process runs a compact form (its wrapper set COMPACT_PATH)."""
+    return globals().get("COMPACT_PATH") is not None
 
 
-def _compact_wrapper(literal, name):
-    return b"".join(
-        [
-            b"# -*- coding: latin-1 -*-\n",
-            b"import linecache,lzma,os\n",
-            b'_D="' + literal + b'"\n',
-            b'READABLE_SOURCE=lzma.decompress(_D.encode("latin-1"))\n',
-            b"__file__=os.path.join(os.path.dirname(os.path.abspath(__file__)),"
-            + repr(name).encode()
-            + b")\n",
-            b"_S=READABLE_SOURCE.decode()\n",
-            b"linecache.cache[__file__]=(len(_S),None,_S.splitlines(True),__file__)\n",
-            b'exec(compile(_S,__file__,"exec"))\n',
-        ]
-    )
+def readable_sha256():
+    """sha256 of the readable script: the one the artifact header binds as script_sha256."""
+    if compact_running():
+        return globals()["READABLE_SHA256"]
+    return sha256_hex(code_bytes_of())
 
 
-def compact_code(source, name):
-    """The compact form of the readable script `source` (bytes) named `name`."""
-    if not valid_script_name(name):
-        raise ValueError(f"compact_code name {name!r}: expected a bare .py file name")
-    packed = lzma.compress(
-        source, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME
-    )
-    return _compact_wrapper(_latin1_literal(packed), name)
+def readable_size():
+    """Bytes of the readable script (the compact form carries the figure)."""
+    if compact_running():
+        return globals()["READABLE_BYTES"]
+    return len(code_bytes_of())
 
 
-def expand_compact(blob):
-    """(readable source, script name) of a compact form, read without running it: the literal is
-    parsed by ast.literal_eval and the file must be exactly the wrapper around it. ValueError for
-    anything else."""
-    import ast
-    import re
-
-    m = re.fullmatch(
-        rb'# -\*- coding: latin-1 -\*-\nimport linecache,lzma,os\n_D=("(?:[^"\\\n]|\\.)*")\n'
-        rb"READABLE_SOURCE=.*\n__file__=os\.path\.join\(os\.path\.dirname\(os\.path\.abspath"
-        rb"\(__file__\)\),('[A-Za-z0-9_.-]{1,128}')\)\n.*",
-        blob,
-        re.DOTALL,
-    )
-    if m is None:
-        raise ValueError("not a compact form of a training script (its wrapper differs)")
-    packed = ast.literal_eval(m[1].decode("latin-1")).encode("latin-1")
-    name = ast.literal_eval(m[2].decode("ascii"))
-    if _compact_wrapper(_latin1_literal(packed), name) != blob:
-        raise ValueError("compact form: the wrapper around its source differs from ours")
-    try:
-        source = _bounded(lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT), packed, COMPACT_MAX_SOURCE)
-    except Exception as exc:
-        raise ValueError(f"compact form: its source does not decompress ({exc})") from None
-    return source, name
+def running_source():
+    """The source this process runs: the readable file, or the minified one a compact form
+    expanded."""
+    if compact_running():
+        return globals()["RUNNING_SOURCE"].encode("utf-8")
+    return code_bytes_of()
 
 
 def counted_code(h, code=None):
-    """The bytes that count against SIZE_BUDGET: the readable script (CODE_FORM=readable) or its
-    compact form (CODE_FORM=compact)."""
+    """The bytes that count against SIZE_BUDGET: the readable script `code` (this file by
+    default; CODE_FORM=readable) or its compact form (CODE_FORM=compact). A compact form counts
+    its own file."""
+    if code is None and compact_running():
+        if h.code_form != "compact":
+            raise ValueError(
+                "CODE_FORM=readable: this process runs the compact form; run the readable "
+                f"{os.path.basename(CODE_PATH)} to count it"
+            )
+        with open(globals()["COMPACT_PATH"], "rb") as f:
+            return f.read()
     code = code_bytes_of() if code is None else code
     if h.code_form == "compact":
         return compact_code(code, os.path.basename(CODE_PATH))
@@ -2791,12 +2772,542 @@ def counted_code(h, code=None):
 
 
 def code_bytes_of(path=None):
-    """The readable script's bytes: this file, or the source a compact form expanded (it sets
-    READABLE_SOURCE before running it)."""
-    if path is None and globals().get("READABLE_SOURCE") is not None:
-        return globals()["READABLE_SOURCE"]
+    """The readable script's bytes: this file (CODE_PATH) or `path`. A compact form has only its
+    minified source: there, use readable_sha256 / running_source."""
+    if path is None and compact_running():
+        raise ValueError("the readable source is not part of a compact form (readable_sha256)")
     with open(path or CODE_PATH, "rb") as f:
         return f.read()
+
+
+# compact form: omit from here
+
+
+def _docstring_starts(tree):
+    """{(line, column): whether it is its body's only statement} of every docstring."""
+    import ast
+
+    out = {}
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(node, kinds) or not body:
+            continue
+        first = body[0]
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            out[(first.lineno, first.col_offset)] = len(body) == 1
+    return out
+
+
+def _short_names():
+    """a, b, ..., z, aa, ab, ...: names that are neither keywords nor builtins."""
+    import builtins
+    import itertools
+    import keyword
+    import string
+
+    for size in itertools.count(1):
+        for letters in itertools.product(string.ascii_lowercase, repeat=size):
+            name = "".join(letters)
+            if not keyword.iskeyword(name) and not hasattr(builtins, name):
+                yield name
+
+
+def _scope_nodes(fn):
+    """The nodes of a function's body, not descending into nested functions, lambdas or classes
+    (those are yielded themselves). Defaults, annotations and decorators are left out: they are
+    evaluated in the enclosing scope."""
+    import ast
+
+    stack = list(fn.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _renamable_locals(fn, fixed_params, segment):
+    """(names a function binds that can be renamed, {name: its Name nodes}, {param: its arg
+    node}). A parameter qualifies unless it is in fixed_params (passed by keyword or spelled as a
+    string somewhere in the file) or annotated (Triton's constexprs); a local qualifies unless
+    it is declared global or nonlocal, bound by an import, an except clause or a match, bound
+    anywhere in a nested function, lambda or class (reading it there is fine: those uses are
+    renamed too), or used inside an f-string that may use the `{name=}` form. A function that
+    calls locals(), vars(), eval() or exec() keeps all its names. segment(node) is a node's
+    source text."""
+    import ast
+
+    args = fn.args
+    arg_nodes = {a.arg: a for a in args.posonlyargs + args.args + args.kwonlyargs}
+    params = set(arg_nodes)
+    for star in (args.vararg, args.kwarg):
+        if star is not None:
+            params.add(star.arg)
+    renamable_params = {
+        name
+        for name, node in arg_nodes.items()
+        if name not in fixed_params and node.annotation is None
+    }
+    keep = params - renamable_params
+    uses = {}
+    stored = set()
+    for node in _scope_nodes(fn):
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            keep.update(node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            keep.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            keep.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            if not isinstance(node, ast.Lambda):
+                keep.add(node.name)
+            for inner in ast.walk(node):
+                if inner is not node and _binds_or_hides(inner, segment):
+                    return set(), {}, {}
+                keep.update(_bound_names(inner))
+                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load):
+                    uses.setdefault(inner.id, []).append(inner)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar, ast.MatchMapping)):
+            return set(), {}, {}
+        elif isinstance(node, ast.JoinedStr) and re.search(r"=\s*[}!:]", segment(node)):
+            keep.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("locals", "vars", "eval", "exec")
+        ):
+            return set(), {}, {}
+        if isinstance(node, ast.Name):
+            uses.setdefault(node.id, []).append(node)
+            if not isinstance(node.ctx, ast.Load):
+                stored.add(node.id)
+    names = (stored | renamable_params) - keep
+    return names, uses, arg_nodes
+
+
+def _bound_names(node):
+    """The names a node binds in its own scope (for a nested scope: any of them)."""
+    import ast
+
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        return {node.id}
+    if isinstance(node, ast.arg):
+        return {node.arg}
+    if isinstance(node, (ast.Global, ast.Nonlocal)):
+        return set(node.names)
+    if isinstance(node, ast.ExceptHandler) and node.name:
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    return set()
+
+
+def _binds_or_hides(node, segment):
+    """Whether a node inside a nested scope makes its names unsafe to rename at all: a match
+    pattern, a self-documenting f-string or a call of locals(), vars(), eval() or exec()."""
+    import ast
+
+    if isinstance(node, (ast.MatchAs, ast.MatchStar, ast.MatchMapping)):
+        return True
+    if isinstance(node, ast.JoinedStr):
+        return re.search(r"=\s*[}!:]", segment(node)) is not None
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("locals", "vars", "eval", "exec")
+    )
+
+
+def _rename_edits(text, tree):
+    """[(line, start column, end column, old, new)] (columns in UTF-8 bytes) that give each
+    function's renamable names the shortest names unused in that function, the most used
+    first."""
+    import ast
+    import io
+    import tokenize
+
+    fixed_params = {
+        kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call) for kw in node.keywords
+    }
+    fixed_params |= {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    lines = [line.encode("utf-8") for line in text.splitlines(True)]
+
+    def segment(node):
+        """The node's source text (ast.get_source_segment splits the whole file each call)."""
+        rows = lines[node.lineno - 1 : node.end_lineno]
+        if len(rows) == 1:
+            return rows[0][node.col_offset : node.end_col_offset].decode("utf-8")
+        rows = [rows[0][node.col_offset :], *rows[1:-1], rows[-1][: node.end_col_offset]]
+        return b"".join(rows).decode("utf-8")
+
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    edits = []
+    given = {}  # id of a nested function: new names its enclosing functions gave names it reads
+    for fn in ast.walk(tree):  # outer functions first
+        if not isinstance(fn, functions):
+            continue
+        names, uses, arg_nodes = _renamable_locals(fn, fixed_params, segment)
+        if not names:
+            continue
+        reader = io.StringIO(segment(fn)).readline
+        taken = {t.string for t in tokenize.generate_tokens(reader) if t.type == tokenize.NAME}
+        taken |= given.get(id(fn), set())
+        nested = [n for n in ast.walk(fn) if n is not fn and isinstance(n, functions)]
+        fresh = (name for name in _short_names() if name not in taken)
+        for old in sorted(names, key=lambda n: (-len(uses.get(n, ())), n)):
+            new = next(fresh)
+            if len(new) >= len(old):
+                continue
+            nodes = list(uses.get(old, ()))
+            if old in arg_nodes:
+                nodes.append(arg_nodes[old])
+            for node in nodes:
+                edits.append((node.lineno, node.col_offset, node.end_col_offset, old, new))
+            for inner in nested:
+                given.setdefault(id(inner), set()).add(new)
+    return edits
+
+
+def rename_locals(source):
+    """source (bytes) with each function's renamable parameters and locals shortened
+    (_renamable_locals); ValueError where the AST's positions do not point at the name."""
+    import ast
+
+    text = source.decode("utf-8")
+    lines = [line.encode("utf-8") for line in text.splitlines(True)]
+    for row, start, end, old, new in sorted(_rename_edits(text, ast.parse(text)), reverse=True):
+        line = lines[row - 1]
+        if line[start:end] != old.encode():
+            raise ValueError(f"rename_locals: line {row} has no {old!r} at column {start}")
+        lines[row - 1] = line[:start] + new.encode() + line[end:]
+    return b"".join(lines)
+
+
+def rename_globals(source):
+    """source (bytes) with module-level functions and assigned names shortened, where that is
+    safe: the name is bound nowhere else in the file (so no local shadows it), never declared
+    global, and never spelled inside a string (getattr, globals() and the contract's name lists
+    read names from strings). The new names are unused anywhere in the file."""
+    return _global_renames(source)[0]
+
+
+def compact_names(source):
+    """{readable name: its name in the compact form} of the module-level names rename_globals
+    shortens in a readable script (bytes): for tracebacks and tests of a compact form."""
+    return _global_renames(rename_locals(source))[1]
+
+
+def _global_renames(source):
+    """(renamed source, {old: new}) of rename_globals."""
+    import ast
+    import io
+    import tokenize
+
+    text = source.decode("utf-8")
+    tree = ast.parse(text)
+    defined = {}  # name: the positions of its module-level binding
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            defined[node.name] = node
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
+            defined[node.targets[0].id] = node.targets[0]
+    bindings = {}
+    strings = set()
+    for node in ast.walk(tree):
+        for name in _bound_names(node):
+            bindings[name] = bindings.get(name, 0) + 1
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            strings.add(node.value)
+    names = {n for n in defined if bindings.get(n) == 1 and n not in strings}
+    uses = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in names:
+            uses.setdefault(node.id, []).append(node)
+    reader = io.StringIO(text).readline
+    taken = {t.string for t in tokenize.generate_tokens(reader) if t.type == tokenize.NAME}
+    fresh = (name for name in _short_names() if name not in taken)
+    lines = [line.encode("utf-8") for line in text.splitlines(True)]
+    edits = []
+    mapping = {}
+    for old in sorted(names, key=lambda n: (-len(uses.get(n, ())), n)):
+        new = next(fresh)
+        if len(new) >= len(old):
+            continue
+        mapping[old] = new
+        node = defined[old]
+        if isinstance(node, ast.FunctionDef):
+            start = node.col_offset + len("def ")
+            edits.append((node.lineno, start, start + len(old.encode()), old, new))
+        for use in uses.get(old, ()):
+            edits.append((use.lineno, use.col_offset, use.end_col_offset, old, new))
+    for row, start, end, old, new in sorted(edits, reverse=True):
+        line = lines[row - 1]
+        if line[start:end] != old.encode():
+            raise ValueError(f"rename_globals: line {row} has no {old!r} at column {start}")
+        lines[row - 1] = line[:start] + new.encode() + line[end:]
+    return b"".join(lines), mapping
+
+
+def _word_char(c):
+    """Whether c can continue a name or number (two such tokens need a space between them)."""
+    return c.isalnum() or c == "_"
+
+
+class _Minifier:
+    """Re-emits a token stream: no comments, docstrings or blank lines, one space per indent
+    level, one logical line per statement, a space only where two tokens would otherwise merge,
+    trailing commas dropped where that cannot change a tuple. f-strings are copied as written
+    (Python 3.12 splits them into several tokens)."""
+
+    def __init__(self, text, docstrings):
+        import io
+        import tokenize
+
+        self.tokenize = tokenize
+        self.lines = text.splitlines(True)
+        self.docstrings = docstrings
+        self.tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+        self.out = []
+        self.line = []
+        self.kinds = []  # the token type of each piece of self.line
+        self.brackets = []  # [opener, whether a call or subscript, top-level commas]
+
+    def span(self, start, end):
+        """The source text from one (row, col) to another, as written."""
+        (r0, c0), (r1, c1) = start, end
+        if r0 == r1:
+            return self.lines[r0 - 1][c0:c1]
+        middle = "".join(self.lines[r0 : r1 - 1])
+        return self.lines[r0 - 1][c0:] + middle + self.lines[r1 - 1][:c1]
+
+    def emit(self, text, kind):
+        tok = self.tokenize
+        if self.line:
+            prev = self.line[-1]
+            prev_kind = self.kinds[-1]
+            joins = _word_char(prev[-1]) or prev_kind in (tok.NUMBER, tok.STRING)
+            starts = _word_char(text[0]) or (prev_kind == tok.NUMBER and text[0] == ".")
+            if joins and starts:
+                self.line.append(" ")
+                self.kinds.append(None)
+        if text in ("(", "[", "{"):
+            self.brackets.append([text, text != "{" and self._after_callee(), 0])
+        elif text in (")", "]", "}") and self.brackets:
+            opener, call, commas = self.brackets.pop()
+            # a set, dict, call or a tuple of two or more stays what it is without a trailing comma
+            droppable = opener == "{" or commas >= 2 or (call and opener == "(")
+            if self.line and self.line[-1] == "," and droppable:
+                self.line.pop()
+                self.kinds.pop()
+        elif text == "," and self.brackets:
+            self.brackets[-1][2] += 1
+        self.line.append(text)
+        self.kinds.append(kind)
+
+    def _after_callee(self):
+        """Whether the bracket being opened calls or subscripts what precedes it (a name that is
+        not a keyword, or a closing bracket), rather than starting a tuple, list or group."""
+        import keyword
+
+        prev = next((p for p in reversed(self.line) if p != " "), "")
+        if prev in (")", "]"):
+            return True
+        soft = prev in ("match", "case", "type", "_")
+        return (
+            _word_char(prev[-1:])
+            and not prev[0].isdigit()
+            and not soft
+            and not keyword.iskeyword(prev)
+        )
+
+    def run(self, depth=0):
+        tok = self.tokenize
+        skip = False
+        fstring_from = None
+        fstring_depth = 0
+        for t in self.tokens:
+            if t.type == tok.COMMENT:
+                if t.string.strip() == COMPACT_OMIT_BEGIN:
+                    skip = True
+                elif t.string.strip() == COMPACT_OMIT_END:
+                    skip = False
+                continue
+            if skip:
+                continue
+            name = tok.tok_name[t.type]
+            if name == "FSTRING_START":
+                if fstring_depth == 0:
+                    fstring_from = t.start
+                fstring_depth += 1
+                continue
+            if name == "FSTRING_END":
+                fstring_depth -= 1
+                if fstring_depth == 0:
+                    self.emit(self.span(fstring_from, t.end), tok.STRING)
+                continue
+            if fstring_depth:
+                continue
+            if t.type == tok.INDENT:
+                depth += 1
+            elif t.type == tok.DEDENT:
+                depth -= 1
+            elif t.type == tok.NEWLINE:
+                if self.line:
+                    self.out.append(" " * depth + "".join(self.line))
+                self.line = []
+                self.kinds = []
+            elif t.type == tok.STRING and not self.line and t.start in self.docstrings:
+                if self.docstrings[t.start]:
+                    self.emit("0", tok.NUMBER)
+            elif t.type not in (tok.NL, tok.ENCODING, tok.ENDMARKER):
+                self.emit(self.span(t.start, t.end), t.type)
+        return "\n".join(self.out) + "\n"
+
+
+def minify_source(source):
+    """The minified form of a readable script (bytes): rename_locals, then _Minifier; the code
+    between the omit markers is left out. Deterministic, and checked to compile."""
+    import ast
+
+    renamed = rename_globals(rename_locals(source)).decode("utf-8")
+    text = _Minifier(renamed, _docstring_starts(ast.parse(renamed))).run()
+    compile(text, "<minified>", "exec")
+    return text.encode("utf-8")
+
+
+# name: (import line, decompress expression) of the back ends a compact form may use.
+COMPACT_CODECS = {
+    "brotli": (b"import brotli,linecache,os\n", b"brotli.decompress"),
+    "lzma": (b"import linecache,lzma,os\n", b"lzma.decompress"),
+}
+
+
+def _compact_pack(data, codec):
+    if codec == "brotli":
+        return brotli.compress(data, quality=11, lgwin=24)
+    return lzma.compress(
+        data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME
+    )
+
+
+def _compact_unpack(data, codec):
+    if codec == "brotli":
+        return _brotli_bounded(data, COMPACT_MAX_SOURCE)
+    return _bounded(lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT), data, COMPACT_MAX_SOURCE)
+
+
+def _latin1_literal(data):
+    """data as the body of a \"\"\"...\"\"\" literal in a latin-1 source file: backslash,
+    carriage return (Python reads it as a newline) and NUL (not allowed in source) escaped, and
+    a quote that another quote follows or that ends the data; every other byte as itself."""
+    out = bytearray()
+    for k, byte in enumerate(data):
+        nxt = data[k + 1 : k + 2]
+        if byte == 0x5C:
+            out += b"\\\\"
+        elif byte == 0x0D:
+            out += b"\\r"
+        elif byte == 0:
+            out += b"\\x00" if nxt and nxt in b"01234567" else b"\\0"
+        elif byte == 0x22 and nxt in (b"", b'"'):
+            out += b'\\"'
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+def _compact_wrapper(literal, codec, readable_sha, readable_bytes, name):
+    import_line, decompress = COMPACT_CODECS[codec]
+    return b"".join(
+        [
+            b"# coding: latin-1\n",
+            import_line,
+            b'_D="""' + literal + b'"""\n',
+            b'READABLE_SHA256="' + readable_sha.encode() + b'"\n',
+            b"READABLE_BYTES=" + str(readable_bytes).encode() + b"\n",
+            b"COMPACT_PATH=os.path.abspath(__file__)\n",
+            b"__file__=os.path.join(os.path.dirname(COMPACT_PATH)," + repr(name).encode() + b")\n",
+            b"RUNNING_SOURCE=" + decompress + b'(_D.encode("latin-1")).decode()\n',
+            b"_S=RUNNING_SOURCE\n",
+            b"linecache.cache[__file__]=(len(_S),None,_S.splitlines(True),__file__)\n",
+            b'exec(compile(_S,__file__,"exec"))\n',
+        ]
+    )
+
+
+def compact_code(source, name):
+    """The compact form of the readable script `source` (bytes) named `name`: its minified form
+    compressed by Brotli where installed (smaller on source code), else LZMA."""
+    if not valid_script_name(name):
+        raise ValueError(f"compact_code name {name!r}: expected a bare .py file name")
+    codec = "lzma" if brotli is None else "brotli"
+    packed = _compact_pack(minify_source(source), codec)
+    return _compact_wrapper(_latin1_literal(packed), codec, sha256_hex(source), len(source), name)
+
+
+def expand_compact(blob):
+    """(minified source, readable sha256, readable bytes, script name) of a compact form, read
+    without running it: the literal is parsed by ast.literal_eval and the file must be exactly
+    the wrapper around it. ValueError for anything else."""
+    import ast
+    import re
+
+    m = re.fullmatch(
+        rb"# coding: latin-1\nimport (brotli,linecache,os|linecache,lzma,os)\n"
+        rb'_D=(""".*?""")\nREADABLE_SHA256="([0-9a-f]{64})"\n'
+        rb"READABLE_BYTES=([0-9]{1,9})\nCOMPACT_PATH=.*\n__file__=os\.path\.join\(os\.path\."
+        rb"dirname\(COMPACT_PATH\),('[A-Za-z0-9_.-]{1,128}')\)\n.*",
+        blob,
+        re.DOTALL,
+    )
+    if m is None:
+        raise ValueError("not a compact form of a training script (its wrapper differs)")
+    codec = "brotli" if m[1].startswith(b"brotli") else "lzma"
+    if codec == "brotli" and brotli is None:
+        raise ValueError("compact form: it is Brotli-compressed and brotli is not installed")
+    packed = ast.literal_eval(m[2].decode("latin-1")).encode("latin-1")
+    readable_sha = m[3].decode()
+    readable_bytes = int(m[4])
+    name = ast.literal_eval(m[5].decode("ascii"))
+    wrapper = _compact_wrapper(_latin1_literal(packed), codec, readable_sha, readable_bytes, name)
+    if wrapper != blob:
+        raise ValueError("compact form: the wrapper around its source differs from ours")
+    try:
+        source = _compact_unpack(packed, codec)
+    except Exception as exc:
+        raise ValueError(f"compact form: its source does not decompress ({exc})") from None
+    return source, readable_sha, readable_bytes, name
+
+
+def check_compact(blob, readable, name):
+    """ValueError unless `blob` is a compact form of exactly `readable` (bytes) named `name`:
+    the sha256 and size it binds are the readable file's, and its source is the minified form
+    of that file, re-derived here."""
+    source, readable_sha, readable_bytes, inner = expand_compact(blob)
+    if inner != name:
+        raise ValueError(f"compact form runs as {inner!r}, not {name!r}")
+    if readable_sha != sha256_hex(readable) or readable_bytes != len(readable):
+        raise ValueError(f"compact form binds another {name} (sha256 {readable_sha})")
+    if source != minify_source(readable):
+        raise ValueError(f"compact form: its source is not the minified form of {name}")
+
+
+# compact form: omit to here
 
 
 def _header_sha256(header):
@@ -3153,8 +3664,7 @@ def save_artifact(model, h, path, state=None, hessians=None):
     BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
     >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
     state = artifact_state(model) if state is None else state
-    readable = code_bytes_of()
-    code = counted_code(h, readable)
+    code = counted_code(h)
     cache = {}
     group_cache = {}  # per-group streams already compressed, by content
     ratio = 1.0  # compressed bytes per estimated byte, measured after each try
@@ -3173,7 +3683,7 @@ def save_artifact(model, h, path, state=None, hessians=None):
         widths = {r["name"]: r["bits"] for r in plan or []}
         entries, raw = quantize_state_dict(state, h, widths, hessians, cache)
         compressor, payload, groups = compress_artifact(entries, raw, compressor, h, group_cache)
-        header = _artifact_header(h, readable, code, compressor, raw, payload, entries, groups)
+        header = _artifact_header(h, code, compressor, raw, payload, entries, groups)
         head_bytes = len(_artifact_prefix_and_head(header, h.header_compress))
         total = head_bytes + len(payload) + len(code)
         tries.append((total, header, payload, plan))
@@ -3193,7 +3703,7 @@ def save_artifact(model, h, path, state=None, hessians=None):
         "artifact_bytes": artifact_bytes,
         "header_bytes": artifact_bytes - len(payload),
         "code_bytes": len(code),
-        "code_bytes_readable": len(readable),
+        "code_bytes_readable": readable_size(),
         "groups": group_table(header),
         "total_bytes": artifact_bytes + len(code),
         "payload_bytes": len(payload),
@@ -3240,7 +3750,7 @@ def group_table(header):
     return rows
 
 
-def _artifact_header(h, readable, code, compressor, raw, payload, entries, groups=None):
+def _artifact_header(h, code, compressor, raw, payload, entries, groups=None):
     """Everything a reader needs to rebuild the model from the payload, and to check it. The
     script binding is the readable source's sha256; code_sha256 / code_bytes are those of the
     counted code (the compact form under CODE_FORM=compact)."""
@@ -3252,7 +3762,7 @@ def _artifact_header(h, readable, code, compressor, raw, payload, entries, group
         "code_bytes": len(code),
         "format": "pgolf-artifact",
         "script": os.path.basename(CODE_PATH),
-        "script_sha256": sha256_hex(readable),
+        "script_sha256": readable_sha256(),
         "tokenizer_sha256": file_sha256(h.tokenizer_path) if has_tokenizer else None,
         "hparams": {k: v for k, v in dataclasses.asdict(h).items() if k not in RUN_ONLY_FIELDS},
         "vocab_size": h.vocab_size,
@@ -3269,7 +3779,7 @@ def load_artifact(path, allow_script_mismatch=False):
     The header, the script binding and the hyperparameters are checked before the payload is read
     or the model allocated."""
     header, _ = read_artifact_header(path)
-    own_sha = sha256_hex(code_bytes_of())
+    own_sha = readable_sha256()
     if header["script_sha256"] != own_sha and not allow_script_mismatch:
         raise ValueError(
             f"{path}: written by {header['script']} sha256 {header['script_sha256']}, "
@@ -4797,7 +5307,7 @@ def open_run(h):
 def _open_run(h, rt, logger, run_id, artifact_path):
     """open_run after the logger exists, so that a failure here is recorded in the run's log."""
     device_name = device_description(rt.device)
-    logger.log0(code_bytes_of().decode("utf-8") + "\n" + "=" * 100, console=False)
+    logger.log0(running_source().decode("utf-8") + "\n" + "=" * 100, console=False)
     logger.log0(
         f"versions: python {platform.python_version()} torch {torch.__version__} "
         f"numpy {np.__version__}"
@@ -4907,7 +5417,7 @@ def build_run_model(run):
         state="starting",
         step=0,
         iterations=h.iterations,
-        code_bytes=len(code_bytes_of()),
+        code_bytes=readable_size(),
     )
     return model, n_params
 

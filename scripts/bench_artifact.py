@@ -51,7 +51,7 @@ def stage(h, entries, raw, payload, compressor, groups, readable):
     """(payload, header, code, total) bytes of one stage, the header built as save_artifact
     builds it."""
     code = gpt.counted_code(h, readable)
-    header = gpt._artifact_header(h, readable, code, compressor, raw, payload, entries, groups)
+    header = gpt._artifact_header(h, code, compressor, raw, payload, entries, groups)
     head = len(gpt._artifact_prefix_and_head(header, h.header_compress))
     return len(payload), head, len(code), len(payload) + head + len(code)
 

@@ -141,11 +141,54 @@ def _inflate(name, data, limit):
         out = dec.process(data, output_buffer_limit=limit + 1)
         if len(out) <= limit and not dec.is_finished():
             raise InputError("brotli stream is truncated or has trailing data")
+    elif name == "rans":
+        out = _rans_inflate(data, limit)
     else:
         raise InputError(f"unknown compressor {name!r}")
     if len(out) > limit:
         raise InputError(f"payload inflates beyond {limit} bytes")
     return out
+
+
+def _rans_inflate(data, limit):
+    """A per-group rANS stream (the scripts' RANS section: n, lanes, symbol range, frequencies,
+    final lane states, 16-bit words) decoded with numpy, at most `limit` bytes; every lane must
+    end in the start state 2^16."""
+    import numpy as np
+
+    if len(data) < 10:
+        raise InputError("rans stream is truncated")
+    n, lanes, lo, hi = struct.unpack_from("<IIBB", data)
+    if n > limit:
+        raise InputError(f"payload inflates beyond {limit} bytes")
+    if n == 0:
+        return b""
+    table_end = 10 + 2 * (hi - lo + 1)
+    if hi < lo or lanes != -(-n // 8192) or len(data) < table_end + 4 * lanes:
+        raise InputError("rans stream header is inconsistent or truncated")
+    freq = np.zeros(256, np.uint64)
+    freq[lo : hi + 1] = np.frombuffer(data, "<u2", hi - lo + 1, 10)
+    if int(freq.sum()) != 1 << 14 or (len(data) - table_end) % 2:
+        raise InputError("rans frequency table or word stream is malformed")
+    base = np.cumsum(freq) - freq
+    symbol_of_slot = np.repeat(np.arange(256, dtype=np.uint8), freq.astype(np.int64))
+    state = np.frombuffer(data, "<u4", lanes, table_end).astype(np.uint64)
+    words = np.frombuffer(data, "<u2", offset=table_end + 4 * lanes).astype(np.uint64)
+    rows = []
+    used = 0
+    for _ in range(-(-n // lanes)):
+        slot = state & np.uint64((1 << 14) - 1)
+        sym = symbol_of_slot[slot.astype(np.int64)]
+        rows.append(sym)
+        state = freq[sym] * (state >> np.uint64(14)) + slot - base[sym]
+        refill = np.flatnonzero(state < (1 << 16))
+        if used + len(refill) > len(words):
+            raise InputError("rans stream is truncated")
+        state[refill] = (state[refill] << np.uint64(16)) | words[used : used + len(refill)]
+        used += len(refill)
+    if used != len(words) or bool((state != (1 << 16)).any()):
+        raise InputError("rans stream is corrupt")
+    return np.concatenate(rows)[:n].tobytes()
 
 
 def _header_sha256(header):

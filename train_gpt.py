@@ -2725,9 +2725,13 @@ def _sample(data):
     return b"".join(data[s : s + step] for s in starts)
 
 
-def _sort_pays(entries, members, raw, codec):
-    """Whether sorting rows pays on a sample: the largest sortable tensor's first
-    SORT_SAMPLE_ROWS rows, sorted and compressed plus their order, against unsorted."""
+def _sort_pays(entries, members, raw, codecs):
+    """Whether sorting rows pays on a sample: SORT_SAMPLE_ROWS rows from the middle of the
+    largest sortable tensor, sorted, compressed by their best back end and their order added,
+    against unsorted by its best back end (an entropy coder unsorted can beat an LZ coder
+    sorted). Not the first rows: an embedding's are its byte and special tokens, rarely trained
+    and alike, which overstate what sorting gains (measured on a CPU-trained model: the first
+    rows said +2.5%, the whole embedding lost 0.8% to its stored order)."""
     cands = [(i, p) for i, p in members if _sortable(entries[i], p)]
     if not cands:
         return False
@@ -2735,10 +2739,11 @@ def _sort_pays(entries, members, raw, codec):
     off, _ = entries[i]["data"]
     rows, cols = entries[i]["shape"][0], entries[i]["shape"][1]
     n = min(rows, SORT_SAMPLE_ROWS)
-    q = np.frombuffer(raw, np.int8, n * cols, off).reshape(n, cols)
+    start = (rows - n) // 2
+    q = np.frombuffer(raw, np.int8, n * cols, off + start * cols).reshape(n, cols)
     order = l1_row_order(q)
-    plain = len(PERGROUP_CODECS[codec][0](q.tobytes()))
-    sorted_bytes = len(PERGROUP_CODECS[codec][0](q[order].tobytes())) + 2 * n
+    plain = len(_best_codec(q.tobytes(), codecs)[1])
+    sorted_bytes = len(_best_codec(q[order].tobytes(), codecs)[1]) + 2 * n
     return sorted_bytes < plain
 
 
@@ -2769,9 +2774,10 @@ def compress_pergroup(entries, raw, cache=None, sort_rows=True):
     orders = {}
     for name, members in payload_groups(entries):
         stream = _group_stream(entries, members, raw, {})
-        codec = _best_codec(_sample(stream), codecs)[0]
         do_sort = (
-            sort_rows and len(stream) >= SORT_MIN_BYTES and _sort_pays(entries, members, raw, codec)
+            sort_rows
+            and len(stream) >= SORT_MIN_BYTES
+            and _sort_pays(entries, members, raw, codecs)
         )
         if do_sort:
             for i, part in members:
@@ -2781,6 +2787,7 @@ def compress_pergroup(entries, raw, cache=None, sort_rows=True):
                     q = np.frombuffer(raw, np.int8, entries[i]["data"][1], off).reshape(rows, -1)
                     orders[i] = l1_row_order(q)
             stream = _group_stream(entries, members, raw, orders)
+        codec = _best_codec(_sample(stream), codecs)[0]
         plan.append((name, stream, do_sort, codec))
     if orders:
         order_stream = b"".join(orders[i].tobytes() for i in sorted(orders))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tokenize
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -245,3 +246,24 @@ def test_the_compact_form_trains_and_scores_exactly_like_the_readable_script(
         assert readable[0].get(key) == compact_run[0].get(key), key
     assert readable[0]["code_bytes"] == len(blob)
     assert json.dumps(readable[0]["audits"]) == json.dumps(compact_run[0]["audits"])
+
+
+def test_the_base253_literal_roundtrips_and_needs_no_escapes_but_quotes(gpt):
+    quotes = (32 * 253**2 + 32 * 253 + 32).to_bytes(3, "big")  # digit 32 is the quote character
+    rng = np.random.default_rng(0)
+    cases = [b"", b"\x00", b"\x00\x00\x07", quotes, rng.bytes(39_341), bytes(range(256)) * 4]
+    for data in cases:
+        literal = gpt._base253_literal(data)
+        assert not set(literal) & {0x00, 0x0D}
+        assert literal.count(b"\\") == literal.count(b'\\"')  # the only escape is a quote's
+        assert b'"""' not in literal and not literal.endswith(b'"') or literal.endswith(b'\\"')
+        digits = ast.literal_eval('"""' + literal.decode("latin-1") + '"""').encode("latin-1")
+        assert gpt._base253_value(digits, len(data)) == data
+    # two quotes that a quote follows, and the last: all escaped
+    assert gpt._base253_literal(quotes) == b'\\"\\"\\"'
+    with pytest.raises(ValueError, match="outside the digits"):
+        gpt._base253_value(b"\x01\x00\x02", 3)
+    with pytest.raises(ValueError, match="more bytes"):
+        gpt._base253_value(gpt._base253_literal(b"\xff\xff"), 1)
+    with pytest.raises(ValueError, match="longer"):
+        gpt._base253_value(b"\x01" * 5000, 10)

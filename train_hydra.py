@@ -29,8 +29,8 @@ import lzma
 import math
 import os
 import platform
-import re
 import random
+import re
 import string
 import struct
 import sys

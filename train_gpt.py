@@ -2710,9 +2710,15 @@ def l1_row_order(q):
     return np.asarray(order, np.uint16)
 
 
-def _best_codec(data, codecs):
-    """(name, blob) of the smallest compression of data among codecs."""
-    return min(((n, PERGROUP_CODECS[n][0](data)) for n in codecs), key=lambda nb: len(nb[1]))
+def _best_codec(data, codecs, cache):
+    """(name, blob) of the smallest compression of data among codecs, kept in `cache` under
+    (sha256 of data, None): a bit-allocation try asks again about the samples of groups it did
+    not change."""
+    key = (sha256_hex(data), None)
+    if key not in cache:
+        tries = ((n, PERGROUP_CODECS[n][0](data)) for n in codecs)
+        cache[key] = min(tries, key=lambda nb: len(nb[1]))
+    return cache[key]
 
 
 def _sample(data):
@@ -2725,7 +2731,7 @@ def _sample(data):
     return b"".join(data[s : s + step] for s in starts)
 
 
-def _sort_pays(entries, members, raw, codecs):
+def _sort_pays(entries, members, raw, codecs, cache):
     """Whether sorting rows pays on a sample: SORT_SAMPLE_ROWS rows from the middle of the
     largest sortable tensor, sorted, compressed by their best back end and their order added,
     against unsorted by its best back end (an entropy coder unsorted can beat an LZ coder
@@ -2742,8 +2748,8 @@ def _sort_pays(entries, members, raw, codecs):
     start = (rows - n) // 2
     q = np.frombuffer(raw, np.int8, n * cols, off + start * cols).reshape(n, cols)
     order = l1_row_order(q)
-    plain = len(_best_codec(q.tobytes(), codecs)[1])
-    sorted_bytes = len(_best_codec(q[order].tobytes(), codecs)[1]) + 2 * n
+    plain = len(_best_codec(q.tobytes(), codecs, cache)[1])
+    sorted_bytes = len(_best_codec(q[order].tobytes(), codecs, cache)[1]) + 2 * n
     return sorted_bytes < plain
 
 
@@ -2777,7 +2783,7 @@ def compress_pergroup(entries, raw, cache=None, sort_rows=True):
         do_sort = (
             sort_rows
             and len(stream) >= SORT_MIN_BYTES
-            and _sort_pays(entries, members, raw, codecs)
+            and _sort_pays(entries, members, raw, codecs, cache)
         )
         if do_sort:
             for i, part in members:
@@ -2787,7 +2793,7 @@ def compress_pergroup(entries, raw, cache=None, sort_rows=True):
                     q = np.frombuffer(raw, np.int8, entries[i]["data"][1], off).reshape(rows, -1)
                     orders[i] = l1_row_order(q)
             stream = _group_stream(entries, members, raw, orders)
-        codec = _best_codec(_sample(stream), codecs)[0]
+        codec = _best_codec(_sample(stream), codecs, cache)[0]
         plan.append((name, stream, do_sort, codec))
     if orders:
         order_stream = b"".join(orders[i].tobytes() for i in sorted(orders))
@@ -2795,12 +2801,11 @@ def compress_pergroup(entries, raw, cache=None, sort_rows=True):
 
     def work(item):
         segment, codec = item
+        if codec is None:  # a group of one segment no larger than a sample: try them all
+            return _best_codec(segment, codecs, cache)
         key = (sha256_hex(segment), codec)
-        if key not in cache:
-            if codec is None:  # a group of one segment no larger than a sample: try them all
-                cache[key] = _best_codec(segment, codecs)
-            else:  # the sample chose the back end; only that one compresses the segment
-                cache[key] = (codec, PERGROUP_CODECS[codec][0](segment))
+        if key not in cache:  # the sample chose the back end; only that one compresses it
+            cache[key] = (codec, PERGROUP_CODECS[codec][0](segment))
         return cache[key]
 
     items = []

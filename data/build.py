@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,7 +29,9 @@ from data.caseops import CASEOPS_SHARD_TOKENS, check_caseops_export, export_case
 from data.shards import (
     MAX_TOKEN_ID,
     SHARD_SIZE,
+    check_export_args,
     progress,
+    remove_stale_shards,
     sha256_file,
     shard_info,
     write_binding,
@@ -249,10 +250,7 @@ def export_shards(
     out_dir/shards.json (the tokenizer binding the training scripts check), removes shards of an
     earlier export that this one did not write, and returns the manifest.
     """
-    if num_val_docs < 0:
-        raise ValueError(f"num_val_docs={num_val_docs}: must be >= 0")
-    if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size}: must be >= 1")
+    check_export_args(num_val_docs, shard_size)
     sp_model_path = Path(sp_model_path)
     out_dir = Path(out_dir)
     sp = load_tokenizer(sp_model_path)
@@ -287,12 +285,7 @@ def export_shards(
         writer.close()
 
     written = {p.name for w in writers.values() for p in w.files}
-    for stale in sorted(out_dir.glob(f"{prefix}_*_*.bin")):
-        if (
-            re.fullmatch(rf"{re.escape(prefix)}_(val|train)_\d{{6}}\.bin", stale.name)
-            and stale.name not in written
-        ):
-            stale.unlink()
+    remove_stale_shards(out_dir, prefix, ("val", "train"), written)
 
     manifest = {
         "tokenizer": {

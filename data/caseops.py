@@ -43,7 +43,9 @@ import numpy as np
 
 from data.shards import (
     MAX_TOKEN_ID,
+    check_export_args,
     read_shard,
+    remove_stale_shards,
     sha256_file,
     shard_info,
     write_binding,
@@ -303,10 +305,7 @@ def export_caseops_shards(
     out_dir/manifest.json (transform, tokenizer sha256, counts, original bytes, per-file sha256),
     removes shards of an earlier export that this one did not write, and returns the manifest.
     """
-    if num_val_docs < 0:
-        raise ValueError(f"num_val_docs={num_val_docs}: must be >= 0")
-    if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size}: must be >= 1")
+    check_export_args(num_val_docs, shard_size)
     sp_model_path = Path(sp_model_path)
     out_dir = Path(out_dir)
     sp = load_caseops_tokenizer(sp_model_path)
@@ -340,10 +339,7 @@ def export_caseops_shards(
     train.close()
 
     written = {path.name for path in val.files + train.files}
-    own_name = re.compile(rf"{re.escape(prefix)}_(val|val_bytes|train)_\d{{6}}\.bin")
-    for stale in sorted(out_dir.glob(f"{prefix}_*.bin")):
-        if own_name.fullmatch(stale.name) and stale.name not in written:
-            stale.unlink()
+    remove_stale_shards(out_dir, prefix, ("val", "val_bytes", "train"), written)
 
     manifest = {
         "text_transform": TRANSFORM_NAME,

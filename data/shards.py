@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -171,6 +172,23 @@ def write_bytes_atomic(path: str | os.PathLike, *chunks) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_export_args(num_val_docs: int, shard_size: int) -> None:
+    """ValueError for a negative val document count or a shard size under one token."""
+    if num_val_docs < 0:
+        raise ValueError(f"num_val_docs={num_val_docs}: must be >= 0")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}: must be >= 1")
+
+
+def remove_stale_shards(out_dir: Path, prefix: str, kinds: tuple[str, ...], written: set) -> None:
+    """Remove `{prefix}_{kind}_NNNNNN.bin` files of an earlier export that this one did not write
+    (a smaller export must not leave a longer one's tail behind)."""
+    own_name = re.compile(rf"{re.escape(prefix)}_({'|'.join(kinds)})_\d{{6}}\.bin")
+    for stale in sorted(Path(out_dir).glob(f"{prefix}_*.bin")):
+        if own_name.fullmatch(stale.name) and stale.name not in written:
+            stale.unlink()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -6,13 +6,14 @@
   EVAL_STRIDE=64 torchrun --standalone --nproc_per_node=8 eval_bpb.py ARTIFACT --mode sliding
 
 Our artifact names its script and the script's sha256. Its header is checked first (checksum,
-script name, tensor table, sizes) by this checkout's reader, before any code runs. Re-scoring
-imports that script so that its own loader, model and eval functions (its EVAL_MODES) score the
-bytes (the training run did the same, so the figures agree to the printed digits), and importing
-a script runs its code: by default only this checkout's train_*.py, or a git revision of it, with
-the header's sha256 is run. A script from anywhere else (a downloaded record folder) runs only
-when named with --trust-script PATH, which prints a warning. Our format holds no pickle; the
-official .ptz is read with torch.load(weights_only=True) only, through this tool's
+script name, tensor table, sizes) by this checkout's reader (golf.container), before any code
+runs. Re-scoring runs the code of the script the header binds, so that its own loader, model and
+eval functions (its EVAL_MODES) score the bytes (the training run did the same, so the figures
+agree to the printed digits): when the sha256 is this checkout's train_*.py, that is the golf
+package it is generated from (the model built through golf.models' registry); when it is the
+script at a git revision of this checkout, that revision's file. A script from anywhere else (a
+downloaded record folder) runs only when named with --trust-script PATH, which prints a warning.
+Our format holds no pickle; the official .ptz is read with torch.load(weights_only=True) only, through this tool's
 `load_official_int8` (zlib output, pickle size and opcodes bounded first), and evaluated with the
 `baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or
 TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters; env vars
@@ -32,22 +33,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import warnings
 import zipfile
 import zlib
 
-# OpenMP reads its wait policy when torch loads (importing train_gpt below): PASSIVE, so waiting
+# OpenMP reads its wait policy when torch loads (importing golf below): PASSIVE, so waiting
 # threads sleep instead of spinning on a busy CPU (issue 18). Imported as a module, nothing is set.
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# This checkout's training script, for its file hash and its artifact header checks only: scripts
-# and tokenizers are hashed before any of them is trusted. The eval modes come from the script that
-# wrote the artifact (load()).
-from train_gpt import file_sha256, read_artifact_header, sha256_hex
+# The package of this checkout, for the file hash and the artifact header checks: scripts and
+# tokenizers are hashed before any of them is trusted. The eval modes come from the code of the
+# script that wrote the artifact (load()).
+from golf.bundle import BUNDLES, MODULE_ORDER
+from golf.container import ARTIFACT_MAGIC, read_artifact_header
+from golf.runtime import file_sha256, sha256_hex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ARTIFACT_MAGIC = b"PGOLFART"
 # The official .ptz: bounds checked before torch.load (the baseline's own: ~17 MB inflated, a 17 KB
 # pickle of ~5,200 opcodes, ~1,100 memo reads, 147 storages, 17M elements).
 OFFICIAL_MAX_RAW_BYTES = 256 << 20
@@ -327,7 +330,33 @@ def official_script(args, cleanup):
     return path
 
 
+def package_namespace(script_name):
+    """This checkout's code of `script_name`, from the golf package it is generated from: one
+    namespace with the names its bundle has (the golf modules in layer order, then the model
+    module), so that re-scoring runs the same code without importing the bundle file."""
+    from golf.models import registry
+
+    spec = registry()[script_name]
+    names = {}
+    for module in MODULE_ORDER:
+        names.update(vars(importlib.import_module(f"golf.{module}")))
+    names.update(vars(importlib.import_module(spec.hyperparameters.__module__)))
+    names["check_compact"] = importlib.import_module("golf.compact").check_compact
+    names["__file__"] = spec.code_path
+    return types.SimpleNamespace(**names)
+
+
+def script_code(path):
+    """The code of a training script: the golf package for this checkout's own train_*.py, else
+    the file itself (a git revision of it, or a --trust-script)."""
+    name = os.path.basename(path)
+    if os.path.abspath(path) == os.path.join(HERE, name) and name in BUNDLES:
+        return package_namespace(name)
+    return import_script(path)
+
+
 def import_script(path):
+    """A script from a git revision of this checkout or from --trust-script, run as a module."""
     name = f"pgolf_script_{file_sha256(path)[:12]}"
     cached = sys.modules.get(name)
     if cached is not None and os.path.isfile(getattr(cached, "__file__", "")):
@@ -424,7 +453,7 @@ def load(args, env, cleanup):
 
     if header is not None:
         script = find_script(args.artifact, header, args, cleanup)
-        mod = import_script(script)
+        mod = script_code(script)
         check_compact_beside(args.artifact, header, mod)
         model, h = mod.load_artifact(args.artifact)
         info.update(
@@ -438,7 +467,7 @@ def load(args, env, cleanup):
         info["total_bytes"] = info["artifact_bytes"] + info["code_bytes"]
     else:
         script = official_script(args, cleanup)
-        mod = import_script(script)
+        mod = script_code(script)
 
         # torch warns about pickle protocols before refusing: keep the refusal to one line
         with warnings.catch_warnings():
@@ -506,7 +535,7 @@ def evaluate(mod, model, h, rt, max_tokens=None):
     """(mode, result, audits): the audits run on the model before the eval mode scores it."""
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
     # this checkout's data checks, for any script
-    from train_gpt import load_checked_val_tokens, load_val_byte_sidecar
+    from golf.data import load_checked_val_tokens, load_val_byte_sidecar
 
     val_tokens = load_checked_val_tokens(h, sp, max(h.train_seq_len, h.eval_len))
     # --max-tokens, else the run's VAL_MAX_TOKENS: the first N + 1 tokens

@@ -32,7 +32,6 @@ import re
 import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,6 @@ import zlib
 BUDGET_BYTES = 16_000_000
 THRESHOLD_NATS = 0.005
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
-ARTIFACT_MAGIC = b"PGOLFART"
-ARTIFACT_PREFIX = struct.Struct("<8sII")
 RUN_ONLY_HPARAMS = ("run_id", "seed", "log_dir", "artifact_path")
 SEPARATOR = "=" * 100
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,20 +65,23 @@ class Refused(Exception):
     """A budget, audit or consistency rule says no (exit 1)."""
 
 
-def _train_gpt():
-    """This checkout's train_gpt.py, imported on first use: the one place for the eval-mode
-    registry (EVAL_MODES) and the file hash. Importing it has no side effects, but it imports
-    torch, which the size report does without.
-    """
+def _golf(module):
+    """golf.<module> of this checkout, imported on first use (most of the package imports torch,
+    which `pack.py --help` and the log parser do without). pack.py never imports a train_*.py."""
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import train_gpt
+    import importlib
 
-    return train_gpt
+    return importlib.import_module(f"golf.{module}")
 
 
 def sha256_file(path):
-    return _train_gpt().file_sha256(path)
+    return _golf("runtime").file_sha256(path)
+
+
+def model_spec(script_name):
+    """The registered ModelSpec of one of our scripts (golf.models), or None."""
+    return _golf("models").registry().get(os.path.basename(script_name))
 
 
 def is_plain_name(name):
@@ -113,257 +113,54 @@ def plain_date(date):
 # -----------------------------------------------------------------------------
 # ARTIFACTS
 # -----------------------------------------------------------------------------
-# pack.py reads the containers itself rather than importing a training script, so its size figures
-# are an independent recomputation (and `pack.py size` needs no torch). The official .ptz is only
-# decompressed here, never unpickled.
+# pack.py recounts sizes from the files themselves, never from a run's log: our containers through
+# golf.container (the reader the training run and eval_bpb.py use, which checks every header field,
+# the header and payload sha256 and the inflated size); the official .ptz is only decompressed here,
+# never unpickled.
 
 
-def _inflate(name, data, limit):
-    """data decompressed, at most `limit` bytes (streamed: the output never grows past it)."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_RAW_BYTES:
-        raise InputError(f"raw_bytes {limit!r} is not a size between 0 and {MAX_RAW_BYTES}")
-    if name == "zlib":
-        out = zlib.decompressobj().decompress(data, limit + 1)
-    elif name == "lzma":
-        out = lzma.LZMADecompressor().decompress(data, limit + 1)
-    elif name == "zstd":
-        import io
-
-        import zstandard
-
-        # A frame that declares its content size ignores max_output_size: read a bounded stream.
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(limit + 1)
-    elif name == "brotli":
-        import brotli
-
-        dec = brotli.Decompressor()
-        out = dec.process(data, output_buffer_limit=limit + 1)
-        if len(out) <= limit and not dec.is_finished():
-            raise InputError("brotli stream is truncated or has trailing data")
-    elif name == "rans":
-        out = _rans_inflate(data, limit)
-    else:
-        raise InputError(f"unknown compressor {name!r}")
+def _inflate_official(data, limit=MAX_RAW_BYTES):
+    """An official .ptz's zlib stream, at most `limit` bytes (streamed: never grows past it)."""
+    out = zlib.decompressobj().decompress(data, limit + 1)
     if len(out) > limit:
         raise InputError(f"payload inflates beyond {limit} bytes")
     return out
 
 
-def _rans_inflate(data, limit):
-    """A per-group rANS stream (the scripts' RANS section: n, lanes, symbol range, frequencies,
-    final lane states, 16-bit words) decoded with numpy, at most `limit` bytes; every lane must
-    end in the start state 2^16."""
-    import numpy as np
-
-    if len(data) < 10:
-        raise InputError("rans stream is truncated")
-    n, lanes, lo, hi = struct.unpack_from("<IIBB", data)
-    if n > limit:
-        raise InputError(f"payload inflates beyond {limit} bytes")
-    if n == 0:
-        return b""
-    table_end = 10 + 2 * (hi - lo + 1)
-    if hi < lo or lanes != -(-n // 8192) or len(data) < table_end + 4 * lanes:
-        raise InputError("rans stream header is inconsistent or truncated")
-    freq = np.zeros(256, np.uint64)
-    freq[lo : hi + 1] = np.frombuffer(data, "<u2", hi - lo + 1, 10)
-    if int(freq.sum()) != 1 << 14 or (len(data) - table_end) % 2:
-        raise InputError("rans frequency table or word stream is malformed")
-    base = np.cumsum(freq) - freq
-    symbol_of_slot = np.repeat(np.arange(256, dtype=np.uint8), freq.astype(np.int64))
-    state = np.frombuffer(data, "<u4", lanes, table_end).astype(np.uint64)
-    words = np.frombuffer(data, "<u2", offset=table_end + 4 * lanes).astype(np.uint64)
-    rows = []
-    used = 0
-    for _ in range(-(-n // lanes)):
-        slot = state & np.uint64((1 << 14) - 1)
-        sym = symbol_of_slot[slot.astype(np.int64)]
-        rows.append(sym)
-        state = freq[sym] * (state >> np.uint64(14)) + slot - base[sym]
-        refill = np.flatnonzero(state < (1 << 16))
-        if used + len(refill) > len(words):
-            raise InputError("rans stream is truncated")
-        state[refill] = (state[refill] << np.uint64(16)) | words[used : used + len(refill)]
-        used += len(refill)
-    if used != len(words) or bool((state != (1 << 16)).any()):
-        raise InputError("rans stream is corrupt")
-    return np.concatenate(rows)[:n].tobytes()
-
-
-def _header_sha256(header):
-    """sha256 of the canonical header JSON without its own checksum (the scripts' definition)."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-
-
-# Per-group payloads (issue 15), decoded here from the header's tensor entries alone, as the
-# scripts do: int codes and float values bucketed by role and scheme, every other part one group,
-# rows of sorted groups stored in the order kept in group "order".
-GROUP_PARTS = ("data", "scale", "lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
-CONTROL_PARTS = (
-    "attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "smear_gate",
-    "attn_gate",
-)  # fmt: skip
-
-
-def _role(name):
-    if any(part in CONTROL_PARTS for part in name.split(".")):
-        return "control"
-    if "emb" in name or "lm_head" in name:
-        return "embed"
-    for role in ("mlp", "attn"):
-        if role in name:
-            return role
-    return "other"
-
-
-def _groups_of(tensors):
-    groups = {}
-    for i, e in enumerate(tensors):
-        for part in GROUP_PARTS:
-            if part in e:
-                key = f"{_role(e['name'])}.{e['scheme']}" if part == "data" else part
-                groups.setdefault(key, []).append((i, part))
-    return dict(sorted(groups.items()))
-
-
-def _sortable(e, part):
-    return part == "data" and e["scheme"].startswith("int") and 1 < e["shape"][0] <= 8192
-
-
-def inflate_groups(header, payload):
-    """The logical payload of a per-group artifact; its streams and their table."""
-    tensors = header["tensors"]
-    members = _groups_of(tensors)
-    table = header.get("groups")
-    names = [g.get("name") for g in table] if isinstance(table, list) else None
-    sorted_ids = sorted(
-        i
-        for g in table or []
-        if g.get("sorted") and g.get("name") in members
-        for i, part in members[g["name"]]
-        if _sortable(tensors[i], part)
-    )
-    if names != list(members) + (["order"] if sorted_ids else []):
-        raise InputError(f"groups {str(names)[:100]} are not those its tensors imply")
-    raw = bytearray(header["raw_bytes"])
-    streams = {}
-    at = 0
-
-    for g in table:
-        if g["name"] == "order":
-            want = sum(2 * len_rows for len_rows in (tensors[i]["shape"][0] for i in sorted_ids))
-        else:
-            want = sum(tensors[i][part][1] for i, part in members[g["name"]])
-        segment = 4 << 20  # raw bytes per compressed segment (PERGROUP_SEGMENT_BYTES)
-        if len(g["segments"]) != max(1, -(-want // segment)) or sum(g["segments"]) != g["bytes"]:
-            raise InputError(f"group {g['name']!r}: segments do not match its {want} bytes")
-        out = b""
-        for k, n in enumerate(g["segments"]):
-            limit = min(segment, want - k * segment)
-            piece = _inflate(g["codec"], payload[at : at + n], limit)
-            if len(piece) != limit:
-                raise InputError(f"group {g['name']!r} inflates to a short segment")
-            out += piece
-            at += n
-        streams[g["name"]] = out
-        g["raw_bytes"] = want
-
-    if at != len(payload):
-        raise InputError(f"groups add up to {at} bytes, the payload has {len(payload)}")
-
-    orders = {}
-    pos = 0
-    for i in sorted_ids:
-        rows = tensors[i]["shape"][0]
-        order = [int.from_bytes(streams["order"][pos + 2 * k : pos + 2 * k + 2], "little")
-                 for k in range(rows)]  # fmt: skip
-        pos += 2 * rows
-        if sorted(order) != list(range(rows)):
-            raise InputError(f"row order of {tensors[i]['name'][:80]!r} is not a permutation")
-        orders[i] = order
-
-    for name, parts in members.items():
-        at = 0
-        for i, part in parts:
-            off, n = tensors[i][part]
-            chunk = streams[name][at : at + n]
-            at += n
-            if i in orders and _sortable(tensors[i], part):
-                width = n // len(orders[i])
-                rows = [b""] * len(orders[i])
-                for k, r in enumerate(orders[i]):
-                    rows[r] = chunk[k * width : (k + 1) * width]
-                chunk = b"".join(rows)
-            raw[off : off + n] = chunk
-    return bytes(raw), table
-
-
 def read_container(path):
-    """{format, header, raw, overhead_bytes, file_bytes}: raw is the decompressed payload (ours)
-    or the raw torch.save bytes (official int8 .ptz). InputError for anything else."""
+    """{format, header, raw, overhead_bytes, file_bytes, groups}: raw is the decompressed payload
+    (ours, read and checked by golf.container, the one reader every tool uses) or the raw
+    torch.save bytes (official int8 .ptz, never unpickled here). InputError for anything else."""
+    container = _golf("container")
     try:
         with open(path, "rb") as f:
-            blob = f.read()
+            magic = f.read(len(container.ARTIFACT_MAGIC))
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
-    if blob[:8] == ARTIFACT_MAGIC:
-        if len(blob) < ARTIFACT_PREFIX.size:
-            raise InputError(f"{path}: truncated artifact ({len(blob)} bytes)")
-        _, version, head_len = ARTIFACT_PREFIX.unpack_from(blob)
-        digest_len = 32 if version == 2 else 0  # version 2: sha256, then the compressed header
-        start = ARTIFACT_PREFIX.size + digest_len + head_len
-        if head_len + digest_len > len(blob) - ARTIFACT_PREFIX.size:
-            raise InputError(f"{path}: truncated artifact header (declares {head_len} bytes)")
+    if magic == container.ARTIFACT_MAGIC:
         try:
-            head = blob[ARTIFACT_PREFIX.size + digest_len : start]
-            if digest_len:
-                if hashlib.sha256(head).digest() != blob[ARTIFACT_PREFIX.size :][:32]:
-                    raise InputError(
-                        f"{path}: header is corrupted (its sha256 differs from the one it records)"
-                    )
-                codec = {b"x": "lzma", b"b": "brotli"}.get(head[:1])
-                if codec is None:
-                    raise InputError(f"{path}: unknown header codec {head[:1]!r}")
-                head = _inflate(codec, head[1:], 16 << 20)
-            header = json.loads(head.decode("utf-8"))
-            if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
-                raise InputError(
-                    f"{path}: header is corrupted (its sha256 differs from the one it records)"
-                )
-            payload = blob[start:]
-            if (
-                len(payload) != header["payload_bytes"]
-                or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]
-            ):
-                raise InputError(
-                    f"{path}: payload is truncated or corrupted "
-                    "(length or sha256 differs from the header)"
-                )
-            groups = None
-
-            if header["compressor"] == "pergroup":
-                raw, groups = inflate_groups(header, payload)
-            else:
-                raw = _inflate(header["compressor"], payload, header["raw_bytes"])
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{path}: corrupt artifact ({type(exc).__name__}: {exc})") from None
+            header, offset = container.read_artifact_header(path)
+            header, raw = container.read_artifact(path)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        with open(path, "rb") as f:
+            version = container.ARTIFACT_PREFIX.unpack(f.read(container.ARTIFACT_PREFIX.size))[1]
         return {
             "format": header.get("format", "pgolf-artifact"),
             "version": version,
             "header": header,
             "raw": raw,
-            "overhead_bytes": start,
-            "file_bytes": len(blob),
-            "groups": groups,
+            "overhead_bytes": offset,
+            "file_bytes": size,
+            "groups": container.group_table(header) or None,
         }
+    if size > MAX_RAW_BYTES:
+        raise InputError(f"{path}: {size} bytes is not an artifact of this challenge")
+    with open(path, "rb") as f:
+        blob = f.read()
     try:
-        raw = _inflate("zlib", blob, MAX_RAW_BYTES)
+        raw = _inflate_official(blob)
     except (zlib.error, InputError):
         raise InputError(
             f"{path}: neither a Parameter Golf artifact nor a zlib-compressed official .ptz"
@@ -449,7 +246,7 @@ def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
 # -----------------------------------------------------------------------------
 # One parser for three families. Figures from our `summary:` line win; otherwise the final score is
 # the most evolved exact line: TTT, then sliding window, then the int8 roundtrip (later labels
-# follow). The eval modes and our labels come from train_gpt.py's registry, EVAL_MODES.
+# follow). The eval modes and our labels come from the one registry, golf.modes.EVAL_MODES.
 
 NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 PATTERNS = {
@@ -486,7 +283,7 @@ STANDARD_LABEL_WORDS = ("roundtrip", "quantized")
 
 def _evolved_modes():
     """The eval modes beyond standard, most evolved first (the registry lists plainest first)."""
-    return [name for name in reversed(_train_gpt().EVAL_MODES) if name != "standard"]
+    return [name for name in reversed(_golf("modes").EVAL_MODES) if name != "standard"]
 
 
 def _final_label(labels):
@@ -502,7 +299,7 @@ def _final_label(labels):
 def eval_mode_of(label):
     """The eval mode whose score a final log label reports: ours by the registry's labels, the other
     families' (`quantized_ttt_phased`, `final_sliding_window_s64`) by the mode name in them."""
-    modes = _train_gpt().EVAL_MODES
+    modes = _golf("modes").EVAL_MODES
     for mode in modes.values():
         if label == mode.label:
             return mode.name
@@ -1054,28 +851,17 @@ def our_script(script_path):
 
 
 def preset_defaults(preset, script_path):
-    """{hyperparameter: str(default)} of the preset, from this checkout's copy of the script;
+    """{hyperparameter: str(default)} of the preset, from this checkout's model (golf.models);
     {} when the record's script is not one of ours (it is not imported: pack.py runs no code it was
     handed)."""
     ours = our_script(script_path)
     if not preset or ours is None:
         return {}
     import dataclasses
-    import importlib.util
 
-    name = "_pack_" + os.path.basename(ours).removesuffix(".py")
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ours)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while it executes
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
+    spec = model_spec(ours)
     try:
-        base = module.Hyperparameters.from_env({"PRESET": preset})
+        base = spec.hyperparameters.from_env({"PRESET": preset})
     except ValueError:
         return {}
     return {k: str(v) for k, v in dataclasses.asdict(base).items()}
@@ -1371,7 +1157,7 @@ def _write_compact(folder, script, script_name, artifacts):
     readable_sha = hashlib.sha256(source).hexdigest()
     if wants <= {None, readable_sha}:
         return None
-    compact = _train_gpt().compact_code(source, script_name)
+    compact = _golf("compact").compact_code(source, script_name)
     if wants != {hashlib.sha256(compact).hexdigest()}:
         raise Refused(
             f"the artifacts bind counted code {sorted(w or '' for w in wants)} but the compact "
@@ -1397,7 +1183,7 @@ def _check_compact(folder, sub, script):
     with open(script, "rb") as f:
         source = f.read()
     try:
-        _train_gpt().check_compact(blob, source, os.path.basename(script))
+        _golf("compact").check_compact(blob, source, os.path.basename(script))
     except ValueError as exc:
         return [f"{name}: {exc}"], len(blob)
     return [], len(blob)
@@ -1891,7 +1677,11 @@ def _rescore_env():
     PRESET) or make it distributed: the re-score uses the artifact's own settings."""
     import dataclasses
 
-    names = {f.name.upper() for f in dataclasses.fields(_train_gpt().Hyperparameters)}
+    names = {
+        f.name.upper()
+        for spec in _golf("models").registry().values()
+        for f in dataclasses.fields(spec.hyperparameters)
+    }
     names |= {"PRESET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONUNBUFFERED"] = "1"

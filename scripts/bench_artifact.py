@@ -255,7 +255,7 @@ def main(argv=None):
         model = trained_like_(gpt.build_model(h0))
         state = gpt.artifact_state(model)
         params = sum(p.numel() for p in model.parameters())
-    readable = gpt.code_bytes_of()
+    readable = gpt.code_bytes_of(gpt.MODEL)
     fixed = {"bit_alloc": False, "gptq_embed": False, "gate_int8": False, "lqer_rank": 0}
     today = dataclasses.replace(
         h0, **fixed, compressor="zstd", header_compress=False, code_form="readable"

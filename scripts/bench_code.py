@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import train_gpt as gpt
+import golf.compact as gpt  # the build-time minifier and compact-form builder
 
 SCRIPTS = ("train_gpt.py", "train_hydra.py", "train_manifold.py")
 

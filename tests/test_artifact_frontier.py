@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import REPO, TINY_ENV
+from golf.compact import compact_code
 
 FRONTIER = {
     **TINY_ENV,
@@ -196,10 +197,10 @@ def test_forged_and_bomb_groups_are_refused(gpt, sorted_artifact, tmp_path):
 
 def test_counted_code_is_the_compact_form_in_the_header(gpt, sorted_artifact):
     header, _ = gpt.read_artifact_header(str(sorted_artifact["path"]))
-    compact = gpt.compact_code(gpt.code_bytes_of(), "train_gpt.py")
+    compact = compact_code(gpt.code_bytes_of(gpt.MODEL), "train_gpt.py")
     assert header["code_sha256"] == gpt.sha256_hex(compact)
     assert sorted_artifact["sizes"]["code_bytes"] == header["code_bytes"] == len(compact)
-    assert header["script_sha256"] == gpt.sha256_hex(gpt.code_bytes_of())
+    assert header["script_sha256"] == gpt.sha256_hex(gpt.code_bytes_of(gpt.MODEL))
 
 
 def test_lqer_roundtrip_reduces_the_error(gpt, tmp_path):

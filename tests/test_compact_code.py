@@ -20,6 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import golf.compact as compact_tools
 from conftest import REPO, SCRIPTS, TINY_ENV, summary_of
 
 # the overrides each script's tiny end-to-end runs use (their own test files' settings)
@@ -46,15 +47,15 @@ def load_compact(path, name):
 @pytest.fixture(scope="module")
 def compact(gpt):
     source = (REPO / "train_gpt.py").read_bytes()
-    return source, gpt.compact_code(source, "train_gpt.py")
+    return source, compact_tools.compact_code(source, "train_gpt.py")
 
 
 def test_the_compact_form_expands_to_the_minified_source(gpt, compact):
     source, blob = compact
-    minified, sha, size, name = gpt.expand_compact(blob)
-    assert minified == gpt.minify_source(source)
+    minified, sha, size, name = compact_tools.expand_compact(blob)
+    assert minified == compact_tools.minify_source(source)
     assert (sha, size, name) == (hashlib.sha256(source).hexdigest(), len(source), "train_gpt.py")
-    gpt.check_compact(blob, source, "train_gpt.py")
+    compact_tools.check_compact(blob, source, "train_gpt.py")
     text = minified.decode()
     kinds = {t.type for t in tokenize.generate_tokens(io.StringIO(text).readline)}
     assert tokenize.COMMENT not in kinds
@@ -72,22 +73,22 @@ def test_the_compact_form_expands_to_the_minified_source(gpt, compact):
 def test_a_compact_form_of_anything_else_is_refused(gpt, compact):
     source, blob = compact
     with pytest.raises(ValueError, match="wrapper"):
-        gpt.expand_compact(blob.replace(b"linecache,", b"linecache,sys,", 1))
+        compact_tools.expand_compact(blob.replace(b"linecache,", b"linecache,sys,", 1))
     with pytest.raises(ValueError, match="binds another"):
-        gpt.check_compact(blob, source + b"\n", "train_gpt.py")
+        compact_tools.check_compact(blob, source + b"\n", "train_gpt.py")
     with pytest.raises(ValueError, match="runs as"):
-        gpt.check_compact(blob, source, "train_hydra.py")
+        compact_tools.check_compact(blob, source, "train_hydra.py")
     # another program under the true source's sha256 and size: its source is not the minified
     # form of the readable file, and re-deriving it says so
     extra = b"\nprint('not the record')\n"
-    other = gpt.compact_code(source + extra, "train_gpt.py")
+    other = compact_tools.compact_code(source + extra, "train_gpt.py")
     true_sha = hashlib.sha256(source).hexdigest().encode()
     other_sha = hashlib.sha256(source + extra).hexdigest().encode()
     forged = other.replace(other_sha, true_sha).replace(
         b"READABLE_BYTES=%d" % (len(source) + len(extra)), b"READABLE_BYTES=%d" % len(source)
     )
     with pytest.raises(ValueError, match="not the minified form"):
-        gpt.check_compact(forged, source, "train_gpt.py")
+        compact_tools.check_compact(forged, source, "train_gpt.py")
 
 
 def test_minify_keeps_what_python_means():
@@ -128,9 +129,9 @@ RESULT = helper_function(5) + (Holder.__name__, only_doc(), helper_function(1, l
     want = {}
     got = {}
     exec(compile(src, "<readable>", "exec"), want)  # noqa: S102 (the test's own source)
-    minified = gpt.minify_source(src)
+    minified = compact_tools.minify_source(src)
     exec(compile(minified, "<minified>", "exec"), got)  # noqa: S102
-    renamed = gpt.compact_names(src)
+    renamed = compact_tools.compact_names(src)
     assert renamed["RESULT"] != "RESULT"  # module-level names are shortened too
     assert got[renamed["RESULT"]] == want["RESULT"]
     assert b"#" not in minified and b"doc" not in minified and b"\n\n" not in minified
@@ -142,13 +143,13 @@ def test_the_compact_module_runs_from_its_own_source(gpt, compact, tmp_path):
     path = tmp_path / "train_gpt_compact.py"
     path.write_bytes(blob)
     mod = load_compact(path, "train_gpt_compact")
-    names = gpt.compact_names(source)
+    names = compact_tools.compact_names(source)
 
     def fn(name):
         return getattr(mod, names.get(name, name))
 
-    assert fn("readable_sha256")() == hashlib.sha256(source).hexdigest()
-    assert fn("running_source")() == gpt.minify_source(source)
+    assert fn("readable_sha256")(mod.MODEL) == hashlib.sha256(source).hexdigest()
+    assert fn("running_source")(mod.MODEL) == compact_tools.minify_source(source)
     assert "tl.program_id" in inspect.getsource(fn("_triton_kernels"))
     hparams = mod.Hyperparameters
     h = hparams.from_env({**TINY_ENV, "CODE_FORM": "compact"})
@@ -161,7 +162,8 @@ KERNELS = """
 import hashlib, importlib.util, sys, torch
 sys.path.insert(0, {repo!r})
 import train_gpt as tg
-names = tg.compact_names(open({readable!r}, "rb").read())
+from golf.compact import compact_names
+names = compact_names(open({readable!r}, "rb").read())
 spec = importlib.util.spec_from_file_location("compact", {path!r})
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
@@ -222,9 +224,7 @@ def test_the_compact_form_trains_and_scores_exactly_like_the_readable_script(
     """The readable script and its compact form, on the same tiny run: byte-identical artifacts
     (both bind the readable sha256 and the compact form's bytes) and identical scores."""
     mod_name = name.removesuffix(".py")
-    import train_gpt as gpt
-
-    blob = gpt.compact_code((REPO / name).read_bytes(), name)
+    blob = compact_tools.compact_code((REPO / name).read_bytes(), name)
     folder = tmp_path / "record"
     folder.mkdir()
     compact_path = folder / f"{mod_name}_compact.py"
@@ -253,17 +253,17 @@ def test_the_base253_literal_roundtrips_and_needs_no_escapes_but_quotes(gpt):
     rng = np.random.default_rng(0)
     cases = [b"", b"\x00", b"\x00\x00\x07", quotes, rng.bytes(39_341), bytes(range(256)) * 4]
     for data in cases:
-        literal = gpt._base253_literal(data)
+        literal = compact_tools._base253_literal(data)
         assert not set(literal) & {0x00, 0x0D}
         assert literal.count(b"\\") == literal.count(b'\\"')  # the only escape is a quote's
         assert b'"""' not in literal and not literal.endswith(b'"') or literal.endswith(b'\\"')
         digits = ast.literal_eval('"""' + literal.decode("latin-1") + '"""').encode("latin-1")
-        assert gpt._base253_value(digits, len(data)) == data
+        assert compact_tools._base253_value(digits, len(data)) == data
     # two quotes that a quote follows, and the last: all escaped
-    assert gpt._base253_literal(quotes) == b'\\"\\"\\"'
+    assert compact_tools._base253_literal(quotes) == b'\\"\\"\\"'
     with pytest.raises(ValueError, match="outside the digits"):
-        gpt._base253_value(b"\x01\x00\x02", 3)
+        compact_tools._base253_value(b"\x01\x00\x02", 3)
     with pytest.raises(ValueError, match="more bytes"):
-        gpt._base253_value(gpt._base253_literal(b"\xff\xff"), 1)
+        compact_tools._base253_value(compact_tools._base253_literal(b"\xff\xff"), 1)
     with pytest.raises(ValueError, match="longer"):
-        gpt._base253_value(b"\x01" * 5000, 10)
+        compact_tools._base253_value(b"\x01" * 5000, 10)

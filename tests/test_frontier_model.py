@@ -195,7 +195,7 @@ def test_record_parameter_count_matches_1855(gpt):
         "parallel_post_lambdas",
         "parallel_resid_lambdas",
     ):
-        assert gpt.is_control_tensor(name), name
+        assert gpt.is_control_tensor(name, gpt.CONTROL_TENSOR_PATTERNS), name
 
 
 def test_a_token_never_sees_the_previous_document(gpt):

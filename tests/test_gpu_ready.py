@@ -480,7 +480,7 @@ def as_official(gpt, model):
         if isinstance(m, gpt.CastedLinear):
             m.float()
     for name, p in model.named_parameters():
-        if p.ndim < 2 or gpt.is_control_tensor(name):
+        if p.ndim < 2 or gpt.is_control_tensor(name, gpt.CONTROL_TENSOR_PATTERNS):
             p.data = p.data.float()
     return model
 

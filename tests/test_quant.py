@@ -318,7 +318,7 @@ def test_saving_twice_gives_identical_bytes_with_gptq_and_bit_allocation(gpt, tm
     model = small_model(gpt, h)
     table = gpt.width_table(gpt.artifact_state(model), h)
     middle = sum((row[min(row)][0] + row[max(row)][0]) / 2 for row in table.values())  # between 5 and 8 bits
-    budget = gpt._fixed_bytes(model.state_dict(), h, len(gpt.code_bytes_of())) + int(middle)
+    budget = gpt._fixed_bytes(model.state_dict(), h, len(gpt.code_bytes_of(gpt.MODEL))) + int(middle)
     h = hparams(gpt, keep_float_max_numel=0, bit_alloc=1, clip_method="search", size_margin=0, size_budget=budget)
     hessians = gpt.collect_hessians(model, [torch.randint(0, h.vocab_size, (2, 32)) for _ in range(2)])
     a, b = tmp_path / "a.pga", tmp_path / "b.pga"

@@ -1,0 +1,319 @@
+"""Configuration: the shared hyperparameters every model has, read from UPPER_SNAKE environment
+variables (named as in the records) after a PRESET's defaults, each converted and checked with the
+variable named in the error.
+"""
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+
+def ttt_phase_bounds(h):
+    """TTT_PHASES as a sorted list of cumulative document counts."""
+    try:
+        counts = [int(s) for s in h.ttt_phases.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"TTT_PHASES={h.ttt_phases!r}: expected comma-separated document counts"
+        ) from None
+    if any(c <= 0 for c in counts) or counts != sorted(set(counts)):
+        raise ValueError(f"TTT_PHASES={h.ttt_phases!r}: counts must be positive and increasing")
+    return counts
+
+
+QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
+
+
+# The eval modes (golf.modes maps each to its function and log label) and the single-stream
+# compressors (golf.codec.COMPRESSORS): named here, where the configuration checks them.
+EVAL_MODE_NAMES = ("standard", "sliding", "ttt", "ttt_lora", "ttt_phased")
+COMPRESSOR_NAMES = ("zstd", "lzma", "zlib")
+
+
+@dataclass
+class BaseHyperparameters:
+    """The fields every model shares; each model module subclasses it as `Hyperparameters` with
+    its own fields and `validate_model()`. `spec` is the model's ModelSpec (golf.contract), set
+    when the model registers: its presets, builder and script."""
+
+    spec = None  # a class attribute, not a field
+
+    # Run: where the data lives, how the run is named and logged.
+    preset: str = "record"
+    data_path: str = "data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = ""
+    seed: int = 1337
+    # The 10-minute track (PRESET=record, or any run with RECORD_ATTEMPT=1): the score is valid only
+    # with training and evaluation each within 600 s (TimeLedger.train_s and eval_s).
+    record_attempt: bool = False
+    log_dir: str = "logs"
+    artifact_path: str = ""
+    val_batch_size: int = 524288
+    val_max_tokens: int = 0
+    val_loss_every: int = 1000
+    train_log_every: int = 200
+    status_every: int = 50
+    compile: bool = True
+    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer (TECHNIQUES.md part
+    # E).
+    sample_prompt: str = "The history of the city"
+    sample_tokens: int = 64
+    halt_on_collapse: bool = False
+    data_mixer: bool = False
+    mixer_phase_steps: int = 20
+    mixer_ucb_c: float = 1.0
+    mixer_floor: float = 0.02
+    mixer_cap: float = 0.5
+    mixer_heldout_tokens: int = 65536
+    # Schedule: steps, batch and the wallclock budget.
+    iterations: int = 20000
+    warmup_steps: int = 20
+    warmdown_iters: int = 1200
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
+    max_wallclock_seconds: float = 600.0
+    train_batch_tokens: int = 524288
+    train_seq_len: int = 1024
+    # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    tied_embed_lr: float = 0.05
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_wd: float = 0.0
+    muon_row_norm: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0
+    grad_clip_norm: float = 0.0
+    ema_decay: float = 0.0
+    # Evaluation: the final score's mode and windows.
+    eval_mode: str = "standard"
+    eval_seq_len: int = 0
+    eval_stride: int = 64
+    ttt_enabled: bool = False
+    ttt_chunk_tokens: int = 32768
+    ttt_lr: float = 0.002
+    ttt_epochs: int = 3
+    ttt_momentum: float = 0.9
+    ttt_freeze_blocks: int = 0
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
+    audit_seq_len: int = 0
+    # Artifact: quantization (widths, clipping, GPTQ, late QAT, bit allocation) and compression.
+    quant_bits: int = 8
+    embed_bits: int = 8
+    int8_clip_percentile: float = 99.99984
+    clip_method: str = "percentile"
+    sdclip_k_mlp: float = 11.5
+    sdclip_k_attn: float = 13.0
+    sdclip_k_embed: float = 20.0
+    keep_float_max_numel: int = 65536
+    bit_alloc: bool = False
+    size_margin: int = 20000
+    compressor: str = "auto"
+    zstd_level: int = 22
+    size_budget: int = 16_000_000
+    gptq_enabled: bool = False
+    gptq_reserve_seconds: float = 8.0
+    gptq_calib_seqs: int = 32
+    gptq_calib_source: str = "train"
+    qat_start_frac: float = 0.0
+    qat_bits: int = 0
+    # Per-document LoRA TTT and phased global SGD (issue 16; EVAL_MODE=ttt_lora or ttt_phased):
+    # #1530's batched LoRA with #1855's values in the record preset.
+    ttt_lora_rank: int = 8
+    ttt_lora_lr: float = 0.0001
+    ttt_lora_chunk: int = 48
+    ttt_lora_beta1: float = 0.0
+    ttt_lora_beta2: float = 0.99
+    ttt_lora_wd: float = 0.5
+    ttt_lora_batch_docs: int = 64
+    ttt_lora_head: bool = True
+    ttt_phases: str = "833,1666,2500"
+    ttt_phase_lr: float = 0.001
+    ttt_phase_momentum: float = 0.9
+    ttt_phase_epochs: int = 1
+    # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
+    # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
+    # gates; rows sorted in per-group compression; the compressed header; the compact code form.
+    sdclip_k_other: float = 13.0
+    gptq_embed: bool = False
+    lqer_rank: int = 0
+    lqer_top_k: int = 3
+    lqer_group: int = 64
+    gate_int8: bool = False
+    pergroup_sort: bool = True
+    header_compress: bool = False
+    code_form: str = "readable"
+    # Issue 18 (the laptop loop): the evals besides the final score. PRE_QUANT_EVAL scores the float
+    # model before quantization; ROUNDTRIP_EVAL the artifact in standard windows when the final
+    # mode is another (sliding, TTT). The smoke preset turns both off and scores a val prefix
+    # (VAL_MAX_TOKENS); every other preset keeps them and the whole val split.
+    pre_quant_eval: bool = True
+    roundtrip_eval: bool = True
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        preset = env.get("PRESET", "record")
+        presets = cls.spec.presets
+        if preset not in presets:
+            raise ValueError(
+                f"PRESET={preset!r}: unknown preset (choose one of {', '.join(sorted(presets))})"
+            )
+        values = {"preset": preset, **presets[preset]}
+        for f in dataclasses.fields(cls):
+            name = f.name.upper()
+            if name in env and f.name != "preset":
+                values[f.name] = cls.parse_env_value(name, env[name], f.type)
+        h = cls(**values)
+        h.validate()
+        return h
+
+    @staticmethod
+    def parse_env_value(name, raw, kind):
+        text = str(raw).strip()
+        try:
+            if kind is bool and text.lower() in (
+                "1",
+                "true",
+                "yes",
+                "on",
+                "0",
+                "false",
+                "no",
+                "off",
+                "",
+            ):
+                return text.lower() in ("1", "true", "yes", "on")
+            if kind is int:
+                digits = text.replace("_", "")
+                if digits.lstrip("+-").isdigit():
+                    number = int(digits)
+                else:
+                    number = float(text)  # accepts 5e5; 0.5 is rejected below
+                if isinstance(number, int) or number.is_integer():
+                    return int(number)
+            if kind in (bool, int):
+                raise ValueError
+            if kind is not float:
+                return text
+            number = float(text)
+            if not math.isfinite(number):  # nan and inf parse as floats but mean nothing here
+                raise ValueError
+            return number
+        except ValueError:
+            expected = {bool: "0 or 1", int: "an integer", float: "a finite number"}.get(
+                kind, "a string"
+            )
+            raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+
+    def bad(self, name, why):
+        raise ValueError(f"{name.upper()}={getattr(self, name.lower())!r}: {why}")
+
+    def validate(self):
+        """Checks of the shared fields, then the script's own `validate_model`."""
+        for f in dataclasses.fields(self):  # every float knob, the model's too: finite
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                self.bad(f.name, "must be a finite number")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_lr") and getattr(self, f.name) < 0:
+                self.bad(f.name, "a learning rate must not be negative")
+        self.validate_run_id()
+        for name in (
+            "iterations",
+            "train_batch_tokens",
+            "train_seq_len",
+            "vocab_size",
+            "val_batch_size",
+            "eval_stride",
+            "ttt_chunk_tokens",
+            "size_budget",
+            "sdclip_k_mlp",
+            "sdclip_k_attn",
+            "sdclip_k_embed",
+            "sdclip_k_other",
+            "lqer_top_k",
+            "lqer_group",
+            "gptq_calib_seqs",
+        ):
+            if getattr(self, name) <= 0:
+                self.bad(name, "must be positive")
+        if self.vocab_size > 65536:
+            self.bad(
+                "VOCAB_SIZE", "shards store uint16 token ids, so the vocabulary is at most 65,536"
+            )
+        if self.train_batch_tokens % (8 * self.train_seq_len):
+            self.bad(
+                "TRAIN_BATCH_TOKENS",
+                f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}",
+            )
+        if self.eval_stride > self.eval_len:
+            self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
+        for name, allowed in (
+            ("EVAL_MODE", EVAL_MODE_NAMES),
+            ("QUANT_BITS", QUANT_INT_BITS),
+            ("EMBED_BITS", QUANT_INT_BITS),
+            ("QAT_BITS", (0, *QUANT_INT_BITS)),
+            ("CLIP_METHOD", ("percentile", "search", "sdclip")),
+            ("GPTQ_CALIB_SOURCE", ("train", "self")),
+            ("COMPRESSOR", ("auto", "pergroup", *COMPRESSOR_NAMES)),
+            ("CODE_FORM", ("readable", "compact")),
+            ("LQER_RANK", tuple(range(65))),
+        ):
+            if getattr(self, name.lower()) not in allowed:
+                self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
+        for name, lo, hi in (
+            ("ema_decay", 0.0, 0.999999),
+            ("warmdown_frac", 0.0, 1.0),
+            ("min_lr", 0.0, 1.0),
+            ("qat_start_frac", 0.0, 0.999999),
+        ):
+            if not lo <= getattr(self, name) <= hi:
+                self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
+        for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
+            if getattr(self, name) < 0:
+                self.bad(name, "must not be negative")
+        self.validate_lora_ttt()
+        self.validate_model()
+
+    def validate_lora_ttt(self):
+        """The issue-16 knobs: LoRA TTT and its phases."""
+        for name in ("ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_batch_docs", "ttt_phase_epochs"):
+            if getattr(self, name) <= 0:
+                self.bad(name, "must be positive")
+        for name in ("ttt_lora_beta1", "ttt_lora_beta2", "ttt_phase_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                self.bad(name, "must be in [0, 1)")
+        if self.ttt_lora_wd < 0:
+            self.bad("ttt_lora_wd", "must not be negative")
+        ttt_phase_bounds(self)
+
+    def validate_run_id(self):
+        """RUN_ID names files in LOG_DIR: a plain name (letters, digits, `._-`), never a path."""
+        run_id = self.run_id
+        plain = all(c.isascii() and (c.isalnum() or c in "._-") for c in run_id)
+        if not plain or run_id.startswith(".") or len(run_id) > 128:
+            self.bad(
+                "run_id",
+                "must be a plain name of at most 128 letters, digits, '.', '_' or '-', "
+                "not starting with '.' (no path separators)",
+            )
+
+    @property
+    def eval_len(self):
+        return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def record_track(self):
+        """Whether the run competes on the 10-minute track (PRESET=record or RECORD_ATTEMPT=1)."""
+        return self.preset == "record" or self.record_attempt

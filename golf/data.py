@@ -1,0 +1,373 @@
+"""Data: the official shard format, token streams and the distributed loader, the val split and its
+checks against the tokenizer that made it.
+"""
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+from golf.runtime import file_sha256
+
+# ===== BEGIN SHARED BLOCK: data v1 =====
+# Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token
+# count; then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the
+# eval paths alone.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
+BOS_ID = 1
+SHARDS_BINDING = "shards.json"  # written by data/: the sha256 of the tokenizer the shards need
+REENCODE_MAX_DOCS = 4
+REENCODE_MAX_TOKENS = 20_000
+
+
+def shard_token_count(path):
+    """The header's token count after checking magic, version and the file size it implies."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(
+            f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard"
+        )
+    if header[1] != SHARD_VERSION:
+        raise ValueError(
+            f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})"
+        )
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise ValueError(
+            f"{path}: truncated or padded: header says {num_tokens} tokens "
+            f"({expected} bytes) but the file has {size} bytes"
+        )
+    return num_tokens
+
+
+def load_data_shard(path):
+    num_tokens = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+
+
+def shard_files(data_path, split):
+    """Sorted shard paths of one split (`fineweb_val_bytes_*.bin` sidecars are not val shards);
+    an error naming DATA_PATH when there are none."""
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    name_rule = re.compile(rf"fineweb_{split}_\d{{6}}\.bin")
+    files = sorted(p for p in glob.glob(pattern) if name_rule.fullmatch(os.path.basename(p)))
+    if not files:
+        raise FileNotFoundError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern}")
+    return files
+
+
+class TokenStream:
+    """Reads shards in order, wrapping around (each file from token `start` on), in contiguous
+    spans. With vocab_size, each shard is checked as it is opened (a max on the host, milliseconds
+    per shard): an id >= VOCAB_SIZE is a one-line error naming the shard before any of its tokens
+    reach the model."""
+
+    def __init__(self, files, start=0, vocab_size=0):
+        self.files = list(files)
+        self.start = start
+        self.vocab_size = vocab_size
+        self.file_idx = 0
+        self.tokens = self._open(0)
+        self.pos = start
+
+    def _open(self, idx):
+        path = self.files[idx]
+        tokens = load_data_shard(path)
+        top = int(tokens.numpy().max()) if self.vocab_size and tokens.numel() else 0
+        if top >= self.vocab_size > 0:
+            raise ValueError(
+                f"{path}: token id {top} >= VOCAB_SIZE={self.vocab_size}; the shard was not "
+                "made with this tokenizer"
+            )
+        return tokens
+
+    def take(self, n):
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens = self._open(self.file_idx)
+                self.pos = self.start
+                continue
+            k = min(n, self.tokens.numel() - self.pos)
+            chunks.append(self.tokens[self.pos : self.pos + k])
+            self.pos += k
+            n -= k
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def state(self):
+        return (self.file_idx, self.pos)
+
+    def restore(self, state):
+        if state[0] != self.file_idx:
+            self.tokens = self._open(state[0])
+        self.file_idx, self.pos = state
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes (global_tokens / (world * accum) + 1) x world contiguous tokens; rank r
+    gets the r-th span, so every world size sees the same tokens per step (the same maths on 1 to
+    8 processes). With `shard=k` (the shard mixer) the span comes from shard k's own stream
+    instead of the sequential one."""
+
+    def __init__(self, data_path, rank, world_size, device, vocab_size=0):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.vocab_size = vocab_size
+        self.files = shard_files(data_path, "train")
+        self.stream = TokenStream(self.files, vocab_size=vocab_size)
+        self.shard_streams = {}
+        self.skip = 0  # tokens of shard 0 held out for the mixer's reward
+
+    def next_batch(self, global_tokens, seq_len, grad_accum_steps, shard=None):
+        span = global_tokens // (self.world_size * grad_accum_steps) + 1
+        if shard is not None and shard not in self.shard_streams:
+            self.shard_streams[shard] = TokenStream(
+                [self.files[shard]],
+                start=self.skip if shard == 0 else 0,
+                vocab_size=self.vocab_size,
+            )
+        stream = self.stream if shard is None else self.shard_streams[shard]
+        chunk = stream.take(span * self.world_size)
+        local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
+        x = local[:-1].reshape(-1, seq_len)
+        y = local[1:].reshape(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def heldout(self, n_tokens, seq_len):
+        """The first n tokens of shard 0 as (x, y); the mixer's shard-0 stream then skips them."""
+        tokens = load_data_shard(self.files[0])[: n_tokens + 1].to(torch.int64)
+        n = (tokens.numel() - 1) // seq_len * seq_len
+        self.skip = n
+        x = tokens[:n].view(-1, seq_len)
+        y = tokens[1 : n + 1].view(-1, seq_len)
+        return x.to(self.device), y.to(self.device)
+
+    def state(self):
+        return self.stream.state(), {k: s.state() for k, s in self.shard_streams.items()}
+
+    def restore(self, state):
+        self.stream.restore(state[0])
+        self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
+        for k, st in state[1].items():
+            self.shard_streams[k].restore(st)
+
+
+def val_token_count(data_path):
+    """Number of val tokens from the file sizes alone, so a too-short split fails before training
+    without opening a val file."""
+    return sum(
+        (os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_files(data_path, "val")
+    )
+
+
+def load_validation_tokens(data_path, seq_len, max_tokens=0, vocab_size=0):
+    """All val tokens, or the first max_tokens + 1 (VAL_MAX_TOKENS: quick looks, never an official
+    score). With vocab_size, every val shard is checked as it is read (check_val_shard)."""
+    shards = []
+    for i, path in enumerate(shard_files(data_path, "val")):
+        shard = load_data_shard(path)
+        if vocab_size:
+            check_val_shard(path, shard, vocab_size, first=i == 0)
+        shards.append(shard)
+    tokens = torch.cat(shards).to(torch.int64)
+    tokens = tokens[: max_tokens + 1] if max_tokens > 0 else tokens
+    if tokens.numel() < seq_len + 1:
+        raise ValueError(
+            f"DATA_PATH={data_path!r}: the val split has {tokens.numel()} tokens, "
+            f"shorter than one sequence of {seq_len} + 1"
+        )
+    return tokens
+
+
+def check_val_shard(path, tokens, vocab_size, first):
+    """A val shard's ids lie below VOCAB_SIZE, and the split opens with BOS (id 1): an id out of
+    range fails at the first eval, after the whole training run, and a stream without BOS has no
+    document boundaries for the byte audit and TTT."""
+    ids = tokens.numpy()
+    if ids.size == 0:
+        raise ValueError(f"{path}: val shard holds no tokens")
+    top = int(ids.max())
+    if top >= vocab_size:
+        where = int(np.argmax(ids >= vocab_size))
+        raise ValueError(
+            f"{path}: token id {top} >= VOCAB_SIZE={vocab_size} (first at position {where})"
+        )
+    if first and int(ids[0]) != BOS_ID:
+        raise ValueError(
+            f"{path}: val split starts with token {int(ids[0])}, not BOS (id {BOS_ID}); "
+            "documents must be written as [BOS] + tokens"
+        )
+
+
+def read_shards_binding(data_path):
+    """DATA_PATH/shards.json as a dict (None when absent), after checking its format."""
+    path = os.path.join(data_path, SHARDS_BINDING)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            binding = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable shard binding ({exc})") from None
+    if not isinstance(binding, dict) or binding.get("format") != "pgolf-shards":
+        raise ValueError(f"{path}: not a pgolf-shards binding (format must be 'pgolf-shards')")
+    if binding.get("version") != 1:
+        raise ValueError(f"{path}: unsupported binding version {binding.get('version')!r}")
+    digest = binding.get("tokenizer_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ValueError(f"{path}: tokenizer_sha256 {digest!r} is not a sha256 hex digest")
+    if not isinstance(binding.get("vocab_size"), int):
+        raise ValueError(f"{path}: vocab_size {binding.get('vocab_size')!r} is not an integer")
+    return binding
+
+
+def check_shards_binding(h, binding):
+    """The tokenizer must be the one the shards were written with (same sha256, same vocab)."""
+    got = file_sha256(h.tokenizer_path)
+    if got != binding["tokenizer_sha256"]:
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path!r} (sha256 {got}) is not the tokenizer the shards "
+            f"of DATA_PATH={h.data_path!r} were made with (sha256 {binding['tokenizer_sha256']}, "
+            f"{binding.get('tokenizer', '?')}, recorded in {SHARDS_BINDING})"
+        )
+    if binding["vocab_size"] != h.vocab_size:
+        raise ValueError(
+            f"DATA_PATH={h.data_path!r}: {SHARDS_BINDING} records vocab_size "
+            f"{binding['vocab_size']} but VOCAB_SIZE={h.vocab_size}"
+        )
+
+
+def reencode_sample(sp, tokens):
+    """The first documents of the val stream (split at BOS, at most REENCODE_MAX_DOCS documents and
+    REENCODE_MAX_TOKENS tokens), each as a list of ids. The last one, maybe cut, ends before its last
+    word-initial piece, so re-encoding its text cannot merge across the cut."""
+    sample = tokens[: REENCODE_MAX_TOKENS + 1].tolist()
+    starts = [i for i, t in enumerate(sample) if t == BOS_ID] + [len(sample)]
+    docs = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        doc = sample[a + 1 : b]
+        if b == len(sample):  # the last document may run on past the sample (or VAL_MAX_TOKENS)
+            word_starts = [i for i, t in enumerate(doc) if sp.id_to_piece(t).startswith("\u2581")]
+            doc = doc[: word_starts[-1]] if word_starts else []
+        if doc:
+            docs.append(doc)
+    return docs[:REENCODE_MAX_DOCS]
+
+
+def check_reencode(h, sp, tokens):
+    """Without shards.json: decoding the first val documents and encoding the text again must give
+    back the same ids. The official export wrote encode(text), and decode(encode(text)) encodes to
+    the same ids (nmt_nfkc normalization is idempotent); a different tokenizer of the same
+    vocabulary size decodes the ids to other text that encodes differently."""
+    docs = reencode_sample(sp, tokens)
+    if not docs:
+        raise ValueError(f"DATA_PATH={h.data_path!r}: no val document to check the tokenizer on")
+    disagree = []
+    for doc in docs:
+        again = sp.encode(sp.decode(doc))
+        if again != doc:
+            pos = next((i for i, (a, b) in enumerate(zip(doc, again)) if a != b), len(doc))
+            disagree.append((len(doc), pos))
+    if 2 * len(disagree) >= len(docs):
+        n_tokens, pos = disagree[0]
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path!r} does not reproduce the val tokens of "
+            f"DATA_PATH={h.data_path!r}: {len(disagree)} of the first {len(docs)} documents "
+            f"re-encode differently (the first from token {pos} of {n_tokens}); use the tokenizer "
+            f"the shards were made with, or write {SHARDS_BINDING} beside them"
+        )
+
+
+def load_checked_val_tokens(h, sp, seq_len, max_tokens=0):
+    """load_validation_tokens after the data checks that must pass before training or scoring: the
+    tokenizer belongs to the shards (shards.json, else the re-encode check), every val shard holds
+    ids < VOCAB_SIZE and starts the split with BOS, and every train shard's header matches its file
+    size. Each failure is a one-line ValueError naming the file or variable."""
+    binding = read_shards_binding(h.data_path)
+    if binding is not None:
+        check_shards_binding(h, binding)
+    for path in sorted(glob.glob(os.path.join(h.data_path, "fineweb_train_*.bin"))):
+        shard_token_count(path)
+    tokens = load_validation_tokens(h.data_path, seq_len, max_tokens, h.vocab_size)
+    if binding is None:
+        check_reencode(h, sp, tokens)
+    return tokens
+
+
+def data_text_transform(data_path):
+    """The text transform the shards' manifest.json declares (e.g. "lossless_caps_caseops_v1"),
+    or None (no manifest, or plain text)."""
+    path = os.path.join(data_path, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    transform = manifest.get("text_transform")
+    if transform is not None and not isinstance(transform, str):
+        raise ValueError(f"{path}: text_transform must be a string, not {transform!r}")
+    return transform
+
+
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def sidecar_path(val_shard):
+    """The byte sidecar of a val shard: fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin."""
+    folder, name = os.path.split(val_shard)
+    return os.path.join(folder, name.replace("_val_", "_val_bytes_", 1))
+
+
+def load_val_byte_sidecar(data_path, n_tokens):
+    """The val split's per-token original byte counts (int64, the first n_tokens), or None when
+    the split has no `fineweb_val_bytes_*.bin`. Once any sidecar exists, every val shard must have
+    one of its exact length: a missing or short sidecar is an error, never a silent fallback to the
+    lookup tables (they would count the transformed text)."""
+    pattern = os.path.join(data_path, "fineweb_val_bytes_*.bin")
+    present = sorted(glob.glob(pattern))
+    val_files = shard_files(data_path, "val")
+    if not present:
+        transform = data_text_transform(data_path)
+        if transform:
+            missing = sidecar_path(val_files[0])
+            raise ValueError(
+                f"{missing}: missing; DATA_PATH={data_path!r} holds {transform} text, whose bytes "
+                "only the sidecars count"
+            )
+        return None
+    expected = {sidecar_path(p) for p in val_files}
+    strays = [p for p in present if p not in expected]
+    if strays:
+        raise ValueError(f"{strays[0]}: a byte sidecar with no val shard of the same number")
+    parts = []
+    for val_file in val_files:
+        side = sidecar_path(val_file)
+        if not os.path.isfile(side):
+            raise ValueError(f"{side}: missing byte sidecar of {os.path.basename(val_file)}")
+        counts = load_data_shard(side)
+        n_val = shard_token_count(val_file)
+        if counts.numel() != n_val:
+            raise ValueError(
+                f"{side}: {counts.numel()} byte counts for the {n_val} tokens of "
+                f"{os.path.basename(val_file)}"
+            )
+        parts.append(counts)
+    per_token = torch.cat(parts).to(torch.int64)
+    return per_token[:n_tokens]

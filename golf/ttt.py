@@ -1,0 +1,416 @@
+"""Per-document LoRA test-time training and phased global SGD, score-first."""
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from golf.bpb import target_bytes
+from golf.config import ttt_phase_bounds
+from golf.contract import model_hook
+from golf.evaluation import (
+    RecordedTokens,
+    _dist_info,
+    _eval_result,
+    _model_device,
+    _TTTTrainer,
+    audit_score_first,
+    token_nll,
+)
+from golf.runtime import dist_max, dist_sum
+
+# --- Per-document LoRA TTT and phased global SGD (issue 16) ------------------------------------
+# Batched per-document LoRA (#1530; rank 80, 48-token chunks, AdamW beta2 0.99 and weight decay
+# 0.5 in #1855): the val stream is cut into documents at BOS; every document gets its own rank-r
+# adapters on Q/K/V/O, the MLP and the head, reset to the same initial values at its start. A
+# document is scored chunk by chunk: one forward of the chunk with up to EVAL_SEQ_LEN tokens of the
+# document before it accumulates the chunk's loss, then one AdamW step trains the adapters on that
+# same loss, so every chunk is scored by adapters that have seen only the chunks before it. Many
+# documents share each forward (one batch row each). Phased global SGD (#1610 -> #1626 -> #1855):
+# after the first TTT_PHASES documents (cumulative counts) are fully scored, scoring pauses and the
+# base weights train by SGD on exactly the documents scored since the last pause; scoring goes on
+# with the updated base. LoRA is applied by forward hooks on the model's own modules, so the TTT
+# forward is the model's forward (SmearGate's BOS mask, gates, recurrence: all of it) and the two
+# cannot drift (#1787 skipped a gate in a separate TTT forward and scored 1.908).
+
+
+def ttt_lora_span(doc_lo, first, last, window):
+    """The val positions [lo, hi) the LoRA trainer reads for the chunk of targets first..last of
+    the document that starts at doc_lo: the chunk and up to `window` tokens of context before its
+    last target, inside the document; never past the chunk's last target."""
+    return max(doc_lo, last - window), last + 1
+
+
+def ttt_phase_range(lo, last_target):
+    """The val positions [lo, hi) the phase trainer reads: the documents scored since the last
+    pause, from the first one's BOS to the last scored target."""
+    return lo, last_target + 1
+
+
+def val_documents(tokens, bos_id=1):
+    """Documents as (first token, first target, last target) rows of an int64 array: a document
+    runs from its BOS to the next BOS, which is its last target (the end of the document is
+    predicted from its own context), so targets 1..N-1 belong to exactly one document."""
+    n = tokens.numel()
+    starts = torch.nonzero(tokens == bos_id).flatten().cpu().numpy().astype(np.int64)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    ends = np.minimum(np.append(starts[1:], n - 1), n - 1)
+    docs = np.stack((starts, starts + 1, ends), axis=1)
+    return docs[docs[:, 2] >= docs[:, 1]]
+
+
+def lora_targets(model, head=True):
+    """{name: module} to adapt: the model's `lora_targets()` hook, else every nn.Linear under
+    `blocks` (Q/K/V/O and the MLP) and an `lm_head` module. A tied head (F.linear on the
+    embedding) has no module: its adapter sits on the module that feeds it, `final_norm`, as
+    x <- x + x A B, i.e. the head's logits move by (x A B) W_emb^T, rank r."""
+    hook = model_hook(model, "lora_targets")
+    if hook is not None:
+        return dict(hook())
+    modules = dict(model.named_modules())
+    found = {
+        name: m
+        for name, m in modules.items()
+        if isinstance(m, nn.Linear) and (name.startswith("blocks.") or name == "lm_head")
+    }
+    if head and "lm_head" not in found and "final_norm" in modules:
+        found["final_norm"] = modules["final_norm"]
+    if not found:
+        raise ValueError(
+            "LoRA TTT: the model has no `lora_targets` hook and no nn.Linear in blocks"
+        )
+    return found
+
+
+class LoraAdapters:
+    """Rank-r adapters for up to `rows` documents on each target module, applied by forward hooks:
+    an nn.Linear's output gains x A_b B_b (x its input), any other module's output y gains
+    y A_b B_b, for batch row b. A starts at one shared random draw (so a document's adapters do
+    not depend on its batch row), B at zero (so the model starts exactly as scored without TTT)."""
+
+    def __init__(self, model, h, rows, device):
+        self.h = h
+        self.rows = rows
+        self.device = device
+        self.targets = lora_targets(model, h.ttt_lora_head)
+        dims = self._dims(model, device)
+        gen = torch.Generator().manual_seed(h.seed)
+        r = h.ttt_lora_rank
+        self.init_a = {
+            name: ((torch.rand(d_in, r, generator=gen) * 2 - 1) / math.sqrt(d_in)).to(device)
+            for name, (d_in, _) in dims.items()
+        }
+        self.dims = dims
+        self.active = 0
+        self.reset()
+
+    def _dims(self, model, device):
+        """(in, out) features per target; a forward on two tokens finds those of non-Linear
+        modules."""
+        dims = {}
+        other = {}
+        for name, m in self.targets.items():
+            if isinstance(m, nn.Linear):
+                dims[name] = (m.in_features, m.out_features)
+            else:
+                other[name] = m
+        if other:
+
+            def record(name):
+                def hook(module, args, out):
+                    dims.setdefault(name, (out.size(-1), out.size(-1)))
+
+                return hook
+
+            handles = [m.register_forward_hook(record(name)) for name, m in other.items()]
+            try:
+                with torch.no_grad():
+                    model.forward_logits(torch.ones(1, 2, dtype=torch.int64, device=device))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return dims
+
+    def reset(self):
+        """Fresh adapters for every row (a new group of documents) and a fresh AdamW."""
+        h = self.h
+        self.a = {
+            n: a[None].repeat(self.rows, 1, 1).requires_grad_(True) for n, a in self.init_a.items()
+        }
+        self.b = {
+            n: torch.zeros(self.rows, h.ttt_lora_rank, d_out, device=self.device).requires_grad_(
+                True
+            )
+            for n, (_, d_out) in self.dims.items()
+        }
+        self.opt = torch.optim.AdamW(
+            [*self.a.values(), *self.b.values()],
+            lr=h.ttt_lora_lr,
+            betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
+            weight_decay=h.ttt_lora_wd,
+        )
+
+    def _hook(self, name, linear):
+        def add_delta(module, args, out):
+            n = self.active
+            x = args[0] if linear else out
+            flat = x.reshape(n, -1, x.size(-1))
+            a = self.a[name][:n].to(flat.dtype)
+            b = self.b[name][:n].to(flat.dtype)
+            return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
+
+        return add_delta
+
+    @contextlib.contextmanager
+    def applied(self, n_rows):
+        """Hooks on while the first n_rows adapters serve a batch of n_rows documents."""
+        self.active = n_rows
+        handles = [
+            m.register_forward_hook(self._hook(name, isinstance(m, nn.Linear)))
+            for name, m in self.targets.items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _SpanRecorder(RecordedTokens):
+    def take_spans(self):
+        """The (lo, hi) spans read since the last call."""
+        spans = self._spans
+        self._spans = []
+        return spans
+
+
+def _unscored_reads(spans, coverage, starts):
+    """How many positions the spans read that the scorer has not yet counted (a device tensor: no
+    sync). Document starts (`starts`, a bool mask; position 0 is one) are exempt: a BOS is
+    structure, not content; the segmentation reads every BOS up front (as #1530's batching does),
+    so a document's trainer may read its own BOS before the previous document's last target is
+    scored."""
+    idx = [np.arange(lo, hi) for lo, hi in spans if hi > lo]
+    if not idx:
+        return torch.zeros((), dtype=torch.int64, device=coverage.device)
+    pos = torch.as_tensor(np.concatenate(idx), device=coverage.device)
+    return ((coverage[pos] == 0) & ~starts[pos]).sum()
+
+
+class _LoraEval:
+    """One LoRA-TTT evaluation (phases optional): state shared by the group loop and the pauses."""
+
+    def __init__(self, h, model, val_tokens, luts, phased, doc_scores):
+        self.h = h
+        self.device = _model_device(model)
+        self.tokens = val_tokens.to(device=self.device, dtype=torch.int64)
+        self.luts = luts
+        self.doc_scores = doc_scores
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.coverage = torch.zeros(self.tokens.numel(), dtype=torch.int32, device=self.device)
+        self.ledger = []
+        self.view = _SpanRecorder(self.tokens)
+        self.phase_view = _SpanRecorder(self.tokens)
+        self.docs = val_documents(self.tokens)
+        self.starts = torch.zeros(self.tokens.numel(), dtype=torch.bool, device=self.device)
+        self.starts[torch.as_tensor(self.docs[:, 0], device=self.device)] = True
+        self.scored_upto = -1
+        self.steps = 0
+        self.trainer = _TTTTrainer(self._phase_h(), model, 1) if phased else None
+        self.model = self.trainer.model if phased else model
+        self.adapters = LoraAdapters(self.model, h, h.ttt_lora_batch_docs, self.device)
+
+    def _phase_h(self):
+        h = self.h
+        return dataclasses.replace(
+            h,
+            ttt_lr=h.ttt_phase_lr,
+            ttt_momentum=h.ttt_phase_momentum,
+            ttt_epochs=h.ttt_phase_epochs,
+        )
+
+    def score_group(self, docs, doc_ids):
+        """LoRA TTT over a group of documents (rows of val_documents, longest first)."""
+        h = self.h
+        chunk = h.ttt_lora_chunk
+        n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
+        self.adapters.reset()
+        doc_nll = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
+        for k in range(int(n_chunks.max())):
+            n = int((n_chunks > k).sum())  # longest first: the active documents are a prefix
+            rows = docs[:n]
+            firsts = rows[:, 1] + k * chunk
+            lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
+            spans = [
+                ttt_lora_span(int(d), int(f), int(l), h.eval_len)
+                for d, f, l in zip(rows[:, 0], firsts, lasts)
+            ]
+            nll, x, y, pos = self._forward(spans, n)
+            first_t = torch.as_tensor(firsts, device=self.device)[:, None]
+            last_t = torch.as_tensor(lasts, device=self.device)[:, None]
+            scored = (pos >= first_t) & (pos <= last_t)
+            trained = (pos >= first_t) & (y >= 0)
+            self._score(nll.detach(), x, y, pos, scored, doc_nll[:n])
+            self.scored_upto = max(self.scored_upto, int(lasts.max()))
+            self.ledger.append({"event": "score", "chunk": k, "scored_upto": self.scored_upto})
+            per_doc = (nll * trained).sum(1) / trained.sum(1).clamp(min=1)
+            self.adapters.opt.zero_grad(set_to_none=False)
+            per_doc.sum().backward()
+            self.adapters.opt.step()
+            self.steps += 1
+            spans_read = self.view.take_spans()
+            self.ledger.append(
+                {
+                    "event": "update",
+                    "chunk": k,
+                    "step": self.steps,
+                    "reads": len(spans_read),
+                    "max_target": max(hi - 1 for _, hi in spans_read),
+                    "unscored_reads": _unscored_reads(spans_read, self.coverage, self.starts),
+                }
+            )
+        if self.doc_scores is not None:
+            self.doc_scores.update(zip(doc_ids, doc_nll.tolist()))
+
+    def _forward(self, spans, n):
+        """Per-token NLL of the spans (right-padded: causal, so padding never reaches a real
+        position) under the first n adapters; y is -1 at padding; pos the absolute target
+        positions."""
+        reads = [self.view.read(lo, hi) for lo, hi in spans]
+        length = max(r.numel() for r in reads) - 1
+        x = torch.zeros(n, length, dtype=torch.int64, device=self.device)
+        y = torch.full((n, length), -1, dtype=torch.int64, device=self.device)
+        for i, r in enumerate(reads):
+            x[i, : r.numel() - 1] = r[:-1]
+            y[i, : r.numel() - 1] = r[1:]
+        lo = torch.as_tensor([s[0] for s in spans], device=self.device)[:, None]
+        pos = lo + 1 + torch.arange(length, device=self.device)[None, :]
+        with self.adapters.applied(n), torch.enable_grad():
+            nll = token_nll(self.model, x, y.clamp(min=0))
+        return nll, x, y, pos
+
+    def _score(self, nll, x, y, pos, mask, doc_nll):
+        y = y.clamp(min=0)
+        self.sums[0] += (nll.double() * mask).sum()
+        self.sums[1] += mask.sum()
+        # Padding positions can run past the split: clamp them (the mask zeroes their bytes).
+        positions = pos.clamp(max=self.coverage.numel() - 1)
+        self.sums[2] += (target_bytes(x, y, self.luts, positions) * mask).sum()
+        doc_nll += (nll.double() * mask).sum(1)
+        targets = pos[mask]
+        self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=self.coverage.dtype))
+
+    def pause(self, lo, last_target, phase):
+        """Global SGD on the base weights over the documents scored since the last pause."""
+        _, world = _dist_info()
+        lo, hi = ttt_phase_range(lo, last_target)
+        scored = self.coverage
+        if world > 1:  # every rank's documents of this phase are scored by now
+            scored = self.coverage.clone()
+            dist_sum(scored)
+            upto = dist_max(torch.tensor(self.scored_upto, device=self.device))
+            self.scored_upto = int(upto)
+            self.ledger.append(
+                {"event": "score", "chunk": f"phase {phase}", "scored_upto": self.scored_upto}
+            )
+        for p in self.trainer.params:
+            p.requires_grad_(True)
+        for step in self.trainer.train_chunk(self.phase_view, lo, hi, 0):
+            spans = self.phase_view.take_spans()
+            self.ledger.append(
+                {
+                    "event": "update",
+                    "chunk": f"phase {phase}",
+                    "step": step,
+                    "reads": len(spans),
+                    "max_target": max((b - 1 for _, b in spans), default=-1),
+                    "unscored_reads": _unscored_reads(spans, scored, self.starts),
+                }
+            )
+        self._freeze_base()
+
+    def _freeze_base(self):
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+
+def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
+    """Per-document LoRA TTT, with phased global SGD when `phased`; this rank scores every
+    world-th document of each phase, longest first in groups of TTT_LORA_BATCH_DOCS."""
+    t0 = time.perf_counter()
+    rank, world = _dist_info()
+    run = _LoraEval(h, model, val_tokens, luts, phased, doc_scores)
+    docs = run.docs
+    bounds = [b for b in ttt_phase_bounds(h) if b < len(docs)] if phased else []
+    edges = [0, *bounds, len(docs)]
+    was_training = model.training
+    grads = {id(p): p.requires_grad for p in run.model.parameters()}
+    run.model.eval()
+    run._freeze_base()
+    try:
+        for phase in range(len(edges) - 1):
+            d0 = edges[phase]
+            d1 = edges[phase + 1]
+            mine = np.arange(d0, d1)[rank::world]
+            mine = mine[np.argsort(-(docs[mine, 2] - docs[mine, 1]), kind="stable")]
+            for g in range(0, len(mine), h.ttt_lora_batch_docs):
+                ids = mine[g : g + h.ttt_lora_batch_docs]
+                run.score_group(docs[ids], ids.tolist())
+            if d1 < len(docs) and phased:
+                run.pause(int(docs[d0, 0]), int(docs[d1 - 1, 2]), phase)
+    finally:
+        for p in run.model.parameters():
+            p.requires_grad_(grads[id(p)])
+        model.train(was_training)
+    unscored = torch.stack(
+        [
+            torch.as_tensor(e["unscored_reads"], device=run.device)
+            for e in run.ledger
+            if e["event"] == "update"
+        ]
+        or [torch.zeros((), device=run.device)]
+    ).long()
+    local = int(unscored.sum())
+    for e, u in zip([e for e in run.ledger if e["event"] == "update"], unscored.tolist()):
+        e["unscored_reads"] = u
+    total = torch.tensor(local, device=run.device)
+    dist_sum(run.sums)
+    dist_sum(run.coverage)
+    dist_sum(total)
+    if int(total) > local:
+        run.ledger.append(
+            {
+                "event": "update",
+                "chunk": "other ranks",
+                "step": "all",
+                "reads": 0,
+                "max_target": -1,
+                "unscored_reads": int(total) - local,
+            }
+        )
+    return _eval_result(
+        run.sums,
+        t0,
+        "ttt_phased" if phased else "ttt_lora",
+        docs=len(docs),
+        phases=len(bounds),
+        lora_steps=run.steps,
+        lora_rank=h.ttt_lora_rank,
+        lora_targets=len(run.adapters.targets),
+        seq_len=h.eval_len,
+        chunk=h.ttt_lora_chunk,
+        score_first=audit_score_first(run.ledger, run.coverage),
+    )
+
+
+def eval_val_ttt_lora(h, model, val_tokens, luts, doc_scores=None):
+    return _lora_ttt_eval(h, model, val_tokens, luts, phased=False, doc_scores=doc_scores)
+
+
+def eval_val_ttt_phased(h, model, val_tokens, luts, doc_scores=None):
+    return _lora_ttt_eval(h, model, val_tokens, luts, phased=True, doc_scores=doc_scores)

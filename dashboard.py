@@ -3,14 +3,16 @@
     python dashboard.py                  # reads logs/, serves http://127.0.0.1:8765/
     python dashboard.py runs/ --port 9000
 
-Each training script replaces logs/<RUN_ID>.status.json atomically every few steps (DESIGN.md, "Logs and
-telemetry"); this server only reads those files. It binds to 127.0.0.1, answers GET and HEAD only, and
-has no endpoint that writes or controls anything (TECHNIQUES.md E: the dashboard is read-only).
+Each training script replaces logs/<RUN_ID>.status.json atomically every few steps
+(docs/design.md, "Logs and telemetry"); this server only reads those files. It binds to
+127.0.0.1, answers GET and HEAD only, and has no endpoint that writes or controls anything
+(docs/techniques.md, Telemetry: the dashboard is read-only).
 
-What it will not do: serve anything but a regular file inside LOGDIR (a status file that is a symlink,
-a FIFO or a device is refused, whatever it points to), answer a request whose Host header is not the
-address:port it is bound to (a DNS-rebinding page in the browser cannot read the runs), or read more
-than MAX_STATUS_BYTES of a status file (a huge file costs one bounded read, not the server's memory).
+What it will not do: serve anything but a regular file inside LOGDIR (a status file that is a
+symlink, a FIFO or a device is refused, whatever it points to), answer a request whose Host header
+is not the address:port it is bound to (a DNS-rebinding page in the browser cannot read the runs),
+or read more than MAX_STATUS_BYTES of a status file (a huge file costs one bounded read, not the
+server's memory).
 Every failure is answered as JSON, {"error": "..."}, with its HTTP status.
 
 Routes:
@@ -95,8 +97,8 @@ class StatusReader:
 
     def status_path(self, run_id):
         """LOGDIR/<run_id>.status.json, a regular file directly inside LOGDIR: the run id has no
-        "/" and the file is not a symlink, so its real path is inside LOGDIR's. StatusError 400 for a
-        bad run id, 403 when the file is a symlink or not a regular file; a missing file is left
+        "/" and the file is not a symlink, so its real path is inside LOGDIR's. StatusError 400 for
+        a bad run id, 403 when the file is a symlink or not a regular file; a missing file is left
         to read()."""
         if not RUN_ID_RE.fullmatch(run_id):
             raise StatusError(400, "bad run id: use letters, digits, _ . -")

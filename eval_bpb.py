@@ -13,14 +13,13 @@ agree to the printed digits): when the sha256 is this checkout's train_*.py, tha
 package it is generated from (the model built through golf.models' registry); when it is the
 script at a git revision of this checkout, that revision's file. A script from anywhere else (a
 downloaded record folder) runs only when named with --trust-script PATH, which prints a warning.
-Our format holds no pickle; the official .ptz is read with torch.load(weights_only=True) only, through this tool's
-`load_official_int8` (zlib output, pickle size and opcodes bounded first), and evaluated with the
-`baseline` preset architecture sized from its tensors (env vars such as NUM_LAYERS or
-TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters; env vars
-EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override them.
-The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run before
-scoring. Exit status: 0 ok, 2 bad input (one line on
-stderr), 3 an audit failed (score INVALID).
+Our format holds no pickle; the official .ptz is read with torch.load(weights_only=True) only,
+through this tool's `load_official_int8` (zlib output, pickle size and opcodes bounded first), and
+evaluated with the `baseline` preset architecture sized from its tensors (env vars such as
+NUM_LAYERS or TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters;
+env vars EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override
+them. The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run before
+scoring. Exit status: 0 ok, 2 bad input (one line on stderr), 3 an audit failed (score INVALID).
 """
 
 import argparse

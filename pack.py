@@ -546,10 +546,9 @@ def read_events(path):
     return events
 
 
-# -----------------------------------------------------------------------------
-# SIGNIFICANCE
-# -----------------------------------------------------------------------------
-# The record rule (RULES.md section 14): at least 0.005 nats better at p < 0.01, one-sided Welch
+# ----------------------------------------------------------------------------- SIGNIFICANCE
+# ----------------------------------------------------------------------------- The record rule
+# (docs/rules.md, Records and significance): at least 0.005 nats better at p < 0.01, one-sided Welch
 # t-test of the new seeds against the old ones shifted by the threshold. In bpb the threshold is
 # 0.005 x tokens/byte / ln 2.
 

@@ -1,6 +1,6 @@
 """Tokenizer and shard builder: any corpus -> SentencePiece BPE (official settings) -> shards.
 
-The settings are those of the official export (RULES.md section 6) so that a tokenizer built here
+The settings are those of the official export (docs/rules.md, Data) so that a tokenizer built here
 behaves like fineweb_1024_bpe.model: byte fallback (no <unk> on real text), split digits, nmt_nfkc
 normalization, pad/bos/eos/unk = 0/1/2/3. A document becomes [BOS] + encode(text) with no EOS, and
 validation is the first N documents, as in the official export.
@@ -39,7 +39,7 @@ from data.shards import (
     write_shard,
 )
 
-# Official trainer settings (RULES.md section 6); ids are fixed so every script can rely on BOS=1.
+# Official trainer settings (docs/rules.md, Data); ids are fixed so every script can rely on BOS=1.
 TOKENIZER_SETTINGS = dict(
     model_type="bpe",
     character_coverage=0.999,

@@ -16,7 +16,7 @@ tokenizing with the CaseOps SentencePiece model. Over each maximal run of ASCII 
 The operators are private-use characters, ids 4-7 of the CaseOps model. Written from the
 definition in the record's `lossless_caps.py` (PR #1729, record folder
 2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611, PR #1855); the output equals the
-record's on the 200 FineWeb documents of ../shared/data/text (tests/test_caseops.py pins it).
+record's on 200 real FineWeb documents (tests/test_caseops.py pins it where they are present).
 
 Because the tokenizer sees transformed text, its lookup-table bytes would count operators and
 score the transformed text. As in the records, the val split therefore carries a sidecar of

@@ -14,9 +14,9 @@ train documents only.
     python -m data.embedded [--out-root data] [--vocab-size 1024] [--force] [--json]
 
 writes data/tokenizers/pydoc_1024_bpe.model (+ .vocab) and data/datasets/pydoc_sp1024/
-fineweb_{val,train}_000000.bin + manifest.json + shards.json, and prints the counts and unigram_bpb: the bits per
-byte of the val tokens under the train unigram distribution (add-one smoothing), the floor a trained
-model must beat.
+fineweb_{val,train}_000000.bin + manifest.json + shards.json, and prints the counts and
+unigram_bpb: the bits per byte of the val tokens under the train unigram distribution (add-one
+smoothing), the floor a trained model must beat.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The official shard format (RULES.md section 5).
+"""The official shard format (docs/rules.md, Data).
 
 A shard is a 1,024-byte header of 256 little-endian int32 ([0]=20240520 magic, [1]=1 version,
 [2]=num_tokens, the rest zero) followed by num_tokens little-endian uint16 token ids. Every reader

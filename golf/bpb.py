@@ -1,4 +1,5 @@
-"""Bits per byte: the tokenizer, its byte lookup tables, CaseOps byte sidecars, and the byte audit."""
+"""Bits per byte: the tokenizer, its byte lookup tables, CaseOps byte sidecars, and the byte
+audit."""
 
 import os
 
@@ -7,7 +8,6 @@ import torch
 
 from golf.data import load_val_byte_sidecar
 
-# ===== BEGIN SHARED BLOCK: bpb v1 =====
 # Bits per byte: val_bpb = sum NLL / (ln 2 x sum bytes). Bytes come from the official SentencePiece
 # lookup tables: base bytes of each piece, plus one byte for a leading "\u2581" unless the previous
 # token is a boundary (control/unknown). Byte-fallback pieces are one byte, never three (the Scylla

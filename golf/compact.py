@@ -21,15 +21,14 @@ except ImportError:  # Brotli is optional: the per-group compressor uses it wher
 # --- the compact counted code (CODE_FORM=compact) ------------------------------------------------
 # As the records ship it (#1394's train_gpt.py beside train_gpt_human.py): a few-line script that
 # holds a minified form of the readable source, compressed, in one latin-1 string literal (a
-# base-253 number: 0.3% overhead, where base85 costs 25%), expands it and runs it under the
-# readable file's name.
-# linecache gets the running source, so inspect (and @triton.jit, which reads its kernel's source)
-# work as for the file. The minified form is a deterministic function of the readable source:
-# comments and docstrings dropped, function-local names shortened, one space per indent level,
-# lines joined inside brackets. This module is a build-time tool: no bundle holds it, so a compact
-# form never builds another (a run from a checkout imports it to count CODE_FORM=compact). Checking a
-# compact form re-derives the minified source from the readable one and compares; the artifact
-# header binds the readable sha256.
+# base-253 number: 0.3% overhead, where base85 costs 25%), expands it and runs it under the readable
+# file's name. linecache gets the running source, so inspect (and @triton.jit, which reads its
+# kernel's source) work as for the file. The minified form is a deterministic function of the
+# readable source: comments and docstrings dropped, function-local names shortened, one space per
+# indent level, lines joined inside brackets. This module is a build-time tool: no bundle holds it,
+# so a compact form never builds another (a run from a checkout imports it to count
+# CODE_FORM=compact). Checking a compact form re-derives the minified source from the readable one
+# and compares; the artifact header binds the readable sha256.
 
 COMPACT_MAX_SOURCE = 4 << 20
 

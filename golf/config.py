@@ -31,6 +31,35 @@ EVAL_MODE_NAMES = ("standard", "sliding", "ttt", "ttt_lora", "ttt_phased")
 COMPRESSOR_NAMES = ("zstd", "lzma", "zlib")
 
 
+# The laptop defaults every model's `smoke` preset starts from: the embedded corpus, ~150 s of CPU
+# training, EMA and a short warmdown, and (issue 18) a quick look: a fixed val prefix, never an
+# official score, with only the final figure of the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1
+# and VAL_MAX_TOKENS=0 ask for the rest. Each model adds its shape.
+SMOKE_PRESET = {
+    "data_path": "data/datasets/pydoc_sp1024",
+    "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
+    "iterations": 2000,
+    "warmup_steps": 2,
+    "warmdown_frac": 0.3,
+    "max_wallclock_seconds": 150.0,
+    "train_batch_tokens": 16384,
+    "train_seq_len": 256,
+    "val_batch_size": 32768,
+    "val_loss_every": 100,
+    "train_log_every": 25,
+    "status_every": 10,
+    "compile": False,
+    "matrix_lr": 0.03,
+    "ema_decay": 0.99,
+    "muon_momentum_warmup_steps": 50,
+    "eval_mode": "sliding",
+    "eval_stride": 64,
+    "val_max_tokens": 65536,
+    "pre_quant_eval": False,
+    "roundtrip_eval": False,
+}
+
+
 @dataclass
 class BaseHyperparameters:
     """The fields every model shares; each model module subclasses it as `Hyperparameters` with
@@ -57,8 +86,8 @@ class BaseHyperparameters:
     train_log_every: int = 200
     status_every: int = 50
     compile: bool = True
-    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer (TECHNIQUES.md part
-    # E).
+    # Telemetry: sample audits at each validation, the optional UCB1 shard mixer
+    # (docs/techniques.md, Telemetry).
     sample_prompt: str = "The history of the city"
     sample_tokens: int = 64
     halt_on_collapse: bool = False

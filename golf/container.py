@@ -125,8 +125,8 @@ def counted_code(h, code=None):
 
 
 def code_bytes_of(spec, path=None):
-    """The readable script's bytes: the model's bundle (spec.code_path) or `path`. A compact form has only its
-    minified source: there, use readable_sha256 / running_source."""
+    """The readable script's bytes: the model's bundle (spec.code_path) or `path`. A compact form
+    has only its minified source: there, use readable_sha256 / running_source."""
     if path is None and compact_running():
         raise ValueError("the readable source is not part of a compact form (readable_sha256)")
     with open(path or spec.code_path, "rb") as f:
@@ -270,7 +270,8 @@ def _check_entry(path, i, e, names):
 
 def check_artifact_header(path, header, payload_bytes):
     """ValueError naming the file and the field for anything a reader should not act on: the
-    checksum is mandatory, then every field is checked (see DESIGN.md, Artifact)."""
+    checksum is mandatory, then every field is checked (docs/design.md, The artifact
+    container)."""
     if not isinstance(header, dict) or "tensors" not in header or "payload_sha256" not in header:
         raise ValueError(f"{path}: artifact header lacks its tensor table")
     if "header_sha256" not in header:

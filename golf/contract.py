@@ -74,13 +74,15 @@ class ModelSpec:
 
     @property
     def code_path(self):
-        """The bundle whose bytes are the counted code: this file when the model runs as its
-        bundle (or a compact form of it), else the bundle at the top of the checkout."""
+        """The bundle whose bytes are the counted code: the bundle at the top of the checkout
+        when the model runs from the package (golf/models/<family>.py), else the file it runs
+        from, which is the bundle (or a compact form of it, or a copy under another name)."""
         here = os.path.abspath(self.source_file)
-        if os.path.basename(here) == self.script:
+        models = os.path.dirname(here)
+        package = os.path.dirname(models)
+        if os.path.basename(models) != "models" or os.path.basename(package) != "golf":
             return here
-        root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-        return os.path.join(root, self.script)
+        return os.path.join(os.path.dirname(package), self.script)
 
 
 MODELS = {}  # script name -> ModelSpec, filled as model modules register

@@ -12,7 +12,6 @@ import torch
 
 from golf.runtime import file_sha256
 
-# ===== BEGIN SHARED BLOCK: data v1 =====
 # Data: the official shard format (256 little-endian int32 header: magic 20240520, version 1, token
 # count; then uint16 tokens). Training reads only fineweb_train_*; the val split is opened by the
 # eval paths alone.
@@ -251,9 +250,9 @@ def check_shards_binding(h, binding):
 
 
 def reencode_sample(sp, tokens):
-    """The first documents of the val stream (split at BOS, at most REENCODE_MAX_DOCS documents and
-    REENCODE_MAX_TOKENS tokens), each as a list of ids. The last one, maybe cut, ends before its last
-    word-initial piece, so re-encoding its text cannot merge across the cut."""
+    """The first documents of the val stream (split at BOS, at most REENCODE_MAX_DOCS documents
+    and REENCODE_MAX_TOKENS tokens), each as a list of ids. The last one, maybe cut, ends before
+    its last word-initial piece, so re-encoding its text cannot merge across the cut."""
     sample = tokens[: REENCODE_MAX_TOKENS + 1].tolist()
     starts = [i for i, t in enumerate(sample) if t == BOS_ID] + [len(sample)]
     docs = []

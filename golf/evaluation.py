@@ -24,10 +24,9 @@ from golf.runtime import Progress, dist_max, dist_sum
 # is. Sliding is TTT without training, so the two share one code path and agree exactly at TTT_LR=0.
 # The score-first audit is built from what the code did, not from what it meant to do: the scorer
 # counts every target it scores (coverage), and the TTT trainer sees the val tokens only through a
-# RecordedTokens view that logs every position it reads.
-# EVAL_MODES is the one registry of the modes (name -> function and final log label) that the
-# scripts, eval_bpb.py and pack.py read. The causality audit (RULES.md C1) runs on any model with
-# `forward_logits`.
+# RecordedTokens view that logs every position it reads. EVAL_MODES is the one registry of the modes
+# (name -> function and final log label) that the scripts, eval_bpb.py and pack.py read. The
+# causality audit (docs/rules.md, Legal scoring) runs on any model with `forward_logits`.
 
 
 def _dist_info():
@@ -126,9 +125,9 @@ def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
     device = sums.device
     top = torch.full((), -1, dtype=torch.int64, device=device)
     for i in range(0, len(windows[0]), batch):
-        s, f, l = (w[i : i + batch] for w in windows)
-        for length in np.unique(l - s):
-            sel = (l - s) == length
+        s, f, last = (w[i : i + batch] for w in windows)
+        for length in np.unique(last - s):
+            sel = (last - s) == length
             ws = torch.as_tensor(s[sel], device=device)
             win = tokens[ws[:, None] + torch.arange(int(length) + 1, device=device)[None, :]]
             x = win[:, :-1]

@@ -335,7 +335,8 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
 def gptq_calibrate(model, h, next_batch=None):
     """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()`
     returns an (x, y) batch) or self-generated samples (GPTQ_CALIB_SOURCE=self). It counts
-    against the 600 s training clock (RULES.md 3): run it inside GPTQ_RESERVE_SECONDS."""
+    against the 600 s training clock (docs/rules.md, Training clock): run it inside
+    GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = max(1, h.gptq_calib_seqs // world)
     seqs = []

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import uuid
 import zlib
@@ -24,6 +25,8 @@ from golf.bpb import SidecarBytes, audit_bytes, load_tokenizer, target_bytes, va
 from golf.config import BaseHyperparameters
 from golf.container import (
     artifact_state,
+    compact_builder,
+    compact_running,
     load_artifact,
     readable_size,
     running_source,
@@ -58,8 +61,8 @@ from golf.runtime import (
 # stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
 # -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
 # to the TimeLedger. Models plug in through the hooks of the model contract (runtime block).
-# Telemetry (TECHNIQUES.md part E): SMMA 10/100/1000, cliff flag, status file, sample audits,
-# embedding probes, and an optional UCB1 shard mixer.
+# Telemetry (docs/techniques.md, Telemetry): SMMA 10/100/1000, cliff flag, status file, sample
+# audits, embedding probes, and an optional UCB1 shard mixer.
 
 
 class Smma:
@@ -251,7 +254,7 @@ def _broadcast(rt, obj):
     return holder[0]
 
 
-# The 10-minute track's two clocks (RULES.md section 3), enforced in `summarize` when
+# The 10-minute track's two clocks (docs/rules.md, Training clock), enforced in `summarize` when
 # Hyperparameters.record_track.
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
@@ -465,7 +468,8 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         return total / rt.grad_accum_steps
 
     # Warmup primes torch.compile (CUDA): WARMUP_STEPS steps thrown away. An eager run has nothing
-    # to compile, so it keeps one step (allocator and kernel first-use costs) and says so (issue 18).
+    # to compile, so it keeps one step (allocator and kernel first-use costs) and says so (issue
+    # 18).
     compiled = h.compile and device.type == "cuda"
     warmup_steps = h.warmup_steps if compiled else min(h.warmup_steps, 1)
     if warmup_steps < h.warmup_steps:
@@ -687,6 +691,8 @@ def open_run(h):
 def _open_run(h, rt, logger, run_id, artifact_path):
     """open_run after the logger exists, so that a failure here is recorded in the run's log."""
     device_name = device_description(rt.device)
+    if h.code_form == "compact" and not compact_running():
+        compact_builder()  # a missing builder fails the run now, not after its training
     logger.log0(running_source(h.spec).decode("utf-8") + "\n" + "=" * 100, console=False)
     logger.log0(
         f"versions: python {platform.python_version()} torch {torch.__version__} "
@@ -1136,3 +1142,13 @@ def run_main(h):
     if run.rt.distributed:
         dist.destroy_process_group()
     return status
+
+
+def run_script(main):
+    """The body of every bundle's `if __name__ == "__main__":`: main()'s exit status, or 2 with a
+    one-line `error: ...` on stderr for bad input (a bad variable, a missing file)."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

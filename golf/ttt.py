@@ -247,8 +247,8 @@ class _LoraEval:
             firsts = rows[:, 1] + k * chunk
             lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
             spans = [
-                ttt_lora_span(int(d), int(f), int(l), h.eval_len)
-                for d, f, l in zip(rows[:, 0], firsts, lasts)
+                ttt_lora_span(int(d), int(f), int(last), h.eval_len)
+                for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
             nll, x, y, pos = self._forward(spans, n)
             first_t = torch.as_tensor(firsts, device=self.device)[:, None]

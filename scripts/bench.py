@@ -56,7 +56,7 @@ def flops_per_token(model, h):
 # --- dry run: the full-shape model on the meta device, costed on paper ----------------------------
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of one H100 SXM
-RECORD_1855 = {"ms_per_step": 121.7, "steps": 4931}  # 8xH100, 786,432 tokens x 2048 (RULES.md)
+RECORD_1855 = {"ms_per_step": 121.7, "steps": 4931}  # 8xH100, 786,432 tokens x 2048 (docs/rules.md)
 BUDGET_S = 600.0
 BATCH_SPLIT = 8  # grad_accum_steps = 8 // world_size: every rank's micro-batch is 1/8 of the batch
 

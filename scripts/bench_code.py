@@ -18,31 +18,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import golf.compact as gpt  # the build-time minifier and compact-form builder
+import golf.compact as tools  # the build-time minifier and compact-form builder
 
 SCRIPTS = ("train_gpt.py", "train_hydra.py", "train_manifold.py")
 
 
 def packed_sizes(text):
     """{codec: bytes} of a source text under the compact form's back ends."""
-    out = {"lzma": len(gpt._compact_pack(text, "lzma"))}
-    if gpt.brotli is not None:
-        out["brotli"] = len(gpt._compact_pack(text, "brotli"))
+    out = {"lzma": len(tools._compact_pack(text, "lzma"))}
+    if tools.brotli is not None:
+        out["brotli"] = len(tools._compact_pack(text, "brotli"))
     return out
 
 
 def steps(source):
     """[(step, source bytes)] of the minified form built up one step at a time."""
     text = source.decode("utf-8")
-    stripped = gpt._Minifier(text, gpt._docstring_starts(ast.parse(text))).run().encode()
-    local = gpt.rename_locals(source)
+    stripped = tools._Minifier(text, tools._docstring_starts(ast.parse(text))).run().encode()
+    local = tools.rename_locals(source)
     local_text = local.decode("utf-8")
-    local_min = gpt._Minifier(local_text, gpt._docstring_starts(ast.parse(local_text))).run()
+    local_min = tools._Minifier(local_text, tools._docstring_starts(ast.parse(local_text))).run()
     return [
         ("readable", source),
         ("comments, docstrings, blank lines, indents", stripped),
         ("+ local names shortened", local_min.encode()),
-        ("+ module-level names shortened (minify_source)", gpt.minify_source(source)),
+        ("+ module-level names shortened (minify_source)", tools.minify_source(source)),
     ]
 
 
@@ -57,12 +57,12 @@ def main(argv=None):
             {"step": step, "bytes": len(text), **packed_sizes(text)} for step, text in steps(source)
         ]
         t0 = time.perf_counter()
-        compact = gpt.compact_code(source, name)
+        compact = tools.compact_code(source, name)
         seconds = time.perf_counter() - t0
         report["scripts"][name] = {
             "steps": rows,
             "compact_bytes": len(compact),
-            "compact_codec": "lzma" if gpt.brotli is None else "brotli",
+            "compact_codec": "lzma" if tools.brotli is None else "brotli",
             "build_s": round(seconds, 2),
             "lossless_lzma_bytes": len(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)),
         }
@@ -71,9 +71,11 @@ def main(argv=None):
         return 0
     print(f"machine: {report['machine']}")
     for name, r in report["scripts"].items():
-        print(f"\n{name}: compact form {r['compact_bytes']:,} bytes ({r['compact_codec']}, built in "
-              f"{r['build_s']} s); the readable source LZMA'd losslessly: "
-              f"{r['lossless_lzma_bytes']:,}")  # fmt: skip
+        print(
+            f"\n{name}: compact form {r['compact_bytes']:,} bytes ({r['compact_codec']}, "
+            f"built in {r['build_s']} s); the readable source LZMA'd losslessly: "
+            f"{r['lossless_lzma_bytes']:,}"
+        )
         print("| step | source bytes | brotli-11 | lzma-9e |")
         print("|---|---:|---:|---:|")
         for row in r["steps"]:

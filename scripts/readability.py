@@ -1,4 +1,4 @@
-"""Prints how openly a Python file reads, by the measures of STYLE.md and issue 12.
+"""Prints how openly a Python file reads, by the measures of issue 12.
 
 For each file: the share of blank lines, the share of lines over 100 characters, multi-name
 assignments per 1,000 lines (`a, b = x, y` or `a = b = x`, counted by the AST), and chained

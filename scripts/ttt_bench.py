@@ -111,7 +111,8 @@ def main():
         per_tok = sec / res["tokens"]
         proj = per_tok * args.project_tokens * ratio / 8
         print(
-            f"{mode:11s} {sec:8.2f} s  {1e6 * per_tok:9.1f} us/token  val_bpb {res['val_bpb']:.4f}  "
+            f"{mode:11s} {sec:8.2f} s  {1e6 * per_tok:9.1f} us/token  "
+            f"val_bpb {res['val_bpb']:.4f}  "
             f"audit {res['score_first']['passed']}  -> 8xH100 projection {proj:7.1f} s "
             f"for {args.project_tokens:,} tokens"
         )

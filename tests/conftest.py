@@ -1,5 +1,5 @@
-"""Shared fixtures: the repository root, the scripts under test, real data beside the checkout, and a
-small dataset built offline (the embedded corpus) once per session."""
+"""Shared fixtures: the repository root, the scripts under test, real data beside the checkout, and
+a small dataset built offline (the embedded corpus) once per session."""
 
 import importlib.util
 import os
@@ -11,21 +11,38 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-SCRIPTS = [name for name in ("train_gpt.py", "train_manifold.py", "train_hydra.py") if (REPO / name).exists()]
+SCRIPTS = [
+    name
+    for name in ("train_gpt.py", "train_manifold.py", "train_hydra.py")
+    if (REPO / name).exists()
+]
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # A model small enough to train a few steps in seconds on a 2-core CPU.
 TINY_ENV = {
-    "PRESET": "smoke", "ITERATIONS": "6", "WARMUP_STEPS": "0", "NUM_LAYERS": "2", "MODEL_DIM": "64",
-    "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096",
-    "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "MAX_WALLCLOCK_SECONDS": "0",
-    "VAL_BATCH_SIZE": "16384", "TTT_CHUNK_TOKENS": "4096", "VAL_MAX_TOKENS": "16384",
+    "PRESET": "smoke",
+    "ITERATIONS": "6",
+    "WARMUP_STEPS": "0",
+    "NUM_LAYERS": "2",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "2",
+    "NUM_KV_HEADS": "1",
+    "TRAIN_SEQ_LEN": "64",
+    "TRAIN_BATCH_TOKENS": "4096",
+    "VAL_LOSS_EVERY": "0",
+    "EVAL_SEQ_LEN": "64",
+    "EVAL_STRIDE": "32",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "VAL_BATCH_SIZE": "16384",
+    "TTT_CHUNK_TOKENS": "4096",
+    "VAL_MAX_TOKENS": "16384",
     # The smoke preset skips these evals on a laptop (issue 18); the tiny test runs keep them, so
     # the pipeline's every eval and log line stays under test (tests/test_laptop.py covers the
     # smoke defaults).
-    "PRE_QUANT_EVAL": "1", "ROUNDTRIP_EVAL": "1",
+    "PRE_QUANT_EVAL": "1",
+    "ROUNDTRIP_EVAL": "1",
 }
 
 
@@ -49,13 +66,16 @@ def gpt():
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory):
-    """The embedded corpus (tokenizer + shards), built offline into a temp dir, or the repo's copy."""
+    """The embedded corpus (tokenizer + shards), built offline into a temp dir,
+    or the repo's copy."""
     from data.embedded import build_embedded
 
     root = tmp_path_factory.mktemp("embedded")
     build_embedded(str(root), vocab_size=1024)
-    return {"DATA_PATH": str(root / "datasets" / "pydoc_sp1024"),
-            "TOKENIZER_PATH": str(root / "tokenizers" / "pydoc_1024_bpe.model")}
+    return {
+        "DATA_PATH": str(root / "datasets" / "pydoc_sp1024"),
+        "TOKENIZER_PATH": str(root / "tokenizers" / "pydoc_1024_bpe.model"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -70,11 +90,23 @@ def real_sp1024():
 def run_script(script_name, env_overrides, cwd, nproc=None, timeout=600):
     """Run a training script as a user would (python or torchrun); returns the CompletedProcess."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc else env.get("OMP_NUM_THREADS", "2")})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1" if nproc else env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
     env.update(env_overrides)
     path = str(REPO / script_name)
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            path,
+        ]
     else:
         cmd = [sys.executable, path]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -84,4 +116,4 @@ def summary_of(log_text):
     import json
 
     lines = [line for line in log_text.splitlines() if line.startswith("summary: ")]
-    return json.loads(lines[-1][len("summary: "):]) if lines else None
+    return json.loads(lines[-1][len("summary: ") :]) if lines else None

@@ -1,14 +1,15 @@
-"""An independent, functional reference of the official naive baseline forward pass (RULES.md section 8),
-written from the specification and not from train_gpt.py: it reads a plain state_dict and computes the
-mean cross-entropy. Tests check that train_gpt.py's `baseline` model loads such a state_dict with
-strict=True and gives the same loss."""
+"""An independent, functional reference of the official naive baseline forward pass (the official
+baseline), written from the specification and not from train_gpt.py: it reads a plain state_dict and
+computes the mean cross-entropy. Tests check that train_gpt.py's `baseline` model loads such a
+state_dict with strict=True and gives the same loss."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-BASELINE_SHAPES = {  # parameter name pattern -> shape, for layers N = 0..8 (RULES.md table)
+# parameter name pattern -> shape, for layers N = 0..8 (the official baseline's table)
+BASELINE_SHAPES = {
     "tok_emb.weight": (1024, 512),
     "skip_weights": (4, 512),
     "blocks.{n}.attn.c_q.weight": (512, 512),
@@ -34,8 +35,10 @@ def baseline_state_shapes(num_layers=9):
 
 def random_state(shapes, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g) * scale + (1.0 if len(shape) == 1 else 0.0)
-            for k, shape in shapes.items()}
+    return {
+        k: torch.randn(shape, generator=g) * scale + (1.0 if len(shape) == 1 else 0.0)
+        for k, shape in shapes.items()
+    }
 
 
 def _rms(x):
@@ -47,7 +50,7 @@ def _rope(x, base=10000.0):
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * cos + b * sin, b * cos - a * sin], dim=-1)
 
 

@@ -1,12 +1,14 @@
-"""Reference writer and reader of the official baseline artifact, `int8_clean_per_row_v1` + zlib (RULES.md s. 10).
+"""Reference writer and reader of the official baseline artifact, `int8_clean_per_row_v1` + zlib
+(the official baseline's format).
 
-Written from the rules text, independently of train_gpt.py, so that eval_bpb.py's official path is checked
-against a second implementation:
-- non-float tensors pass through; float tensors with numel <= 65,536 pass through as fp16, except control
-  tensors (attn_scale, mlp_scale, resid_mix, q_gain, skip_weight) which stay fp32; the original dtype of a
-  downcast tensor is recorded in passthrough_orig_dtypes;
-- larger 2-D float tensors: per row, clip = quantile(|w_row|, 0.9999984), scale = max(clip / 127, 1 / 127)
-  stored as fp16, q = round(clamp(w, -clip, clip) / scale) in [-127, 127];
+Written from the rules text, independently of train_gpt.py, so that eval_bpb.py's official path is
+checked against a second implementation:
+- non-float tensors pass through; float tensors with numel <= 65,536 pass through as fp16, except
+  control tensors (attn_scale, mlp_scale, resid_mix, q_gain, skip_weight) which stay fp32; the
+  original dtype of a downcast tensor is recorded in passthrough_orig_dtypes;
+- larger 2-D float tensors: per row, clip = quantile(|w_row|, 0.9999984),
+  scale = max(clip / 127, 1 / 127) stored as fp16,
+  q = round(clamp(w, -clip, clip) / scale) in [-127, 127];
 - any other large float tensor: one per-tensor scale of the same form;
 - the dict is torch.save'd and zlib-compressed at level 9.
 """
@@ -19,8 +21,17 @@ import torch
 FORMAT = "int8_clean_per_row_v1"
 CLIP_Q = 99.99984 / 100.0
 KEEP_FLOAT_MAX_NUMEL = 65_536
-CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
-                    "skip_weight", "skip_weights")
+CONTROL_PATTERNS = (
+    "attn_scale",
+    "attn_scales",
+    "mlp_scale",
+    "mlp_scales",
+    "resid_mix",
+    "resid_mixes",
+    "q_gain",
+    "skip_weight",
+    "skip_weights",
+)
 
 
 def _dtype_name(dtype):
@@ -28,8 +39,15 @@ def _dtype_name(dtype):
 
 
 def quantize(state):
-    obj = {"__quant_format__": FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {}, "qmeta": {},
-           "passthrough_orig_dtypes": {}}
+    obj = {
+        "__quant_format__": FORMAT,
+        "quantized": {},
+        "scales": {},
+        "dtypes": {},
+        "passthrough": {},
+        "qmeta": {},
+        "passthrough_orig_dtypes": {},
+    }
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
         if not t.is_floating_point():
@@ -55,7 +73,9 @@ def quantize(state):
         else:
             clip = torch.quantile(w.abs().flatten(), CLIP_Q)
             scale = torch.clamp(clip / 127.0, min=1.0 / 127.0)
-            q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -127, 127).to(torch.int8)
+            q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -127, 127).to(
+                torch.int8
+            )
             obj["scales"][name] = scale.float()
         obj["quantized"][name] = q.contiguous()
         obj["dtypes"][name] = _dtype_name(t.dtype)
@@ -63,7 +83,8 @@ def quantize(state):
 
 
 def dequantize(obj):
-    """The state dict the official loader rebuilds: q x scale (per row or per tensor), passthrough restored."""
+    """The state dict the official loader rebuilds: q x scale (per row or per tensor),
+    passthrough restored."""
     state = {}
     for name, q in obj["quantized"].items():
         s = obj["scales"][name].float()

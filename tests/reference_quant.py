@@ -1,12 +1,14 @@
-"""Independent numpy references for the quant block of the training scripts, written from the definitions
-(per-row symmetric int-k with fp16 scales; GPTQ-lite clip search; SD-clip; GPTQ in its original
-one-column-at-a-time form with the inverse Hessian downdated after each column, Frantar et al. 2022) and not
-from the scripts' code. Tests compare the scripts against these."""
+"""Independent numpy references for the quant block of the training scripts, written from the
+definitions (per-row symmetric int-k with fp16 scales; GPTQ-lite clip search; SD-clip; GPTQ in its
+original one-column-at-a-time form with the inverse Hessian downdated after each column, Frantar et
+al. 2022) and not from the scripts' code. Tests compare the scripts against these."""
 
 import numpy as np
 
+
 def quantize_rows(w, bits, clip):
-    """Per-row int-k: s = fp16(c / qmax) (1 where that is 0), q = round-half-even(clamp(w, -c, c) / s)."""
+    """Per-row int-k: s = fp16(c / qmax) (1 where that is 0),
+    q = round-half-even(clamp(w, -c, c) / s)."""
     w = np.asarray(w, dtype=np.float32)
     clip = np.maximum(np.asarray(clip, dtype=np.float32), np.float32(0))
     qmax = np.float32(2 ** (bits - 1) - 1)
@@ -23,13 +25,17 @@ def dequantize_rows(q, scale):
 
 
 def clip_search(w, bits, quantiles):
-    """Per row, the quantile of |w| (linear interpolation) whose roundtrip has the least squared error."""
+    """Per row, the quantile of |w| (linear interpolation) whose roundtrip has the least
+    squared error."""
     w = np.asarray(w, dtype=np.float32)
     best = np.empty(w.shape[0], dtype=np.float32)
     for r in range(w.shape[0]):
-        row = w[r:r + 1]
+        row = w[r : r + 1]
         cands = [np.float32(np.quantile(np.abs(row[0]), q)) for q in quantiles]
-        errs = [float(((dequantize_rows(*quantize_rows(row, bits, np.array([c]))) - row) ** 2).sum()) for c in cands]
+        errs = [
+            float(((dequantize_rows(*quantize_rows(row, bits, np.array([c]))) - row) ** 2).sum())
+            for c in cands
+        ]
         best[r] = cands[int(np.argmin(errs))]
     return best
 
@@ -39,9 +45,9 @@ def sdclip(w, k):
 
 
 def gptq(w, H, bits, clip, damp=0.01):
-    """GPTQ without blocks or Cholesky: visit columns by decreasing H diagonal; after quantizing column i, move
-    its error onto the unquantized columns with the inverse Hessian, then remove i from the inverse Hessian
-    (Gaussian elimination of one variable). float64 throughout."""
+    """GPTQ without blocks or Cholesky: visit columns by decreasing H diagonal; after quantizing
+    column i, move its error onto the unquantized columns with the inverse Hessian, then remove i
+    from the inverse Hessian (Gaussian elimination of one variable). float64 throughout."""
     W = np.asarray(w, dtype=np.float64).copy()
     H = np.asarray(H, dtype=np.float64).copy()
     d = np.diag(H).copy()

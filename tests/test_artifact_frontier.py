@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import REPO, TINY_ENV
+
 from golf.compact import compact_code
 
 FRONTIER = {

@@ -85,7 +85,8 @@ def test_ttt_reading_one_chunk_ahead_is_caught(gpt, setup, monkeypatch):
 
 
 def test_a_trainer_reading_past_its_range_is_caught(gpt, setup, monkeypatch):
-    """The audit does not trust the range the evaluator hands over: it sees what the trainer reads."""
+    """The audit does not trust the range the evaluator hands over:
+    it sees what the trainer reads."""
     h, model, tokens, luts = setup
     honest = gpt._TTTTrainer.train_chunk
 
@@ -217,7 +218,7 @@ def test_a_future_token_leak_is_caught(gpt, real_run, tmp_path):
     assert any("changing tokens after position" in f for f in res["failures"])
 
 
-# --- a whole run -----------------------------------------------------------------------------------
+# --- a whole run ----------------------------------------------------------------------------------
 
 
 def test_a_run_whose_ttt_reads_ahead_ends_invalid(gpt, embedded, tmp_path, monkeypatch):

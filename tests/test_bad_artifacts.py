@@ -1,6 +1,7 @@
-"""Bad artifacts: truncated, bit-flipped, forged (the attacker recomputes the header checksum), bombs,
-pickles, and trojaned scripts. Each is refused with one line naming the file and the field (a ValueError
-from the reader, exit 2 from eval_bpb.py), quickly, without running foreign code and without leaving files.
+"""Bad artifacts: truncated, bit-flipped, forged (the attacker recomputes the header checksum),
+bombs, pickles, and trojaned scripts. Each is refused with one line naming the file and the field (a
+ValueError from the reader, exit 2 from eval_bpb.py), quickly, without running foreign code and
+without leaving files.
 
 The artifacts are made once per session from a tiny model (no training).
 """
@@ -97,7 +98,7 @@ def only(folder, *names):
     assert sorted(p.name for p in Path(folder).iterdir()) == sorted(names)
 
 
-# --- damaged ------------------------------------------------------------------------------------------
+# --- damaged --------------------------------------------------------------------------------------
 
 
 def test_truncated_and_bit_flipped_artifacts(gpt, good, tmp_path, capsys):
@@ -139,7 +140,7 @@ def test_pickle_where_our_format_is_expected_never_runs(gpt, tmp_path, capsys):
     only(tmp_path, "model.pga")
 
 
-# --- forged headers (valid checksum) ------------------------------------------------------------------
+# --- forged headers (valid checksum) --------------------------------------------------------------
 
 
 def _set(field, value):
@@ -222,7 +223,7 @@ def test_forged_headers_exit_2_on_the_command_line(gpt, good, tmp_path, capsys):
         assert str(path) in err and FORGED[case][1][0] in err, err
 
 
-# --- bombs ---------------------------------------------------------------------------------------------
+# --- bombs ----------------------------------------------------------------------------------------
 
 
 def _zeros_stream(compressor, n=BOMB_BYTES):
@@ -256,7 +257,7 @@ def test_decompression_bomb_stops_at_the_declared_size(gpt, good, tmp_path, name
         gpt.COMPRESSORS[name][1](payload, -1)
 
 
-# --- the official .ptz path --------------------------------------------------------------------------
+# --- the official .ptz path -----------------------------------------------------------------------
 
 
 class Evil:
@@ -330,7 +331,7 @@ def test_official_tensor_bombs_are_refused_before_dequantizing(tmp_path, capsys)
     only(tmp_path, "shared.ptz", "view.ptz", "zlib.ptz")
 
 
-# --- trust: which script runs -------------------------------------------------------------------------
+# --- trust: which script runs ---------------------------------------------------------------------
 
 TROJAN = '\nopen({marker!r}, "w").write("ran")  # a trojan: runs when the script is imported\n'
 

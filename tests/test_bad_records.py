@@ -1,10 +1,10 @@
-"""Bad input to `pack.py record` and `pack.py check` (issue 13): tampered record folders, killed runs,
-names that would leave the output folder, failures half-way through writing, forged scores that only a
-re-score can catch, and a trojaned training script that must never run.
+"""Bad input to `pack.py record` and `pack.py check` (issue 13): tampered record folders, killed
+runs, names that would leave the output folder, failures half-way through writing, forged scores
+that only a re-score can catch, and a trojaned training script that must never run.
 
-Real inputs: two tiny CPU runs of train_gpt.py (tests/fixtures/pack/runs.py, shared with test_pack.py
-within a session), one honest record folder built from them once per session, and one run of a trojaned
-copy of the script whose import would write a marker file.
+Real inputs: two tiny CPU runs of train_gpt.py (tests/fixtures/pack/runs.py, shared with
+test_pack.py within a session), one honest record folder built from them once per session, and one
+run of a trojaned copy of the script whose import would write a marker file.
 """
 
 import hashlib
@@ -25,8 +25,9 @@ for p in (REPO, FIXTURES):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pack  # noqa: E402
 import runs  # noqa: E402
+
+import pack  # noqa: E402
 
 NON_RECORD = "track_non_record_16mb"
 DATE = "2026-05-01"
@@ -47,8 +48,22 @@ def tiny(request):
 
 
 def record_args(logs, out, *extra, name="Honest", date=DATE):
-    return ["record", *map(str, logs), "--name", name, "--author", "Test Author", "--github-id", "tester",
-            "--date", date, "--out", str(out), "--non-record", *map(str, extra)]
+    return [
+        "record",
+        *map(str, logs),
+        "--name",
+        name,
+        "--author",
+        "Test Author",
+        "--github-id",
+        "tester",
+        "--date",
+        date,
+        "--out",
+        str(out),
+        "--non-record",
+        *map(str, extra),
+    ]
 
 
 def run(argv, capsys):
@@ -58,17 +73,19 @@ def run(argv, capsys):
 
 
 def problems(out):
-    return [line[len("problem: "):] for line in out.splitlines() if line.startswith("problem: ")]
+    return [line[len("problem: ") :] for line in out.splitlines() if line.startswith("problem: ")]
 
 
 def tree(root):
-    """Every path under root (files and folders), relative: what a failed command must leave alone."""
+    """Every path under root (files and folders), relative:
+    what a failed command must leave alone."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
 
 
 @pytest.fixture(scope="session")
 def honest(tiny, tmp_path_factory):
-    """An honest record folder of the two tiny seeds, made once; tests copy it before changing it."""
+    """An honest record folder of the two tiny seeds, made once;
+    tests copy it before changing it."""
     out = tmp_path_factory.mktemp("bad_records") / "records"
     args = pack.build_parser().parse_args(record_args([tiny["s1"]["log"], tiny["s2"]["log"]], out))
     folder, _ = pack.build_record(args)
@@ -97,14 +114,24 @@ def test_the_hash_table_covers_every_file_and_an_honest_folder_passes(honest, ca
     sub = json.loads((honest / "submission.json").read_text())
     names = {p.name for p in honest.iterdir()} - {"submission.json"}
     assert set(sub["sha256"]) == names
-    assert {"train_gpt.py", "train_seed1.log", "train_seed2.log", "final_model_seed1.pga",
-            "final_model_seed2.pga", "README.md"} <= names
-    assert sub["sha256"]["final_model_seed1.pga"] == pack.sha256_file(honest / "final_model_seed1.pga")
+    assert {
+        "train_gpt.py",
+        "train_seed1.log",
+        "train_seed2.log",
+        "final_model_seed1.pga",
+        "final_model_seed2.pga",
+        "README.md",
+    } <= names
+    assert sub["sha256"]["final_model_seed1.pga"] == pack.sha256_file(
+        honest / "final_model_seed1.pga"
+    )
     code, out, _ = run(["check", honest], capsys)
     assert code == 0 and "ok: True" in out, out
 
 
-@pytest.mark.parametrize("name", ["train_seed1.log", "final_model_seed2.pga", "train_gpt.py", "README.md"])
+@pytest.mark.parametrize(
+    "name", ["train_seed1.log", "final_model_seed2.pga", "train_gpt.py", "README.md"]
+)
 def test_check_names_a_file_changed_after_recording(folder, capsys, name):
     path = folder / name
     blob = bytearray(path.read_bytes())
@@ -115,7 +142,9 @@ def test_check_names_a_file_changed_after_recording(folder, capsys, name):
     path.write_bytes(bytes(blob))
     code, out, _ = run(["check", folder], capsys)
     assert code == 1 and "ok: False" in out
-    assert f"{name}: sha256 differs from submission.json (changed after recording)" in problems(out), out
+    assert f"{name}: sha256 differs from submission.json (changed after recording)" in problems(
+        out
+    ), out
 
 
 def test_check_names_an_extra_and_a_missing_file(folder, capsys):
@@ -134,8 +163,10 @@ def test_check_refuses_a_folder_without_the_hash_table(folder, capsys):
     assert code == 1 and any("no sha256 table" in p for p in problems(out)), out
 
 
-@pytest.mark.parametrize("field,value", [("script", "../../../etc/hostname"), ("artifact", "../x.pga"),
-                                         ("seeds", ["../1"])])
+@pytest.mark.parametrize(
+    "field,value",
+    [("script", "../../../etc/hostname"), ("artifact", "../x.pga"), ("seeds", ["../1"])],
+)
 def test_check_refuses_names_that_leave_the_folder(folder, capsys, field, value):
     def change(sub):
         if field == "artifact":
@@ -159,15 +190,25 @@ def test_record_refuses_a_killed_run_and_writes_nothing(tiny, tmp_path, capsys):
     killed.write_text("".join(lines[:cut]))  # stopped after the pre-quantization eval
     assert "pre-quantization" in killed.read_text()
     before = tree(tmp_path)
-    code, _, err = run(record_args([killed], tmp_path / "records", "--artifact", tiny["s1"]["artifact"]),
-                       capsys)
+    code, _, err = run(
+        record_args([killed], tmp_path / "records", "--artifact", tiny["s1"]["artifact"]), capsys
+    )
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert str(killed) in err and "summary" in err
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("flag,value", [("--name", "../../escaped"), ("--name", "a/b"), ("--name", ".hidden"),
-                                        ("--date", "../../x"), ("--date", "2026-13-01"), ("--date", "2026/05/01")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--name", "../../escaped"),
+        ("--name", "a/b"),
+        ("--name", ".hidden"),
+        ("--date", "../../x"),
+        ("--date", "2026-13-01"),
+        ("--date", "2026/05/01"),
+    ],
+)
 def test_record_refuses_names_that_leave_the_output_folder(tiny, tmp_path, capsys, flag, value):
     out = tmp_path / "deep" / "er" / "records"
     kwargs = {"name": value} if flag == "--name" else {"date": value}
@@ -182,17 +223,21 @@ def test_record_refuses_a_header_script_name_that_leaves_the_folder(tiny, tmp_pa
     forged name has the length of the real one, so the artifact keeps the size its log measured."""
     blob = tiny["s1"]["artifact"].read_bytes()
     magic, version, head_len = struct.unpack_from("<8sII", blob)
-    header = json.loads(blob[16:16 + head_len])
+    header = json.loads(blob[16 : 16 + head_len])
     header["script"] = "../../pwn.py"
     body = {k: v for k, v in header.items() if k != "header_sha256"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     header["header_sha256"] = hashlib.sha256(canonical).hexdigest()  # a consistent forgery
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     forged = tmp_path / "forged.pga"
-    forged.write_bytes(struct.pack("<8sII", magic, version, len(head)) + head + blob[16 + head_len:])
+    forged.write_bytes(
+        struct.pack("<8sII", magic, version, len(head)) + head + blob[16 + head_len :]
+    )
     assert forged.stat().st_size == len(blob)
     before = tree(tmp_path)
-    code, _, err = run(record_args([tiny["s1"]["log"]], tmp_path / "records", "--artifact", forged), capsys)
+    code, _, err = run(
+        record_args([tiny["s1"]["log"]], tmp_path / "records", "--artifact", forged), capsys
+    )
     assert code == 2 and "'../../pwn.py'" in err and err.count("\n") == 1, err
     assert tree(tmp_path) == before
 
@@ -219,12 +264,12 @@ def test_a_failure_while_writing_leaves_no_temp_folder(tiny, tmp_path, capsys, m
 
 
 def forge_val_bpb(log, path, delta):
-    """A copy of a log whose summary claims a better val_bpb: consistent everywhere a reader looks, so
-    that only re-scoring the artifact can tell."""
+    """A copy of a log whose summary claims a better val_bpb: consistent everywhere a reader looks,
+    so that only re-scoring the artifact can tell."""
     out = []
     for line in log.read_text().splitlines(keepends=True):
         if line.startswith("summary: "):
-            summary = json.loads(line[len("summary: "):])
+            summary = json.loads(line[len("summary: ") :])
             summary["val_bpb"] -= delta
             line = f"summary: {json.dumps(summary, sort_keys=True)}\n"
         out.append(line)
@@ -233,8 +278,18 @@ def forge_val_bpb(log, path, delta):
 
 
 def test_rescore_passes_an_honest_folder(honest, tiny, capsys):
-    code, out, _ = run(["check", honest, "--rescore", "--data-path", tiny["s1"]["data"], "--tokenizer-path",
-                        tiny["s1"]["tokenizer"]], capsys)
+    code, out, _ = run(
+        [
+            "check",
+            honest,
+            "--rescore",
+            "--data-path",
+            tiny["s1"]["data"],
+            "--tokenizer-path",
+            tiny["s1"]["tokenizer"],
+        ],
+        capsys,
+    )
     assert code == 0 and "ok: True" in out, out
 
 
@@ -242,8 +297,18 @@ def test_rescore_catches_a_forged_val_bpb_that_the_plain_check_misses(tiny, tmp_
     logs = tmp_path / "logs"
     logs.mkdir()
     forged = forge_val_bpb(tiny["s1"]["log"], logs / "s1.txt", 0.01)
-    code, _, err = run(record_args([forged], tmp_path / "records", "--artifact", tiny["s1"]["artifact"],
-                                   "--script", tiny["s1"]["script"], name="Forged"), capsys)
+    code, _, err = run(
+        record_args(
+            [forged],
+            tmp_path / "records",
+            "--artifact",
+            tiny["s1"]["artifact"],
+            "--script",
+            tiny["s1"]["script"],
+            name="Forged",
+        ),
+        capsys,
+    )
     assert code == 0, err
     folder = tmp_path / "records" / NON_RECORD / f"{DATE}_Forged"
     code, out, _ = run(["check", folder], capsys)
@@ -264,19 +329,40 @@ def test_rescore_flags_need_rescore(honest, capsys):
 
 @pytest.fixture(scope="session")
 def trojan(tiny, tmp_path_factory):
-    """A tiny run of a copy of train_gpt.py that writes a marker file whenever it is imported (not run):
-    its source opens the log and its sha256 is in the artifact header, so record accepts it."""
+    """A tiny run of a copy of train_gpt.py that writes a marker file whenever it is imported
+    (not run): its source opens the log and its sha256 is in the artifact header, so record
+    accepts it."""
     ws = tmp_path_factory.mktemp("trojan")
     marker = ws / "MARKER_imported"
     source = (REPO / "train_gpt.py").read_text()
     payload = f'\n\nif __name__ != "__main__":\n    open({str(marker)!r}, "w").write("ran")\n'
     (ws / "train_gpt.py").write_text(source + payload)
-    env = {k: v for k, v in os.environ.items() if k not in runs.TINY and not k.startswith(("TTT_", "EVAL_"))}
-    env.update(runs.TINY, ITERATIONS="2", VAL_LOSS_EVERY="0", OMP_NUM_THREADS="1", LOG_DIR=str(ws / "logs"),
-               RUN_ID="trojan_seed7", SEED="7", EVAL_MODE="standard", DATA_PATH=str(tiny["s1"]["data"]),
-               TOKENIZER_PATH=str(tiny["s1"]["tokenizer"]))
-    proc = subprocess.run([sys.executable, str(ws / "train_gpt.py")], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in runs.TINY and not k.startswith(("TTT_", "EVAL_"))
+    }
+    env.update(
+        runs.TINY,
+        ITERATIONS="2",
+        VAL_LOSS_EVERY="0",
+        OMP_NUM_THREADS="1",
+        LOG_DIR=str(ws / "logs"),
+        RUN_ID="trojan_seed7",
+        SEED="7",
+        EVAL_MODE="standard",
+        DATA_PATH=str(tiny["s1"]["data"]),
+        TOKENIZER_PATH=str(tiny["s1"]["tokenizer"]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ws / "train_gpt.py")],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     assert not marker.exists()  # running it as a script does not fire the trojan
     return {"ws": ws, "marker": marker, "log": ws / "logs" / "trojan_seed7.txt"}
@@ -288,9 +374,12 @@ def test_record_and_check_never_execute_the_script(trojan, tmp_path, capsys):
     folder = tmp_path / "records" / NON_RECORD / f"{DATE}_Trojan"
     assert (folder / "train_gpt.py").read_bytes() == (trojan["ws"] / "train_gpt.py").read_bytes()
     assert not trojan["marker"].exists()
-    assert "NUM_LAYERS=2" in (folder / "README.md").read_text()  # env read from the log, not the script
+    # env read from the log, not the script
+    assert "NUM_LAYERS=2" in (folder / "README.md").read_text()
     code, out, _ = run(["check", folder, "--rescore"], capsys)
-    assert code == 1 and any(p.startswith("not re-scored: train_gpt.py") for p in problems(out)), out
+    assert code == 1 and any(p.startswith("not re-scored: train_gpt.py") for p in problems(out)), (
+        out
+    )
     assert not trojan["marker"].exists()
     # The trojan is real: importing the script fires it.
     spec = importlib.util.spec_from_file_location("trojan_probe", folder / "train_gpt.py")

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SCRIPTS, TINY_ENV, summary_of
+
 from golf import bundle
 
 GOLF = REPO / "golf"

@@ -1,5 +1,6 @@
-"""Scoring CaseOps data (PR #1729): bpb counts the ORIGINAL bytes from the val sidecar, the byte audit
-recounts them independently, and a missing or mismatched sidecar is an error, never a fallback."""
+"""Scoring CaseOps data (PR #1729): bpb counts the ORIGINAL bytes from the val sidecar, the
+byte audit recounts them independently, and a missing or mismatched sidecar is an error,
+never a fallback."""
 
 import os
 import shutil
@@ -8,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, SHARED_DATA, TINY_ENV, run_script, summary_of
 
 DOCS = SHARED_DATA / "text" / "fineweb_docs_sample200.jsonl"

@@ -20,8 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import golf.compact as compact_tools
 from conftest import REPO, SCRIPTS, TINY_ENV, summary_of
+
+import golf.compact as compact_tools
 
 # the overrides each script's tiny end-to-end runs use (their own test files' settings)
 TINY_RUN = {
@@ -93,7 +94,6 @@ def test_a_compact_form_of_anything_else_is_refused(gpt, compact):
 
 def test_minify_keeps_what_python_means():
     """Edge cases of the token re-emitter and the renamers, run against the readable form."""
-    import train_gpt as gpt
 
     src = b'''
 """module doc"""

@@ -2,7 +2,6 @@
 shared runtime block), and the one-place registries every tool reads: EVAL_MODES, QuantScheme."""
 
 import pytest
-
 from conftest import SCRIPTS, TINY_ENV, load_script
 
 
@@ -70,14 +69,24 @@ def test_model_hook_gives_none_for_a_hook_the_model_lacks(script):
 def test_control_tensors_match_whole_name_components(script):
     pattern = script.CONTROL_TENSOR_PATTERNS[0]
     assert script.is_control_tensor(f"blocks.0.{pattern}", script.CONTROL_TENSOR_PATTERNS)
-    assert script.is_control_tensor(f"blocks.0.attn.{pattern}.weight", script.CONTROL_TENSOR_PATTERNS)
-    assert not script.is_control_tensor(f"blocks.0.{pattern}_proj.weight", script.CONTROL_TENSOR_PATTERNS)
-    assert not script.is_control_tensor(f"blocks.0.my{pattern}.weight", script.CONTROL_TENSOR_PATTERNS)
+    assert script.is_control_tensor(
+        f"blocks.0.attn.{pattern}.weight", script.CONTROL_TENSOR_PATTERNS
+    )
+    assert not script.is_control_tensor(
+        f"blocks.0.{pattern}_proj.weight", script.CONTROL_TENSOR_PATTERNS
+    )
+    assert not script.is_control_tensor(
+        f"blocks.0.my{pattern}.weight", script.CONTROL_TENSOR_PATTERNS
+    )
 
 
 def test_a_name_merely_containing_gate_is_not_a_control_tensor(script):
-    assert not script.is_control_tensor("blocks.0.attn_gate_proj.weight", script.CONTROL_TENSOR_PATTERNS)
-    assert not script.is_control_tensor("blocks.0.mlp.gate_up.weight", script.CONTROL_TENSOR_PATTERNS)
+    assert not script.is_control_tensor(
+        "blocks.0.attn_gate_proj.weight", script.CONTROL_TENSOR_PATTERNS
+    )
+    assert not script.is_control_tensor(
+        "blocks.0.mlp.gate_up.weight", script.CONTROL_TENSOR_PATTERNS
+    )
 
 
 def test_eval_modes_registry_names_functions_and_labels(script):

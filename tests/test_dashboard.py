@@ -1,9 +1,10 @@
-"""dashboard.py and dashboard.html: the read-only status server, then the page in a real headless browser.
+"""dashboard.py and dashboard.html: the read-only status server, then the page in a real
+headless browser.
 
 The browser tests drive the system Chromium from its command line (--dump-dom, --screenshot) with a
-virtual-time budget: timers run on virtual time, which does not advance while a fetch is pending, so the
-page's polls happen in a fixed order without any sleeping. They are skipped when there is no Chromium
-(`apt-get install chromium`; CHROMIUM=/path/to/binary to use another).
+virtual-time budget: timers run on virtual time, which does not advance while a fetch is pending, so
+the page's polls happen in a fixed order without any sleeping. They are skipped when there is no
+Chromium (`apt-get install chromium`; CHROMIUM=/path/to/binary to use another).
 """
 
 import http.client
@@ -27,8 +28,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "status"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
-needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
-                                    reason=f"no browser at {CHROMIUM} (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK), reason=f"no browser at {CHROMIUM} (apt-get install chromium)"
+)
 
 
 # -----------------------------------------------------------------------------
@@ -49,7 +51,8 @@ def logdir(tmp_path):
 
 @pytest.fixture
 def serve():
-    """serve(logdir, handler=None) -> a running server on an ephemeral port; stopped after the test."""
+    """serve(logdir, handler=None) -> a running server on an ephemeral port;
+    stopped after the test."""
     servers = []
 
     def start(logdir, handler=None):
@@ -57,7 +60,9 @@ def serve():
         if handler is not None:
             server.RequestHandlerClass = handler
         # A short poll interval: shutdown() waits up to one interval.
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
         servers.append(server)
         return server
 
@@ -98,9 +103,21 @@ def url(server, query=""):
 def chromium(tmp_path, *args, budget_ms=3000):
     """Runs headless Chromium with a fresh profile; returns its stdout (the DOM for --dump-dom)."""
     profile = Path(tmp_path) / f"profile-{len(list(Path(tmp_path).glob('profile-*')))}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--hide-scrollbars", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={budget_ms}",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"chromium exited {done.returncode}: {done.stderr[-2000:]}")
@@ -110,7 +127,21 @@ def chromium(tmp_path, *args, budget_ms=3000):
 class Dom(HTMLParser):
     """A dumped page: attributes and text of every element with an id, and the attributes of all."""
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    VOID = {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+    }
 
     def __init__(self, html):
         super().__init__()
@@ -156,7 +187,10 @@ def test_runs_lists_every_status_file_newest_first(logdir, serve):
     (logdir / "notes.txt").write_text("not a status file")
     code, runs = fetch_json(serve(logdir), "/api/runs")
     assert code == 200
-    assert [(r["run_id"], r["state"]) for r in runs] == [("hydra_smoke", "training"), ("smoke", "done")]
+    assert [(r["run_id"], r["state"]) for r in runs] == [
+        ("hydra_smoke", "training"),
+        ("smoke", "done"),
+    ]
     assert runs[1]["mtime"] == 1_700_000_000
 
 
@@ -185,8 +219,17 @@ def test_every_method_but_get_and_head_is_refused(logdir, serve, method):
     assert sorted(p.name for p in logdir.iterdir()) == before
 
 
-@pytest.mark.parametrize("path", ["/api/status/../secret", "/api/status/..%2Fsecret", "/api/status/%2e%2e%2fsecret",
-                                  "/api/status/%2Ftmp%2Fsecret", "/api/status/", "/../secret.status.json"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/status/../secret",
+        "/api/status/..%2Fsecret",
+        "/api/status/%2e%2e%2fsecret",
+        "/api/status/%2Ftmp%2Fsecret",
+        "/api/status/",
+        "/../secret.status.json",
+    ],
+)
 def test_path_traversal_is_refused(logdir, serve, path):
     (logdir.parent / "secret.status.json").write_text('{"secret": "leaked"}')
     code, _, body = fetch(serve(logdir), path)
@@ -231,7 +274,9 @@ def test_missing_logdir_lists_no_runs(tmp_path, serve):
 
 def test_nan_and_infinity_are_served_as_null(logdir, serve):
     # A diverged run may write NaN (Python's json allows it); browsers' JSON.parse does not.
-    (logdir / "nan.status.json").write_text('{"train_loss": NaN, "smma100": Infinity, "val_bpb": 1e999}')
+    (logdir / "nan.status.json").write_text(
+        '{"train_loss": NaN, "smma100": Infinity, "val_bpb": 1e999}'
+    )
     _, _, body = fetch(serve(logdir), "/api/status/nan")
     status = json.loads(body, parse_constant=lambda name: pytest.fail(f"served {name}"))
     assert status["train_loss"] is None and status["smma100"] is None and status["val_bpb"] is None
@@ -246,14 +291,20 @@ def test_server_listens_on_loopback_only(logdir):
 
 
 def test_command_line_prints_the_address_and_logdir(logdir):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dashboard.py"), str(logdir), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "dashboard.py"), str(logdir), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
     finally:
         proc.kill()
         proc.wait()
-    assert re.fullmatch(rf"dashboard: http://127\.0\.0\.1:\d+/ \(reading {re.escape(str(logdir))}\)\n", line)
+    assert re.fullmatch(
+        rf"dashboard: http://127\.0\.0\.1:\d+/ \(reading {re.escape(str(logdir))}\)\n", line
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -267,16 +318,26 @@ def test_page_draws_the_recorded_runs(tmp_path, logdir, serve):
     dom = dump(tmp_path, serve(logdir), "?run=smoke,hydra_smoke")
     assert dom.text["hdr-run"] == "smoke" and dom.by_id["hdr-state"]["data-state"] == smoke["state"]
     assert dom.text["hdr-step"] == f"{smoke['step']} / {smoke['iterations']}"
-    assert dom.text["val-bpb"] == f"{smoke['val_bpb']:.4f}" and dom.by_id["val-bpb"]["data-run"] == "smoke"
+    assert (
+        dom.text["val-bpb"] == f"{smoke['val_bpb']:.4f}"
+        and dom.by_id["val-bpb"]["data-run"] == "smoke"
+    )
     for chart in ("chart-loss", "chart-bpb", "chart-lr", "chart-tps", "chart-coherence"):
         assert dom.points(chart) > 0, chart
-    assert dom.points("chart-bpb") == len(smoke["history"]["val_bpb"]) + len(hydra["history"]["val_bpb"])
+    assert dom.points("chart-bpb") == len(smoke["history"]["val_bpb"]) + len(
+        hydra["history"]["val_bpb"]
+    )
     budget = {row["data-run"]: row for row in dom.with_class("budget-row")}
     assert int(budget["smoke"]["data-total"]) == smoke["artifact_bytes"] + smoke["code_bytes"]
-    assert budget["smoke"]["data-exact"] == "true" and budget["hydra_smoke"]["data-exact"] == "false"
+    assert (
+        budget["smoke"]["data-exact"] == "true" and budget["hydra_smoke"]["data-exact"] == "false"
+    )
     assert budget["smoke"]["data-over"] == "false"
     assert dom.by_id["audit-verdict"]["data-valid"] == "true"
-    assert "hidden" not in dom.by_id["geometry-panel"] and dom.by_id["geometry"]["data-run"] == "hydra_smoke"
+    assert (
+        "hidden" not in dom.by_id["geometry-panel"]
+        and dom.by_id["geometry"]["data-run"] == "hydra_smoke"
+    )
     assert dom.points("chart-analogy") == len(hydra["history"]["analogy"])
     assert int(dom.by_id["last-update"]["data-polls"]) >= 1
 
@@ -348,10 +409,17 @@ def test_the_page_marks_a_stale_status(tmp_path, logdir, serve):
 @needs_chromium
 def test_the_page_flags_a_failed_audit_and_an_over_budget_artifact(tmp_path, logdir, serve):
     path = logdir / "smoke.status.json"
-    rewrite(path, artifact_bytes=15_990_000, sample="<b>not markup</b> & more",
-            audits={"causality": {"passed": False, "leak_at": 17}, "bytes": {"passed": True}})
+    rewrite(
+        path,
+        artifact_bytes=15_990_000,
+        sample="<b>not markup</b> & more",
+        audits={"causality": {"passed": False, "leak_at": 17}, "bytes": {"passed": True}},
+    )
     dom = dump(tmp_path, serve(logdir), "?run=smoke")
-    assert dom.text["audit-verdict"] == "score INVALID" and dom.by_id["audit-verdict"]["data-valid"] == "false"
+    assert (
+        dom.text["audit-verdict"] == "score INVALID"
+        and dom.by_id["audit-verdict"]["data-valid"] == "false"
+    )
     audits = {row["data-audit"]: row["data-passed"] for row in dom.elements if "data-audit" in row}
     assert audits == {"causality": "false", "bytes": "true"}
     (row,) = dom.with_class("budget-row")
@@ -361,13 +429,24 @@ def test_the_page_flags_a_failed_audit_and_an_over_budget_artifact(tmp_path, log
 
 @needs_chromium
 def test_the_page_copes_with_missing_and_odd_fields(tmp_path, logdir, serve):
-    (logdir / "odd.status.json").write_text(json.dumps({
-        "run_id": "odd", "step": "12", "val_bpb": None, "audits": {"causality": {}}, "probes": [],
-        "geometry": "n/a", "history": {"step": [1, 2, None, 4], "train_loss": [5.0, None, 4.0, "x"]}}))
+    (logdir / "odd.status.json").write_text(
+        json.dumps(
+            {
+                "run_id": "odd",
+                "step": "12",
+                "val_bpb": None,
+                "audits": {"causality": {}},
+                "probes": [],
+                "geometry": "n/a",
+                "history": {"step": [1, 2, None, 4], "train_loss": [5.0, None, 4.0, "x"]},
+            }
+        )
+    )
     dom = dump(tmp_path, serve(logdir), "?run=odd")
     assert dom.text["hdr-run"] == "odd" and dom.text["val-bpb"] == "—"
     assert dom.points("chart-loss") == 1 and dom.points("chart-bpb") == 0
-    assert dom.by_id["audit-verdict"]["data-valid"] == "false"  # an audit without "passed" is no pass
+    # an audit without "passed" is no pass
+    assert dom.by_id["audit-verdict"]["data-valid"] == "false"
     assert "hidden" in dom.by_id["geometry-panel"]
 
 
@@ -376,7 +455,12 @@ def test_screenshot_of_the_recorded_runs(tmp_path, logdir, serve):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
-    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,1000", url(serve(logdir), "?run=smoke,hydra_smoke"))
+    chromium(
+        tmp_path,
+        f"--screenshot={shot}",
+        "--window-size=1400,1000",
+        url(serve(logdir), "?run=smoke,hydra_smoke"),
+    )
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1400, 1000)

@@ -1,7 +1,8 @@
-"""Specification of data/: the shard format, the tokenizer + shard builder, the embedded corpus, the downloader.
+"""Specification of data/: the shard format, the tokenizer + shard builder, the embedded corpus,
+the downloader.
 
-No network: the downloader's hub call is replaced by a stand-in serving a temporary directory laid out like
-the hub. Real FineWeb data is read from ../shared/data beside the checkout when present.
+No network: the downloader's hub call is replaced by a stand-in serving a temporary directory laid
+out like the hub. Real FineWeb data is read from ../shared/data beside the checkout when present.
 """
 
 import gzip
@@ -63,7 +64,9 @@ def test_read_rejects_bad_magic(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[0:4] = np.int32(123).tobytes()
     path.write_bytes(raw)
-    with pytest.raises(ValueError, match=r"fineweb_val_000000\.bin: bad magic 123 \(expected 20240520\)"):
+    with pytest.raises(
+        ValueError, match=r"fineweb_val_000000\.bin: bad magic 123 \(expected 20240520\)"
+    ):
         read_shard(path)
 
 
@@ -93,12 +96,16 @@ def test_read_rejects_trailing_bytes(tmp_path):
 def test_read_rejects_file_shorter_than_header(tmp_path):
     path = tmp_path / "s.bin"
     path.write_bytes(b"\0" * 100)
-    with pytest.raises(ValueError, match=r"s\.bin: file is 100 bytes, shorter than the 1024-byte header"):
+    with pytest.raises(
+        ValueError, match=r"s\.bin: file is 100 bytes, shorter than the 1024-byte header"
+    ):
         read_shard(path)
 
 
 def test_write_refuses_token_id_above_65535(tmp_path):
-    with pytest.raises(ValueError, match=r"big\.bin: token id 65536 .*vocab above 65,535 is refused"):
+    with pytest.raises(
+        ValueError, match=r"big\.bin: token id 65536 .*vocab above 65,535 is refused"
+    ):
         write_shard(tmp_path / "big.bin", [1, 65536])
     assert list(tmp_path.iterdir()) == []
 
@@ -164,7 +171,11 @@ def test_tokenizer_uses_the_official_settings(sp_model):
     assert sp.unk_id() not in sp.encode("ünïcödé ☃ 𝔘")  # unseen characters fall back to bytes
     assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # split_digits
     assert not sp.encode("Python", out_type=str)[0].startswith("▁")  # add_dummy_prefix=False
-    assert sp_model.with_suffix(".vocab").read_text(encoding="utf-8").startswith("<pad>\t0\n<s>\t0\n</s>\t0\n")
+    assert (
+        sp_model.with_suffix(".vocab")
+        .read_text(encoding="utf-8")
+        .startswith("<pad>\t0\n<s>\t0\n</s>\t0\n")
+    )
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, docs, sp_model):
@@ -187,7 +198,9 @@ def split_at_bos(tokens: np.ndarray) -> list[list[int]]:
 def test_export_puts_bos_before_every_document_and_no_eos(tmp_path, docs, sp_model):
     export_shards(docs[:6], sp_model, tmp_path, num_val_docs=2)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    stream = np.concatenate([read_shard(tmp_path / f"fineweb_{s}_000000.bin") for s in ("val", "train")])
+    stream = np.concatenate(
+        [read_shard(tmp_path / f"fineweb_{s}_000000.bin") for s in ("val", "train")]
+    )
     assert split_at_bos(stream) == [[1] + sp.encode(d) for d in docs[:6]]
     assert 2 not in stream
 
@@ -195,7 +208,9 @@ def test_export_puts_bos_before_every_document_and_no_eos(tmp_path, docs, sp_mod
 def test_export_puts_the_first_documents_in_val(tmp_path, docs, sp_model):
     m = export_shards(docs[:6], sp_model, tmp_path, num_val_docs=2)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    assert split_at_bos(read_shard(tmp_path / "fineweb_val_000000.bin")) == [[1] + sp.encode(d) for d in docs[:2]]
+    assert split_at_bos(read_shard(tmp_path / "fineweb_val_000000.bin")) == [
+        [1] + sp.encode(d) for d in docs[:2]
+    ]
     assert (m["num_val_docs"], m["num_train_docs"], m["num_docs"]) == (2, 4, 6)
 
 
@@ -234,17 +249,48 @@ def test_build_cli_trains_a_tokenizer_and_exports_shards(tmp_path, docs, capsys)
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]), encoding="utf-8")
     model = tmp_path / "tok" / "c_400_bpe.model"
-    assert build.main(["tokenizer", "--input", str(corpus), "--vocab-size", "400", "--model", str(model)]) == 0
+    assert (
+        build.main(
+            ["tokenizer", "--input", str(corpus), "--vocab-size", "400", "--model", str(model)]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith(f"model: {model}\n")
-    assert build.main(["shards", "--input", str(corpus), "--model", str(model), "--out-dir", str(tmp_path / "ds"),
-                       "--num-val-docs", "5", "--json"]) == 0
+    assert (
+        build.main(
+            [
+                "shards",
+                "--input",
+                str(corpus),
+                "--model",
+                str(model),
+                "--out-dir",
+                str(tmp_path / "ds"),
+                "--num-val-docs",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert (summary["val_docs"], summary["train_docs"], summary["files"]) == (5, 15, 2)
 
 
 def test_build_cli_reports_errors_in_one_line(tmp_path, sp_model, capsys):
-    rc = build.main(["shards", "--input", str(tmp_path / "none.jsonl"), "--model", str(sp_model),
-                     "--out-dir", str(tmp_path), "--num-val-docs", "1"])
+    rc = build.main(
+        [
+            "shards",
+            "--input",
+            str(tmp_path / "none.jsonl"),
+            "--model",
+            str(sp_model),
+            "--out-dir",
+            str(tmp_path),
+            "--num-val-docs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and "none.jsonl" in err and err.count("\n") == 1
 
@@ -276,9 +322,14 @@ def test_embedded_build_is_deterministic_and_offline(tmp_path, no_network):
     a = embedded.build_embedded(tmp_path / "a", vocab_size=512, max_docs=40)
     b = embedded.build_embedded(tmp_path / "b", vocab_size=512, max_docs=40)
     assert a["status"] == b["status"] == "built" and a["val_tokens"] > 0 and a["train_tokens"] > 0
-    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 6  # model, vocab, val, train, manifest, shards.json
+    files_a = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    files_b = sorted(
+        p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file()
+    )
+    # model, vocab, val, train, manifest, shards.json
+    assert files_a == files_b and len(files_a) == 6
     for rel in files_a:
         assert sha256(tmp_path / "a" / rel) == sha256(tmp_path / "b" / rel), rel
 
@@ -290,7 +341,10 @@ def test_embedded_build_skips_verified_outputs_and_rebuilds_corrupted_ones(tmp_p
     train.write_bytes(train.read_bytes()[:-2])
     again = embedded.build_embedded(tmp_path, vocab_size=512, max_docs=30)
     assert again["status"] == "built" and read_shard(train).size == first["train_tokens"]
-    assert embedded.build_embedded(tmp_path, vocab_size=512, max_docs=30, force=True)["status"] == "built"
+    assert (
+        embedded.build_embedded(tmp_path, vocab_size=512, max_docs=30, force=True)["status"]
+        == "built"
+    )
 
 
 def test_default_embedded_build_has_enough_val_tokens_and_a_unigram_baseline(tmp_path, capsys):
@@ -300,7 +354,11 @@ def test_default_embedded_build_has_enough_val_tokens_and_a_unigram_baseline(tmp
     assert 1.0 < float(summary["unigram_bpb"]) < 8.0
     assert (tmp_path / "tokenizers" / "pydoc_1024_bpe.model").is_file()
     assert sorted(p.name for p in (tmp_path / "datasets" / "pydoc_sp1024").iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "manifest.json", "shards.json"]
+        "fineweb_train_000000.bin",
+        "fineweb_val_000000.bin",
+        "manifest.json",
+        "shards.json",
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +368,8 @@ def test_default_embedded_build_has_enough_val_tokens_and_a_unigram_baseline(tmp
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A directory laid out like the hub repo, served by a stand-in for download.fetch; returns (calls, hub root)."""
+    """A directory laid out like the hub repo, served by a stand-in for download.fetch;
+    returns (calls, hub root)."""
     root = tmp_path / "hub" / "datasets"
     ds = root / "datasets" / "fineweb10B_sp1024"
     write_shard(ds / "fineweb_val_000000.bin", np.arange(60) % 1024)
@@ -321,10 +380,21 @@ def hub(tmp_path, monkeypatch):
     (root / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(b"<pad>\t0\n")
     manifest = {
         "shard_size": 100,
-        "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "path": "datasets/fineweb10B_sp1024",
-                      "stats": {"files_val": 1, "files_train": 4, "tokens_val": 60, "tokens_train": 330}}],
+        "tokenizers": [
+            {
+                "name": "sp_bpe_1024",
+                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+            }
+        ],
+        "datasets": [
+            {
+                "name": "fineweb10B_sp1024",
+                "tokenizer_name": "sp_bpe_1024",
+                "path": "datasets/fineweb10B_sp1024",
+                "stats": {"files_val": 1, "files_train": 4, "tokens_val": 60, "tokens_train": 330},
+            }
+        ],
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     calls = []
@@ -347,28 +417,36 @@ def test_download_fetches_manifest_val_first_train_shards_and_tokenizer(tmp_path
     calls, root = hub
     local = tmp_path / "data"
     summary = download.download("sp1024", 2, local)
-    assert sorted(calls) == sorted([
-        "datasets/manifest.json",
-        "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
-        "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
-        "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
-        "datasets/tokenizers/fineweb_1024_bpe.model",
-        "datasets/tokenizers/fineweb_1024_bpe.vocab",
-    ])
+    assert sorted(calls) == sorted(
+        [
+            "datasets/manifest.json",
+            "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+            "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+            "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+            "datasets/tokenizers/fineweb_1024_bpe.model",
+            "datasets/tokenizers/fineweb_1024_bpe.vocab",
+        ]
+    )
     got = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     binding = "datasets/fineweb10B_sp1024/shards.json"  # written after the download
     assert got == sorted([binding] + [c.removeprefix("datasets/") for c in calls])
     assert (summary["downloaded"], summary["skipped"], summary["val_shards"]) == (5, 0, 1)
-    assert read_shard(local / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin").tolist() == list(range(60))
+    assert read_shard(local / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin").tolist() == list(
+        range(60)
+    )
 
 
 def test_download_binds_the_shards_to_the_downloaded_tokenizer(tmp_path, hub):
     local = tmp_path / "data"
     download.download("sp1024", 1, local)
     binding = json.loads((local / "datasets/fineweb10B_sp1024/shards.json").read_text())
-    assert binding == {"format": "pgolf-shards", "version": 1, "vocab_size": 1024,
-                       "tokenizer_sha256": sha256(local / "tokenizers/fineweb_1024_bpe.model"),
-                       "tokenizer": "fineweb_1024_bpe.model"}
+    assert binding == {
+        "format": "pgolf-shards",
+        "version": 1,
+        "vocab_size": 1024,
+        "tokenizer_sha256": sha256(local / "tokenizers/fineweb_1024_bpe.model"),
+        "tokenizer": "fineweb_1024_bpe.model",
+    }
 
 
 def test_second_download_fetches_only_the_manifest(tmp_path, hub):
@@ -387,12 +465,18 @@ def test_download_refetches_a_corrupted_shard(tmp_path, hub):
     shard.write_bytes(shard.read_bytes()[:-10])
     calls.clear()
     download.download("sp1024", 2, tmp_path / "data")
-    assert calls == ["datasets/manifest.json", "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"]
+    assert calls == [
+        "datasets/manifest.json",
+        "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+    ]
     assert read_shard(shard).tolist() == [1] * 100
 
 
 def test_download_rejects_an_unknown_variant_naming_the_available_ones(tmp_path, hub, capsys):
-    assert download.main(["--variant", "sp999", "--train-shards", "1", "--local-dir", str(tmp_path)]) == 1
+    assert (
+        download.main(["--variant", "sp999", "--train-shards", "1", "--local-dir", str(tmp_path)])
+        == 1
+    )
     err = capsys.readouterr().err
     assert err == "error: unknown variant 'sp999': the manifest lists sp1024\n"
 
@@ -407,7 +491,10 @@ def test_download_offline_exits_with_one_actionable_line(tmp_path, monkeypatch, 
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(download, "fetch", offline)
-    assert download.main(["--variant", "sp1024", "--train-shards", "1", "--local-dir", str(tmp_path)]) == 1
+    assert (
+        download.main(["--variant", "sp1024", "--train-shards", "1", "--local-dir", str(tmp_path)])
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the Hugging Face hub (") and err.count("\n") == 1
     assert "check the network or use the embedded corpus" in err
@@ -421,7 +508,10 @@ def test_plan_for_the_published_manifest_names_official_paths():
     plan = download.plan_files(json.loads(path.read_text()), "sp1024", 80)
     assert plan[0] == ("datasets/fineweb10B_sp1024/fineweb_val_000000.bin", 62_021_846)
     assert plan[80] == ("datasets/fineweb10B_sp1024/fineweb_train_000079.bin", 100_000_000)
-    assert [p for p, _ in plan[-2:]] == ["tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+    assert [p for p, _ in plan[-2:]] == [
+        "tokenizers/fineweb_1024_bpe.model",
+        "tokenizers/fineweb_1024_bpe.vocab",
+    ]
 
 
 # -----------------------------------------------------------------------------

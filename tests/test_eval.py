@@ -1,28 +1,36 @@
-"""Evaluation modes and score integrity: sliding coverage and value against an independent reference,
-TTT equal to sliding when it cannot learn, and audits that catch leaky models, a train-before-score TTT
-and a byte table that miscounts."""
+"""Evaluation modes and score integrity: sliding coverage and value against an independent
+reference, TTT equal to sliding when it cannot learn, and audits that catch leaky models, a
+train-before-score TTT and a byte table that miscounts."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-
 from conftest import SCRIPTS, TINY_ENV, load_script
+from torch import nn
 
 V = 64
 
 
 def small_h(module, **kw):
-    env = {**TINY_ENV, "VOCAB_SIZE": str(V), "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "8", "VAL_BATCH_SIZE": "2048",
-           "TTT_CHUNK_TOKENS": "64", "TTT_BATCH_SEQS": "2", "TTT_EPOCHS": "1", "TRAIN_SEQ_LEN": "32"}
+    env = {
+        **TINY_ENV,
+        "VOCAB_SIZE": str(V),
+        "EVAL_SEQ_LEN": "32",
+        "EVAL_STRIDE": "8",
+        "VAL_BATCH_SIZE": "2048",
+        "TTT_CHUNK_TOKENS": "64",
+        "TTT_BATCH_SEQS": "2",
+        "TTT_EPOCHS": "1",
+        "TRAIN_SEQ_LEN": "32",
+    }
     env.update({k.upper(): str(v) for k, v in kw.items()})
     return module.Hyperparameters.from_env(env)
 
 
 class FakeSP:
-    """Enough of a SentencePiece model for the byte tables: every id is a 1-byte piece, 0-3 control."""
+    """Enough of a SentencePiece model for the byte tables: every id is a 1-byte piece,
+    0-3 control."""
 
     def vocab_size(self):
         return V
@@ -58,17 +66,20 @@ def setup():
     return gpt, h, model, tokens, luts
 
 
-@pytest.mark.parametrize("n,L,s", [(301, 32, 8), (300, 32, 8), (40, 32, 8), (33, 32, 32), (20, 32, 8), (257, 16, 5)])
+@pytest.mark.parametrize(
+    "n,L,s", [(301, 32, 8), (300, 32, 8), (40, 32, 8), (33, 32, 32), (20, 32, 8), (257, 16, 5)]
+)
 def test_sliding_windows_cover_every_target_exactly_once(setup, n, L, s):
     gpt = setup[0]
     starts, firsts, lasts = gpt.sliding_windows(n, L, s)
-    covered = [j for f, l in zip(firsts, lasts) for j in range(int(f), int(l) + 1)]
+    covered = [j for first, last in zip(firsts, lasts) for j in range(int(first), int(last) + 1)]
     assert covered == list(range(1, n))
-    assert all(l - st <= L and st % s == 0 for st, l in zip(starts, lasts))
+    assert all(last - st <= L and st % s == 0 for st, last in zip(starts, lasts))
 
 
 def reference_sliding(model, tokens, luts, L, s):
-    """Each target j scored once, with tokens from the start of the first window holding it up to j - 1."""
+    """Each target j scored once, with tokens from the start of the first window
+    holding it up to j - 1."""
     base, lead, boundary = luts
     nll, nbytes = 0.0, 0
     for j in range(1, tokens.numel()):
@@ -76,7 +87,9 @@ def reference_sliding(model, tokens, luts, L, s):
         with torch.no_grad():
             logits = model.forward_logits(tokens[start:j][None])[0, -1].double()
         nll -= torch.log_softmax(logits, -1)[tokens[j]].item()
-        nbytes += int(base[tokens[j]]) + int(bool(lead[tokens[j]]) and not bool(boundary[tokens[j - 1]]))
+        nbytes += int(base[tokens[j]]) + int(
+            bool(lead[tokens[j]]) and not bool(boundary[tokens[j - 1]])
+        )
     return nll, nbytes
 
 
@@ -118,13 +131,16 @@ def test_ttt_learns_and_stays_score_first(setup):
     audit = res["score_first"]
     assert audit["passed"] and audit["updates"] > 0 and audit["chunks_scored"] == res["chunks"]
     assert res["val_loss"] != gpt.eval_val_sliding(h, model, tokens, luts)["val_loss"]
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the scored model is untouched
+    # the scored model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_ttt_rigged_to_train_before_scoring_is_caught(setup):
     gpt, h, model, tokens, luts = setup
-    ledger = [{"event": "update", "chunk": 0, "step": 1, "max_target": 63},
-              {"event": "score", "chunk": 0, "scored_upto": 64}]
+    ledger = [
+        {"event": "update", "chunk": 0, "step": 1, "max_target": 63},
+        {"event": "score", "chunk": 0, "scored_upto": 64},
+    ]
     coverage = torch.zeros(301, dtype=torch.int32)
     coverage[1:] = 1
     audit = gpt.audit_score_first(ledger, coverage)
@@ -139,11 +155,12 @@ def test_double_scoring_and_missing_targets_are_caught(setup):
     assert not audit["passed"] and audit["scored_twice"] == 1 and audit["never_scored"] == 1
 
 
-# --- leaky models the causality audit must catch -------------------------------------------------------
+# --- leaky models the causality audit must catch --------------------------------------------------
 
 
 class Leaky(nn.Module):
-    """A one-layer model with a chosen leak, built on an nn.Embedding so the Jacobian check applies."""
+    """A one-layer model with a chosen leak, built on an nn.Embedding
+    so the Jacobian check applies."""
 
     def __init__(self, kind):
         super().__init__()
@@ -159,7 +176,8 @@ class Leaky(nn.Module):
             x = torch.cat([x.mean(1, keepdim=True), x[:, 1:]], dim=1)
         elif self.kind == "next_token":
             x = x + 0.5 * torch.roll(x, -1, dims=1)
-        elif self.kind == "clamp_after_mask":  # masked with -1e4, then clamped to [-50, 50]: exp(-50) leaks
+        elif self.kind == "clamp_after_mask":
+            # masked with -1e4, then clamped to [-50, 50]: exp(-50) leaks
             scores = self.q(x) @ self.k(x).transpose(1, 2)
             future = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
             scores = scores.masked_fill(future, -1e4).clamp(-50, 50)
@@ -172,7 +190,9 @@ class Leaky(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("kind", ["window_mean_at_0", "next_token", "clamp_after_mask", "batch_norm", "partial_vocab"])
+@pytest.mark.parametrize(
+    "kind", ["window_mean_at_0", "next_token", "clamp_after_mask", "batch_norm", "partial_vocab"]
+)
 def test_causality_audit_catches_leaky_models(setup, kind):
     gpt = setup[0]
     torch.manual_seed(0)
@@ -188,7 +208,9 @@ def test_causality_audit_passes_an_honest_attention_model(setup):
             x = self.tok_emb(ids)
             T = ids.size(1)
             scores = (self.q(x) @ self.k(x).transpose(1, 2)).clamp(-50, 50)
-            scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+            scores = scores.masked_fill(
+                torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")
+            )
             return self.head(torch.softmax(scores, -1) @ x)
 
     assert gpt.audit_causality(Honest("honest"), 80, V)["passed"]
@@ -198,9 +220,20 @@ def test_causality_audit_passes_an_honest_attention_model(setup):
 def test_audit_passes_on_every_preset(name):
     module = load_script(name)
     for preset in module.PRESETS:
-        env = {"PRESET": preset, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
-               "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "EVAL_SEQ_LEN": "128",
-               "RECUR_LAYERS": "0,1", "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16"}
+        env = {
+            "PRESET": preset,
+            "NUM_LAYERS": "2",
+            "MODEL_DIM": "64",
+            "NUM_HEADS": "2",
+            "NUM_KV_HEADS": "1",
+            "VOCAB_SIZE": "128",
+            "TRAIN_SEQ_LEN": "128",
+            "TRAIN_BATCH_TOKENS": "8192",
+            "EVAL_SEQ_LEN": "128",
+            "RECUR_LAYERS": "0,1",
+            "BIGRAM_VOCAB_SIZE": "256",
+            "BIGRAM_DIM": "16",
+        }
         h = module.Hyperparameters.from_env(env)
         torch.manual_seed(0)
         model = module.build_model(h)
@@ -210,7 +243,7 @@ def test_audit_passes_on_every_preset(name):
         assert result["passed"], (preset, result["failures"])
 
 
-# --- byte accounting -----------------------------------------------------------------------------------
+# --- byte accounting ------------------------------------------------------------------------------
 
 
 def test_byte_table_counting_byte_fallback_as_three_bytes_is_caught(embedded):

@@ -1,7 +1,7 @@
-"""The 1.0611 model and optimizer of train_gpt.py (issue 14, PR #1855): every new flag toggles and trains
-a step, attention and the SmearGate never cross a BOS, the Triton kernels equal their torch references
-under TRITON_INTERPRET=1, Polar Express orthogonalizes with its published table, MIN_LR is a floor,
-and the record preset has #1855's parameter count."""
+"""The 1.0611 model and optimizer of train_gpt.py (issue 14, PR #1855): every new flag toggles and
+trains a step, attention and the SmearGate never cross a BOS, the Triton kernels equal their torch
+references under TRITON_INTERPRET=1, Polar Express orthogonalizes with its published table, MIN_LR
+is a floor, and the record preset has #1855's parameter count."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import REPO
 
 SMALL = {
@@ -180,7 +179,8 @@ def test_record_parameter_count_matches_1855(gpt):
     model = gpt.build_model(gpt.Hyperparameters.from_env({"PRESET": "record"}))
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"\nrecord preset: {params:,} parameters; #1855 logged 35,945,671 (difference {params - 35_945_671:+,})"
+        f"\nrecord preset: {params:,} parameters; #1855 logged 35,945,671 "
+        f"(difference {params - 35_945_671:+,})"
     )
     assert params == 35_945_671  # same modules and shapes as #1855, so the count matches exactly
     names = dict(model.named_parameters())
@@ -308,9 +308,8 @@ def test_polar_express_orthogonalizes(gpt, shape):
     pe = torch.linalg.svdvals(gpt.zeropower_via_newtonschulz5(G, steps=5, polar_express=True))
     quintic = torch.linalg.svdvals(gpt.zeropower_via_newtonschulz5(G, steps=5))
     assert 0.8 < pe.min() and pe.max() < 1.2, (pe.min(), pe.max())
-    assert (pe - 1).abs().max() < (
-        quintic - 1
-    ).abs().max()  # closer to orthogonal than the fixed triple
+    # closer to orthogonal than the fixed triple
+    assert (pe - 1).abs().max() < (quintic - 1).abs().max()
 
 
 def test_muon_uses_polar_express_per_group(gpt):
@@ -344,15 +343,15 @@ def test_min_lr_is_a_floor_not_a_rescaled_ramp(gpt):
         }
     )
     assert gpt.lr_multiplier(h, 10, 0.0) == 1.0
-    assert gpt.lr_multiplier(h, 50, 0.0) == pytest.approx(
-        0.5 / 0.85
-    )  # a rescaled ramp would give 0.629
+    # a rescaled ramp would give 0.629
+    assert gpt.lr_multiplier(h, 50, 0.0) == pytest.approx(0.5 / 0.85)
     assert gpt.lr_multiplier(h, 95, 0.0) == 0.1  # (1 - 0.95) / 0.85 = 0.059 is under the floor
     assert gpt.lr_multiplier(h, 100, 0.0) == 0.1
     base = gpt.Hyperparameters.from_env(
         {"PRESET": "baseline", "ITERATIONS": "100", "MAX_WALLCLOCK_SECONDS": "0"}
     )
-    # The baseline (MIN_LR=0, WARMDOWN_ITERS=1200 > ITERATIONS): the official ramp (iterations - step) / 1200.
+    # The baseline (MIN_LR=0, WARMDOWN_ITERS=1200 > ITERATIONS): the official ramp
+    # (iterations - step) / 1200.
     assert [gpt.lr_multiplier(base, s, 0.0) for s in (0, 50, 100)] == [100 / 1200, 50 / 1200, 0.0]
 
 

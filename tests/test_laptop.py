@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SCRIPTS, TINY_ENV, load_script, summary_of
 
 TESTS = Path(__file__).resolve().parent
@@ -20,8 +19,9 @@ for p in (TESTS.parent, FIXTURES):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pack  # noqa: E402
 import runs  # noqa: E402
+
+import pack  # noqa: E402
 
 # TINY_ENV without its own eval choices: the smoke preset's defaults decide.
 SMOKE_DEFAULTS = {
@@ -155,9 +155,8 @@ def test_the_eval_flags_choose_the_evals(gpt, monkeypatch):
 
     assert final()[0] == ["final_sliding_window"]
     assert final(ROUNDTRIP_EVAL="1")[0] == ["final_int8_zlib_roundtrip", "final_sliding_window"]
-    assert final(EVAL_MODE="standard")[0] == [
-        "final_int8_zlib_roundtrip"
-    ]  # the final figure itself
+    # the final figure itself
+    assert final(EVAL_MODE="standard")[0] == ["final_int8_zlib_roundtrip"]
     _, line = final(VAL_MAX_TOKENS="0")
     assert "the whole val split" in line and "quick look" not in line
 
@@ -227,7 +226,7 @@ def test_the_run_logs_its_thread_choice(gpt, smoke_run):
     assert "OMP_NUM_THREADS=1 (set by the caller)" in rt.threads
 
 
-# --- warmup, overshoot, compressor label -----------------------------------------------------------
+# --- warmup, overshoot, compressor label ---------------------------------------------------------
 
 
 def test_an_eager_cpu_run_keeps_one_warmup_step_and_says_so(gpt, embedded, tmp_path):

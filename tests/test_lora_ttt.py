@@ -1,6 +1,7 @@
-"""Per-document LoRA TTT and phased global SGD (issue 16): equal to sliding-window eval when it cannot
-learn, a document's score independent of the documents before it, score-first per position (the audit
-catches either trainer rigged to read ahead), every target scored once, and 2 processes equal 1."""
+"""Per-document LoRA TTT and phased global SGD (issue 16): equal to sliding-window eval when it
+cannot learn, a document's score independent of the documents before it, score-first per position
+(the audit catches either trainer rigged to read ahead), every target scored once, and
+2 processes equal 1."""
 
 import json
 import math
@@ -10,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, load_script
-from test_eval import V, FakeSP, small_h
+from test_eval import FakeSP, V, small_h
 
 L = 32
 
@@ -55,7 +55,8 @@ def make_docs(lengths, seed=5):
 
 
 def stream(docs):
-    """The val stream: the documents, then a closing BOS so that every document ends by predicting it."""
+    """The val stream: the documents, then a closing BOS so that every document ends
+    by predicting it."""
     return torch.cat([*docs, torch.ones(1, dtype=torch.int64)])
 
 
@@ -63,8 +64,8 @@ DOCS = make_docs([30, 45, 2, 70, 9, 61, 25, 40])
 
 
 def test_lr_zero_equals_sliding_exactly_where_the_windows_coincide(setup):
-    """One document, chunk = stride = window and N - 1 a multiple of it: every chunk's forward is the
-    sliding eval's window, token for token, and B = 0 adds exactly nothing."""
+    """One document, chunk = stride = window and N - 1 a multiple of it: every chunk's forward is
+    the sliding eval's window, token for token, and B = 0 adds exactly nothing."""
     gpt, model, luts = setup
     tokens = make_docs([3 * L + 1])[0]
     h = lora_h(gpt, ttt_lora_lr=0.0, ttt_lora_chunk=L, eval_stride=L)
@@ -208,7 +209,8 @@ with torch.no_grad():
 luts = gpt.build_sentencepiece_luts(FakeSP(), V, torch.device("cpu"))
 res = gpt.eval_val_ttt_phased(h, model, stream(DOCS), luts)
 if not dist.is_initialized() or dist.get_rank() == 0:
-    print("RESULT " + json.dumps({{k: res[k] for k in ("val_loss", "tokens", "bytes", "score_first")}}))
+    keys = ("val_loss", "tokens", "bytes", "score_first")
+    print("RESULT " + json.dumps({{k: res[k] for k in keys}}))
 """
 
 

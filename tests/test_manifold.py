@@ -1,6 +1,6 @@
-"""train_manifold.py: masked sparsemax, causal routing, the manifold build (train shards only, deterministic)
-and the manifold tables in the artifact. The generic contract tests (test_train_gpt.py, test_eval.py,
-test_shared_blocks.py) also run on this script."""
+"""train_manifold.py: masked sparsemax, causal routing, the manifold build (train shards only,
+deterministic) and the manifold tables in the artifact. The generic contract tests
+(test_train_gpt.py, test_eval.py, test_shared_blocks.py) also run on this script."""
 
 import hashlib
 import os
@@ -8,13 +8,22 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENV, load_script
 from torch import nn
 
-from conftest import TINY_ENV, load_script
-
 V = 64
-SMALL = {**TINY_ENV, "VOCAB_SIZE": str(V), "MODEL_DIM": "32", "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4",
-         "ROUTE_TOPK": "8", "MANIFOLD_PHYSICS_STEPS": "5", "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400", "EVAL_SEQ_LEN": "128"}
+SMALL = {
+    **TINY_ENV,
+    "VOCAB_SIZE": str(V),
+    "MODEL_DIM": "32",
+    "MANIFOLD_MODES": "16",
+    "MANIFOLD_COORDS": "4",
+    "ROUTE_TOPK": "8",
+    "MANIFOLD_PHYSICS_STEPS": "5",
+    "MANIFOLD_PHYSICS_DIM": "16",
+    "MANIFOLD_PAIRS": "400",
+    "EVAL_SEQ_LEN": "128",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +40,27 @@ def write_shard(path, tokens):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """A tiny dataset with structure (a noisy Markov chain over V tokens): one train and one val shard."""
+    """A tiny dataset with structure (a noisy Markov chain over V tokens):
+    one train and one val shard."""
     root = tmp_path_factory.mktemp("mfdata")
     rng = np.random.default_rng(0)
     nxt = rng.integers(0, V, size=(V, 3))
     tokens = [1]
     for _ in range(30000):
-        tokens.append(int(nxt[tokens[-1], rng.integers(0, 3)]) if rng.random() < 0.8 else int(rng.integers(0, V)))
+        tokens.append(
+            int(nxt[tokens[-1], rng.integers(0, 3)])
+            if rng.random() < 0.8
+            else int(rng.integers(0, V))
+        )
     write_shard(root / "fineweb_train_000000.bin", tokens)
     write_shard(root / "fineweb_val_000000.bin", tokens[:5000])
     return str(root)
 
 
 def small_h(mf, shards, **kw):
-    return mf.Hyperparameters.from_env({**SMALL, "DATA_PATH": shards, **{k.upper(): str(v) for k, v in kw.items()}})
+    return mf.Hyperparameters.from_env(
+        {**SMALL, "DATA_PATH": shards, **{k.upper(): str(v) for k, v in kw.items()}}
+    )
 
 
 def prepared_model(mf, h, noise=0.05):
@@ -60,7 +76,7 @@ def prepared_model(mf, h, noise=0.05):
     return model
 
 
-# --- masked sparsemax and routing ------------------------------------------------------------------------
+# --- masked sparsemax and routing -----------------------------------------------------------------
 
 
 def test_sparsemax_rows_sum_to_one_and_masked_entries_are_exactly_zero(mf):
@@ -75,13 +91,17 @@ def test_sparsemax_rows_sum_to_one_and_masked_entries_are_exactly_zero(mf):
 def test_sparsemax_of_a_single_valid_entry_is_one_hot(mf):
     z = torch.full((3, 6), float("-inf"))
     z[0, 2], z[1, 0], z[2, 5] = 7.0, -100.0, 0.0
-    assert torch.equal(mf.sparsemax(z), torch.nn.functional.one_hot(torch.tensor([2, 0, 5]), 6).float())
+    assert torch.equal(
+        mf.sparsemax(z), torch.nn.functional.one_hot(torch.tensor([2, 0, 5]), 6).float()
+    )
 
 
 def test_sparsemax_gradient_is_zero_on_masked_entries(mf):
     z = torch.tensor([[0.3, 0.1, 5.0, -1.0]], requires_grad=True)
     mask = torch.tensor([[False, False, True, False]])
-    (mf.sparsemax(z.masked_fill(mask, float("-inf"))) * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    (
+        mf.sparsemax(z.masked_fill(mask, float("-inf"))) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ).sum().backward()
     assert z.grad[0, 2] == 0 and torch.isfinite(z.grad).all()
 
 
@@ -100,7 +120,8 @@ def test_static_neighbour_candidates_are_past_and_most_recent(mf, shards):
     model.static_nb[9, 0], model.static_nb[9, 1] = 5, 6  # token 9's neighbours: 5 and 6
     x = torch.tensor([[5, 6, 5, 9, 5, 9, 6]])
     nb = ~model.context(x, torch.zeros(1, 7, 3))["not_nb"][0]
-    assert nb[3].nonzero().flatten().tolist() == [1, 2, 3]  # latest 6 (pos 1), latest 5 (pos 2), itself
+    # latest 6 (pos 1), latest 5 (pos 2), itself
+    assert nb[3].nonzero().flatten().tolist() == [1, 2, 3]
     assert nb[5].nonzero().flatten().tolist() == [1, 4, 5]
     assert not nb.triu(1).any()
 
@@ -113,7 +134,7 @@ def test_velocity_weights_favour_recent_tokens(mf, shards):
     assert -vel[5, 4] > -vel[5, 3] > -vel[5, 0] > 0 and (vel[5, :5].sum() + 1).abs() < 1e-6
 
 
-# --- causality ------------------------------------------------------------------------------------------
+# --- causality ------------------------------------------------------------------------------------
 
 
 def test_audit_passes_on_the_prepared_model_at_train_and_eval_lengths(mf, shards):
@@ -125,8 +146,9 @@ def test_audit_passes_on_the_prepared_model_at_train_and_eval_lengths(mf, shards
 
 
 class SeedRouter(nn.Module):
-    """PR #663's router: the future AND the token itself masked with -1e4, plain sparsemax over the whole row,
-    scores clamped to [-50, 50] after the mask. Row 0 is fully masked, so it averages the whole window."""
+    """PR #663's router: the future AND the token itself masked with -1e4, plain sparsemax over the
+    whole row, scores clamped to [-50, 50] after the mask. Row 0 is fully masked, so it averages
+    the whole window."""
 
     def __init__(self, mf):
         super().__init__()
@@ -148,12 +170,14 @@ def test_audit_catches_the_seed_router(mf):
     assert not result["passed"] and any("position 0" in f for f in result["failures"])
 
 
-# --- the manifold build ---------------------------------------------------------------------------------
+# --- the manifold build ---------------------------------------------------------------------------
 
 
 def test_manifold_build_reads_train_shards_only(mf, shards, monkeypatch):
     opened, real = [], mf.load_data_shard
-    monkeypatch.setattr(mf, "load_data_shard", lambda p: opened.append(os.path.basename(p)) or real(p))
+    monkeypatch.setattr(
+        mf, "load_data_shard", lambda p: opened.append(os.path.basename(p)) or real(p)
+    )
     model = prepared_model(mf, small_h(mf, shards), noise=0.0)
     assert opened == ["fineweb_train_000000.bin"]
     assert model.sc_emb.weight.abs().sum() > 0 and model.static_nb.max() > 0
@@ -172,7 +196,9 @@ def test_manifold_build_is_deterministic(mf, shards):
 
     def digest():
         sc, nb, _ = mf.build_manifold(mf.count_cooccurrence([tokens], V, torch.device("cpu")), h)
-        return hashlib.sha256(sc.numpy().tobytes()).hexdigest(), hashlib.sha256(nb.numpy().tobytes()).hexdigest()
+        return hashlib.sha256(sc.numpy().tobytes()).hexdigest(), hashlib.sha256(
+            nb.numpy().tobytes()
+        ).hexdigest()
 
     assert digest() == digest()
 

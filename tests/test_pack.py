@@ -1,7 +1,9 @@
-"""Specification of pack.py: size accounting, the log parser, significance, record folders and their check.
+"""Specification of pack.py: size accounting, the log parser, significance, record folders and
+their check.
 
-Real inputs: tiny CPU runs of train_gpt.py (shared with test_eval_bpb.py through tests/fixtures/pack/runs.py,
-once per session) and hand-written logs of the baseline and late log families (RULES.md section 12).
+Real inputs: tiny CPU runs of train_gpt.py (shared with test_eval_bpb.py through
+tests/fixtures/pack/runs.py, once per session) and hand-written logs of the baseline and late log
+families (docs/rules.md, Log lines).
 """
 
 import hashlib
@@ -23,8 +25,9 @@ for p in (REPO, FIXTURES):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pack  # noqa: E402
 import runs  # noqa: E402
+
+import pack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +43,33 @@ def run(argv, capsys):
 
 
 def write_container(path, raw, compressor="zlib", script_sha="0" * 64):
-    """Our artifact layout, built by hand: magic, version, header length, JSON header, payload."""
+    """Our artifact layout, built by hand: magic, version, header length, JSON header (with its
+    mandatory header_sha256), payload."""
     payload = zlib.compress(raw, 9) if compressor == "zlib" else raw
-    header = {"format": "pgolf-artifact", "script": "train_x.py", "script_sha256": script_sha, "hparams": {},
-              "tokenizer_sha256": None, "vocab_size": 8, "compressor": compressor, "raw_bytes": len(raw),
-              "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": []}
+    header = {
+        "format": "pgolf-artifact",
+        "script": "train_x.py",
+        "script_sha256": script_sha,
+        "hparams": {},
+        "tokenizer_sha256": None,
+        "vocab_size": 8,
+        "compressor": compressor,
+        "raw_bytes": len(raw),
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        # one raw uint8 tensor spanning the payload: the reader checks every span
+        "tensors": [
+            {
+                "name": "w",
+                "dtype": "uint8",
+                "shape": [len(raw)],
+                "scheme": "raw",
+                "data": [0, len(raw)],
+            }
+        ],
+    }
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    header["header_sha256"] = hashlib.sha256(canonical).hexdigest()  # mandatory
     head = json.dumps(header).encode()
     Path(path).write_bytes(b"PGOLFART" + struct.pack("<II", 1, len(head)) + head + payload)
     return 16 + len(head) + len(payload), payload
@@ -74,12 +99,23 @@ def test_size_counts_artifact_plus_script_bytes(tmp_path, capsys):
 def test_size_of_official_ptz_tables_the_raw_torch_bytes(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     buf = io.BytesIO()
-    torch.save({"__quant_format__": "int8_clean_per_row_v1", "w": torch.arange(1000, dtype=torch.int8)}, buf)
+    torch.save(
+        {"__quant_format__": "int8_clean_per_row_v1", "w": torch.arange(1000, dtype=torch.int8)},
+        buf,
+    )
     blob = zlib.compress(buf.getvalue(), 9)
     (tmp_path / "final_model.int8.ptz").write_bytes(blob)
     (tmp_path / "train_gpt.py").write_bytes(b"x = 1\n")
-    code, out, _ = run(["size", tmp_path / "final_model.int8.ptz", "--script", tmp_path / "train_gpt.py", "--json"],
-                       capsys)
+    code, out, _ = run(
+        [
+            "size",
+            tmp_path / "final_model.int8.ptz",
+            "--script",
+            tmp_path / "train_gpt.py",
+            "--json",
+        ],
+        capsys,
+    )
     rep = json.loads(out)
     assert code == 0
     assert rep["total_bytes"] == len(blob) + 6
@@ -113,7 +149,9 @@ def test_size_refuses_foreign_and_corrupt_files(tmp_path, capsys):
 
 
 def test_size_of_a_real_run_matches_its_log(tiny, capsys):
-    code, out, _ = run(["size", tiny["s1"]["artifact"], "--script", tiny["s1"]["script"], "--json"], capsys)
+    code, out, _ = run(
+        ["size", tiny["s1"]["artifact"], "--script", tiny["s1"]["script"], "--json"], capsys
+    )
     rep, log = json.loads(out), pack.parse_log(tiny["s1"]["log"])
     assert code == 0
     assert rep["total_bytes"] == log["total_bytes"]
@@ -127,7 +165,11 @@ def test_parse_log_reads_the_baseline_family():
     log = pack.parse_log(FIXTURES / "baseline_seed1337.log")
     assert log["family"] == "baseline"
     assert log["val_bpb"] == 1.2243657 and log["val_loss"] == 2.07269206
-    assert log["total_bytes"] == 15863489 and log["code_bytes"] == 47642 and log["artifact_bytes"] == 15815847
+    assert (
+        log["total_bytes"] == 15863489
+        and log["code_bytes"] == 47642
+        and log["artifact_bytes"] == 15815847
+    )
     assert log["steps"] == 13780 and log["train_time_ms"] == 600012
     assert log["seed"] == 1337 and log["eval_mode"] == "standard" and log["valid"] is True
     assert log["val"][-1] == {"step": 13780, "val_loss": 2.0556, "val_bpb": 1.2172}
@@ -143,7 +185,11 @@ def test_parse_log_reads_the_late_family():
     assert log["evals"]["quantized_sliding_window"]["val_bpb"] == 1.0629876
     assert log["pre_quant_val_bpb"] == 1.06479004
     assert log["eval_time_ms"] == pytest.approx(455100.0)
-    assert log["train"][2] == {"step": 4000, "train_loss": 2.863, "train_time_ms": pytest.approx(486000.0)}
+    assert log["train"][2] == {
+        "step": 4000,
+        "train_loss": 2.863,
+        "train_time_ms": pytest.approx(486000.0),
+    }
     assert log["seed"] == 42 and log["hparams"]["num_layers"] == "11"
 
 
@@ -165,7 +211,7 @@ def welch_by_hand(new, old):
     new, old = np.asarray(new, float), np.asarray(old, float)
     v1, v2 = new.var(ddof=1) / len(new), old.var(ddof=1) / len(old)
     t = (new.mean() - old.mean()) / math.sqrt(v1 + v2)
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (len(new) - 1) + v2 ** 2 / (len(old) - 1))
+    df = (v1 + v2) ** 2 / (v1**2 / (len(new) - 1) + v2**2 / (len(old) - 1))
     return t, df
 
 
@@ -185,26 +231,56 @@ def test_welch_shifts_the_baseline_by_the_threshold():
 def test_welch_in_bpb_converts_the_threshold_with_tokens_per_byte():
     tpb = 0.40945
     threshold = 0.005 * tpb / math.log(2)
-    assert threshold == pytest.approx(0.00295, abs=1e-5)  # RULES.md section 14
+    assert threshold == pytest.approx(0.00295, abs=1e-5)  # docs/rules.md, Records and significance
     new, old = [1.2180, 1.2190, 1.2175], [1.2244, 1.2250, 1.2239]
     t, df = welch_by_hand(new, [o - threshold for o in old])
     res = pack.welch_significance(new, old, metric="val_bpb", tpb=tpb)
     assert res["threshold"] == pytest.approx(threshold)
-    assert res["t_statistic"] == pytest.approx(t, rel=1e-10) and res["welch_df"] == pytest.approx(df, rel=1e-10)
-    assert res["improvement_nats"] == pytest.approx((np.mean(old) - np.mean(new)) * math.log(2) / tpb)
+    assert res["t_statistic"] == pytest.approx(t, rel=1e-10) and res["welch_df"] == pytest.approx(
+        df, rel=1e-10
+    )
+    assert res["improvement_nats"] == pytest.approx(
+        (np.mean(old) - np.mean(new)) * math.log(2) / tpb
+    )
 
 
 def test_significance_command_reads_logs_and_values(capsys):
     late = [FIXTURES / "late_seed42.log", FIXTURES / "late_seed314.log"]
-    code, out, _ = run(["significance", "--new", *late, "--baseline-values", "1.0700,1.0712", "--metric", "val_bpb",
-                        "--json"], capsys)
+    code, out, _ = run(
+        [
+            "significance",
+            "--new",
+            *late,
+            "--baseline-values",
+            "1.0700,1.0712",
+            "--metric",
+            "val_bpb",
+            "--json",
+        ],
+        capsys,
+    )
     res = json.loads(out)
     logs = [pack.parse_log(p) for p in late]
     tpb = np.mean([lg["val_bpb"] * math.log(2) / lg["val_loss"] for lg in logs])
-    t, df = welch_by_hand([lg["val_bpb"] for lg in logs], [v - 0.005 * tpb / math.log(2) for v in (1.07, 1.0712)])
-    assert code == 0 and res["t_statistic"] == pytest.approx(t) and res["welch_df"] == pytest.approx(df)
-    code, out, _ = run(["significance", "--new", *late, "--baseline", FIXTURES / "baseline_seed1337.log",
-                        FIXTURES / "baseline_seed42.log"], capsys)
+    t, df = welch_by_hand(
+        [lg["val_bpb"] for lg in logs], [v - 0.005 * tpb / math.log(2) for v in (1.07, 1.0712)]
+    )
+    assert (
+        code == 0
+        and res["t_statistic"] == pytest.approx(t)
+        and res["welch_df"] == pytest.approx(df)
+    )
+    code, out, _ = run(
+        [
+            "significance",
+            "--new",
+            *late,
+            "--baseline",
+            FIXTURES / "baseline_seed1337.log",
+            FIXTURES / "baseline_seed42.log",
+        ],
+        capsys,
+    )
     assert code == 0 and "p_value: " in out and "metric: val_loss" in out
 
 
@@ -212,8 +288,23 @@ def test_significance_command_reads_logs_and_values(capsys):
 
 
 def record(tmp_path, capsys, logs, *extra, name="Tiny"):
-    argv = ["record", *logs, "--name", name, "--author", "Test Author", "--github-id", "tester", "--date",
-            "2026-05-01", "--out", tmp_path / "records", "--blurb", "Two tiny CPU seeds.", *extra]
+    argv = [
+        "record",
+        *logs,
+        "--name",
+        name,
+        "--author",
+        "Test Author",
+        "--github-id",
+        "tester",
+        "--date",
+        "2026-05-01",
+        "--out",
+        tmp_path / "records",
+        "--blurb",
+        "Two tiny CPU seeds.",
+        *extra,
+    ]
     return run(argv, capsys)
 
 
@@ -221,9 +312,25 @@ def record(tmp_path, capsys, logs, *extra, name="Tiny"):
 def record_folder(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("rec")
     args = pack.build_parser().parse_args(
-        ["record", str(tiny["s2"]["log"]), str(tiny["s1"]["log"]), "--name", "TinySmoke", "--author", "Test Author",
-         "--github-id", "tester", "--date", "2026-05-01", "--out", str(out / "records"), "--non-record",
-         "--baseline-values", "6.7,6.71,6.72"])
+        [
+            "record",
+            str(tiny["s2"]["log"]),
+            str(tiny["s1"]["log"]),
+            "--name",
+            "TinySmoke",
+            "--author",
+            "Test Author",
+            "--github-id",
+            "tester",
+            "--date",
+            "2026-05-01",
+            "--out",
+            str(out / "records"),
+            "--non-record",
+            "--baseline-values",
+            "6.7,6.71,6.72",
+        ]
+    )
     folder, _ = pack.build_record(args)
     return Path(folder)
 
@@ -231,8 +338,17 @@ def record_folder(tiny, tmp_path_factory):
 def test_record_writes_a_folder_that_passes_check(record_folder, tiny, capsys):
     assert record_folder.parent.name == "track_non_record_16mb"
     assert record_folder.name == "2026-05-01_TinySmoke"
-    for name in ("README.md", "submission.json", "requirements.txt", "train_gpt.py", "train_seed1.log",
-                 "train_seed2.log", "train_seed1.jsonl", "final_model_seed1.pga", "final_model_seed2.pga"):
+    for name in (
+        "README.md",
+        "submission.json",
+        "requirements.txt",
+        "train_gpt.py",
+        "train_seed1.log",
+        "train_seed2.log",
+        "train_seed1.jsonl",
+        "final_model_seed1.pga",
+        "final_model_seed2.pga",
+    ):
         assert (record_folder / name).is_file(), name
     code, out, _ = run(["check", record_folder], capsys)
     assert code == 0, out
@@ -254,7 +370,9 @@ def test_record_submission_json_is_computed_from_the_logs(record_folder, tiny):
     assert comp["artifact_under_16mb"] is True and comp["causality_audit_passed"] is True
     assert comp["training_under_600s"] is False and comp["eval_under_600s"] is False  # a CPU run
     assert comp["score_first_ttt"] is None and comp["no_val_data_in_training"] is None
-    assert sub["p_value"] == sub["significance"]["p_value"] and sub["significance"]["n_baseline"] == 3
+    assert (
+        sub["p_value"] == sub["significance"]["p_value"] and sub["significance"]["n_baseline"] == 3
+    )
     assert sub["track"] == "track_non_record_16mb" and sub["non_record"] is True
 
 
@@ -270,8 +388,11 @@ def test_record_readme_says_non_record_and_how_to_reproduce(record_folder):
 def test_record_refuses_a_cpu_run_without_non_record_and_writes_nothing(tiny, tmp_path, capsys):
     code, _, err = record(tmp_path, capsys, [tiny["s1"]["log"], tiny["s2"]["log"]])
     assert code == 1 and "--non-record" in err and "8xH100" in err
-    assert not any(p.is_dir() and not p.name.startswith(".") for p in (tmp_path / "records").rglob("*")
-                   if p.parent.name in pack.TRACKS)
+    assert not any(
+        p.is_dir() and not p.name.startswith(".")
+        for p in (tmp_path / "records").rglob("*")
+        if p.parent.name in pack.TRACKS
+    )
 
 
 def test_record_refuses_mixed_configs(tiny, tmp_path, capsys):
@@ -293,8 +414,12 @@ def tampered_log(tiny, tmp_path, kind):
     return path
 
 
-@pytest.mark.parametrize("kind,why", [("audit", "audit causality failed"), ("size", "over the 16000000 budget")])
-def test_record_refuses_failed_audit_or_over_budget_unless_non_record(tiny, tmp_path, capsys, kind, why):
+@pytest.mark.parametrize(
+    "kind,why", [("audit", "audit causality failed"), ("size", "over the 16000000 budget")]
+)
+def test_record_refuses_failed_audit_or_over_budget_unless_non_record(
+    tiny, tmp_path, capsys, kind, why
+):
     logs = [tiny["s1"]["log"], tampered_log(tiny, tmp_path, kind)]
     code, _, err = record(tmp_path, capsys, logs)
     assert code == 1 and why in err

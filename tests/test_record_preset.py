@@ -20,13 +20,13 @@ def trained_like_(model, seed=0):
     """Stand-in weights with the statistics that set the artifact's size.
 
     Under SD-clip (c = k * std(row)) a row costs about b - log2(k) + const bits per weight, where
-    the constant depends on the row's shape, not its scale (TECHNIQUES.md A.2); so what matters
-    is the shape of each row's distribution. Trained matrices (Muon, weight decay) are close to
-    Gaussian with per-row scales that vary and mildly heavy tails with rare large outliers:
-    here a Gaussian scale mixture (kurtosis ~4), log-normal per-row scales (sigma 0.3, rms
-    ~0.02) and 1 entry in 2,000 multiplied by 8. Embedding rows are drawn the same way (their
-    norms vary with token frequency). Small and control tensors get their init plus noise, so
-    none of them compresses to nothing as zero-initialized tensors would.
+    the constant depends on the row's shape, not its scale (docs/techniques.md, Quantization); so
+    what matters is the shape of each row's distribution. Trained matrices (Muon, weight decay) are
+    close to Gaussian with per-row scales that vary and mildly heavy tails with rare large outliers:
+    here a Gaussian scale mixture (kurtosis ~4), log-normal per-row scales (sigma 0.3, rms ~0.02)
+    and 1 entry in 2,000 multiplied by 8. Embedding rows are drawn the same way (their norms vary
+    with token frequency). Small and control tensors get their init plus noise, so none of them
+    compresses to nothing as zero-initialized tensors would.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""The record stack of train_gpt.py: every technique toggles on and off, the BOS-safe embedding, XSA's
-orthogonality, depth recurrence's weight sharing and single recompile, causality with every flag on, the EMA
-in the artifact, the benchmark script, and the parameter counts of the two real presets."""
+"""The record stack of train_gpt.py: every technique toggles on and off, the BOS-safe embedding,
+XSA's orthogonality, depth recurrence's weight sharing and single recompile, causality with every
+flag on, the EMA in the artifact, the benchmark script, and the parameter counts of the two
+real presets."""
 
 import json
 import subprocess
@@ -9,12 +10,19 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 
 # A baseline-shaped model small enough for a 2-core CPU, with GQA (4 heads over 2 KV heads).
-SMALL = {"PRESET": "baseline", "NUM_LAYERS": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-         "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "4096", "EVAL_STRIDE": "16"}
+SMALL = {
+    "PRESET": "baseline",
+    "NUM_LAYERS": "3",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "TRAIN_SEQ_LEN": "32",
+    "TRAIN_BATCH_TOKENS": "4096",
+    "EVAL_STRIDE": "16",
+}
 FLAGS = {
     "leaky_relu2": {"MLP_ACTIVATION": "leaky_relu2"},
     "partial_rope": {"ROPE_DIMS": "8"},
@@ -34,8 +42,8 @@ ALL_ON = {k: v for flags in FLAGS.values() for k, v in flags.items()}
 
 
 def small_model(gpt, seed=0, **env):
-    """A small model with every weight perturbed, so zero-initialized projections and gates do not hide
-    what a technique computes."""
+    """A small model with every weight perturbed, so zero-initialized projections and gates do not
+    hide what a technique computes."""
     h = gpt.Hyperparameters.from_env({**SMALL, **env})
     torch.manual_seed(seed)
     model = gpt.build_model(h)
@@ -46,12 +54,16 @@ def small_model(gpt, seed=0, **env):
 
 
 def tokens(h, batch=2, seq=32, seed=1):
-    return torch.randint(2, h.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        2, h.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("flag", ["none", *FLAGS, "all", "all_vocab4096"])
 def test_each_technique_runs_forward_and_backward(gpt, flag):
-    env = {"none": {}, "all": ALL_ON, "all_vocab4096": {**ALL_ON, "VOCAB_SIZE": "4096"}, **FLAGS}[flag]
+    env = {"none": {}, "all": ALL_ON, "all_vocab4096": {**ALL_ON, "VOCAB_SIZE": "4096"}, **FLAGS}[
+        flag
+    ]
     model, h = small_model(gpt, **env)
     x = tokens(h)
     loss = model(x, torch.roll(x, -1, dims=1))
@@ -67,9 +79,20 @@ def test_new_flags_are_off_by_default_and_validated(gpt):
     h = gpt.Hyperparameters.from_env({"PRESET": "baseline"})
     assert (h.mlp_activation, h.rope_dims, h.xsa_last_n, h.bigram_vocab_size) == ("relu2", 0, 0, 0)
     assert h.recur_layers == "" and h.parallel_residual_start == -1
-    assert not (h.ln_scale or h.skip_gates or h.smear_gate or h.value_residual or h.attn_gate or h.flow_matcher)
-    for name, value in (("MLP_ACTIVATION", "gelu"), ("RECUR_LAYERS", "7"), ("RECUR_LAYERS", "a,b"),
-                        ("ROPE_DIMS", "7")):
+    assert not (
+        h.ln_scale
+        or h.skip_gates
+        or h.smear_gate
+        or h.value_residual
+        or h.attn_gate
+        or h.flow_matcher
+    )
+    for name, value in (
+        ("MLP_ACTIVATION", "gelu"),
+        ("RECUR_LAYERS", "7"),
+        ("RECUR_LAYERS", "a,b"),
+        ("ROPE_DIMS", "7"),
+    ):
         with pytest.raises(ValueError, match=name):
             gpt.build_model(gpt.Hyperparameters.from_env({**SMALL, name: value}))
 
@@ -84,7 +107,9 @@ def test_bos_embedding_does_not_depend_on_the_previous_document(gpt):
         a, b = model.embed(x), model.embed(other)
         assert torch.equal(a[:, 10:], b[:, 10:])
         assert not torch.equal(a[:, :10], b[:, :10])
-        x[:, 10] = other[:, 10] = 5  # the same change with no BOS: the smear and bigram do reach across
+        x[:, 10] = other[:, 10] = (
+            5  # the same change with no BOS: the smear and bigram do reach across
+        )
         assert not torch.equal(model.embed(x)[:, 10], model.embed(other)[:, 10])
 
 
@@ -111,8 +136,10 @@ def test_depth_recurrence_reuses_the_same_parameters(gpt):
     model, h = small_model(gpt, RECUR_LAYERS="1", RECUR_LOOPS="2")
     params = [id(p) for p in model.parameters()]
     calls = [0] * h.num_layers
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
-             for k, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
+        for k, b in enumerate(model.blocks)
+    ]
     x = tokens(h)
     with torch.no_grad():
         model.set_recurrence(False)
@@ -143,9 +170,20 @@ def test_switching_recurrence_recompiles_once(gpt):
 
 
 def test_causality_audit_passes_on_the_record_model_with_every_flag_on(gpt):
-    env = {"PRESET": "record", "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-           "RECUR_LAYERS": "1,2", "PARALLEL_RESIDUAL_START": "2", "BIGRAM_VOCAB_SIZE": "97", "BIGRAM_DIM": "16",
-           "VALUE_RESIDUAL": "1", "FLOW_MATCHER": "1", "FLOW_DIM": "32"}
+    env = {
+        "PRESET": "record",
+        "NUM_LAYERS": "4",
+        "MODEL_DIM": "128",
+        "NUM_HEADS": "4",
+        "NUM_KV_HEADS": "2",
+        "RECUR_LAYERS": "1,2",
+        "PARALLEL_RESIDUAL_START": "2",
+        "BIGRAM_VOCAB_SIZE": "97",
+        "BIGRAM_DIM": "16",
+        "VALUE_RESIDUAL": "1",
+        "FLOW_MATCHER": "1",
+        "FLOW_DIM": "32",
+    }
     h = gpt.Hyperparameters.from_env(env)
     torch.manual_seed(0)
     model = gpt.build_model(h)
@@ -186,7 +224,9 @@ def test_the_artifact_holds_the_ema_weights(gpt, tmp_path):
     raw_q = gpt.dequantize_entries(*gpt.quantize_state_dict(raw, h))
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert not torch.equal(loaded.state_dict()["blocks.0.attn.c_q.weight"], raw_q["blocks.0.attn.c_q.weight"])
+    assert not torch.equal(
+        loaded.state_dict()["blocks.0.attn.c_q.weight"], raw_q["blocks.0.attn.c_q.weight"]
+    )
     assert loaded.recur_active
 
 
@@ -199,24 +239,57 @@ def test_record_and_baseline_parameter_counts(gpt):
 
 
 def test_bench_script_runs_on_cpu_in_a_tiny_configuration():
-    env = {"NUM_LAYERS": "6", "MODEL_DIM": "64", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096",
-           "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--cpu", "--steps", "2", "--warmup",
-                          "1", "--threads", "1", "--compare", "baseline", "--json"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    env = {
+        "NUM_LAYERS": "6",
+        "MODEL_DIM": "64",
+        "TRAIN_SEQ_LEN": "64",
+        "TRAIN_BATCH_TOKENS": "4096",
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--compare",
+            "baseline",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
     for preset in ("record", "baseline"):
         r = res[preset]
         assert r["ms_per_step"] > 0 and r["tokens_per_s_rank"] > 0 and r["peak_memory_mib"] > 0
         assert r["mfu"] == "n/a" and r["tokens_per_step_rank"] == 4096 // 8 and r["threads"] == 1
-    assert res["record"]["layer_passes"] == 12 and res["baseline"]["layer_passes"] == 6  # layers 3-5 loop twice
+    # layers 3-5 loop twice
+    assert res["record"]["layer_passes"] == 12 and res["baseline"]["layer_passes"] == 6
 
 
 def test_training_progress_switches_recurrence_on_at_its_fraction(gpt):
-    h = gpt.Hyperparameters.from_env({"PRESET": "record", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "2",
-                                      "NUM_KV_HEADS": "1", "RECUR_LAYERS": "1,2", "RECUR_START_FRAC": "0.4",
-                                      "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16"})
+    h = gpt.Hyperparameters.from_env(
+        {
+            "PRESET": "record",
+            "NUM_LAYERS": "4",
+            "MODEL_DIM": "64",
+            "NUM_HEADS": "2",
+            "NUM_KV_HEADS": "1",
+            "RECUR_LAYERS": "1,2",
+            "RECUR_START_FRAC": "0.4",
+            "BIGRAM_VOCAB_SIZE": "64",
+            "BIGRAM_DIM": "16",
+        }
+    )
     model = gpt.build_model(h)
     model.set_training_progress(0.1)
     assert not model.recur_active

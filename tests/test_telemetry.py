@@ -1,5 +1,5 @@
-"""Run-side telemetry: SMMA, the coherence score, the constrained-simplex projection of the shard mixer,
-the atomic status file, and the embedding probes."""
+"""Run-side telemetry: SMMA, the coherence score, the constrained-simplex projection of the shard
+mixer, the atomic status file, and the embedding probes."""
 
 import json
 import threading
@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_script
 
 gpt = load_script("train_gpt.py")
@@ -29,8 +28,11 @@ def test_coherence_of_a_repetitive_sample_is_below_30():
 
 
 def test_coherence_of_ordinary_prose_is_above_30():
-    prose = ("The river runs past the old mill, where children once played in the summer. Today the town "
-             "keeps the building as a museum, and visitors walk along the water to see the wheel turn.")
+    prose = (
+        "The river runs past the old mill, where children once played in the summer. "
+        "Today the town keeps the building as a museum, and visitors walk along the water "
+        "to see the wheel turn."
+    )
     assert gpt.coherence_score(prose) > 70
 
 
@@ -52,7 +54,9 @@ def test_projection_where_plain_floors_would_fail():
 
 
 def test_shard_mixer_weights_stay_feasible_and_favour_the_rewarded_shard():
-    h = gpt.Hyperparameters.from_env({"DATA_MIXER": "1", "MIXER_FLOOR": "0.1", "MIXER_CAP": "0.6", "MIXER_UCB_C": "0.05"})
+    h = gpt.Hyperparameters.from_env(
+        {"DATA_MIXER": "1", "MIXER_FLOOR": "0.1", "MIXER_CAP": "0.6", "MIXER_UCB_C": "0.05"}
+    )
     mixer = gpt.ShardMixer(h, 4)
     loss = 5.0
     w = mixer.weights
@@ -78,7 +82,9 @@ def test_status_file_is_never_seen_half_written(tmp_path):
     t = threading.Thread(target=reader)
     t.start()
     for step in range(300):
-        gpt.write_json_atomic(str(path), {"step": step, "history": {"loss": list(range(step * 10))}})
+        gpt.write_json_atomic(
+            str(path), {"step": step, "history": {"loss": list(range(step * 10))}}
+        )
     stop.set()
     t.join()
     assert not errors and json.loads(path.read_text())["step"] == 299

@@ -1,6 +1,6 @@
 """Contract and foundation tests of the training scripts: env parsing, data validation, byte tables,
-model behaviour at init, the official baseline state_dict, the artifact, distributed equivalence and the
-end-to-end CPU smoke run."""
+model behaviour at init, the official baseline state_dict, the artifact, distributed equivalence and
+the end-to-end CPU smoke run."""
 
 import json
 import math
@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, SCRIPTS, TINY_ENV, run_script, summary_of
 from reference_baseline import baseline_loss, baseline_state_shapes, random_state
 
@@ -29,29 +28,53 @@ def tiny_h(module, **overrides):
     return module.Hyperparameters.from_env(env)
 
 
-# --- import and hyperparameters ----------------------------------------------------------------------
+# --- import and hyperparameters -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_import_has_no_side_effects(name, tmp_path):
-    code = (f"import sys, os; sys.path.insert(0, {str(REPO)!r}); import importlib.util as u;"
-            f"s = u.spec_from_file_location('m', {str(REPO / name)!r}); m = u.module_from_spec(s);"
-            "s.loader.exec_module(m); import torch.distributed as d;"
-            "assert not d.is_initialized(); print(sorted(os.listdir('.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    code = (
+        f"import sys, os; sys.path.insert(0, {str(REPO)!r}); import importlib.util as u;"
+        f"s = u.spec_from_file_location('m', {str(REPO / name)!r}); m = u.module_from_spec(s);"
+        "s.loader.exec_module(m); import torch.distributed as d;"
+        "assert not d.is_initialized(); print(sorted(os.listdir('.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 
 def test_env_parsing_converts_types_and_presets(script):
-    h = script.Hyperparameters.from_env({"PRESET": "smoke", "ITERATIONS": "7", "MATRIX_LR": "0.5",
-                                         "TIE_EMBEDDINGS": "0", "RUN_ID": "abc"})
-    assert (h.preset, h.iterations, h.matrix_lr, h.tie_embeddings, h.run_id) == ("smoke", 7, 0.5, False, "abc")
+    h = script.Hyperparameters.from_env(
+        {
+            "PRESET": "smoke",
+            "ITERATIONS": "7",
+            "MATRIX_LR": "0.5",
+            "TIE_EMBEDDINGS": "0",
+            "RUN_ID": "abc",
+        }
+    )
+    assert (h.preset, h.iterations, h.matrix_lr, h.tie_embeddings, h.run_id) == (
+        "smoke",
+        7,
+        0.5,
+        False,
+        "abc",
+    )
     assert script.Hyperparameters.from_env({}).preset == "record"
 
 
-@pytest.mark.parametrize("name,value", [("ITERATIONS", "ten"), ("MATRIX_LR", "fast"), ("TIE_EMBEDDINGS", "maybe"),
-                                        ("ITERATIONS", "2.5")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("ITERATIONS", "ten"),
+        ("MATRIX_LR", "fast"),
+        ("TIE_EMBEDDINGS", "maybe"),
+        ("ITERATIONS", "2.5"),
+    ],
+)
 def test_env_parsing_rejects_bad_values_naming_the_variable(script, name, value):
     with pytest.raises(ValueError, match=name):
         script.Hyperparameters.from_env({name: value})
@@ -74,17 +97,27 @@ def test_grad_accum_keeps_eight_way_maths(script):
         assert rt.grad_accum_steps * world == 8
 
 
-# --- data --------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 
 
 def test_shard_roundtrip(gpt, tmp_path):
     tokens = np.arange(1000) % 1024
     write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
-    assert gpt.load_data_shard(str(tmp_path / "fineweb_train_000000.bin")).numpy().tolist() == tokens.tolist()
+    assert (
+        gpt.load_data_shard(str(tmp_path / "fineweb_train_000000.bin")).numpy().tolist()
+        == tokens.tolist()
+    )
 
 
-@pytest.mark.parametrize("kind,match", [("magic", "bad magic"), ("version", "version"), ("truncated", "truncated"),
-                                        ("short", "shorter than")])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("magic", "bad magic"),
+        ("version", "version"),
+        ("truncated", "truncated"),
+        ("short", "shorter than"),
+    ],
+)
 def test_bad_shards_are_rejected_naming_the_file(gpt, tmp_path, kind, match):
     path = tmp_path / "fineweb_val_000000.bin"
     if kind == "magic":
@@ -113,7 +146,9 @@ def test_val_split_shorter_than_a_sequence_is_rejected(gpt, tmp_path):
 
 def test_loader_gives_each_rank_a_disjoint_span(gpt, tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(20000) % 60000)
-    loaders = [gpt.DistributedTokenLoader(str(tmp_path), r, 2, torch.device("cpu")) for r in range(2)]
+    loaders = [
+        gpt.DistributedTokenLoader(str(tmp_path), r, 2, torch.device("cpu")) for r in range(2)
+    ]
     (x0, y0), (x1, y1) = (ld.next_batch(1024, 64, 4) for ld in loaders)
     assert x0.shape == (2, 64) and torch.equal(x0.flatten()[1:], y0.flatten()[:-1])
     assert x1[0, 0].item() == 129  # rank 1 starts after rank 0's span of 128 + 1 tokens
@@ -122,7 +157,9 @@ def test_loader_gives_each_rank_a_disjoint_span(gpt, tmp_path):
 def test_training_never_opens_validation_files(gpt, embedded, tmp_path, monkeypatch):
     opened = []
     real = gpt.load_data_shard
-    monkeypatch.setattr(gpt, "load_data_shard", lambda p: opened.append(os.path.basename(p)) or real(p))
+    monkeypatch.setattr(
+        gpt, "load_data_shard", lambda p: opened.append(os.path.basename(p)) or real(p)
+    )
     h = tiny_h(gpt, **embedded, iterations=3)
     rt = gpt.setup_runtime({})
     model = gpt.build_model(h)
@@ -131,7 +168,7 @@ def test_training_never_opens_validation_files(gpt, embedded, tmp_path, monkeypa
     assert opened and all(name.startswith("fineweb_train_") for name in opened)
 
 
-# --- tokenizer and byte tables -----------------------------------------------------------------------
+# --- tokenizer and byte tables --------------------------------------------------------------------
 
 
 def test_tokenizer_with_wrong_vocab_is_rejected(gpt, embedded):
@@ -145,7 +182,10 @@ def test_lut_bytes_equal_decoded_utf8_on_real_documents(gpt, real_sp1024):
     luts = gpt.build_sentencepiece_luts(sp, 1024, torch.device("cpu"))
     total = int(gpt.target_bytes(tokens[:-1], tokens[1:], luts).sum())
     docs = (tokens == 1).nonzero().flatten().tolist() + [tokens.numel()]
-    decoded = sum(len(sp.decode(tokens[a + 1:b].tolist()).encode("utf-8")) for a, b in zip(docs[:-1], docs[1:]))
+    decoded = sum(
+        len(sp.decode(tokens[a + 1 : b].tolist()).encode("utf-8"))
+        for a, b in zip(docs[:-1], docs[1:])
+    )
     assert total == decoded == 1_489_418  # the figure ../shared/data/README.md states
     assert gpt.audit_bytes(sp, tokens, luts)["passed"]
 
@@ -158,7 +198,7 @@ def test_byte_fallback_tokens_count_one_byte(gpt, real_sp1024):
     assert bool(boundary[1]) and int(base[1]) == 0
 
 
-# --- model -------------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 
 
 def test_loss_at_init_is_near_ln_vocab(script):
@@ -174,7 +214,11 @@ def test_a_tiny_batch_overfits(script, gpt):
     h = tiny_h(script)
     torch.manual_seed(0)
     model = script.build_model(h)
-    matrices, adam_groups = script.param_groups(model, h) if hasattr(script, "param_groups") else gpt.param_groups(model, h)
+    matrices, adam_groups = (
+        script.param_groups(model, h)
+        if hasattr(script, "param_groups")
+        else gpt.param_groups(model, h)
+    )
     opts = [script.Muon(matrices, lr=0.02, momentum=0.9), torch.optim.Adam(adam_groups, lr=0.01)]
     x = torch.randint(0, h.vocab_size, (2, 32))
     y = torch.roll(x, -1, dims=1)
@@ -211,7 +255,7 @@ def test_causality_audit_passes_on_the_real_model(script):
     assert result["passed"], result["failures"]
 
 
-# --- artifact ----------------------------------------------------------------------------------------
+# --- artifact -------------------------------------------------------------------------------------
 
 
 def test_artifact_roundtrip_is_exact_and_deterministic(script, embedded, tmp_path):
@@ -268,12 +312,21 @@ def test_damaged_artifacts_are_refused(gpt, embedded, tmp_path, damage):
         gpt.load_artifact(str(path))
 
 
-# --- runs --------------------------------------------------------------------------------------------
+# --- runs -----------------------------------------------------------------------------------------
 
 
 def test_missing_data_path_exits_with_one_line_and_no_artifact(embedded, tmp_path):
-    out = run_script("train_gpt.py", {**TINY_ENV, **embedded, "DATA_PATH": str(tmp_path / "none"),
-                                      "LOG_DIR": str(tmp_path), "RUN_ID": "x"}, cwd=tmp_path)
+    out = run_script(
+        "train_gpt.py",
+        {
+            **TINY_ENV,
+            **embedded,
+            "DATA_PATH": str(tmp_path / "none"),
+            "LOG_DIR": str(tmp_path),
+            "RUN_ID": "x",
+        },
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "DATA_PATH" in out.stderr
     assert not list(tmp_path.glob("*.pga"))
@@ -281,21 +334,29 @@ def test_missing_data_path_exits_with_one_line_and_no_artifact(embedded, tmp_pat
 
 def test_non_numeric_env_exits_with_one_line(tmp_path):
     out = run_script("train_gpt.py", {"ITERATIONS": "many"}, cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.strip() == "error: ITERATIONS='many': expected an integer"
+    assert (
+        out.returncode == 2
+        and out.stderr.strip() == "error: ITERATIONS='many': expected an integer"
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_cpu_smoke_run_end_to_end(name, embedded, tmp_path):
-    out = run_script(name, {**TINY_ENV, **embedded, "LOG_DIR": str(tmp_path), "RUN_ID": "smoke"}, cwd=tmp_path)
+    out = run_script(
+        name, {**TINY_ENV, **embedded, "LOG_DIR": str(tmp_path), "RUN_ID": "smoke"}, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     log = (tmp_path / "smoke.txt").read_text()
-    assert log.startswith('"""')  # the source comes first
+    assert log.startswith((REPO / name).read_text()[:200])  # the source comes first
     summary = summary_of(log)
     assert summary["valid"] and summary["eval_mode"] == "sliding"
     assert os.path.getsize(summary["artifact_path"]) == summary["artifact_bytes"]
     assert summary["total_bytes"] == summary["artifact_bytes"] + summary["code_bytes"]
     assert summary["val_bpb"] < 4.5 and all(a["passed"] for a in summary["audits"].values())
-    assert "final_int8_zlib_roundtrip_exact val_loss:" in log and "Total submission size int8+zlib:" in log
+    assert (
+        "final_int8_zlib_roundtrip_exact val_loss:" in log
+        and "Total submission size int8+zlib:" in log
+    )
     events = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
     status = json.loads((tmp_path / "smoke.status.json").read_text())
@@ -303,7 +364,13 @@ def test_cpu_smoke_run_end_to_end(name, embedded, tmp_path):
 
 
 def test_two_process_gloo_run_matches_one_process_with_accumulation(embedded, tmp_path):
-    env = {**TINY_ENV, **embedded, "ITERATIONS": "3", "EVAL_MODE": "standard", "LOG_DIR": str(tmp_path)}
+    env = {
+        **TINY_ENV,
+        **embedded,
+        "ITERATIONS": "3",
+        "EVAL_MODE": "standard",
+        "LOG_DIR": str(tmp_path),
+    }
     one = run_script("train_gpt.py", {**env, "RUN_ID": "one", "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     two = run_script("train_gpt.py", {**env, "RUN_ID": "two"}, cwd=tmp_path, nproc=2)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -315,11 +382,20 @@ def test_two_process_gloo_run_matches_one_process_with_accumulation(embedded, tm
 
 
 def test_training_with_the_shard_mixer_logs_its_weights(gpt, embedded, tmp_path):
-    tokens = gpt.load_data_shard(os.path.join(embedded["DATA_PATH"], "fineweb_train_000000.bin")).numpy()
+    tokens = gpt.load_data_shard(
+        os.path.join(embedded["DATA_PATH"], "fineweb_train_000000.bin")
+    ).numpy()
     for i in range(3):
-        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", tokens[i * 50000:(i + 1) * 50000])
-    h = tiny_h(gpt, data_path=str(tmp_path), iterations=6, data_mixer=1, mixer_phase_steps=2,
-               mixer_heldout_tokens=4096, log_dir=str(tmp_path))
+        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", tokens[i * 50000 : (i + 1) * 50000])
+    h = tiny_h(
+        gpt,
+        data_path=str(tmp_path),
+        iterations=6,
+        data_mixer=1,
+        mixer_phase_steps=2,
+        mixer_heldout_tokens=4096,
+        log_dir=str(tmp_path),
+    )
     logger = gpt.RunLogger(str(tmp_path), "mix", enabled=True)
     gpt.train_model(h, gpt.setup_runtime({}), gpt.build_model(h), logger, {})
     events = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
@@ -333,6 +409,6 @@ def test_a_bit_flip_in_the_artifact_header_is_caught(gpt, embedded, tmp_path):
     gpt.save_artifact(gpt.build_model(h), h, str(path))
     data = path.read_bytes()
     i = data.index(b'"model_dim":64') + len(b'"model_dim":6')
-    path.write_bytes(data[:i] + b"5" + data[i + 1:])  # model_dim 64 -> 65: still valid JSON
+    path.write_bytes(data[:i] + b"5" + data[i + 1 :])  # model_dim 64 -> 65: still valid JSON
     with pytest.raises(ValueError, match="header is corrupted"):
         gpt.load_artifact(str(path))

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from golf.config import BaseHyperparameters
+from golf.config import SMOKE_PRESET, BaseHyperparameters
 from golf.contract import is_control_tensor, register_model
 from golf.data import BOS_ID
-from golf.train import run_main
+from golf.train import run_main, run_script
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -52,8 +52,8 @@ class Hyperparameters(BaseHyperparameters):
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
-    # Model, record stack (TECHNIQUES.md A.3): every flag off here, so `baseline` stays the official
-    # model.
+    # Model, record stack (docs/techniques.md, Architecture): every flag off here, so `baseline`
+    # stays the official model.
     mlp_activation: str = "relu2"  # relu2 | leaky_relu2
     rope_dims: int = 0  # head dims rotated by RoPE; 0 = all
     ln_scale: bool = False
@@ -72,7 +72,8 @@ class Hyperparameters(BaseHyperparameters):
     flow_matcher: bool = False
     flow_dim: int = 256
     flow_loss_weight: float = 0.1
-    # The 1.0611 stack (issue 14, PR #1855; TECHNIQUES.md "The 1.0611 configuration"), all off here.
+    # The 1.0611 stack (issue 14, PR #1855; docs/techniques.md, "The 1.0611 configuration"), all off
+    # here.
     fused_mlp: bool = False  # Triton up-projection + LeakyReLU(0.5)^2 (#1530); CUDA training only
     fused_ce: bool = False  # Triton softcapped cross-entropy (#1787); CUDA training only
     smear_gate_window: int = 0  # >0: SmearGate gated from the first N channels (#1667, #1855)
@@ -141,22 +142,24 @@ class Hyperparameters(BaseHyperparameters):
                 self.bad(name, why)
 
 
-# Named groups of defaults. `baseline` is the official naive baseline exactly (RULES.md sections
-# 8-11); `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few
+# Named groups of defaults. `baseline` is the official naive baseline exactly (docs/rules.md);
+# `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few
 # minutes.
 PRESETS = {
     "baseline": {},
     "record": {
-        # PR #1855 (1.0611; TECHNIQUES.md "The 1.0611 configuration") at vocab 8192 on the CaseOps
-        # SP8192 shards: 11L x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2 with the fused Triton MLP
-        # (#1530), XSA on all layers, partial RoPE 16/64 + YaRN, LN scale (#315), QK gain 5.0,
-        # gated U-Net skips, parallel decoder lanes from layer 8 (#1530), layers 3-5 run 3x from
-        # 35% of the budget (#1344/#1493), SparseAttnGate window 12 scale 0.5 (#1787), BOS-masked
+        # PR #1855 (1.0611; docs/techniques.md, "The 1.0611 configuration") at vocab 8192 on the
+        # CaseOps SP8192 shards: 11L x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2 with the fused Triton
+        # MLP (#1530), XSA on all layers, partial RoPE 16/64 + YaRN, LN scale (#315), QK gain 5.0,
+        # gated U-Net skips, parallel decoder lanes from layer 8 (#1530), layers 3-5 run 3x from 35%
+        # of the budget (#1344/#1493), SparseAttnGate window 12 scale 0.5 (#1787), BOS-masked
         # input-dependent SmearGate (#1667, #1851/#1855), attention within documents (#1530),
         # orthogonal init, fused softcapped CE (#1787).
         "vocab_size": 8192,
         "data_path": "data/datasets/fineweb10B_sp8192_caseops",
-        "tokenizer_path": "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        "tokenizer_path": (
+            "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+        ),
         "num_layers": 11,
         "mlp_mult": 4.0,
         "mlp_activation": "leaky_relu2",
@@ -215,9 +218,10 @@ PRESETS = {
         "ttt_phases": "833,1666,2500",
         "ttt_phase_lr": 0.001,
         "ttt_phase_momentum": 0.9,
-        # The artifact (#1855, TECHNIQUES.md A.2): GPTQ on int6 matrices and an int7 embedding, SD-clip
-        # k by role (MLP 11.5, attention 13.0, embeddings 14.0), then bit allocation fits the widths to
-        # SIZE_BUDGET - SIZE_MARGIN with the code counted; the smallest compressor wins.
+        # The artifact (#1855, docs/techniques.md, Quantization): GPTQ on int6 matrices and an int7
+        # embedding, SD-clip k by role (MLP 11.5, attention 13.0, embeddings 14.0), then bit
+        # allocation fits the widths to SIZE_BUDGET - SIZE_MARGIN with the code counted; the
+        # smallest compressor wins.
         "gptq_enabled": True,
         "quant_bits": 6,
         "embed_bits": 7,
@@ -238,34 +242,11 @@ PRESETS = {
     },
     # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown.
     "smoke": {
-        "data_path": "data/datasets/pydoc_sp1024",
-        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000,
-        "warmup_steps": 2,
-        "warmdown_frac": 0.3,
-        "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384,
-        "train_seq_len": 256,
+        **SMOKE_PRESET,
         "num_layers": 4,
         "model_dim": 192,
         "num_heads": 4,
         "num_kv_heads": 2,
-        "val_batch_size": 32768,
-        "val_loss_every": 100,
-        "train_log_every": 25,
-        "status_every": 10,
-        "compile": False,
-        "matrix_lr": 0.03,
-        "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding",
-        # Issue 18: a quick look (a fixed val prefix, never an official score) and only the
-        # final figure on the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1, VAL_MAX_TOKENS=0 ask
-        # for the rest.
-        "val_max_tokens": 65536,
-        "pre_quant_eval": False,
-        "roundtrip_eval": False,
-        "eval_stride": 64,
     },
 }
 
@@ -291,20 +272,20 @@ CONTROL_TENSOR_PATTERNS = (
 )
 
 
-# -----------------------------------------------------------------------------
-# MODEL
-# -----------------------------------------------------------------------------
-# The official baseline GPT parameter for parameter (RULES.md section 8: its state_dict loads with
+# ----------------------------------------------------------------------------- MODEL
+# ----------------------------------------------------------------------------- The official
+# baseline GPT parameter for parameter (the official baseline: its state_dict loads with
 # strict=True), fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and
-# on CPU. The record stack (TECHNIQUES.md A.3) adds modules behind flags, all off by default, each
-# credited where it is built; no data-dependent Python branches, so torch.compile sees one graph
-# (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear submodules
-# called as modules wherever a hook may be attached (LoRA TTT, GPTQ calibration).
+# on CPU. The record stack (docs/techniques.md, Architecture) adds modules behind flags, all off by
+# default, each credited where it is built; no data-dependent Python branches, so torch.compile sees
+# one graph (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear
+# submodules called as modules wherever a hook may be attached (LoRA TTT, GPTQ calibration).
 
 
 # --- Fused Triton kernels (CUDA training) and their torch references ----------------------------
 # Built on first use, so importing this file needs no Triton and a test can run them on the CPU
-# under TRITON_INTERPRET=1 (set before the first call). Everywhere else the same maths runs in torch.
+# under TRITON_INTERPRET=1 (set before the first call). Everywhere else the same maths runs in
+# torch.
 
 _KERNELS = {}
 
@@ -822,10 +803,10 @@ class BigramHash(nn.Module):
 
 
 class NativeFlowMatcher(nn.Module):
-    """NativeFlowMatcher (PR #1170; a measured negative result, TECHNIQUES.md A.5): a velocity field
-    v(x, t) on the final normed hidden state, trained by flow matching on x_t = (1 - t) z + t x
-    (x detached, so only the matcher learns from it); every forward takes one Euler step x <- x +
-    sigmoid(g) v(x, 1), per position."""
+    """NativeFlowMatcher (PR #1170; a measured negative result, docs/techniques.md,
+    Architecture): a velocity field v(x, t) on the final normed hidden state, trained by flow
+    matching on x_t = (1 - t) z + t x (x detached, so only the matcher learns from it); every
+    forward takes one Euler step x <- x + sigmoid(g) v(x, 1), per position."""
 
     def __init__(self, h):
         super().__init__()
@@ -1089,9 +1070,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
-# The loop, serialization, audits and final eval are the shared train block; this script adds
-# nothing.
-
+# The loop, serialization, audits and final eval are golf/train.py's pipeline; this model adds
+# nothing to it.
 
 MODEL = register_model(
     script="train_gpt.py",
@@ -1109,8 +1089,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

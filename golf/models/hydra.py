@@ -1,4 +1,4 @@
-"""Hydra for Parameter Golf: a causal chunk-concept LM scored in bits per byte (TECHNIQUES.md C).
+"""Hydra for Parameter Golf: a causal chunk-concept LM scored in bits per byte (docs/hydra.md).
 
 A GPT trunk whose first blocks encode tokens causally; every HYDRA_CHUNK tokens are pooled into a
 32x16 concept code, a small causal transformer predicts the next chunk's code, and the remaining
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from golf.bpb import load_tokenizer
-from golf.config import BaseHyperparameters
+from golf.config import SMOKE_PRESET, BaseHyperparameters
 from golf.contract import register_model
 from golf.data import BOS_ID, load_data_shard, shard_files
-from golf.train import run_main
+from golf.train import run_main, run_script
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -87,7 +87,7 @@ class Hyperparameters(BaseHyperparameters):
 
 
 # Rarely tuned, so constants rather than knobs. The predictor and the training-only heads scale with
-# MODEL_DIM (TECHNIQUES.md C.2 gives the sizes at 512).
+# MODEL_DIM (docs/hydra.md gives the sizes at 512).
 ROPE_BASE = 10000.0
 LOGIT_SOFTCAP = 30.0
 QK_GAIN_INIT = 1.5
@@ -100,7 +100,7 @@ LAMBDA_GEO = 0.05  # the six geometry losses, times the ramp
 AUX_CHUNKS = 256  # chunks per step that feed the reconstruction and parse heads
 
 # Named groups of defaults. `record` is the 8xH100 configuration: train_gpt.py's record options with
-# 8 blocks (the concept path fits the same bytes) and T = 2048 (TECHNIQUES.md C.2); `research` keeps
+# 8 blocks (the concept path fits the same bytes) and T = 2048 (docs/hydra.md); `research` keeps
 # the auxiliary losses through warmdown; `smoke` trains a small model on a laptop CPU in minutes.
 RECORD = {
     "ema_decay": 0.997,
@@ -116,33 +116,11 @@ PRESETS = {
     "research": {**RECORD, "hydra_mode": "research"},
     # CPU, ~150 s on the embedded corpus: train_gpt.py's smoke preset (EVAL_STRIDE 64 by default)
     "smoke": {
-        "data_path": "data/datasets/pydoc_sp1024",
-        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000,
-        "warmup_steps": 2,
-        "warmdown_frac": 0.3,
-        "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384,
-        "train_seq_len": 256,
+        **SMOKE_PRESET,
         "num_layers": 4,
         "model_dim": 192,
         "num_heads": 4,
         "num_kv_heads": 2,
-        "val_batch_size": 32768,
-        "val_loss_every": 100,
-        "train_log_every": 25,
-        "status_every": 10,
-        "compile": False,
-        "matrix_lr": 0.03,
-        "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding",
-        # Issue 18: a quick look (a fixed val prefix, never an official score) and only the
-        # final figure on the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1, VAL_MAX_TOKENS=0 ask
-        # for the rest.
-        "val_max_tokens": 65536,
-        "pre_quant_eval": False,
-        "roundtrip_eval": False,
     },
 }
 
@@ -160,7 +138,7 @@ CONTROL_TENSOR_PATTERNS = (
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# Causal chunk-concept LM (TECHNIQUES.md C.2; docs/hydra.md). The first NUM_LAYERS // 2 trunk blocks
+# Causal chunk-concept LM (docs/hydra.md; docs/hydra.md). The first NUM_LAYERS // 2 trunk blocks
 # encode tokens causally; chunk j (C = HYDRA_CHUNK tokens) is pooled into a code Z_j that only later
 # chunks read; a causal transformer over the codes predicts Zhat_k = P(Z_<k); the decoder blocks get
 # U_a Z_{k-1} + U_b Zhat_k added to every token of chunk k (the spec's cheaper variant of
@@ -312,7 +290,7 @@ def run_stack(blocks, x, mask=None):
 
 class ConceptPool(nn.Module):
     """Z[s] = sum_t softmax_t(q_s . W_k h_t) W_v h_t over the valid positions of one chunk, with 32
-    learned queries q_s in R^64 (TECHNIQUES.md C.2 step 2); RMSNorm per slot."""
+    learned queries q_s in R^64 (docs/hydra.md step 2); RMSNorm per slot."""
 
     def __init__(self, dim, h):
         super().__init__()
@@ -890,9 +868,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
-# The loop, serialization, audits and final eval are the shared train block; this script adds
-# nothing.
-
+# The loop, serialization, audits and final eval are golf/train.py's pipeline; this model adds
+# nothing to it.
 
 MODEL = register_model(
     script="train_hydra.py",
@@ -910,8 +887,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

@@ -8,7 +8,7 @@ simulation, then spectral coordinates (eigenvectors of the coupling matrix) and 
 neighbours per token. Both tables ship in the artifact. The model is a looped gated hop cell with
 spectral FiLM, sparsemax routing over causal top-k candidates (Martins & Astudillo 2016),
 static-neighbour routing, manifold-guided attention, Householder transport between hops and a capped
-geodesic mixer, with the corrections of TECHNIQUES.md B.2 (the token itself is always a valid
+geodesic mixer, with the corrections of docs/manifold.md (the token itself is always a valid
 candidate, masks after any clamp, recent tokens dominate the velocity).
 
 Memory at large vocabularies: counts are three V x V float64 matrices and the build holds about a
@@ -17,7 +17,7 @@ float64 up to V = 4096 and float32 above, so no frequent-token subset is needed 
 
 Credits: the official naive baseline (openai/parameter-golf) and the record stack (the shared
 blocks), modded-nanogpt (Muon, Newton-Schulz), PR #663 (the manifold ideas; none of its code),
-Martins & Astudillo 2016 (sparsemax), TECHNIQUES.md B.2 (the fixes).
+Martins & Astudillo 2016 (sparsemax), docs/manifold.md (the fixes).
 
 Run:
   torchrun --standalone --nproc_per_node=8 train_manifold.py   # 8xH100, PRESET=record (default)
@@ -37,11 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from golf.config import BaseHyperparameters
+from golf.config import SMOKE_PRESET, BaseHyperparameters
 from golf.contract import register_model
 from golf.data import SHARD_HEADER_BYTES, load_data_shard, shard_files
 from golf.runtime import Progress, dist_sum
-from golf.train import run_main
+from golf.train import run_main, run_script
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -109,14 +109,7 @@ PRESETS = {
         "compressor": "zlib",
     },
     "smoke": {
-        "data_path": "data/datasets/pydoc_sp1024",
-        "tokenizer_path": "data/tokenizers/pydoc_1024_bpe.model",
-        "iterations": 2000,
-        "warmup_steps": 2,
-        "warmdown_frac": 0.3,
-        "max_wallclock_seconds": 150.0,
-        "train_batch_tokens": 16384,
-        "train_seq_len": 256,
+        **SMOKE_PRESET,
         "num_layers": 2,
         "model_dim": 128,
         "route_topk": 16,
@@ -125,24 +118,8 @@ PRESETS = {
         "manifold_physics_steps": 50,
         "manifold_physics_dim": 64,
         "manifold_pairs": 4000,
-        "val_batch_size": 32768,
-        "val_loss_every": 100,
-        "train_log_every": 25,
-        "status_every": 10,
-        "compile": False,
-        "matrix_lr": 0.03,
         "embed_lr": 0.05,
         "grad_clip_norm": 1.0,
-        "ema_decay": 0.99,
-        "muon_momentum_warmup_steps": 50,
-        "eval_mode": "sliding",
-        # Issue 18: a quick look (a fixed val prefix, never an official score) and only the
-        # final figure on the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1, VAL_MAX_TOKENS=0 ask
-        # for the rest.
-        "val_max_tokens": 65536,
-        "pre_quant_eval": False,
-        "roundtrip_eval": False,
-        "eval_stride": 64,
         "compressor": "zlib",
     },
 }
@@ -155,7 +132,7 @@ CONTROL_TENSOR_PATTERNS = ("route_scale", "manifold_bias", "rel_bias", "nb_gate"
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
-# The manifold (PR #663 "V18" ideas, TECHNIQUES.md B.1, rewritten): co-occurrence counts of train
+# The manifold (PR #663 "V18" ideas, docs/manifold.md, rewritten): co-occurrence counts of train
 # shards -> springs, torsion, mass, directed springs, syntactic coordinates -> a seeded physics
 # layout -> spectral coordinates `sc` (V x S) and static neighbours `static_nb` (V x K). Both are
 # frozen state that ships in the artifact (zeros until `prepare_training` builds them).
@@ -275,7 +252,7 @@ def physics_layout(ws, wd, asym, mass, h, gen):
 def build_manifold(counts, h):
     """(sc float32 (V, S), static_nb int32 (V, K), stats) from the counts (n1, r5, c10 of
     `count_cooccurrence`); the same bytes for the same seed on the CPU (a test hashes it twice).
-    The numbered steps are those of TECHNIQUES.md B.1 and docs/manifold.md."""
+    The numbered steps are those of docs/manifold.md."""
     n1, r5, c10 = (c.float() for c in counts)
     V = n1.size(0)
     modes, coords, _ = manifold_dims(h)
@@ -623,9 +600,8 @@ def param_groups(model, h):
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
-# The loop, serialization, audits and final eval are the shared train block; this script adds
-# nothing.
-
+# The loop, serialization, audits and final eval are golf/train.py's pipeline; this model adds
+# nothing to it.
 
 MODEL = register_model(
     script="train_manifold.py",
@@ -643,8 +619,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

@@ -522,6 +522,14 @@ def load(args, env, cleanup):
     return mod, model, h, info
 
 
+def final_mode(h):
+    """The final eval mode, as the script's own Hyperparameters decide it (final_eval_mode); a
+    script from before that property (a git revision) decided it by this same rule."""
+    if hasattr(h, "final_eval_mode"):
+        return h.final_eval_mode
+    return "ttt" if h.ttt_enabled else h.eval_mode
+
+
 def eval_modes(mod, script):
     """The script's registry of eval modes: name -> EvalMode(name, evaluate, label)."""
     modes = getattr(mod, "EVAL_MODES", None)
@@ -559,7 +567,7 @@ def evaluate(mod, model, h, rt, max_tokens=None):
         audits["causality_eval"] = mod.audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = mod.audit_bytes(sp, val_tokens, luts)
 
-    mode = "ttt" if h.ttt_enabled else h.eval_mode
+    mode = final_mode(h)
     res = mod.EVAL_MODES[mode].evaluate(h, model, val_tokens, luts)
     if "score_first" in res:
         audits["score_first"] = res["score_first"]

@@ -274,6 +274,14 @@ class BaseHyperparameters:
             name = f.name.upper()
             if name in env and f.name != "preset":
                 values[f.name] = cls.parse_env_value(name, env[name], f.type)
+        if values.get("ttt_enabled"):
+            # One way to choose the final mode (issue 24): TTT_ENABLED=1 is EVAL_MODE=ttt.
+            if "EVAL_MODE" in env and values.get("eval_mode") != "ttt":
+                raise ValueError(
+                    f"TTT_ENABLED=1 means EVAL_MODE=ttt (chunked score-first TTT), but "
+                    f"EVAL_MODE={values.get('eval_mode')!r} is set too: choose one of them"
+                )
+            values["eval_mode"] = "ttt"
         h = cls(**values)
         h.validate()
         return h
@@ -411,6 +419,13 @@ class BaseHyperparameters:
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def final_eval_mode(self):
+        """The mode of the final score, decided here alone (the pipeline and eval_bpb.py read it):
+        TTT_ENABLED=1 is the records' spelling of EVAL_MODE=ttt (from_env sets both, and refuses
+        it beside another EVAL_MODE given in the environment)."""
+        return "ttt" if self.ttt_enabled else self.eval_mode
 
     @property
     def record_track(self):
@@ -3561,6 +3576,7 @@ def eval_val(h, model, val_tokens, luts):
     hi = n_seqs * (rank + 1) // world
     batch = max(1, h.val_batch_size // (8 * seq))
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
+    coverage = torch.zeros(val_tokens.numel(), dtype=torch.int32, device=device)
     was_training = model.training
     model.eval()
     progress = Progress("eval standard", hi - lo, state="evaluating")
@@ -3575,11 +3591,15 @@ def eval_val(h, model, val_tokens, luts):
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts, positions).sum()
+            coverage.index_add_(0, positions.flatten(), torch.ones_like(coverage[: y.numel()]))
             progress.advance(min(s + batch, hi) - s)
     progress.close()
     model.train(was_training)
     dist_sum(sums)
-    return _eval_result(sums, t0, "standard")
+    dist_sum(coverage)
+    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored.
+    audit = audit_score_first([], coverage, last_target=n_seqs * seq)
+    return _eval_result(sums, t0, "standard", score_first=audit)
 
 
 def sliding_windows(num_tokens, seq_len, stride):
@@ -3781,17 +3801,37 @@ class _TTTTrainer:
         self.model.eval()
 
 
-def audit_score_first(ledger, coverage):
+def audit_score_first(ledger, coverage, last_target=None):
     """C3 and C4 from what the evaluator did: every update read only positions already scored (its
     `max_target` is the highest position the trainer read through RecordedTokens; a score's
     `scored_upto` the highest target the scorer counted), and every target 1..N-1 was scored
-    exactly once (`coverage`, counted by the scorer)."""
+    exactly once (`coverage`, counted by the scorer); with `last_target` (standard windows drop the
+    tail of the split), targets 1..last_target exactly once and none after it.
+
+    LoRA TTT logs each optimizer step before it runs (the optimizer's step hook), and each scored
+    chunk with the steps its group's adapters and the phase trainer had taken by then: chunk k
+    must come after exactly k adapter steps (one per earlier chunk, none on itself), every group
+    must start from freshly reset adapters, and the base weights must not move inside a phase."""
     scored_upto = 0
     failures = []
     updates = 0
+    phase_steps = {}
     for entry in ledger:
-        if entry["event"] == "score":
+        if entry["event"] == "reset" and not entry["fresh"]:
+            failures.append(
+                f"a group of {entry['docs']} documents started from adapters that were not reset"
+            )
+        elif entry["event"] == "score":
             scored_upto = max(scored_upto, entry["scored_upto"])
+            steps = entry.get("adapter_steps")
+            if steps is not None and steps != entry["chunk"]:
+                failures.append(
+                    f"chunk {entry['chunk']} was scored after {steps} adapter steps, not "
+                    f"{entry['chunk']}: a step trained on it (or it was not reset) before it was "
+                    "scored"
+                )
+            if "phase" in entry:
+                phase_steps.setdefault(entry["phase"], set()).add(entry["phase_steps"])
         elif entry["event"] == "update":
             updates += 1
             if entry["max_target"] > scored_upto:
@@ -3804,7 +3844,14 @@ def audit_score_first(ledger, coverage):
                     f"update {entry['step']} on chunk {entry['chunk']} read "
                     f"{entry['unscored_reads']} positions before they were scored"
                 )
+    for phase, seen in sorted(phase_steps.items()):
+        if len(seen) > 1:
+            failures.append(f"the base weights moved while phase {phase} was being scored")
     counts = coverage[1:]
+    tail = 0
+    if last_target is not None:
+        tail = int((coverage[last_target + 1 :] > 0).sum())
+        counts = coverage[1 : last_target + 1]
     twice = int((counts > 1).sum())
     missing = int((counts == 0).sum())
     failures += [
@@ -3813,6 +3860,7 @@ def audit_score_first(ledger, coverage):
             (twice, f"{twice} targets scored more than once"),
             (missing, f"{missing} targets never scored"),
             (int(coverage[0]), "token 0 has no context and was scored"),
+            (tail, f"{tail} targets past the last full window were scored"),
         )
         if bad
     ]
@@ -4025,6 +4073,8 @@ class LoraAdapters:
         }
         self.dims = dims
         self.active = 0
+        self.on_step = None  # called before every optimizer step: the score-first ledger
+        self.steps = 0  # optimizer steps since the last reset
         self.reset()
 
     def _dims(self, model, device):
@@ -4072,6 +4122,22 @@ class LoraAdapters:
             betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
             weight_decay=h.ttt_lora_wd,
         )
+        self.opt.register_step_pre_hook(self._before_step)
+        self.steps = 0
+
+    def _before_step(self, optimizer, args, kwargs):
+        """Runs before every step of the adapters' optimizer, whichever code calls it: the ledger
+        records what the step trains on against what is scored at that moment (issue 24)."""
+        if self.on_step is not None:
+            self.on_step()
+        self.steps += 1
+
+    def fresh(self):
+        """Whether every adapter holds its initial values: A the shared draw, B zero."""
+        with torch.no_grad():
+            a_init = all(torch.equal(a, self.init_a[n].expand_as(a)) for n, a in self.a.items())
+            b_zero = not any(bool(b.any()) for b in self.b.values())
+        return a_init and b_zero
 
     def _hook(self, name, linear):
         def add_delta(module, args, out):
@@ -4139,9 +4205,12 @@ class _LoraEval:
         self.starts[torch.as_tensor(self.docs[:, 0], device=self.device)] = True
         self.scored_upto = -1
         self.steps = 0
+        self.chunk = 0
+        self.phase = 0
         self.trainer = _TTTTrainer(self._phase_h(), model, 1) if phased else None
         self.model = self.trainer.model if phased else model
         self.adapters = LoraAdapters(self.model, h, h.ttt_lora_batch_docs, self.device)
+        self.adapters.on_step = self._log_adapter_step
 
     def _phase_h(self):
         h = self.h
@@ -4158,8 +4227,10 @@ class _LoraEval:
         chunk = h.ttt_lora_chunk
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
         self.adapters.reset()
+        self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
         doc_nll = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
         for k in range(int(n_chunks.max())):
+            self.chunk = k
             n = int((n_chunks > k).sum())  # longest first: the active documents are a prefix
             rows = docs[:n]
             firsts = rows[:, 1] + k * chunk
@@ -4175,25 +4246,41 @@ class _LoraEval:
             trained = (pos >= first_t) & (y >= 0)
             self._score(nll.detach(), x, y, pos, scored, doc_nll[:n])
             self.scored_upto = max(self.scored_upto, int(lasts.max()))
-            self.ledger.append({"event": "score", "chunk": k, "scored_upto": self.scored_upto})
+            # How many steps this group's adapters (and the phase trainer) had taken when the
+            # chunk was scored: chunk k of a document must be scored after exactly k adapter
+            # steps, one on each chunk before it, and the base must not move inside a phase.
+            self.ledger.append(
+                {
+                    "event": "score",
+                    "chunk": k,
+                    "scored_upto": self.scored_upto,
+                    "adapter_steps": self.adapters.steps,
+                    "phase": self.phase,
+                    "phase_steps": self.trainer.steps if self.trainer else 0,
+                }
+            )
             per_doc = (nll * trained).sum(1) / trained.sum(1).clamp(min=1)
             self.adapters.opt.zero_grad(set_to_none=False)
             per_doc.sum().backward()
-            self.adapters.opt.step()
-            self.steps += 1
-            spans_read = self.view.take_spans()
-            self.ledger.append(
-                {
-                    "event": "update",
-                    "chunk": k,
-                    "step": self.steps,
-                    "reads": len(spans_read),
-                    "max_target": max(hi - 1 for _, hi in spans_read),
-                    "unscored_reads": _unscored_reads(spans_read, self.coverage, self.starts),
-                }
-            )
+            self.adapters.opt.step()  # logged before it runs, by _log_adapter_step
         if self.doc_scores is not None:
             self.doc_scores.update(zip(doc_ids, doc_nll.tolist()))
+
+    def _log_adapter_step(self):
+        """An adapter step is about to run: it trains on what the forwards since the last step
+        read; the ledger counts those positions the scorer has not counted yet."""
+        self.steps += 1
+        spans_read = self.view.take_spans()
+        self.ledger.append(
+            {
+                "event": "update",
+                "chunk": self.chunk,
+                "step": self.steps,
+                "reads": len(spans_read),
+                "max_target": max((hi - 1 for _, hi in spans_read), default=-1),
+                "unscored_reads": _unscored_reads(spans_read, self.coverage, self.starts),
+            }
+        )
 
     def _forward(self, spans, n):
         """Per-token NLL of the spans (right-padded: causal, so padding never reaches a real
@@ -4276,6 +4363,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
             d1 = edges[phase + 1]
             mine = np.arange(d0, d1)[rank::world]
             mine = mine[np.argsort(-(docs[mine, 2] - docs[mine, 1]), kind="stable")]
+            run.phase = phase
             for g in range(0, len(mine), h.ttt_lora_batch_docs):
                 ids = mine[g : g + h.ttt_lora_batch_docs]
                 run.score_group(docs[ids], ids.tolist())
@@ -5261,7 +5349,7 @@ def final_eval(run, model, audits):
     Returns (roundtrip result or None, final result, mode name)."""
     h = run.h
     logger = run.logger
-    mode = "ttt" if h.ttt_enabled else h.eval_mode
+    mode = h.final_eval_mode
     roundtrip = None
     if mode == "standard" or h.roundtrip_eval:
         roundtrip = timed_eval(run, model, "standard")
@@ -5277,13 +5365,15 @@ def final_eval(run, model, audits):
             f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
             f"stride:{h.eval_stride} seq_len:{h.eval_len}"
         )
-        sf = final["score_first"]
-        audits["score_first"] = sf
-        logger.log0(
-            f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
-            f"updates:{sf['updates']} targets:{sf['targets']} "
-            f"scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}"
-        )
+    sf = final["score_first"]  # every mode's coverage; the TTT modes' order too
+    audits["score_first"] = sf
+    logger.log0(
+        f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
+        f"updates:{sf['updates']} targets:{sf['targets']} "
+        f"scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}"
+    )
+    if not sf["passed"]:
+        logger.log0(f"audit:score_first failures:{sf['failures']}")
     run.ledger.final_eval_s = final["eval_time_ms"] / 1000.0
     return roundtrip, final, mode
 

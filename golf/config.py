@@ -204,6 +204,14 @@ class BaseHyperparameters:
             name = f.name.upper()
             if name in env and f.name != "preset":
                 values[f.name] = cls.parse_env_value(name, env[name], f.type)
+        if values.get("ttt_enabled"):
+            # One way to choose the final mode (issue 24): TTT_ENABLED=1 is EVAL_MODE=ttt.
+            if "EVAL_MODE" in env and values.get("eval_mode") != "ttt":
+                raise ValueError(
+                    f"TTT_ENABLED=1 means EVAL_MODE=ttt (chunked score-first TTT), but "
+                    f"EVAL_MODE={values.get('eval_mode')!r} is set too: choose one of them"
+                )
+            values["eval_mode"] = "ttt"
         h = cls(**values)
         h.validate()
         return h
@@ -341,6 +349,13 @@ class BaseHyperparameters:
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def final_eval_mode(self):
+        """The mode of the final score, decided here alone (the pipeline and eval_bpb.py read it):
+        TTT_ENABLED=1 is the records' spelling of EVAL_MODE=ttt (from_env sets both, and refuses
+        it beside another EVAL_MODE given in the environment)."""
+        return "ttt" if self.ttt_enabled else self.eval_mode
 
     @property
     def record_track(self):

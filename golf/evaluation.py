@@ -83,6 +83,7 @@ def eval_val(h, model, val_tokens, luts):
     hi = n_seqs * (rank + 1) // world
     batch = max(1, h.val_batch_size // (8 * seq))
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
+    coverage = torch.zeros(val_tokens.numel(), dtype=torch.int32, device=device)
     was_training = model.training
     model.eval()
     progress = Progress("eval standard", hi - lo, state="evaluating")
@@ -97,11 +98,15 @@ def eval_val(h, model, val_tokens, luts):
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts, positions).sum()
+            coverage.index_add_(0, positions.flatten(), torch.ones_like(coverage[: y.numel()]))
             progress.advance(min(s + batch, hi) - s)
     progress.close()
     model.train(was_training)
     dist_sum(sums)
-    return _eval_result(sums, t0, "standard")
+    dist_sum(coverage)
+    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored.
+    audit = audit_score_first([], coverage, last_target=n_seqs * seq)
+    return _eval_result(sums, t0, "standard", score_first=audit)
 
 
 def sliding_windows(num_tokens, seq_len, stride):
@@ -303,17 +308,37 @@ class _TTTTrainer:
         self.model.eval()
 
 
-def audit_score_first(ledger, coverage):
+def audit_score_first(ledger, coverage, last_target=None):
     """C3 and C4 from what the evaluator did: every update read only positions already scored (its
     `max_target` is the highest position the trainer read through RecordedTokens; a score's
     `scored_upto` the highest target the scorer counted), and every target 1..N-1 was scored
-    exactly once (`coverage`, counted by the scorer)."""
+    exactly once (`coverage`, counted by the scorer); with `last_target` (standard windows drop the
+    tail of the split), targets 1..last_target exactly once and none after it.
+
+    LoRA TTT logs each optimizer step before it runs (the optimizer's step hook), and each scored
+    chunk with the steps its group's adapters and the phase trainer had taken by then: chunk k
+    must come after exactly k adapter steps (one per earlier chunk, none on itself), every group
+    must start from freshly reset adapters, and the base weights must not move inside a phase."""
     scored_upto = 0
     failures = []
     updates = 0
+    phase_steps = {}
     for entry in ledger:
-        if entry["event"] == "score":
+        if entry["event"] == "reset" and not entry["fresh"]:
+            failures.append(
+                f"a group of {entry['docs']} documents started from adapters that were not reset"
+            )
+        elif entry["event"] == "score":
             scored_upto = max(scored_upto, entry["scored_upto"])
+            steps = entry.get("adapter_steps")
+            if steps is not None and steps != entry["chunk"]:
+                failures.append(
+                    f"chunk {entry['chunk']} was scored after {steps} adapter steps, not "
+                    f"{entry['chunk']}: a step trained on it (or it was not reset) before it was "
+                    "scored"
+                )
+            if "phase" in entry:
+                phase_steps.setdefault(entry["phase"], set()).add(entry["phase_steps"])
         elif entry["event"] == "update":
             updates += 1
             if entry["max_target"] > scored_upto:
@@ -326,7 +351,14 @@ def audit_score_first(ledger, coverage):
                     f"update {entry['step']} on chunk {entry['chunk']} read "
                     f"{entry['unscored_reads']} positions before they were scored"
                 )
+    for phase, seen in sorted(phase_steps.items()):
+        if len(seen) > 1:
+            failures.append(f"the base weights moved while phase {phase} was being scored")
     counts = coverage[1:]
+    tail = 0
+    if last_target is not None:
+        tail = int((coverage[last_target + 1 :] > 0).sum())
+        counts = coverage[1 : last_target + 1]
     twice = int((counts > 1).sum())
     missing = int((counts == 0).sum())
     failures += [
@@ -335,6 +367,7 @@ def audit_score_first(ledger, coverage):
             (twice, f"{twice} targets scored more than once"),
             (missing, f"{missing} targets never scored"),
             (int(coverage[0]), "token 0 has no context and was scored"),
+            (tail, f"{tail} targets past the last full window were scored"),
         )
         if bad
     ]

@@ -946,7 +946,7 @@ def final_eval(run, model, audits):
     Returns (roundtrip result or None, final result, mode name)."""
     h = run.h
     logger = run.logger
-    mode = "ttt" if h.ttt_enabled else h.eval_mode
+    mode = h.final_eval_mode
     roundtrip = None
     if mode == "standard" or h.roundtrip_eval:
         roundtrip = timed_eval(run, model, "standard")
@@ -962,13 +962,15 @@ def final_eval(run, model, audits):
             f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
             f"stride:{h.eval_stride} seq_len:{h.eval_len}"
         )
-        sf = final["score_first"]
-        audits["score_first"] = sf
-        logger.log0(
-            f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
-            f"updates:{sf['updates']} targets:{sf['targets']} "
-            f"scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}"
-        )
+    sf = final["score_first"]  # every mode's coverage; the TTT modes' order too
+    audits["score_first"] = sf
+    logger.log0(
+        f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
+        f"updates:{sf['updates']} targets:{sf['targets']} "
+        f"scored_twice:{sf['scored_twice']} never_scored:{sf['never_scored']}"
+    )
+    if not sf["passed"]:
+        logger.log0(f"audit:score_first failures:{sf['failures']}")
     run.ledger.final_eval_s = final["eval_time_ms"] / 1000.0
     return roundtrip, final, mode
 

@@ -107,6 +107,8 @@ class LoraAdapters:
         }
         self.dims = dims
         self.active = 0
+        self.on_step = None  # called before every optimizer step: the score-first ledger
+        self.steps = 0  # optimizer steps since the last reset
         self.reset()
 
     def _dims(self, model, device):
@@ -154,6 +156,22 @@ class LoraAdapters:
             betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
             weight_decay=h.ttt_lora_wd,
         )
+        self.opt.register_step_pre_hook(self._before_step)
+        self.steps = 0
+
+    def _before_step(self, optimizer, args, kwargs):
+        """Runs before every step of the adapters' optimizer, whichever code calls it: the ledger
+        records what the step trains on against what is scored at that moment (issue 24)."""
+        if self.on_step is not None:
+            self.on_step()
+        self.steps += 1
+
+    def fresh(self):
+        """Whether every adapter holds its initial values: A the shared draw, B zero."""
+        with torch.no_grad():
+            a_init = all(torch.equal(a, self.init_a[n].expand_as(a)) for n, a in self.a.items())
+            b_zero = not any(bool(b.any()) for b in self.b.values())
+        return a_init and b_zero
 
     def _hook(self, name, linear):
         def add_delta(module, args, out):
@@ -221,9 +239,12 @@ class _LoraEval:
         self.starts[torch.as_tensor(self.docs[:, 0], device=self.device)] = True
         self.scored_upto = -1
         self.steps = 0
+        self.chunk = 0
+        self.phase = 0
         self.trainer = _TTTTrainer(self._phase_h(), model, 1) if phased else None
         self.model = self.trainer.model if phased else model
         self.adapters = LoraAdapters(self.model, h, h.ttt_lora_batch_docs, self.device)
+        self.adapters.on_step = self._log_adapter_step
 
     def _phase_h(self):
         h = self.h
@@ -240,8 +261,10 @@ class _LoraEval:
         chunk = h.ttt_lora_chunk
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
         self.adapters.reset()
+        self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
         doc_nll = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
         for k in range(int(n_chunks.max())):
+            self.chunk = k
             n = int((n_chunks > k).sum())  # longest first: the active documents are a prefix
             rows = docs[:n]
             firsts = rows[:, 1] + k * chunk
@@ -257,25 +280,41 @@ class _LoraEval:
             trained = (pos >= first_t) & (y >= 0)
             self._score(nll.detach(), x, y, pos, scored, doc_nll[:n])
             self.scored_upto = max(self.scored_upto, int(lasts.max()))
-            self.ledger.append({"event": "score", "chunk": k, "scored_upto": self.scored_upto})
+            # How many steps this group's adapters (and the phase trainer) had taken when the
+            # chunk was scored: chunk k of a document must be scored after exactly k adapter
+            # steps, one on each chunk before it, and the base must not move inside a phase.
+            self.ledger.append(
+                {
+                    "event": "score",
+                    "chunk": k,
+                    "scored_upto": self.scored_upto,
+                    "adapter_steps": self.adapters.steps,
+                    "phase": self.phase,
+                    "phase_steps": self.trainer.steps if self.trainer else 0,
+                }
+            )
             per_doc = (nll * trained).sum(1) / trained.sum(1).clamp(min=1)
             self.adapters.opt.zero_grad(set_to_none=False)
             per_doc.sum().backward()
-            self.adapters.opt.step()
-            self.steps += 1
-            spans_read = self.view.take_spans()
-            self.ledger.append(
-                {
-                    "event": "update",
-                    "chunk": k,
-                    "step": self.steps,
-                    "reads": len(spans_read),
-                    "max_target": max(hi - 1 for _, hi in spans_read),
-                    "unscored_reads": _unscored_reads(spans_read, self.coverage, self.starts),
-                }
-            )
+            self.adapters.opt.step()  # logged before it runs, by _log_adapter_step
         if self.doc_scores is not None:
             self.doc_scores.update(zip(doc_ids, doc_nll.tolist()))
+
+    def _log_adapter_step(self):
+        """An adapter step is about to run: it trains on what the forwards since the last step
+        read; the ledger counts those positions the scorer has not counted yet."""
+        self.steps += 1
+        spans_read = self.view.take_spans()
+        self.ledger.append(
+            {
+                "event": "update",
+                "chunk": self.chunk,
+                "step": self.steps,
+                "reads": len(spans_read),
+                "max_target": max((hi - 1 for _, hi in spans_read), default=-1),
+                "unscored_reads": _unscored_reads(spans_read, self.coverage, self.starts),
+            }
+        )
 
     def _forward(self, spans, n):
         """Per-token NLL of the spans (right-padded: causal, so padding never reaches a real
@@ -358,6 +397,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
             d1 = edges[phase + 1]
             mine = np.arange(d0, d1)[rank::world]
             mine = mine[np.argsort(-(docs[mine, 2] - docs[mine, 1]), kind="stable")]
+            run.phase = phase
             for g in range(0, len(mine), h.ttt_lora_batch_docs):
                 ids = mine[g : g + h.ttt_lora_batch_docs]
                 run.score_group(docs[ids], ids.tolist())

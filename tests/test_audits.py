@@ -6,7 +6,10 @@ pass) and once with one fault rigged into the code it watches (it must fail, nam
 - single pass (C4): `sliding_windows` rigged to score a target twice, or to skip one;
 - byte accounting: the lookup tables passed to `run_audits` rigged one byte off for one token;
 - causality (C1): a model whose `forward_logits` sees the next token, through `run_audits`;
-- and a whole run whose TTT reads ahead ends `score INVALID` with exit status 3.
+- and a whole run whose TTT reads ahead ends `score INVALID` with exit status 3;
+- the fault table over all five eval modes (issue 24): a dropped rank share in every mode; LoRA
+  train-then-score, a skipped adapter reset and overlapping documents in both LoRA modes; the
+  base moving inside a phase.
 """
 
 import json
@@ -249,3 +252,173 @@ def test_a_run_whose_ttt_reads_ahead_ends_invalid(gpt, embedded, tmp_path, monke
     assert "before it was scored" in summary["audits"]["score_first"]["failures"][0]
     status = json.loads((tmp_path / "ahead.status.json").read_text())
     assert status["state"] == "failed" and status["invalid_reasons"] == ["failed score_first"]
+
+
+# --- the fault table: every eval mode, one rig per fault (issue 24) -------------------------------
+# Per-document LoRA TTT logs each optimizer step from the optimizer's own step hook, before the
+# step runs, and each scored chunk with the steps its adapters and the phase trainer had taken by
+# then: a rig that trains on a chunk before scoring it is caught whatever the scoring code writes
+# in the ledger.
+
+ALL_MODES = ["standard", "sliding", "ttt", "ttt_lora", "ttt_phased"]
+
+
+@pytest.fixture(scope="module")
+def docs_setup(gpt):
+    """Eight documents of 40-90 tokens and LoRA settings that make several groups, chunks and
+    phases on them."""
+    h = small_h(
+        gpt,
+        ttt_lora_chunk=8,
+        ttt_lora_batch_docs=2,
+        ttt_lora_rank=4,
+        ttt_lora_lr=0.05,
+        ttt_phases="3,6",
+        ttt_phase_lr=0.05,
+    )
+    torch.manual_seed(0)
+    model = gpt.build_model(h).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen = torch.Generator().manual_seed(7)
+    parts = []
+    for n in (90, 41, 77, 52, 64, 45, 83, 58):
+        doc = torch.randint(4, V, (n,), generator=gen)
+        doc[0] = 1
+        parts.append(doc)
+    tokens = torch.cat([*parts, torch.ones(1, dtype=torch.int64)])
+    luts = gpt.build_sentencepiece_luts(FakeSP(), V, torch.device("cpu"))
+    return h, model, tokens, luts
+
+
+def evaluate(gpt, docs_setup, mode):
+    h, model, tokens, luts = docs_setup
+    return gpt.EVAL_MODES[mode].evaluate(h, model, tokens, luts)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_every_mode_passes_its_score_first_audit_as_shipped(gpt, docs_setup, mode):
+    audit = evaluate(gpt, docs_setup, mode)["score_first"]
+    assert audit["passed"], audit["failures"]
+    assert audit["scored_twice"] == 0 and audit["never_scored"] == 0
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_a_dropped_rank_share_is_caught_in_every_mode(gpt, docs_setup, monkeypatch, mode):
+    """A sharding fault: this process believes it is rank 0 of 2 with no process group, so half
+    of the windows (documents, sequences) are never scored by anyone."""
+    monkeypatch.setattr(gpt, "_dist_info", lambda: (0, 2))
+    audit = evaluate(gpt, docs_setup, mode)["score_first"]
+    assert not audit["passed"] and audit["never_scored"] > 0
+    assert any("never scored" in f for f in audit["failures"])
+
+
+def train_then_score(gpt):
+    """_LoraEval.score_group rigged to take each chunk's optimizer step first and score a second
+    forward afterwards, writing the ledger as the honest code does (adapter_steps claimed = k)."""
+
+    def score_group(self, docs, doc_ids):
+        h = self.h
+        chunk = h.ttt_lora_chunk
+        n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
+        self.adapters.reset()
+        self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
+        doc_nll = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
+        for k in range(int(n_chunks.max())):
+            self.chunk = k
+            n = int((n_chunks > k).sum())
+            rows = docs[:n]
+            firsts = rows[:, 1] + k * chunk
+            lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
+            spans = [
+                gpt.ttt_lora_span(int(d), int(f), int(last), h.eval_len)
+                for d, f, last in zip(rows[:, 0], firsts, lasts)
+            ]
+            first_t = torch.as_tensor(firsts)[:, None]
+            last_t = torch.as_tensor(lasts)[:, None]
+            nll, x, y, pos = self._forward(spans, n)
+            trained = (pos >= first_t) & (y >= 0)
+            per_doc = (nll * trained).sum(1) / trained.sum(1).clamp(min=1)
+            self.adapters.opt.zero_grad(set_to_none=False)
+            per_doc.sum().backward()
+            self.adapters.opt.step()  # the fault: the chunk trains its own scorer
+            nll, x, y, pos = self._forward(spans, n)
+            scored = (pos >= first_t) & (pos <= last_t)
+            self._score(nll.detach(), x, y, pos, scored, doc_nll[:n])
+            self.scored_upto = max(self.scored_upto, int(lasts.max()))
+            self.ledger.append(
+                {
+                    "event": "score",
+                    "chunk": k,
+                    "scored_upto": self.scored_upto,
+                    "adapter_steps": k,  # a lie: the hook-logged step says otherwise
+                    "phase": self.phase,
+                    "phase_steps": self.trainer.steps if self.trainer else 0,
+                }
+            )
+
+    return score_group
+
+
+@pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
+def test_lora_train_then_score_is_caught(gpt, docs_setup, monkeypatch, mode):
+    honest = evaluate(gpt, docs_setup, mode)
+    monkeypatch.setattr(gpt._LoraEval, "score_group", train_then_score(gpt))
+    rigged = evaluate(gpt, docs_setup, mode)
+    assert rigged["val_loss"] != honest["val_loss"]  # the rig changed the scores
+    audit = rigged["score_first"]
+    assert audit["scored_twice"] == 0 and audit["never_scored"] == 0  # coverage is intact
+    assert not audit["passed"]
+    assert any("positions before they were scored" in f for f in audit["failures"])
+
+
+@pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
+def test_lora_adapters_not_reset_between_groups_is_caught(gpt, docs_setup, monkeypatch, mode):
+    shipped = gpt.LoraAdapters.reset
+
+    def reset_once(self):
+        if not getattr(self, "was_reset", False):
+            self.was_reset = True
+            shipped(self)
+
+    monkeypatch.setattr(gpt.LoraAdapters, "reset", reset_once)
+    audit = evaluate(gpt, docs_setup, mode)["score_first"]
+    assert not audit["passed"]
+    assert any("not reset" in f for f in audit["failures"])
+    assert any("adapter steps, not 0" in f for f in audit["failures"])
+
+
+def test_phase_base_moving_inside_a_phase_is_caught(gpt, docs_setup, monkeypatch):
+    """A rig that takes a global SGD step on the base after each group, on documents already
+    scored (reads that pass the per-position check), in the middle of a phase."""
+    honest = gpt._LoraEval.score_group
+
+    def score_then_step(self, docs, doc_ids):
+        honest(self, docs, doc_ids)
+        lo = int(docs[0, 0])
+        hi = int(docs[0, 2]) + 1
+        for p in self.trainer.params:
+            p.requires_grad_(True)
+        for _ in self.trainer.train_chunk(self.phase_view, lo, hi, 0):
+            self.phase_view.take_spans()
+        self._freeze_base()
+
+    monkeypatch.setattr(gpt._LoraEval, "score_group", score_then_step)
+    audit = evaluate(gpt, docs_setup, "ttt_phased")["score_first"]
+    assert not audit["passed"]
+    assert any("base weights moved while phase" in f for f in audit["failures"])
+
+
+@pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
+def test_lora_overlapping_documents_score_a_target_twice(gpt, docs_setup, monkeypatch, mode):
+    shipped = gpt.val_documents
+
+    def overlapping(tokens, bos_id=1):
+        docs = shipped(tokens, bos_id).copy()
+        docs[:-1, 2] += 1  # each document also scores the next one's first target
+        return docs
+
+    monkeypatch.setattr(gpt, "val_documents", overlapping)
+    audit = evaluate(gpt, docs_setup, mode)["score_first"]
+    assert not audit["passed"] and audit["scored_twice"] > 0

@@ -151,7 +151,7 @@ def test_the_eval_flags_choose_the_evals(gpt, monkeypatch):
             h, None, ListLogger(), gpt.TimeLedger(), None, None, None, None, "r", "a"
         )
         gpt.final_eval(run, None, {})
-        return list(calls), gpt.describe_evals(run, "ttt" if h.ttt_enabled else h.eval_mode)
+        return list(calls), gpt.describe_evals(run, h.final_eval_mode)
 
     assert final()[0] == ["final_sliding_window"]
     assert final(ROUNDTRIP_EVAL="1")[0] == ["final_int8_zlib_roundtrip", "final_sliding_window"]

@@ -460,6 +460,7 @@ def load(args, env, cleanup):
             script=script,
             script_sha256=header["script_sha256"],
             tokenizer_sha256=header.get("tokenizer_sha256"),
+            byte_source=header.get("byte_source"),
             # the counted code: the compact form's size where the header binds one (issue 15)
             code_bytes=header.get("code_bytes", os.path.getsize(script)),
         )
@@ -538,8 +539,36 @@ def eval_modes(mod, script):
     return modes
 
 
-def evaluate(mod, model, h, rt, max_tokens=None):
-    """(mode, result, audits): the audits run on the model before the eval mode scores it."""
+def check_byte_source(luts, want, h):
+    """The bytes this re-score counts must be the ones the run counted (the header's
+    byte_source, issue 24): the same kind, and for sidecars the same files (sha256). The counter
+    may come from a script of another revision: read by its shape, as golf.bpb.byte_source
+    writes it."""
+    if hasattr(luts, "per_token"):
+        source = getattr(luts, "source", None)  # none before issue 24: nothing to compare
+        got = {"kind": "sidecar", **source} if source else None
+    else:
+        got = {"kind": "tables"}
+    if want is None or got is None:
+        return got
+    if got["kind"] != want["kind"] or got.get("sha256") != want.get("sha256"):
+        raise BadInput(
+            f"DATA_PATH={h.data_path!r}: this re-score would count bytes with {describe(got)}, "
+            f"the run counted them with {describe(want)}: point --data-path at the val split "
+            "the artifact was scored on"
+        )
+    return got
+
+
+def describe(source):
+    if source["kind"] == "tables":
+        return "the SentencePiece lookup tables"
+    return f"{source['files']} sidecar files (sha256 {source['sha256'][:16]}...)"
+
+
+def evaluate(mod, model, h, rt, max_tokens=None, byte_source=None):
+    """(mode, result, audits): the audits run on the model before the eval mode scores it.
+    `byte_source` is the artifact header's: the re-score must count the same bytes."""
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
     # this checkout's data checks, for any script
     from golf.data import load_checked_val_tokens, load_val_byte_sidecar
@@ -559,6 +588,7 @@ def evaluate(mod, model, h, rt, max_tokens=None):
         )
     else:
         luts = mod.build_sentencepiece_luts(sp, h.vocab_size, rt.device)
+    check_byte_source(luts, byte_source, h)
 
     audits = {
         "causality": mod.audit_causality(model, h.audit_seq_len or h.train_seq_len, h.vocab_size)
@@ -626,7 +656,9 @@ def run(args, env, cleanup):
     try:
         mod, model, h, info = load(args, env, cleanup)
         rt = mod.setup_runtime()
-        mode, res, audits = evaluate(mod, model, h, rt, args.max_tokens)
+        mode, res, audits = evaluate(
+            mod, model, h, rt, args.max_tokens, byte_source=info.get("byte_source")
+        )
     except BadInput as exc:
         return _fail(str(exc))
     except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError, TypeError) as exc:

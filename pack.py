@@ -452,6 +452,7 @@ def _apply_summary(log):
         "total_bytes",
         "budget_bytes",
         "eval_mode",
+        "byte_source",
         "val_loss",
         "val_bpb",
         "tokens",
@@ -669,10 +670,20 @@ def compliance_of(logs):
             None if s is None else (s <= TIME_LIMIT_S and hw) for s, hw in zip(eval_s, on_8xh100)
         ),
         "score_first_ttt": score_first,
+        "bytes_counted": _bytes_counted(logs),
         "causality_audit_passed": all_of(all(c) if c else None for c in causality),
         "no_val_data_in_training": None,
         "three_seeds": len(logs) >= 3,
     }
+
+
+def _bytes_counted(logs):
+    """ "tables" or "sidecar" when every seed counted its bytes the same way (with the same sidecar
+    files), else None: the logs cannot say (older runs) or the seeds disagree."""
+    sources = [lg.get("byte_source") for lg in logs]
+    if not sources or any(s is None for s in sources) or any(s != sources[0] for s in sources):
+        return None
+    return sources[0]["kind"]
 
 
 def _train_seconds(log):
@@ -724,6 +735,11 @@ COMPLIANCE_NOTES = {
     ),
     "no_val_data_in_training": (
         "null: a log cannot prove it (the shipped script's loader reads fineweb_train_* only)"
+    ),
+    "bytes_counted": (
+        "what counted the val bytes, the same for every seed: tables (SentencePiece lookup "
+        "tables) or sidecar (original-byte files, their sha256 in each log and artifact); null "
+        "when the logs predate the field or the seeds differ"
     ),
 }
 
@@ -1512,7 +1528,27 @@ def _check_seed(folder, sub, seed, log, script_sha):
     problems = _check_artifact(seed, art, result, script_sha)
     if log is not None:
         problems += _check_seed_log(seed, log, result, os.path.getsize(art), script_sha)
+        problems += _check_byte_source(seed, art, log)
     return problems
+
+
+def _check_byte_source(seed, art, log):
+    """What counted the seed's bytes (issue 24): the log's summary and the artifact header must
+    name the same source (the tables, or the same sidecar files). Logs and artifacts from before
+    the field are reported by the compliance block (bytes_counted: null), not here."""
+    try:
+        header = read_container(art)["header"] or {}
+    except InputError:
+        return []  # _check_artifact reports it
+    logged = log.get("byte_source")
+    stored = header.get("byte_source")
+    if logged is None or stored is None:
+        return []
+    if logged != stored:
+        return [
+            f"seed {seed}: the log counted bytes with {logged}, the artifact header says {stored}"
+        ]
+    return []
 
 
 def _check_artifact(seed, art, result, script_sha):

@@ -179,6 +179,22 @@ def valid_script_name(name):
     return all(c.isascii() and (c.isalnum() or c in "_.-") for c in name)
 
 
+def valid_byte_source(source):
+    """Whether `source` is what golf.bpb.byte_source writes: the tables, or the sidecars with the
+    sha256 of their digests, their count and the manifest check ("verified" or "none")."""
+    if not isinstance(source, dict):
+        return False
+    if source == {"kind": "tables"}:
+        return True
+    return (
+        set(source) == {"kind", "sha256", "files", "manifest"}
+        and source["kind"] == "sidecar"
+        and _is_sha256(source["sha256"])
+        and _is_count(source["files"])
+        and source["manifest"] in ("verified", "none")
+    )
+
+
 def _entry_parts(e, scheme, numel):
     """{part: expected byte length} of one tensor entry (lqer_rank / lqer_group already
     checked)."""
@@ -296,6 +312,11 @@ def check_artifact_header(path, header, payload_bytes):
             raise ValueError(f"{path}: artifact header {key}: expected 64 lowercase hex digits")
     if header.get("tokenizer_sha256") is not None and not _is_sha256(header["tokenizer_sha256"]):
         raise ValueError(f"{path}: artifact header tokenizer_sha256: expected 64 hex digits")
+    if "byte_source" in header and not valid_byte_source(header["byte_source"]):
+        raise ValueError(
+            f"{path}: artifact header byte_source {str(header['byte_source'])[:80]}: expected "
+            '{"kind": "tables"} or a sidecar with its sha256, file count and manifest check'
+        )
     name = header.get("compressor")
     if name == "pergroup":
         pass  # its groups are checked against the tensor entries below
@@ -449,10 +470,12 @@ def artifact_state(model):
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
 
-def save_artifact(model, h, path, state=None, hessians=None):
+def save_artifact(model, h, path, state=None, hessians=None, byte_source=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting.
     BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
-    >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written)."""
+    >= 99% of SIZE_BUDGET - SIZE_MARGIN (at most 4 tries; the largest fitting one is written).
+    `byte_source` (golf.bpb.byte_source of the run's val bytes) goes into the header, so that a
+    re-score counts the bytes the run counted."""
     state = artifact_state(model) if state is None else state
     code = counted_code(h)
     cache = {}
@@ -473,7 +496,7 @@ def save_artifact(model, h, path, state=None, hessians=None):
         widths = {r["name"]: r["bits"] for r in plan or []}
         entries, raw = quantize_state_dict(state, h, widths, hessians, cache)
         compressor, payload, groups = compress_artifact(entries, raw, compressor, h, group_cache)
-        header = _artifact_header(h, code, compressor, raw, payload, entries, groups)
+        header = _artifact_header(h, code, compressor, raw, payload, entries, groups, byte_source)
         head_bytes = len(_artifact_prefix_and_head(header, h.header_compress))
         total = head_bytes + len(payload) + len(code)
         tries.append((total, header, payload, plan))
@@ -540,12 +563,14 @@ def group_table(header):
     return rows
 
 
-def _artifact_header(h, code, compressor, raw, payload, entries, groups=None):
+def _artifact_header(h, code, compressor, raw, payload, entries, groups=None, byte_source=None):
     """Everything a reader needs to rebuild the model from the payload, and to check it. The
     script binding is the readable source's sha256; code_sha256 / code_bytes are those of the
     counted code (the compact form under CODE_FORM=compact)."""
     has_tokenizer = os.path.isfile(h.tokenizer_path)
     extra = {} if groups is None else {"groups": groups}
+    if byte_source is not None:
+        extra["byte_source"] = byte_source
     return {
         **extra,
         "code_sha256": sha256_hex(code),

@@ -3,6 +3,7 @@ checks against the tokenizer that made it.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -306,26 +307,84 @@ def load_checked_val_tokens(h, sp, seq_len, max_tokens=0):
     return tokens
 
 
-def data_text_transform(data_path):
-    """The text transform the shards' manifest.json declares (e.g. "lossless_caps_caseops_v1"),
-    or None (no manifest, or plain text)."""
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def read_manifest(data_path):
+    """The shards' manifest.json as a dict, or None where there is none. A manifest that cannot be
+    read, is too large or is not a JSON object is an error, never ignored: a text transform or a
+    sidecar binding it declares must not vanish with it."""
     path = os.path.join(data_path, "manifest.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
     try:
         with open(path, "rb") as f:
-            manifest = json.loads(f.read(MAX_MANIFEST_BYTES))
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path}: over {MAX_MANIFEST_BYTES} bytes, not a shard manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a JSON manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: not a JSON object")
+    return manifest
+
+
+def data_text_transform(data_path):
+    """The text transform the shards' manifest.json declares (e.g. "lossless_caps_caseops_v1"),
+    or None (no manifest, or plain text)."""
+    manifest = read_manifest(data_path)
+    if manifest is None:
+        return None
     transform = manifest.get("text_transform")
     if transform is not None and not isinstance(transform, str):
+        path = os.path.join(data_path, "manifest.json")
         raise ValueError(f"{path}: text_transform must be a string, not {transform!r}")
     return transform
 
 
-MAX_MANIFEST_BYTES = 16 << 20
+def _manifest_files(data_path, manifest):
+    """{file name: sha256} the manifest records, or {} when it lists no files."""
+    path = os.path.join(data_path, "manifest.json")
+    files = manifest.get("files", [])
+    if not isinstance(files, list):
+        raise ValueError(f"{path}: files must be a list")
+    out = {}
+    for entry in files:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(sha, str):
+            raise ValueError(f"{path}: a files entry without a name and a sha256: {entry!r:.80}")
+        out[name] = sha
+    return out
+
+
+def check_sidecars_against_manifest(data_path, sidecars, total_bytes):
+    """The sidecar files against what the manifest recorded when the shards were built: each
+    file's sha256, and the original bytes of the whole val split (exact, tolerance 0). Returns
+    "verified", or "none" where the split has no manifest; ValueError naming the file otherwise."""
+    manifest = read_manifest(data_path)
+    if manifest is None:
+        return "none"
+    path = os.path.join(data_path, "manifest.json")
+    recorded = _manifest_files(data_path, manifest)
+    if not recorded:
+        raise ValueError(f"{path}: lists no files, so it cannot bind the val byte sidecars")
+    for side in sidecars:
+        name = os.path.basename(side)
+        if name not in recorded:
+            raise ValueError(f"{side}: a byte sidecar that {path} does not list")
+        if file_sha256(side) != recorded[name]:
+            raise ValueError(f"{side}: sha256 differs from the one {path} records")
+    want = manifest.get("original_bytes_val")
+    if want is not None and want != total_bytes:
+        raise ValueError(
+            f"{path}: original_bytes_val {want!r}, but the sidecars count {total_bytes} bytes"
+        )
+    return "verified"
 
 
 def sidecar_path(val_shard):
@@ -336,9 +395,19 @@ def sidecar_path(val_shard):
 
 def load_val_byte_sidecar(data_path, n_tokens):
     """The val split's per-token original byte counts (int64, the first n_tokens), or None when
-    the split has no `fineweb_val_bytes_*.bin`. Once any sidecar exists, every val shard must have
-    one of its exact length: a missing or short sidecar is an error, never a silent fallback to the
-    lookup tables (they would count the transformed text)."""
+    the split has no `fineweb_val_bytes_*.bin` (val_byte_sidecar says where they come from)."""
+    found = val_byte_sidecar(data_path, n_tokens)
+    return None if found is None else found[0]
+
+
+def val_byte_sidecar(data_path, n_tokens):
+    """(per-token original byte counts, int64, the first n_tokens; their source: the sha256 of the
+    sidecar files' sha256 digests in order, the file count and the manifest check), or None when
+    the split has no
+    `fineweb_val_bytes_*.bin`. Once any sidecar exists, every val shard must have one of its exact
+    length: a missing or short sidecar is an error, never a silent fallback to the lookup tables
+    (they would count the transformed text). Where the split has a manifest, the sidecars must be
+    the files it records (check_sidecars_against_manifest)."""
     pattern = os.path.join(data_path, "fineweb_val_bytes_*.bin")
     present = sorted(glob.glob(pattern))
     val_files = shard_files(data_path, "val")
@@ -356,10 +425,12 @@ def load_val_byte_sidecar(data_path, n_tokens):
     if strays:
         raise ValueError(f"{strays[0]}: a byte sidecar with no val shard of the same number")
     parts = []
+    digest = hashlib.sha256()
     for val_file in val_files:
         side = sidecar_path(val_file)
         if not os.path.isfile(side):
             raise ValueError(f"{side}: missing byte sidecar of {os.path.basename(val_file)}")
+        digest.update(bytes.fromhex(file_sha256(side)))
         counts = load_data_shard(side)
         n_val = shard_token_count(val_file)
         if counts.numel() != n_val:
@@ -369,4 +440,7 @@ def load_val_byte_sidecar(data_path, n_tokens):
             )
         parts.append(counts)
     per_token = torch.cat(parts).to(torch.int64)
-    return per_token[:n_tokens]
+    sides = [sidecar_path(p) for p in val_files]
+    manifest = check_sidecars_against_manifest(data_path, sides, int(per_token.sum()))
+    source = {"sha256": digest.hexdigest(), "files": len(sides), "manifest": manifest}
+    return per_token[:n_tokens], source

@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from golf.bpb import SidecarBytes, audit_bytes, load_tokenizer, target_bytes, val_byte_counter
+from golf.bpb import (
+    SidecarBytes,
+    audit_bytes,
+    byte_source,
+    load_tokenizer,
+    target_bytes,
+    val_byte_counter,
+)
 from golf.config import BaseHyperparameters
 from golf.container import (
     artifact_state,
@@ -733,7 +740,12 @@ def _open_run(h, rt, logger, run_id, artifact_path):
             "targets): a trained model must land clearly below it"
         )
     if isinstance(luts, SidecarBytes):
-        logger.log0("val_bytes: per-token original UTF-8 counts from fineweb_val_bytes_*.bin")
+        source = luts.source
+        logger.log0(
+            "val_bytes: per-token original UTF-8 counts from fineweb_val_bytes_*.bin "
+            f"({source['files']} files, sha256 {source['sha256'][:16]}..., manifest "
+            f"{source['manifest']})"
+        )
     else:
         logger.log0("val_bytes: SentencePiece lookup tables")
     return RunContext(
@@ -869,7 +881,9 @@ def serialize_and_reload(run, model, hessians):
     t0 = time.perf_counter()
     sizes = None
     if run.rt.is_main:
-        sizes = save_artifact(model, h, run.artifact_path, hessians=hessians)
+        sizes = save_artifact(
+            model, h, run.artifact_path, hessians=hessians, byte_source=byte_source(run.luts)
+        )
     sizes = _broadcast(run.rt, sizes)
     run.ledger.serialize_s = time.perf_counter() - t0
     model = load_artifact(run.artifact_path, h.spec)[0].to(run.rt.device)
@@ -1006,6 +1020,7 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
         "total_bytes": sizes["total_bytes"],
         "budget_bytes": h.size_budget,
         "eval_mode": mode,
+        "byte_source": byte_source(run.luts),
         "val_loss": final["val_loss"],
         "val_bpb": final["val_bpb"],
         "tokens": final["tokens"],

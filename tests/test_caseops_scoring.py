@@ -84,6 +84,15 @@ def test_training_scores_the_original_bytes_of_the_sidecar(caseops_data, tmp_pat
     sidecar = read_tokens(caseops_data / "fineweb_val_bytes_000000.bin").astype(np.int64)
     # Sliding eval scores every target 1..N-1 of the val prefix exactly once.
     assert summary["bytes"] == int(sidecar[1 : summary["tokens"] + 1].sum())
+    # Issue 24: the byte source is in the summary and in the artifact header, the same.
+    source = summary["byte_source"]
+    assert source["kind"] == "sidecar" and source["manifest"] == "verified"
+    assert source["files"] == 1 and len(source["sha256"]) == 64
+    sys.path.insert(0, str(REPO))
+    from golf.container import read_artifact_header
+
+    header, _ = read_artifact_header(str(tmp_path / "logs" / "co.pga"))
+    assert header["byte_source"] == source
 
 
 def copy_data(src, dst):
@@ -154,3 +163,90 @@ def test_every_eval_mode_counts_the_sidecar_bytes(caseops_data, gpt, mode):
     result = gpt.EVAL_MODES[mode].evaluate(h, model, tokens, counter)
     scored = counter.per_token[1 : result["tokens"] + 1]
     assert result["bytes"] == int(scored.sum())
+
+
+# --- issue 24: bytes that cannot be miscounted ---------------------------------------------------
+
+
+def test_caseops_shards_without_sidecar_or_manifest_are_refused(caseops_data, tmp_path, gpt):
+    """What the records' own prep script writes: CaseOps tokens and no sidecar, no manifest. The
+    lookup tables would count the transformed text (+10 %); the tokenizer's operator pieces say
+    so, and the run stops before it trains."""
+    import torch
+
+    data = copy_data(caseops_data, tmp_path / "data")
+    os.remove(data / "fineweb_val_bytes_000000.bin")
+    os.remove(data / "manifest.json")
+    h = gpt.Hyperparameters.from_env(caseops_env(data))
+    sp = gpt.load_tokenizer(h.tokenizer_path, h.vocab_size)
+    assert gpt.tokenizer_transform(sp) == "lossless_caps_caseops_v1"
+    tokens = gpt.load_validation_tokens(h.data_path, h.train_seq_len)
+    with pytest.raises(ValueError, match=r"no val byte sidecars.*lossless_caps_caseops_v1"):
+        gpt.val_byte_counter(h, sp, tokens, torch.device("cpu"))
+    run = run_script("train_gpt.py", {**caseops_env(data), "RUN_ID": "noside"}, tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and "no val byte sidecars" in run.stderr
+    assert "step:1/" not in run.stdout
+
+
+def test_a_sidecar_that_is_not_the_manifests_is_refused(caseops_data, tmp_path, gpt):
+    """A sidecar with one byte more on 50 tokens is not the file the manifest recorded when the
+    shards were built: refused before training or re-scoring, exactly (tolerance 0)."""
+    data = copy_data(caseops_data, tmp_path / "data")
+    side = data / "fineweb_val_bytes_000000.bin"
+    counts = read_tokens(side).copy()
+    counts[np.flatnonzero(counts > 0)[:50]] += 1
+    header = side.read_bytes()[:HEADER_BYTES]
+    side.write_bytes(header + counts.astype("<u2").tobytes())
+    with pytest.raises(ValueError, match=r"fineweb_val_bytes_000000\.bin: sha256 differs"):
+        gpt.load_val_byte_sidecar(str(data), 1000)
+
+
+def test_the_manifests_original_byte_total_is_checked(caseops_data, tmp_path, gpt):
+    import json
+
+    data = copy_data(caseops_data, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["original_bytes_val"] += 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="original_bytes_val"):
+        gpt.load_val_byte_sidecar(str(data), 1000)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[1, 2]", b"\xff\xfe", None],
+    ids=["bad json", "list", "binary", "dir"],
+)
+def test_a_malformed_manifest_is_an_error_not_ignored(caseops_data, tmp_path, gpt, content):
+    data = copy_data(caseops_data, tmp_path / "data")
+    path = data / "manifest.json"
+    path.unlink()
+    if content is None:
+        path.mkdir()  # unreadable as a file
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"manifest\.json: "):
+        gpt.load_val_byte_sidecar(str(data), 1000)
+
+
+def test_a_biased_sidecar_without_a_manifest_fails_the_recount(caseops_data, tmp_path, gpt):
+    """Without a manifest to bind it, the decoded-text recount still bounds a sidecar at 0.05 %:
+    +0.4 % (about 0.004 bpb) fails the byte audit."""
+    import torch
+
+    data = copy_data(caseops_data, tmp_path / "data")
+    os.remove(data / "manifest.json")
+    h = gpt.Hyperparameters.from_env(caseops_env(data))
+    sp = gpt.load_tokenizer(h.tokenizer_path, h.vocab_size)
+    tokens = gpt.load_validation_tokens(h.data_path, h.train_seq_len)
+    counter = gpt.val_byte_counter(h, sp, tokens, torch.device("cpu"))
+    assert counter.source["manifest"] == "none"
+    honest = gpt.audit_bytes(sp, tokens, counter)
+    assert honest["passed"], honest
+    biased = counter.per_token.clone()
+    nonzero = torch.nonzero(biased > 0).flatten()
+    extra = int(0.004 * int(biased[:10_000].sum()))
+    biased[nonzero[:extra]] += 1
+    result = gpt.audit_bytes(sp, tokens, gpt.SidecarBytes(biased, counter.source))
+    assert not result["passed"] and "sidecar counts" in result["failures"][0]

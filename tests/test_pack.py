@@ -452,3 +452,18 @@ def test_check_catches_a_tampered_folder(record_folder, tmp_path, capsys, tamper
     code, out, _ = run(["check", folder], capsys)
     assert code == 1 and "ok: False" in out
     assert any(expect in line for line in out.splitlines() if line.startswith("problem: ")), out
+
+
+def test_check_refuses_a_log_that_counted_other_bytes_than_its_artifact(tiny):
+    """Issue 24: the byte source of each seed is in its log's summary and its artifact header;
+    a record folder whose two disagree is refused (the same check runs in `pack.py check`)."""
+    art = str(tiny["s1"]["artifact"])
+    log = pack.parse_log(str(tiny["s1"]["log"]))
+    assert log["byte_source"] == {"kind": "tables"}
+    assert pack._check_byte_source(1, art, log) == []
+    forged = {**log, "byte_source": {"kind": "sidecar", "sha256": "ab" * 32, "files": 1,
+                                     "manifest": "verified"}}  # fmt: skip
+    problems = pack._check_byte_source(1, art, forged)
+    assert problems and "the artifact header says {'kind': 'tables'}" in problems[0]
+    assert pack.compliance_of([log, log])["bytes_counted"] == "tables"
+    assert pack.compliance_of([log, forged])["bytes_counted"] is None

@@ -197,6 +197,21 @@ def compressor_table(raw):
     return table
 
 
+def text_utf8_bytes(code, where):
+    """The UTF-8 bytes of a script's text as Python reads it (its coding declaration, else
+    UTF-8): the count the official code makes, len(code.encode("utf-8")). The counted code is
+    ours only when it equals the file's bytes (issue 24: a latin-1 file is smaller on disk)."""
+    import io
+    import tokenize
+
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(code).readline)
+        text = code.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise InputError(f"{where}: not readable as Python source text ({exc})") from None
+    return len(text.encode("utf-8"))
+
+
 def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
     info = read_container(artifact)
     try:
@@ -211,6 +226,7 @@ def size_report(artifact, script, budget=BUDGET_BYTES, table=True):
         "artifact_bytes": info["file_bytes"],
         "script": script,
         "code_bytes": len(code),
+        "code_bytes_utf8": text_utf8_bytes(code, script),
         "total_bytes": total,
         "budget_bytes": budget,
         "margin_bytes": budget - total,
@@ -1189,7 +1205,9 @@ def _check_compact(folder, sub, script):
     without running, to exactly the minified form of the readable script, and bind its sha256."""
     name = sub.get("script_compact")
     if name is None:
-        return [], os.path.getsize(script)
+        with open(script, "rb") as f:
+            readable = f.read()
+        return _check_counted_text(os.path.basename(script), readable), len(readable)
     path = os.path.join(folder, name)
     if not is_plain_name(name) or not os.path.isfile(path):
         return [f"missing the compact form {str(name)[:80]}"], os.path.getsize(script)
@@ -1201,7 +1219,21 @@ def _check_compact(folder, sub, script):
         _golf("compact").check_compact(blob, source, os.path.basename(script))
     except ValueError as exc:
         return [f"{name}: {exc}"], len(blob)
-    return [], len(blob)
+    return _check_counted_text(name, blob), len(blob)
+
+
+def _check_counted_text(name, blob):
+    """The counted code's file bytes must be the UTF-8 bytes of its text (issue 24)."""
+    try:
+        utf8 = text_utf8_bytes(blob, name)
+    except InputError as exc:
+        return [str(exc)]
+    if utf8 != len(blob):
+        return [
+            f"{name}: {len(blob)} bytes on disk but {utf8} UTF-8 bytes of text, the count the "
+            "challenge makes"
+        ]
+    return []
 
 
 def portable_env(env):
@@ -1759,6 +1791,7 @@ def cmd_size(args):
                 "artifact_bytes",
                 "script",
                 "code_bytes",
+                "code_bytes_utf8",
                 "total_bytes",
                 "budget_bytes",
                 "margin_bytes",
@@ -1783,6 +1816,14 @@ def cmd_size(args):
                 f"group {g['name']}: {g['codec']}{' sorted' if g['sorted'] else ''}, "
                 f"{g['raw_bytes']} raw -> {g['bytes']} bytes"
             )
+    if rep["code_bytes_utf8"] != rep["code_bytes"]:
+        print(
+            f"error: {rep['script']} is {rep['code_bytes']} bytes on disk but its text is "
+            f"{rep['code_bytes_utf8']} UTF-8 bytes, the count the challenge makes: write it in "
+            "ASCII or UTF-8",
+            file=sys.stderr,
+        )
+        return 1
     if rep["over_budget"]:
         print(
             f"error: total {rep['total_bytes']} bytes is over the {rep['budget_bytes']} budget",

@@ -248,22 +248,35 @@ def test_the_compact_form_trains_and_scores_exactly_like_the_readable_script(
     assert json.dumps(readable[0]["audits"]) == json.dumps(compact_run[0]["audits"])
 
 
-def test_the_base253_literal_roundtrips_and_needs_no_escapes_but_quotes(gpt):
-    quotes = (32 * 253**2 + 32 * 253 + 32).to_bytes(3, "big")  # digit 32 is the quote character
+def test_the_ascii_literal_roundtrips_and_needs_no_escapes_but_quotes(gpt):
+    """Issue 24: the literal is printable ASCII, so the compact file's bytes are its UTF-8 bytes."""
+    quote = compact_tools.COMPACT_DIGITS.index(b'"')
+    base = compact_tools.COMPACT_BASE
+    quotes = (quote * base**2 + quote * base + quote).to_bytes(3, "big")
     rng = np.random.default_rng(0)
     cases = [b"", b"\x00", b"\x00\x00\x07", quotes, rng.bytes(39_341), bytes(range(256)) * 4]
     for data in cases:
-        literal = compact_tools._base253_literal(data)
-        assert not set(literal) & {0x00, 0x0D}
+        literal = compact_tools._ascii_literal(data)
+        assert literal.isascii() and all(0x20 <= c < 0x7F for c in literal)
         assert literal.count(b"\\") == literal.count(b'\\"')  # the only escape is a quote's
         assert b'"""' not in literal and not literal.endswith(b'"') or literal.endswith(b'\\"')
-        digits = ast.literal_eval('"""' + literal.decode("latin-1") + '"""').encode("latin-1")
-        assert compact_tools._base253_value(digits, len(data)) == data
+        digits = ast.literal_eval('"""' + literal.decode("ascii") + '"""').encode("ascii")
+        assert compact_tools._ascii_value(digits, len(data)) == data
     # two quotes that a quote follows, and the last: all escaped
-    assert compact_tools._base253_literal(quotes) == b'\\"\\"\\"'
+    assert compact_tools._ascii_literal(quotes) == b'\\"\\"\\"'
     with pytest.raises(ValueError, match="outside the digits"):
-        compact_tools._base253_value(b"\x01\x00\x02", 3)
+        compact_tools._ascii_value(b"\x01\x00\x02", 3)
     with pytest.raises(ValueError, match="more bytes"):
-        compact_tools._base253_value(compact_tools._base253_literal(b"\xff\xff"), 1)
+        compact_tools._ascii_value(compact_tools._ascii_literal(b"\xff\xff"), 1)
     with pytest.raises(ValueError, match="longer"):
-        compact_tools._base253_value(b"\x01" * 5000, 10)
+        compact_tools._ascii_value(b"!" * 5000, 10)
+
+
+def test_the_compact_file_is_pure_ascii_and_counts_the_same_three_ways(compact):
+    """File bytes, the UTF-8 bytes of its text (the official count) and len(compact_code(...)),
+    the run's figure, are one number; a non-ASCII form is refused."""
+    _, blob = compact
+    assert blob.isascii()
+    assert len(blob) == len(blob.decode("utf-8").encode("utf-8"))
+    with pytest.raises(ValueError, match="not pure ASCII"):
+        compact_tools.expand_compact(blob.replace(b"import ", b"import \xe9", 1))

@@ -467,3 +467,22 @@ def test_check_refuses_a_log_that_counted_other_bytes_than_its_artifact(tiny):
     assert problems and "the artifact header says {'kind': 'tables'}" in problems[0]
     assert pack.compliance_of([log, log])["bytes_counted"] == "tables"
     assert pack.compliance_of([log, forged])["bytes_counted"] is None
+
+
+def test_size_refuses_a_script_whose_file_bytes_are_not_its_utf8_bytes(tmp_path, capsys):
+    """Issue 24: the challenge counts len(code.encode("utf-8")); a latin-1 file is smaller on disk
+    than that count, so pack.py counts both and refuses the difference."""
+    write_container(tmp_path / "a.pga", b"\0" * 1000)
+    script = tmp_path / "train_x.py"
+    script.write_bytes(b"# coding: latin-1\nNAME = '\xe9t\xe9'\n")
+    code, out, err = run(["size", tmp_path / "a.pga", "--script", script, "--json"], capsys)
+    assert code == 1
+    rep = json.loads(out)
+    assert rep["code_bytes"] == len(script.read_bytes())
+    assert rep["code_bytes_utf8"] == rep["code_bytes"] + 2
+    assert "UTF-8 bytes" in err and err.count("\n") == 1
+    script.write_bytes("NAME = '\u00e9t\u00e9'\n".encode("utf-8"))
+    code, out, err = run(["size", tmp_path / "a.pga", "--script", script, "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["code_bytes_utf8"] == rep["code_bytes"]

@@ -2394,6 +2394,9 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
 # --- LQER asym (#1797/#1851/#1855): a low-rank correction of the worst quantization residuals ----
 
 
+FP16_TINY = torch.finfo(torch.float16).tiny  # the smallest normal fp16 scale
+
+
 def lqer_factors(err, rank, group):
     """E ~ A B with A (rows x rank) INT2 in [-2, 1] with one fp16 scale and B (rank x cols) INT4
     in [-8, 7] with an fp16 scale per `group` columns. A comes from the rank-r SVD (U sqrt(S));
@@ -2402,7 +2405,9 @@ def lqer_factors(err, rank, group):
     U, S, _ = torch.linalg.svd(err.double(), full_matrices=False)
     r = min(rank, len(S))
     a = (U[:, :r] * S[:r].sqrt()).float()
-    a_scale = (a.abs().amax() / 2).clamp_min(1e-8).to(torch.float16)
+    # Scales are stored fp16: clamp after the cast, where 1e-8 would round to 0 and a zero error
+    # (an untrained zero-init matrix) would divide by it (issue 24, a shrunk record preset).
+    a_scale = (a.abs().amax() / 2).to(torch.float16).clamp_min(FP16_TINY)
     qa = torch.clamp(torch.round(a / a_scale.float()), -2, 1)
     a_hat = qa * a_scale.float()
     b = torch.linalg.lstsq(a_hat.double(), err.double()).solution.float()
@@ -2412,7 +2417,7 @@ def lqer_factors(err, rank, group):
     cols = b.shape[1]
     n_groups = -(-cols // group)
     bp = F.pad(b, (0, n_groups * group - cols)).reshape(rank, n_groups, group)
-    b_scale = (bp.abs().amax(-1) / 7).clamp_min(1e-8).to(torch.float16)
+    b_scale = (bp.abs().amax(-1) / 7).to(torch.float16).clamp_min(FP16_TINY)
     qb = torch.clamp(torch.round(bp / b_scale.float()[..., None]), -8, 7)
     return {
         "lqer_a": qa.to(torch.int8).contiguous(),
@@ -3493,6 +3498,10 @@ def artifact_state(model):
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
 
+RATIO_STEP_MIN = 0.25  # the most one try may shrink or grow the compression ratio estimate
+RATIO_STEP_MAX = 4.0
+
+
 def save_artifact(model, h, path, state=None, hessians=None, byte_source=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting.
     BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
@@ -3526,8 +3535,15 @@ def save_artifact(model, h, path, state=None, hessians=None, byte_source=None):
         target = 0.99 * (h.size_budget - h.size_margin)
         if not h.bit_alloc or h.size_budget >= total >= target:
             break
+        if total < target and all(r["bits"] == max(table[r["name"]]) for r in plan):
+            break  # every width is the widest already: nothing to spend the rest of the budget on
+        # Compressed bytes per estimated byte of the traded (int) tensors. The fixed part is
+        # estimated uncompressed, so on a small model it can exceed what the whole artifact
+        # compresses to: the correction of one try is bounded (issue 24: a shrunk record preset
+        # read a negative ratio, then a ratio of millions, and refused a model of 1 M parameters).
         planned_bytes = max(sum(r["bytes"] for r in plan), 1)
-        ratio *= (total - _fixed_bytes(state, h, len(code))) / planned_bytes
+        measured = (total - _fixed_bytes(state, h, len(code))) / planned_bytes
+        ratio *= min(max(measured, RATIO_STEP_MIN), RATIO_STEP_MAX)
     progress.close()
     fitting = [t for t in tries if t[0] <= h.size_budget]
     if fitting:
@@ -5768,8 +5784,17 @@ PRESETS = {
         "grad_clip_norm": 1.0,
         "eval_mode": "sliding",
         "eval_stride": 128,
-        "quant_bits": 8,
-        "compressor": "zlib",
+        # The artifact (issue 24), as train_gpt.py's record stores it: int6 matrices clipped by
+        # SD-clip, int8 embedding, bit allocation fitting the widths to SIZE_BUDGET - SIZE_MARGIN
+        # with the code counted, the smallest compressor, a compressed header, the compact code
+        # form.
+        "quant_bits": 6,
+        "embed_bits": 8,
+        "clip_method": "sdclip",
+        "bit_alloc": True,
+        "compressor": "auto",
+        "header_compress": True,
+        "code_form": "compact",
     },
     "smoke": {
         **SMOKE_PRESET,

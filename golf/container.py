@@ -470,6 +470,10 @@ def artifact_state(model):
     return {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
 
 
+RATIO_STEP_MIN = 0.25  # the most one try may shrink or grow the compression ratio estimate
+RATIO_STEP_MAX = 4.0
+
+
 def save_artifact(model, h, path, state=None, hessians=None, byte_source=None):
     """Quantize (GPTQ for tensors with a Hessian), compress, write; returns the byte accounting.
     BIT_ALLOC: plan widths, measure the compression ratio, re-plan until the total fits and uses
@@ -503,8 +507,15 @@ def save_artifact(model, h, path, state=None, hessians=None, byte_source=None):
         target = 0.99 * (h.size_budget - h.size_margin)
         if not h.bit_alloc or h.size_budget >= total >= target:
             break
+        if total < target and all(r["bits"] == max(table[r["name"]]) for r in plan):
+            break  # every width is the widest already: nothing to spend the rest of the budget on
+        # Compressed bytes per estimated byte of the traded (int) tensors. The fixed part is
+        # estimated uncompressed, so on a small model it can exceed what the whole artifact
+        # compresses to: the correction of one try is bounded (issue 24: a shrunk record preset
+        # read a negative ratio, then a ratio of millions, and refused a model of 1 M parameters).
         planned_bytes = max(sum(r["bytes"] for r in plan), 1)
-        ratio *= (total - _fixed_bytes(state, h, len(code))) / planned_bytes
+        measured = (total - _fixed_bytes(state, h, len(code))) / planned_bytes
+        ratio *= min(max(measured, RATIO_STEP_MIN), RATIO_STEP_MAX)
     progress.close()
     fitting = [t for t in tries if t[0] <= h.size_budget]
     if fitting:

@@ -590,6 +590,9 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
 # --- LQER asym (#1797/#1851/#1855): a low-rank correction of the worst quantization residuals ----
 
 
+FP16_TINY = torch.finfo(torch.float16).tiny  # the smallest normal fp16 scale
+
+
 def lqer_factors(err, rank, group):
     """E ~ A B with A (rows x rank) INT2 in [-2, 1] with one fp16 scale and B (rank x cols) INT4
     in [-8, 7] with an fp16 scale per `group` columns. A comes from the rank-r SVD (U sqrt(S));
@@ -598,7 +601,9 @@ def lqer_factors(err, rank, group):
     U, S, _ = torch.linalg.svd(err.double(), full_matrices=False)
     r = min(rank, len(S))
     a = (U[:, :r] * S[:r].sqrt()).float()
-    a_scale = (a.abs().amax() / 2).clamp_min(1e-8).to(torch.float16)
+    # Scales are stored fp16: clamp after the cast, where 1e-8 would round to 0 and a zero error
+    # (an untrained zero-init matrix) would divide by it (issue 24, a shrunk record preset).
+    a_scale = (a.abs().amax() / 2).to(torch.float16).clamp_min(FP16_TINY)
     qa = torch.clamp(torch.round(a / a_scale.float()), -2, 1)
     a_hat = qa * a_scale.float()
     b = torch.linalg.lstsq(a_hat.double(), err.double()).solution.float()
@@ -608,7 +613,7 @@ def lqer_factors(err, rank, group):
     cols = b.shape[1]
     n_groups = -(-cols // group)
     bp = F.pad(b, (0, n_groups * group - cols)).reshape(rank, n_groups, group)
-    b_scale = (bp.abs().amax(-1) / 7).clamp_min(1e-8).to(torch.float16)
+    b_scale = (bp.abs().amax(-1) / 7).to(torch.float16).clamp_min(FP16_TINY)
     qb = torch.clamp(torch.round(bp / b_scale.float()[..., None]), -8, 7)
     return {
         "lqer_a": qa.to(torch.int8).contiguous(),

@@ -105,8 +105,17 @@ PRESETS = {
         "grad_clip_norm": 1.0,
         "eval_mode": "sliding",
         "eval_stride": 128,
-        "quant_bits": 8,
-        "compressor": "zlib",
+        # The artifact (issue 24), as train_gpt.py's record stores it: int6 matrices clipped by
+        # SD-clip, int8 embedding, bit allocation fitting the widths to SIZE_BUDGET - SIZE_MARGIN
+        # with the code counted, the smallest compressor, a compressed header, the compact code
+        # form.
+        "quant_bits": 6,
+        "embed_bits": 8,
+        "clip_method": "sdclip",
+        "bit_alloc": True,
+        "compressor": "auto",
+        "header_compress": True,
+        "code_form": "compact",
     },
     "smoke": {
         **SMOKE_PRESET,

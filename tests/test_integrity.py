@@ -65,3 +65,50 @@ def test_the_header_takes_only_a_well_formed_byte_source(script):
         ["tables"],
     ):
         assert not script.valid_byte_source(bad), bad
+
+
+# --- the eval warm-up: outside the eval clock, on training tokens ---------------------------------
+
+
+def test_the_eval_warmup_is_skipped_on_cpu_and_says_so(embedded, tmp_path):
+    from conftest import TINY_ENV, run_script, summary_of
+
+    env = {**TINY_ENV, **embedded, "RUN_ID": "warm", "LOG_DIR": str(tmp_path)}
+    done = run_script("train_gpt.py", env, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "warm.txt").read_text()
+    assert "eval_warmup: skipped (CPU" in log
+    assert summary_of(log)["time_ledger"]["eval_warmup_excluded_s"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["sliding", "ttt", "ttt_lora", "ttt_phased"])
+def test_the_eval_warmup_reads_training_tokens_never_val(embedded, mode):
+    """Forced on the CPU: every compiled-on-GPU mode runs once on the first train shard; the run's
+    val tokens are not even there to read, the ledger takes the time as excluded, and the model
+    it primes scores exactly as before."""
+    import torch
+    from conftest import TINY_ENV
+
+    gpt = load_script("train_gpt.py")
+    env = {**TINY_ENV, **embedded, "EVAL_MODE": mode, "TTT_LORA_CHUNK": "16", "TTT_LORA_RANK": "2"}
+    h = gpt.Hyperparameters.from_env(env)
+    sp = gpt.load_tokenizer(h.tokenizer_path, h.vocab_size)
+    rt = gpt.setup_runtime({})
+    lines = []
+
+    class Logger:
+        def log0(self, text, console=True):
+            lines.append(text)
+
+    ledger = gpt.TimeLedger()
+    run = gpt.RunContext(h, rt, Logger(), ledger, sp, None, None, None, "w", "a")
+    torch.manual_seed(0)
+    model = gpt.build_model(h).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = gpt.warm_up_eval(run, model, mode, force=True)
+    assert seconds > 0 and ledger.eval_warmup_excluded_s == seconds
+    assert (
+        lines and lines[0].startswith(f"eval_warmup: {mode} on ") and "training tokens" in lines[0]
+    )
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

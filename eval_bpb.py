@@ -46,13 +46,12 @@ if __name__ == "__main__":
 # tokenizers are hashed before any of them is trusted. The eval modes come from the code of the
 # script that wrote the artifact (load()).
 from golf.bundle import BUNDLES, MODULE_ORDER
-from golf.container import ARTIFACT_MAGIC, read_artifact_header
+from golf.container import ARTIFACT_MAGIC, OFFICIAL_MAX_RAW_BYTES, read_artifact_header
 from golf.runtime import file_sha256, sha256_hex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The official .ptz: bounds checked before torch.load (the baseline's own: ~17 MB inflated, a 17 KB
 # pickle of ~5,200 opcodes, ~1,100 memo reads, 147 storages, 17M elements).
-OFFICIAL_MAX_RAW_BYTES = 256 << 20
 OFFICIAL_MAX_PICKLE_BYTES = 1 << 20
 OFFICIAL_MAX_PICKLE_OPS = 100_000
 OFFICIAL_MAX_MEMO_GETS = 20_000

@@ -50,9 +50,8 @@ OUR_SCRIPTS = ("train_gpt.py", "train_hydra.py", "train_manifold.py")
 # A name that stays inside its folder: letters, digits and . _ -, no separator, no leading dot.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# The most a payload may inflate to, whatever its header says (a 16 MB artifact's raw tensors are
-# far below this).
-MAX_RAW_BYTES = 1 << 31
+# The largest file read whole as an official .ptz (the baseline's is ~16 MB; ours are streamed).
+MAX_OFFICIAL_FILE_BYTES = 64 << 20
 TIME_LIMIT_S = 600.0
 RESCORE_TOLERANCE = 1e-6
 
@@ -119,8 +118,11 @@ def plain_date(date):
 # never unpickled.
 
 
-def _inflate_official(data, limit=MAX_RAW_BYTES):
-    """An official .ptz's zlib stream, at most `limit` bytes (streamed: never grows past it)."""
+def _inflate_official(data, limit=None):
+    """An official .ptz's zlib stream, at most `limit` bytes (golf.container's
+    OFFICIAL_MAX_RAW_BYTES, the bound eval_bpb.py applies; streamed: never grows past it)."""
+    if limit is None:
+        limit = _golf("container").OFFICIAL_MAX_RAW_BYTES
     out = zlib.decompressobj().decompress(data, limit + 1)
     if len(out) > limit:
         raise InputError(f"payload inflates beyond {limit} bytes")
@@ -155,7 +157,7 @@ def read_container(path):
             "file_bytes": size,
             "groups": container.group_table(header) or None,
         }
-    if size > MAX_RAW_BYTES:
+    if size > MAX_OFFICIAL_FILE_BYTES:
         raise InputError(f"{path}: {size} bytes is not an artifact of this challenge")
     with open(path, "rb") as f:
         blob = f.read()

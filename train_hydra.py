@@ -96,6 +96,17 @@ EVAL_MODE_NAMES = ("standard", "sliding", "ttt", "ttt_lora", "ttt_phased")
 COMPRESSOR_NAMES = ("zstd", "lzma", "zlib")
 
 
+# The most of each field that sets a model's size: an artifact header's hyperparameters go through
+# `validate` too, so that no header makes a reader build an absurd model (load_artifact then builds
+# it on the meta device and compares every shape with the header's tensors before allocating).
+SHAPE_LIMITS = {
+    "num_layers": 256,
+    "model_dim": 16384,
+    "num_heads": 256,
+    "num_kv_heads": 256,
+    "mlp_mult": 64.0,
+}
+
 # The laptop defaults every model's `smoke` preset starts from: the embedded corpus, ~150 s of CPU
 # training, EMA and a short warmdown, and (issue 18) a quick look: a fixed val prefix, never an
 # official score, with only the final figure of the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1
@@ -382,6 +393,9 @@ class BaseHyperparameters:
         ):
             if not lo <= getattr(self, name) <= hi:
                 self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
+        for name, most in SHAPE_LIMITS.items():
+            if hasattr(self, name) and getattr(self, name) > most:
+                self.bad(name, f"must be at most {most}")
         for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
@@ -722,6 +736,18 @@ def device_description(device):
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+@contextlib.contextmanager
+def named_on_failure(path):
+    """An OSError of a write (a full disk: ENOSPC; a file-size limit: EFBIG) names the file, as a
+    one-line error should; the OS reports none for a write to an open file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
 def write_bytes_atomic(path, blob):
     """Write through a temporary file (`<path>.tmp<PID>`) and a rename: a concurrent reader sees
     the old file or the new one, never half of one. On any failure (a full disk, an interrupt) the
@@ -729,7 +755,7 @@ def write_bytes_atomic(path, blob):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp_path, "wb") as f:
+        with named_on_failure(path), open(tmp_path, "wb") as f:
             f.write(blob)
         os.replace(tmp_path, path)
     except BaseException:
@@ -776,14 +802,15 @@ class RunLogger:
             return
         if console:
             print(msg, flush=True)
-        with open(self.text_path, "a", encoding="utf-8") as f:
+        with named_on_failure(self.text_path), open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
 
     def event(self, kind, **fields):
         if not self.enabled:
             return
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        line = json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n"
+        with named_on_failure(self.events_path), open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(line)
 
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""
@@ -3086,6 +3113,10 @@ ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
+# The official baseline's .ptz (zlib of a torch.save dict): the most its zlib stream may inflate
+# to before anything else is read (the baseline's own inflates to ~17 MB). eval_bpb.py and pack.py
+# both stop there.
+OFFICIAL_MAX_RAW_BYTES = 256 << 20
 
 
 def compact_running():
@@ -3623,6 +3654,24 @@ def _artifact_header(h, code, compressor, raw, payload, entries, groups=None, by
     }
 
 
+def check_model_shapes(path, header, spec, h):
+    """The model the header's hyperparameters describe, built on the meta device (no memory), has
+    exactly the shapes of the header's tensors: so the real model allocates no more than the
+    payload the header bounds (issue 24). ValueError naming the first difference."""
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in artifact_state(spec.build_model(h)).items()}
+    stored = {e["name"]: e["shape"] for e in header["tensors"]}
+    missing = [k for k in shapes if k not in stored]
+    if missing:
+        raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
+    for name, shape in shapes.items():
+        if stored[name] != shape:
+            raise ValueError(
+                f"{path}: tensor {name[:80]!r} is {stored[name]} in the artifact, "
+                f"{shape} in the model its hyperparameters describe"
+            )
+
+
 def load_artifact(path, spec=None, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk.
     `spec` is the ModelSpec that builds the model (golf.contract); by default the registered model
@@ -3637,12 +3686,10 @@ def load_artifact(path, spec=None, allow_script_mismatch=False):
             f"not by this script ({spec.script} sha256 {own_sha})"
         )
     h = artifact_hparams(path, header, spec)
+    check_model_shapes(path, header, spec, h)
     header, raw = read_artifact(path)
     model = spec.build_model(h)
     state = dequantize_entries(header["tensors"], raw)
-    missing = [k for k in artifact_state(model) if k not in state]
-    if missing:
-        raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
     model.load_state_dict(state, strict=not model_hook(model, "training_only_prefixes"))
     return model.eval(), h
 
@@ -5511,8 +5558,8 @@ def run_audits(run, model):
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
-    if not audits["bytes"]["passed"]:
-        res = audits["bytes"]
+    if not audits["bytes"]["passed"] and "lut_bytes" in audits["bytes"]:
+        res = audits["bytes"]  # the tables' audit (a sidecar's names its own failures)
         message = (
             f"byte table: the lookup tables count {res['lut_bytes']} bytes of a val sample whose "
             f"decoded text has {res['decoded_bytes']} (token ids {res['first_mismatch_ids']})"
@@ -5738,12 +5785,17 @@ def run_main(h):
 
 def run_script(main):
     """The body of every bundle's `if __name__ == "__main__":`: main()'s exit status, or 2 with a
-    one-line `error: ...` on stderr for bad input (a bad variable, a missing file)."""
+    one-line `error: ...` on stderr for bad input (a bad variable, a missing file), 1 with one
+    line where the system refuses a write (a full disk, a file-size limit)."""
     try:
         return main()
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file-size limit: one line, nothing half-written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 # ==================================================================================================

@@ -31,6 +31,17 @@ EVAL_MODE_NAMES = ("standard", "sliding", "ttt", "ttt_lora", "ttt_phased")
 COMPRESSOR_NAMES = ("zstd", "lzma", "zlib")
 
 
+# The most of each field that sets a model's size: an artifact header's hyperparameters go through
+# `validate` too, so that no header makes a reader build an absurd model (load_artifact then builds
+# it on the meta device and compares every shape with the header's tensors before allocating).
+SHAPE_LIMITS = {
+    "num_layers": 256,
+    "model_dim": 16384,
+    "num_heads": 256,
+    "num_kv_heads": 256,
+    "mlp_mult": 64.0,
+}
+
 # The laptop defaults every model's `smoke` preset starts from: the embedded corpus, ~150 s of CPU
 # training, EMA and a short warmdown, and (issue 18) a quick look: a fixed val prefix, never an
 # official score, with only the final figure of the artifact; PRE_QUANT_EVAL=1, ROUNDTRIP_EVAL=1
@@ -317,6 +328,9 @@ class BaseHyperparameters:
         ):
             if not lo <= getattr(self, name) <= hi:
                 self.bad(name, f"must be in [{lo}, {round(hi, 3)}]")
+        for name, most in SHAPE_LIMITS.items():
+            if hasattr(self, name) and getattr(self, name) > most:
+                self.bad(name, f"must be at most {most}")
         for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")

@@ -11,6 +11,7 @@ import os
 import struct
 
 import numpy as np
+import torch
 
 from golf.codec import (
     ARTIFACT_MAX_RANK,
@@ -63,6 +64,10 @@ ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<8sII")
 RUN_ONLY_FIELDS = ("run_id", "log_dir", "artifact_path")
+# The official baseline's .ptz (zlib of a torch.save dict): the most its zlib stream may inflate
+# to before anything else is read (the baseline's own inflates to ~17 MB). eval_bpb.py and pack.py
+# both stop there.
+OFFICIAL_MAX_RAW_BYTES = 256 << 20
 
 
 def compact_running():
@@ -600,6 +605,24 @@ def _artifact_header(h, code, compressor, raw, payload, entries, groups=None, by
     }
 
 
+def check_model_shapes(path, header, spec, h):
+    """The model the header's hyperparameters describe, built on the meta device (no memory), has
+    exactly the shapes of the header's tensors: so the real model allocates no more than the
+    payload the header bounds (issue 24). ValueError naming the first difference."""
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in artifact_state(spec.build_model(h)).items()}
+    stored = {e["name"]: e["shape"] for e in header["tensors"]}
+    missing = [k for k in shapes if k not in stored]
+    if missing:
+        raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
+    for name, shape in shapes.items():
+        if stored[name] != shape:
+            raise ValueError(
+                f"{path}: tensor {name[:80]!r} is {stored[name]} in the artifact, "
+                f"{shape} in the model its hyperparameters describe"
+            )
+
+
 def load_artifact(path, spec=None, allow_script_mismatch=False):
     """The dequantized model (on CPU, eval mode) and its hyperparameters, from the bytes on disk.
     `spec` is the ModelSpec that builds the model (golf.contract); by default the registered model
@@ -614,11 +637,9 @@ def load_artifact(path, spec=None, allow_script_mismatch=False):
             f"not by this script ({spec.script} sha256 {own_sha})"
         )
     h = artifact_hparams(path, header, spec)
+    check_model_shapes(path, header, spec, h)
     header, raw = read_artifact(path)
     model = spec.build_model(h)
     state = dequantize_entries(header["tensors"], raw)
-    missing = [k for k in artifact_state(model) if k not in state]
-    if missing:
-        raise ValueError(f"{path}: artifact lacks tensors {missing[:4]} of the model it names")
     model.load_state_dict(state, strict=not model_hook(model, "training_only_prefixes"))
     return model.eval(), h

@@ -183,6 +183,18 @@ def device_description(device):
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+@contextlib.contextmanager
+def named_on_failure(path):
+    """An OSError of a write (a full disk: ENOSPC; a file-size limit: EFBIG) names the file, as a
+    one-line error should; the OS reports none for a write to an open file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
 def write_bytes_atomic(path, blob):
     """Write through a temporary file (`<path>.tmp<PID>`) and a rename: a concurrent reader sees
     the old file or the new one, never half of one. On any failure (a full disk, an interrupt) the
@@ -190,7 +202,7 @@ def write_bytes_atomic(path, blob):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp_path, "wb") as f:
+        with named_on_failure(path), open(tmp_path, "wb") as f:
             f.write(blob)
         os.replace(tmp_path, path)
     except BaseException:
@@ -237,14 +249,15 @@ class RunLogger:
             return
         if console:
             print(msg, flush=True)
-        with open(self.text_path, "a", encoding="utf-8") as f:
+        with named_on_failure(self.text_path), open(self.text_path, "a", encoding="utf-8") as f:
             print(msg, file=f)
 
     def event(self, kind, **fields):
         if not self.enabled:
             return
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        line = json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n"
+        with named_on_failure(self.events_path), open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(line)
 
     def update_status(self, force=False, history=None, **fields):
         """Merge fields into the status file; rewrite it when forced or every 10 s at least."""

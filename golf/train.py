@@ -971,8 +971,8 @@ def run_audits(run, model):
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
-    if not audits["bytes"]["passed"]:
-        res = audits["bytes"]
+    if not audits["bytes"]["passed"] and "lut_bytes" in audits["bytes"]:
+        res = audits["bytes"]  # the tables' audit (a sidecar's names its own failures)
         message = (
             f"byte table: the lookup tables count {res['lut_bytes']} bytes of a val sample whose "
             f"decoded text has {res['decoded_bytes']} (token ids {res['first_mismatch_ids']})"
@@ -1198,9 +1198,14 @@ def run_main(h):
 
 def run_script(main):
     """The body of every bundle's `if __name__ == "__main__":`: main()'s exit status, or 2 with a
-    one-line `error: ...` on stderr for bad input (a bad variable, a missing file)."""
+    one-line `error: ...` on stderr for bad input (a bad variable, a missing file), 1 with one
+    line where the system refuses a write (a full disk, a file-size limit)."""
     try:
         return main()
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file-size limit: one line, nothing half-written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1

@@ -250,3 +250,25 @@ def test_a_biased_sidecar_without_a_manifest_fails_the_recount(caseops_data, tmp
     biased[nonzero[:extra]] += 1
     result = gpt.audit_bytes(sp, tokens, gpt.SidecarBytes(biased, counter.source))
     assert not result["passed"] and "sidecar counts" in result["failures"][0]
+
+
+def test_a_run_whose_sidecar_fails_the_recount_ends_invalid_not_in_a_traceback(
+    caseops_data, tmp_path
+):
+    """No manifest to bind it, a sidecar 0.4 % too high: the byte audit fails, and the run ends
+    `score INVALID` with exit status 3 (it ended in a KeyError before, issue 24)."""
+    data = copy_data(caseops_data, tmp_path / "data")
+    os.remove(data / "manifest.json")
+    side = data / "fineweb_val_bytes_000000.bin"
+    counts = read_tokens(side).astype(np.int64)
+    nonzero = np.flatnonzero(counts > 0)
+    counts[nonzero[: int(0.004 * counts[:10_000].sum())]] += 1
+    side.write_bytes(side.read_bytes()[:HEADER_BYTES] + counts.astype("<u2").tobytes())
+    run = run_script("train_gpt.py", {**caseops_env(data), "RUN_ID": "biased"}, tmp_path)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    log = (tmp_path / "logs" / "biased.txt").read_text()
+    assert "score INVALID" in log
+    summary = summary_of(log)
+    assert not summary["valid"] and not summary["audits"]["bytes"]["passed"]
+    assert "sidecar counts" in summary["audits"]["bytes"]["failures"][0]

@@ -4641,20 +4641,11 @@ EVAL_MODES = {
 
 
 # ==================================================================================================
-# golf/train.py
+# golf/telemetry.py
 # ==================================================================================================
-# The training pipeline every model runs, in named stages: open the run, build the model, train,
-# calibrate, serialize and reload, audit, final eval, summarize.
-
-
-# The training pipeline every script runs, in named stages (run_main is their table of contents):
-# open the run (tokenizer, val data, loader: made once) -> build the model -> train
-# (warmup-then-restore for compile priming outside the clock, the wallclock-capped loop with the
-# stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
-# -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
-# to the TimeLedger. Models plug in through the hooks of the model contract (runtime block).
-# Telemetry (docs/techniques.md, Telemetry): SMMA 10/100/1000, cliff flag, status file, sample
-# audits, embedding probes, and an optional UCB1 shard mixer.
+# Run telemetry (docs/techniques.md, Telemetry): smoothed losses (SMMA 10/100/1000) and the cliff
+# flag, the coherence of a greedy sample at each validation, embedding probes, and the optional
+# UCB1 shard mixer whose reward is a held-out slice of training data.
 
 
 class Smma:
@@ -4804,6 +4795,22 @@ class ShardMixer:
         self.arm = int(np.argmax(np.where(self.counts == 0, np.inf, ucb)))
         self.weights = project_capped_simplex(np.eye(self.k)[self.arm], self.lo, self.hi)
         return self.weights
+
+
+# ==================================================================================================
+# golf/train.py
+# ==================================================================================================
+# The training pipeline every model runs, in named stages: open the run, build the model, train,
+# calibrate, serialize and reload, audit, final eval, summarize.
+
+
+# The training pipeline every script runs, in named stages (run_main is their table of contents):
+# open the run (tokenizer, val data, loader: made once) -> build the model -> train
+# (warmup-then-restore for compile priming outside the clock, the wallclock-capped loop with the
+# stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
+# -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
+# to the TimeLedger. Models plug in through the hooks of the model contract (golf/contract.py);
+# the run's telemetry (smoothed losses, samples, probes, the shard mixer) is golf/telemetry.py.
 
 
 def build_optimizers(model, h, device):

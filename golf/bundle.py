@@ -34,6 +34,7 @@ MODULE_ORDER = (
     "evaluation",
     "ttt",
     "modes",
+    "telemetry",
     "train",
 )
 BUNDLES = {"train_gpt.py": "gpt", "train_hydra.py": "hydra", "train_manifold.py": "manifold"}

@@ -1,6 +1,6 @@
 """Size accounting, record folders and significance for Parameter Golf submissions.
 
-  python pack.py size ARTIFACT --script train_gpt.py [--json]
+  python pack.py size ARTIFACT [--script train_gpt.py] [--json]
   python pack.py record logs/run_s1.txt logs/run_s2.txt --name MyStack \
       --author "A. Person" --github-id aperson
   python pack.py check records/track_10min_16mb/2026-05-01_MyStack [--rescore \
@@ -22,6 +22,7 @@ Exit status: 0 ok, 1 over budget / a check failed / a record refused, 2 bad inpu
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import lzma
@@ -621,7 +622,70 @@ def welch_significance(
     return out
 
 
-def significance_from(new_logs, baseline_logs=None, baseline_values=None, metric="val_loss"):
+# The rule as the maintainers applied it to the recent records (PR #1902, #2146; issue #2148): a
+# one-sided Welch test against the previous record's seeds at p < 0.25, with no margin. Both rules
+# are reported side by side; `significant` (the README rule) is what a record must meet here.
+APPLIED_ALPHA = 0.25
+
+
+def both_rules(new, old, metric="val_loss", tpb=None):
+    """{"readme": the README rule (0.005 nats, p < 0.01), "applied": the maintainers' rule
+    (no margin, p < 0.25)}: one-sided Welch tests of the same values."""
+    return {
+        "readme": welch_significance(new, old, metric=metric, tpb=tpb),
+        "applied": welch_significance(
+            new, old, metric=metric, tpb=tpb, threshold_nats=0.0, alpha=APPLIED_ALPHA
+        ),
+    }
+
+
+MAX_SUBMISSION_BYTES = 1 << 20
+
+
+def record_values(folder, metric="val_loss"):
+    """({seed: value}, where they came from) of a record folder, ours or an official one: its
+    submission.json's seed_results, else its train_seed*.log files. Read as data only (a JSON
+    object of at most 1 MiB, logs through parse_log): nothing in the folder runs."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise InputError(f"--against {folder}: not a record folder")
+    sub_path = os.path.join(folder, "submission.json")
+    if os.path.isfile(sub_path):
+        if os.path.getsize(sub_path) > MAX_SUBMISSION_BYTES:
+            raise InputError(f"{sub_path}: over {MAX_SUBMISSION_BYTES} bytes")
+        try:
+            with open(sub_path, encoding="utf-8") as f:
+                sub = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{sub_path}: not a JSON submission ({exc})") from None
+        results = sub.get("seed_results") if isinstance(sub, dict) else None
+        if isinstance(results, dict) and results:
+            values = {}
+            for seed, row in results.items():
+                value = row.get(metric) if isinstance(row, dict) else None
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InputError(f"{sub_path}: seed_results.{seed}.{metric} is not a number")
+                if not math.isfinite(value):
+                    raise InputError(f"{sub_path}: seed_results.{seed}.{metric} is not finite")
+                values[str(seed)] = float(value)
+            return values, f"{sub_path} (seed_results)"
+    logs = sorted(glob.glob(os.path.join(folder, "train_seed*.log")))
+    if not logs:
+        raise InputError(f"--against {folder}: no submission.json seed_results, no train_seed*.log")
+    values = {}
+    for path in logs:
+        log = parse_log(path)
+        if log.get(metric) is None:
+            raise InputError(f"{path}: no final {metric}")
+        seed = os.path.basename(path).removeprefix("train_seed").removesuffix(".log")
+        values[seed] = float(log[metric])
+    return values, f"{len(logs)} train_seed*.log files in {folder}"
+
+
+def significance_from(
+    new_logs, baseline_logs=None, baseline_values=None, metric="val_loss", applied=False
+):
+    """The README's rule on the logs' final figures, or with `applied` the maintainers' one."""
     new = [lg[metric] for lg in new_logs]
     if any(v is None for v in new):
         raise InputError(f"a new log has no final {metric}")
@@ -633,6 +697,10 @@ def significance_from(new_logs, baseline_logs=None, baseline_values=None, metric
             raise InputError(f"a baseline log has no final {metric}")
     else:
         old = list(baseline_values or [])
+    if applied:
+        return welch_significance(
+            new, old, metric=metric, tpb=tpb, threshold_nats=0.0, alpha=APPLIED_ALPHA
+        )
     return welch_significance(new, old, metric=metric, tpb=tpb)
 
 
@@ -851,7 +919,9 @@ def locate_artifact(log):
 
 
 def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """(mean, sample standard deviation); the deviation of one seed is None, not 0: one run says
+    nothing of the spread (issue 25)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def env_lines(log, script_path):
@@ -984,14 +1054,15 @@ def build_record(args):
             "as a non-record submission)"
         )
     sig = None
-    if args.baseline or args.baseline_values:
+    if args.baseline or args.baseline_values or args.against:
         base_logs = [parse_log(p) for p in args.baseline] if args.baseline else None
-        sig = significance_from(
-            logs,
-            base_logs,
-            parse_values(args.baseline_values) if args.baseline_values else None,
-            metric=args.metric,
-        )
+        values = parse_values(args.baseline_values) if args.baseline_values else None
+        if args.against:
+            values = list(record_values(args.against, args.metric)[0].values())
+        sig = {
+            "readme": significance_from(logs, base_logs, values, metric=args.metric),
+            "applied": significance_from(logs, base_logs, values, metric=args.metric, applied=True),
+        }
     track = TRACKS[1] if args.non_record else TRACKS[0]
     final = os.path.join(args.out, track, f"{date}_{name}")
     if os.path.lexists(final):
@@ -1111,11 +1182,13 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
         "non_record_reasons": problems,
     }
     if sig:
+        readme = sig["readme"]
         sub.update(
-            p_value=sig["p_value"],
-            t_statistic=sig["t_statistic"],
-            welch_df=sig["welch_df"],
-            significance=sig,
+            p_value=readme["p_value"],
+            t_statistic=readme["t_statistic"],
+            welch_df=readme["welch_df"],
+            significance=readme,
+            significance_applied=sig["applied"],
         )
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
         f.write(_requirements(first, artifacts, script))
@@ -1277,7 +1350,7 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
         "",
         (
             f"val_bpb **{sub['val_bpb']:.8f}** "
-            f"(mean of {len(logs)} seed{'s' * (len(logs) > 1)}, std {sub['val_bpb_std']:.8f}), "
+            f"(mean of {len(logs)} seed{'s' * (len(logs) > 1)}, std {_std_text(sub)}), "
             f"val_loss {sub['val_loss']:.8f}, eval mode `{sub['eval_mode']}`; "
             f"largest submission {sub['bytes_total']:,} bytes of {BUDGET_BYTES:,} "
             f"(code {sub['bytes_code']:,}). "
@@ -1323,6 +1396,17 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
                 f"t = {s['t_statistic']:.4f}, df = {s['welch_df']:.2f}, p = {s['p_value']:.3g} "
                 f"({verdict} at p < {s['alpha']}); "
                 f"improvement {s['improvement_nats']:.5f} nats."
+            ),
+        ]
+    if "significance_applied" in sub:
+        a = sub["significance_applied"]
+        verdict = "significant" if a["significant"] else "not significant"
+        out += [
+            "",
+            (
+                f"As the maintainers applied it to recent records (no margin, p < {a['alpha']}): "
+                f"t = {a['t_statistic']:.4f}, df = {a['welch_df']:.2f}, p = {a['p_value']:.3g} "
+                f"({verdict})."
             ),
         ]
     launch = (
@@ -1625,11 +1709,18 @@ def _check_seed_log(seed, log, result, size, script_sha):
     return problems
 
 
+def _std_text(sub):
+    std = sub["val_bpb_std"]
+    return "n/a (one seed)" if std is None else f"{std:.8f}"
+
+
 def _check_means(sub, logs):
     bpb_mean, bpb_std = mean_std([lg["val_bpb"] for lg in logs])
     loss_mean, _ = mean_std([lg["val_loss"] for lg in logs])
     problems = []
     for key, want in (("val_bpb", bpb_mean), ("val_bpb_std", bpb_std), ("val_loss", loss_mean)):
+        if want is None and sub.get(key) is None:
+            continue  # the deviation of one seed
         if not _close(sub.get(key), want):
             problems.append(f"{key} {sub.get(key)} but the logs give {want}")
     return problems
@@ -1651,13 +1742,23 @@ def _check_record_track(sub, logs):
 
 
 def _check_significance(sub, logs):
+    problems = []
     s = sub.get("significance")
     if not s:
         return []
     redo = significance_from(logs, baseline_values=s["baseline_values"], metric=s["metric"])
-    if _close(redo["p_value"], s["p_value"]) and _close(sub.get("p_value"), redo["p_value"]):
-        return []
-    return [f"p_value {sub.get('p_value')} but the logs give {redo['p_value']}"]
+    if not (_close(redo["p_value"], s["p_value"]) and _close(sub.get("p_value"), redo["p_value"])):
+        problems.append(f"p_value {sub.get('p_value')} but the logs give {redo['p_value']}")
+    a = sub.get("significance_applied")
+    if a:
+        redo = significance_from(
+            logs, baseline_values=a["baseline_values"], metric=a["metric"], applied=True
+        )
+        if not _close(redo["p_value"], a["p_value"]):
+            problems.append(
+                f"significance_applied p_value {a['p_value']} but the logs give {redo['p_value']}"
+            )
+    return problems
 
 
 def _check_bytes_total(folder, sub, code_bytes):
@@ -1779,8 +1880,33 @@ def _emit(obj, as_json, keys=None):
             print(f"{k}: {obj[k]}")
 
 
+def script_of(artifact):
+    """The counted script of our artifact when --script is not given (issue 25), found by the
+    sha256 the header binds: the compact form (`<script>_compact.py`) or the readable script
+    beside the artifact (a record folder), else this checkout's script of that name. InputError
+    when none is the one the header names."""
+    header = read_container(artifact)["header"]
+    if header is None:
+        raise InputError(f"{artifact}: an official .ptz names no script: pass --script")
+    name = header["script"]
+    here = os.path.dirname(os.path.abspath(artifact))
+    wanted = {header["script_sha256"], header.get("code_sha256")}
+    for path in (
+        os.path.join(here, compact_name_of(name)),
+        os.path.join(here, name),
+        os.path.join(HERE, name),
+    ):
+        if os.path.isfile(path) and sha256_file(path) in wanted:
+            return path
+    raise InputError(
+        f"{artifact}: no {name} with the sha256 its header binds beside it or in this checkout: "
+        "pass --script"
+    )
+
+
 def cmd_size(args):
-    rep = size_report(args.artifact, args.script, budget=args.budget, table=not args.no_table)
+    script = args.script or script_of(args.artifact)
+    rep = size_report(args.artifact, script, budget=args.budget, table=not args.no_table)
     if args.json:
         _emit(rep, True)
     else:
@@ -1875,33 +2001,50 @@ def cmd_check(args):
 
 def cmd_significance(args):
     new = [parse_log(p) for p in args.new]
-    base = [parse_log(p) for p in args.baseline] if args.baseline else None
-    res = significance_from(
-        new,
-        base,
-        parse_values(args.baseline_values) if args.baseline_values else None,
-        metric=args.metric,
-    )
-    _emit(
-        res,
-        args.json,
-        [
-            "metric",
-            "n_new",
-            "n_baseline",
-            "mean_new",
-            "mean_baseline",
-            "improvement",
-            "improvement_nats",
-            "threshold",
-            "threshold_nats",
-            "tokens_per_byte",
-            "t_statistic",
-            "welch_df",
-            "p_value",
-            "significant",
-        ],
-    )
+    metric = args.metric
+    values = [lg[metric] for lg in new]
+    if any(v is None for v in values):
+        raise InputError(f"a new log has no final {metric}")
+    tpbs = [t for t in (tokens_per_byte(lg) for lg in new) if t]
+    tpb = statistics.fmean(tpbs) if tpbs else None
+    if args.against:
+        by_seed, source = record_values(args.against, metric)
+        old = list(by_seed.values())
+    elif args.baseline:
+        base = [parse_log(p) for p in args.baseline]
+        old = [lg[metric] for lg in base]
+        if any(v is None for v in old):
+            raise InputError(f"a baseline log has no final {metric}")
+        source = f"{len(base)} baseline logs"
+    else:
+        old = parse_values(args.baseline_values)
+        source = "--baseline-values"
+    rules = both_rules(values, old, metric=metric, tpb=tpb)
+    res = {**rules["readme"], "baseline_source": source}
+    for key in ("threshold", "alpha", "t_statistic", "welch_df", "p_value", "significant"):
+        res[f"applied_{key}"] = rules["applied"][key]
+    if args.json:
+        _emit(res, True)
+        return 0
+    keys = ["metric", "baseline_source", "n_new", "n_baseline", "mean_new", "mean_baseline"]
+    keys += ["improvement", "improvement_nats", "tokens_per_byte", "threshold", "threshold_nats"]
+    keys += ["t_statistic", "welch_df", "p_value", "significant", "applied_p_value"]
+    keys += ["applied_significant"]
+    _emit(res, False, keys)
+    print(f"new values:      {', '.join(f'{v:.8f}' for v in values)}")
+    print(f"baseline values: {', '.join(f'{v:.8f}' for v in old)}")
+    print(f"{'rule':<34}{'margin':>16}{'alpha':>7}{'t':>10}{'df':>8}{'p':>10}  verdict")
+    for name, label in (
+        ("readme", "README: 0.005 nats, p < 0.01"),
+        ("applied", "applied: Welch, p < 0.25"),
+    ):
+        r = rules[name]
+        margin = f"{r['threshold']:.6f} {metric}"
+        verdict = "significant" if r["significant"] else "not significant"
+        print(
+            f"{label:<34}{margin:>16}{r['alpha']:>7}{r['t_statistic']:>10.3f}"
+            f"{r['welch_df']:>8.2f}{r['p_value']:>10.4f}  {verdict}"
+        )
     return 0
 
 
@@ -1912,7 +2055,11 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("size", help="counted size of an artifact + script against the budget")
     s.add_argument("artifact", help="our .pga artifact or an official final_model.int8.ptz")
-    s.add_argument("--script", required=True, help="the training script whose raw bytes count")
+    s.add_argument(
+        "--script",
+        help="the counted script (default: the one the header names, found by its sha256 beside "
+        "the artifact or in this checkout)",
+    )
     s.add_argument(
         "--budget", type=int, default=BUDGET_BYTES, help="byte budget (default 16,000,000)"
     )
@@ -1950,6 +2097,11 @@ def build_parser():
     r.add_argument("--baseline", nargs="+", help="baseline logs for the significance test")
     r.add_argument("--baseline-values", help="baseline scores, comma separated, instead of logs")
     r.add_argument(
+        "--against",
+        metavar="RECORD_DIR",
+        help="the record folder to test against (its seed_results or train_seed*.log), instead",
+    )
+    r.add_argument(
         "--metric", default="val_loss", choices=("val_loss", "val_bpb"), help="metric to test"
     )
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -1969,10 +2121,18 @@ def build_parser():
     c.set_defaults(func=cmd_check)
 
     g = sub.add_parser(
-        "significance", help="one-sided Welch t-test against the 0.005-nat threshold"
+        "significance",
+        help="one-sided Welch t-tests: the README's rule (0.005 nats, p < 0.01) and the one the "
+        "maintainers applied (p < 0.25), side by side",
     )
     g.add_argument("--new", nargs="+", required=True, help="logs of the new runs (one per seed)")
     src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--against",
+        metavar="RECORD_DIR",
+        help="a record folder (ours or official): its submission.json seed_results, else its "
+        "train_seed*.log files; read as data, nothing in it runs",
+    )
     src.add_argument("--baseline", nargs="+", help="logs of the baseline runs")
     src.add_argument(
         "--baseline-values", help="baseline scores, comma separated (in --metric units)"

@@ -26,7 +26,7 @@ lines = open(f"logs/{run_id}.txt", encoding="utf-8").read().splitlines()
 s = json.loads(next(x for x in reversed(lines) if x.startswith("summary: "))[len("summary: "):])
 r = json.load(open(f"logs/{run_id}.rescore.json", encoding="utf-8"))
 scope = "val prefix of {:,} targets: a quick look".format(s["tokens"]) if s.get("quick_look") else "whole val"
-unigram = f", unigram {s['unigram_bpb']:.4f}" if s.get("unigram_bpb") is not None else ""
+unigram = f", unigram {s['unigram_bpb']:.4f} on the same targets" if s.get("unigram_bpb") is not None else ""
 print("=" * 60)
 print(f"run.sh done in {seconds // 60}m{seconds % 60:02d}s")
 print(f"val_bpb:     {s['val_bpb']:.4f} (re-scored from disk: {r['val_bpb']:.4f}{unigram}) [{scope}]")

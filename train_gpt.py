@@ -1043,6 +1043,36 @@ def load_data_shard(path):
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
 
+def how_to_get(path):
+    """The command that makes a default dataset or tokenizer path of the presets, for the error
+    that says it is missing ("" for a path of the user's own)."""
+    name = os.path.basename(os.path.normpath(path))
+    if "caseops" in name:
+        return (
+            "the record preset's CaseOps SP8192 data: build it from docs_selected.jsonl with "
+            "`python -m data.build shards --caseops ...` (README, Data)"
+        )
+    if "pydoc" in name:
+        return "make it with `python -m data.embedded` (offline, seconds)"
+    m = re.fullmatch(r"fineweb10B_sp(\d+)|fineweb_(\d+)_bpe\.model", name)
+    if m:
+        return f"download it with `python -m data.download --variant sp{m[1] or m[2]}`"
+    return ""
+
+
+def check_data_present(h):
+    """Before a run writes anything: DATA_PATH has val and train shards and TOKENIZER_PATH is a
+    file; else one line naming the variable and, for the presets' paths, the command that makes
+    them (issue 25: `PRESET=record` without data printed ~140 lines before its error)."""
+    for name, path, present in (
+        ("TOKENIZER_PATH", h.tokenizer_path, os.path.isfile(h.tokenizer_path)),
+        ("DATA_PATH", h.data_path, bool(glob.glob(os.path.join(h.data_path, "fineweb_val_*")))),
+    ):
+        if not present:
+            hint = how_to_get(path)
+            raise FileNotFoundError(f"{name}={path!r}: not found" + (f"; {hint}" if hint else ""))
+
+
 def shard_files(data_path, split):
     """Sorted shard paths of one split (`fineweb_val_bytes_*.bin` sidecars are not val shards);
     an error naming DATA_PATH when there are none."""
@@ -5306,6 +5336,7 @@ def open_run(h):
     the tokenizer, val tokens, byte tables and training loader, each made once for every stage.
     Stale temporary files of an earlier run of the same RUN_ID are removed first."""
     h.validate_run_id()
+    check_data_present(h)
     rt = setup_runtime()
     default_id = time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
     run_id = _broadcast(rt, h.run_id or default_id)
@@ -5361,8 +5392,9 @@ def _open_run(h, rt, logger, run_id, artifact_path):
         )
         unigram = unigram_bpb(h, val_tokens, luts)
         logger.log0(
-            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on these val "
-            "targets): a trained model must land clearly below it"
+            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
+            f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
+            "whole split): a trained model must land clearly below it"
         )
     if isinstance(luts, SidecarBytes):
         source = luts.source

@@ -233,6 +233,8 @@ def build_embedded(
         "val_tokens": manifest["tokens_val"],
         "val_bytes": val_bytes,
         "unigram_bpb": round(bpb, 4),
+        # which targets: a training run's quick look prints its own figure on its val prefix
+        "unigram_split": f"the whole val split ({max(len(val) - 1, 0):,} targets)",
     }
     write_json(manifest_path, {**manifest, "source": source, "summary": summary})
     return {"status": "built", **summary, **where, "seconds": round(time.perf_counter() - start, 2)}

@@ -42,6 +42,7 @@ from golf.container import (
 from golf.contract import model_hook
 from golf.data import (
     DistributedTokenLoader,
+    check_data_present,
     load_checked_val_tokens,
     load_data_shard,
     shard_files,
@@ -571,6 +572,7 @@ def open_run(h):
     the tokenizer, val tokens, byte tables and training loader, each made once for every stage.
     Stale temporary files of an earlier run of the same RUN_ID are removed first."""
     h.validate_run_id()
+    check_data_present(h)
     rt = setup_runtime()
     default_id = time.strftime("%Y%m%d_%H%M%S") + f"_{h.preset}_{uuid.uuid4().hex[:6]}"
     run_id = _broadcast(rt, h.run_id or default_id)
@@ -626,8 +628,9 @@ def _open_run(h, rt, logger, run_id, artifact_path):
         )
         unigram = unigram_bpb(h, val_tokens, luts)
         logger.log0(
-            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on these val "
-            "targets): a trained model must land clearly below it"
+            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
+            f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
+            "whole split): a trained model must land clearly below it"
         )
     if isinstance(luts, SidecarBytes):
         source = luts.source

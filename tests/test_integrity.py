@@ -258,3 +258,47 @@ def test_a_file_size_limit_while_writing_ends_in_one_line(embedded, tmp_path, li
     assert f"{tmp_path / named}: File too large" in last, last
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     assert not (tmp_path / "full.pga").exists()
+
+
+# --- issue 25: a missing dataset says how to get it, before the run writes anything --------------
+
+
+@pytest.mark.parametrize(
+    "env,variable,hint",
+    [
+        ({"PRESET": "record"}, "TOKENIZER_PATH", "python -m data.build shards --caseops"),
+        (
+            {"PRESET": "record", "DATA_PATH": "nowhere/fineweb10B_sp1024", "VOCAB_SIZE": "1024",
+             "TOKENIZER_PATH": "nowhere/fineweb_1024_bpe.model"},
+            "TOKENIZER_PATH",
+            "python -m data.download --variant sp1024",
+        ),
+        ({"PRESET": "smoke", "DATA_PATH": "nowhere/pydoc_sp1024"}, "DATA_PATH", "data.embedded"),
+    ],
+    ids=["record", "sp1024", "smoke"],
+)  # fmt: skip
+def test_missing_data_names_the_command_that_makes_it(tmp_path, env, variable, hint, embedded):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    full = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+    if env["PRESET"] == "smoke":
+        full["TOKENIZER_PATH"] = embedded["TOKENIZER_PATH"]
+    full.update(env)
+    full.update({"LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "nodata"})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {variable}=") and done.stderr.count("\n") == 1
+    assert hint in done.stderr
+    assert done.stdout == "" and not (tmp_path / "logs").exists()  # nothing printed or written

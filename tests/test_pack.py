@@ -373,6 +373,9 @@ def test_record_submission_json_is_computed_from_the_logs(record_folder, tiny):
     assert (
         sub["p_value"] == sub["significance"]["p_value"] and sub["significance"]["n_baseline"] == 3
     )
+    applied = sub["significance_applied"]  # issue 25: the maintainers' rule beside the README's
+    assert applied["alpha"] == 0.25 and applied["threshold"] == 0.0
+    assert applied["baseline_values"] == sub["significance"]["baseline_values"]
     assert sub["track"] == "track_non_record_16mb" and sub["non_record"] is True
 
 
@@ -486,3 +489,94 @@ def test_size_refuses_a_script_whose_file_bytes_are_not_its_utf8_bytes(tmp_path,
     assert code == 0, err
     rep = json.loads(out)
     assert rep["code_bytes_utf8"] == rep["code_bytes"]
+
+
+RECORD_1855 = FIXTURES / "record_1.0611"  # the per-seed figures of the official 1.0611 folder
+
+
+def test_significance_against_a_record_folder_prints_both_rules(tiny, capsys):
+    """Issue 25: the other side read from a record folder (here the official #1855 figures),
+    our CPU seed logs on this side; the README's rule and the applied one, side by side."""
+    logs = [tiny["s1"]["log"], tiny["s2"]["log"]]
+    code, out, err = run(["significance", "--new", *logs, "--against", RECORD_1855], capsys)
+    assert code == 0, err
+    assert "baseline_source: " in out and "submission.json (seed_results)" in out
+    assert "baseline values: 2.31944212, 2.32239991, 2.32423994" in out
+    assert "README: 0.005 nats, p < 0.01" in out and "applied: Welch, p < 0.25" in out
+    assert out.count("not significant") == 2  # a CPU minute does not beat 1.0611
+    code, out, _ = run(["significance", "--new", *logs, "--against", RECORD_1855, "--json"], capsys)
+    res = json.loads(out)
+    new = [pack.parse_log(str(p))["val_loss"] for p in logs]
+    old = [2.31944212, 2.32239991, 2.32423994]
+    t, df = welch_by_hand(new, [v - 0.005 for v in old])
+    assert res["t_statistic"] == pytest.approx(t) and res["welch_df"] == pytest.approx(df)
+    t0, _ = welch_by_hand(new, old)
+    assert res["applied_t_statistic"] == pytest.approx(t0)
+    assert res["applied_alpha"] == 0.25 and res["applied_threshold"] == 0.0
+
+
+def test_the_two_rules_can_disagree(tmp_path, capsys):
+    """0.002 nats better on every seed, tightly: the maintainers' rule (no margin, p < 0.25) says
+    significant, the README's (0.005 nats, p < 0.01) does not."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    old = {"1": 2.3200, "2": 2.3210, "3": 2.3205}
+    sub = {"seed_results": {s: {"val_loss": v} for s, v in old.items()}}
+    (folder / "submission.json").write_text(json.dumps(sub))
+    logs = []
+    for seed, v in (("1", 2.3181), ("2", 2.3186), ("3", 2.3184)):
+        path = tmp_path / f"new{seed}.log"
+        path.write_text(f"final_int8_zlib_roundtrip_exact val_loss:{v:.8f} val_bpb:1.06\n")
+        logs.append(path)
+    code, out, err = run(["significance", "--new", *logs, "--against", folder, "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["applied_significant"] and not res["significant"]
+
+
+def test_significance_refuses_a_record_folder_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "submission.json").write_text('{"seed_results": {"1": {"val_loss": "x"}}}')
+    code, _, err = run(
+        ["significance", "--new", FIXTURES / "late_seed42.log", "--against", tmp_path], capsys
+    )
+    assert code == 2 and err.startswith("error: ") and "is not a number" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(
+        ["significance", "--new", FIXTURES / "late_seed42.log", "--against", empty], capsys
+    )
+    assert code == 2 and "no submission.json seed_results" in err
+
+
+def test_a_one_seed_record_has_no_standard_deviation(tiny, tmp_path, capsys):
+    """Issue 25: a one-seed --non-record folder said `std 0.00000000`; one run says nothing of
+    the spread: null in submission.json, "n/a" in the README, and the folder still checks."""
+    code, out, err = record(tmp_path, capsys, [tiny["s1"]["log"]], "--non-record", name="One")
+    assert code == 0, out + err
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-05-01_One"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["val_bpb_std"] is None
+    assert "std n/a (one seed)" in (folder / "README.md").read_text()
+    code, out, _ = run(["check", folder], capsys)
+    assert code == 0 and "ok: True" in out, out
+
+
+def test_size_finds_the_script_the_header_names(tiny, record_folder, tmp_path, capsys):
+    """Issue 25: `pack.py size` demanded --script though the header names the script and its
+    sha256: it now finds it beside the artifact (a record folder) or in the checkout."""
+    art = record_folder / "final_model_seed1.pga"
+    code, out, err = run(["size", art, "--json", "--no-table"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["script"] == str(record_folder / "train_gpt.py") and rep["script_sha256_matches"]
+    alone = tmp_path / "alone.pga"
+    alone.write_bytes(art.read_bytes())
+    header = pack.read_container(str(alone))["header"]
+    found = (REPO / "train_gpt.py").is_file() and pack.sha256_file(
+        str(REPO / "train_gpt.py")
+    ) == header["script_sha256"]
+    code, out, err = run(["size", alone, "--no-table"], capsys)
+    if found:  # the checkout's own script wrote it
+        assert code == 0, err
+    else:
+        assert code == 2 and "pass --script" in err and err.count("\n") == 1

@@ -1,0 +1,68 @@
+"""The README says what the code does (issue 25): its record-stack table is derived from the
+presets, flag by flag, and its parameter count from the model the `record` preset builds."""
+
+import re
+
+import pytest
+import torch
+from conftest import REPO, load_script
+
+ENTRY = re.compile(r"^`(?P<name>[A-Z0-9_]+)` (?P<value>\S+)(?: -> (?P<record>\S+))?")
+
+
+def readme_section(title):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {title}")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def table_entries(section):
+    """[(ENV_NAME, default text, record text)] of every flag in the table's second column."""
+    out = []
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith(("| technique", "|---")):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for part in cells[1].split(", "):
+            m = ENTRY.match(part)
+            assert m, f"README table entry {part!r} is not `FLAG value[ -> record value]`"
+            default = m["value"]
+            out.append((m["name"], default, m["record"] or default))
+    return out
+
+
+def same(text, value):
+    if text.startswith('"') and text.endswith('"'):  # a quoted string, "" the empty one
+        return value == text[1:-1]
+    if isinstance(value, bool):
+        return text in (("1", "true") if value else ("0", "false"))
+    if isinstance(value, (int, float)):
+        return float(text) == pytest.approx(float(value))
+    return text == str(value)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return load_script("train_gpt.py")
+
+
+def test_the_record_stack_table_is_the_presets(gpt):
+    entries = table_entries(readme_section("The record stack (train_gpt.py)"))
+    assert len(entries) >= 30
+    baseline = gpt.Hyperparameters.from_env({"PRESET": "baseline"})
+    record = gpt.Hyperparameters.from_env({"PRESET": "record"})
+    for name, default, in_record in entries:
+        field = name.lower()
+        assert hasattr(record, field), f"README names {name}, which is not a hyperparameter"
+        assert same(default, getattr(baseline, field)), (name, default, getattr(baseline, field))
+        assert same(in_record, getattr(record, field)), (name, in_record, getattr(record, field))
+
+
+def test_the_readme_parameter_count_is_the_record_models(gpt):
+    section = readme_section("The record stack (train_gpt.py)")
+    stated = int(re.search(r"\*\*([\d,]+) parameters\*\*", section)[1].replace(",", ""))
+    h = gpt.Hyperparameters.from_env({"PRESET": "record"})
+    with torch.device("meta"):
+        model = gpt.build_model(h)
+    assert stated == sum(p.numel() for p in model.parameters())

@@ -5815,6 +5815,10 @@ def run_main(h):
         )
     set_progress_logger(None)  # the run is over: later progress (a re-score) goes to stderr
     if run.rt.distributed:
+        # Every rank past its last collective before any closes its connections: a rank that
+        # tears down while another still receives makes gloo abort the other (seen once in a
+        # 2-process CPU test under load, after the standard eval gained a coverage all-reduce).
+        dist.barrier()
         dist.destroy_process_group()
     return status
 

@@ -1786,12 +1786,14 @@ def _check_track(folder, sub):
     return problems
 
 
-def rescore_record(folder, sub, logs, data_path=None, tokenizer_path=None):
+def rescore_record(folder, sub, logs, data_path=None, tokenizer_path=None, figures=None):
     """Each seed's artifact re-scored by this checkout's eval_bpb.py (a subprocess) against the
     val_bpb of its log, within RESCORE_TOLERANCE.
 
     Only this checkout's copy of the record's script runs (passed to eval_bpb.py as --script); a
-    record whose script is not byte for byte one of ours is not re-scored here.
+    record whose script is not byte for byte one of ours is not re-scored here. Each seed's
+    progress goes to stderr as it starts (a re-score takes minutes), and what was compared is
+    appended to `figures` ({seed, logged_val_bpb, rescored_val_bpb, difference, ok}).
     """
     script_name = sub.get("script", "train_gpt.py")
     ours = our_script(os.path.join(folder, script_name))
@@ -1811,11 +1813,23 @@ def rescore_record(folder, sub, logs, data_path=None, tokenizer_path=None):
             continue  # already a problem of the plain check
         art = _seed_artifact(folder, seed, result)
         if os.path.isfile(art):
-            problems += _rescore_one(seed, art, ours, flags, log["val_bpb"])
+            print(
+                f"rescore: seed {seed} ({os.path.basename(art)}): eval_bpb.py is running...",
+                file=sys.stderr,
+                flush=True,
+            )
+            t0 = time.perf_counter()
+            found = _rescore_one(seed, art, ours, flags, log["val_bpb"], figures)
+            print(
+                f"rescore: seed {seed} done in {time.perf_counter() - t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            problems += found
     return problems
 
 
-def _rescore_one(seed, art, script, flags, logged):
+def _rescore_one(seed, art, script, flags, logged, figures=None):
     """Problems of one artifact's re-score: eval_bpb.py refused it, an audit failed, or its val_bpb
     is not the logged one."""
     name = os.path.basename(art)
@@ -1834,7 +1848,18 @@ def _rescore_one(seed, art, script, flags, logged):
     if proc.returncode == 3 or not out.get("valid"):
         problems.append(f"seed {seed}: re-scored {name} is INVALID ({last_err})")
     got = out.get("val_bpb")
-    if not isinstance(got, (int, float)) or not abs(got - logged) <= RESCORE_TOLERANCE:
+    number = isinstance(got, (int, float))
+    if figures is not None:
+        figures.append(
+            {
+                "seed": seed,
+                "logged_val_bpb": logged,
+                "rescored_val_bpb": got,
+                "difference": got - logged if number else None,
+                "ok": number and abs(got - logged) <= RESCORE_TOLERANCE,
+            }
+        )
+    if not number or not abs(got - logged) <= RESCORE_TOLERANCE:
         problems.append(
             f"seed {seed}: {name} re-scores to val_bpb {got} but train_seed{seed}.log "
             f"says {logged} (tolerance {RESCORE_TOLERANCE})"
@@ -1987,12 +2012,27 @@ def cmd_check(args):
         if path and not os.path.exists(path):
             raise InputError(f"{flag} {path}: no such file or folder")
     rescore = None
+    figures = []
     if args.rescore:
-        rescore = {"data_path": args.data_path, "tokenizer_path": args.tokenizer_path}
+        rescore = {
+            "data_path": args.data_path,
+            "tokenizer_path": args.tokenizer_path,
+            "figures": figures,
+        }
     problems = check_record(args.folder, rescore)
     if args.json:
-        _emit({"folder": args.folder, "ok": not problems, "problems": problems}, True)
+        out = {"folder": args.folder, "ok": not problems, "problems": problems}
+        if args.rescore:
+            out["rescored"] = figures
+        _emit(out, True)
     else:
+        for f in figures:
+            verdict = "same" if f["ok"] else "DIFFERS"
+            print(
+                f"rescore: seed {f['seed']}: val_bpb logged {f['logged_val_bpb']:.8f}, "
+                f"re-scored {f['rescored_val_bpb']}, difference {f['difference']} "
+                f"(tolerance {RESCORE_TOLERANCE}): {verdict}"
+            )
         for p in problems:
             print(f"problem: {p}")
         print(f"ok: {not problems}")

@@ -5137,6 +5137,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             "(excluded from the clock)"
         )
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
+    last_log_ms = 0.0  # train time of the last step line
     smmas = {n: Smma(n) for n in (10, 100, 1000)}
     # GPTQ calibrates inside the training budget (#1001): the loop leaves it time. The loop gets
     # what the precompute and its own setup have not used.
@@ -5191,7 +5192,13 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 weights = mixer.end_phase(float(model(*heldout)))
             logger.event("mixer", step=step, weights=[round(float(w), 4) for w in weights])
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        log_now = h.train_log_every > 0 and (
+            step <= 10
+            or step % h.train_log_every == 0
+            or approx_ms - last_log_ms >= 1000.0 * TRAIN_LOG_MAX_GAP_S
+        )
+        if log_now:
+            last_log_ms = approx_ms
         if log_now or step % max(h.status_every, 1) == 0:
             _log_train_step(h, logger, step, loss, smmas, lr_scale, approx_ms, log_now)
         reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
@@ -5234,6 +5241,9 @@ def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
         f"that step took {step_ms / 1000:.1f}s)"
     )
     return True
+
+
+TRAIN_LOG_MAX_GAP_S = 20.0  # a step line at least this often, whatever TRAIN_LOG_EVERY (issue 25)
 
 
 def _log_train_step(h, logger, step, loss, smmas, lr_scale, approx_ms, log_now):

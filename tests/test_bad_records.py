@@ -278,7 +278,7 @@ def forge_val_bpb(log, path, delta):
 
 
 def test_rescore_passes_an_honest_folder(honest, tiny, capsys):
-    code, out, _ = run(
+    code, out, err = run(
         [
             "check",
             honest,
@@ -291,6 +291,10 @@ def test_rescore_passes_an_honest_folder(honest, tiny, capsys):
         capsys,
     )
     assert code == 0 and "ok: True" in out, out
+    # issue 25: it says what it compared, per seed, and showed progress while it ran
+    lines = [x for x in out.splitlines() if x.startswith("rescore: seed ")]
+    assert lines and all(x.endswith(": same") and "val_bpb logged " in x for x in lines), out
+    assert err.count("eval_bpb.py is running") == len(lines)
 
 
 def test_rescore_catches_a_forged_val_bpb_that_the_plain_check_misses(tiny, tmp_path, capsys):
@@ -313,10 +317,13 @@ def test_rescore_catches_a_forged_val_bpb_that_the_plain_check_misses(tiny, tmp_
     folder = tmp_path / "records" / NON_RECORD / f"{DATE}_Forged"
     code, out, _ = run(["check", folder], capsys)
     assert code == 0 and "ok: True" in out, out  # every file agrees with every other
-    code, out, _ = run(["check", folder, "--rescore"], capsys)
+    code, out, err = run(["check", folder, "--rescore"], capsys)
     assert code == 1 and "ok: False" in out
     found = [p for p in problems(out) if p.startswith("seed 1: final_model_seed1.pga re-scores")]
     assert found and "train_seed1.log" in found[0], out
+    assert "rescore: seed 1 (final_model_seed1.pga): eval_bpb.py is running" in err
+    assert any(x.startswith("rescore: seed 1: val_bpb logged ") and x.endswith("DIFFERS")
+               for x in out.splitlines()), out  # fmt: skip
 
 
 def test_rescore_flags_need_rescore(honest, capsys):

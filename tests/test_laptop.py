@@ -242,6 +242,23 @@ def test_an_eager_cpu_run_keeps_one_warmup_step_and_says_so(gpt, embedded, tmp_p
     assert ledger.warmup_excluded_s > 0
 
 
+def test_a_slow_step_gets_a_step_line_whatever_train_log_every(
+    gpt, embedded, tmp_path, monkeypatch
+):
+    """Issue 25: a smoke run on a slow CPU was silent for ~90 s between step 10 and 25: a step
+    line now comes at least every TRAIN_LOG_MAX_GAP_S of train time (0 here: every step)."""
+    env = {**TINY_ENV, **embedded, "ITERATIONS": "13", "TRAIN_LOG_EVERY": "1000"}
+    h = gpt.Hyperparameters.from_env({**env, "LOG_DIR": str(tmp_path)})
+    steps = {}
+    for gap in (1e9, 0.0):
+        monkeypatch.setattr(gpt, "TRAIN_LOG_MAX_GAP_S", gap)
+        logger = ListLogger()
+        gpt.train_model(h, gpt.setup_runtime({"OMP_NUM_THREADS": "1"}), gpt.build_model(h), logger)
+        steps[gap] = [int(x.split("/")[0][5:]) for x in logger.lines if x.startswith("step:")]
+    assert steps[1e9] == list(range(1, 11))  # the first ten, then every 1000th
+    assert steps[0.0] == list(range(1, 14))
+
+
 def test_a_step_far_past_the_wallclock_cap_is_a_warning(gpt):
     logger = ListLogger()
     assert not gpt.overshoot_warning(logger, 65_000, 60_000, 9_000)  # 8 % past: fine

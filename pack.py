@@ -1006,6 +1006,41 @@ def plot_curves(runs, path):
     return True
 
 
+def plot_significance(readme, applied, path):
+    """Each side's per-seed values (points) and mean (a bar), with the README rule's margin
+    below the baseline mean, titled with both rules' p values (issue 25). False when matplotlib
+    is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sides = (("baseline", readme["baseline_values"]), ("new", readme["new_values"]))
+    for x, (label, values) in enumerate(sides):
+        offsets = [x + 0.06 * (i - (len(values) - 1) / 2) for i in range(len(values))]
+        ax.scatter(offsets, values, zorder=3, label=f"{label} seeds")
+        mean = sum(values) / len(values)
+        ax.hlines(mean, x - 0.25, x + 0.25, colors="black", linewidth=2, zorder=2)
+    bar = readme["mean_baseline"] - readme["threshold"]
+    ax.axhline(bar, color="red", linestyle="--", label=f"baseline mean - {readme['threshold']:.4g}")
+    ax.set_xticks([0, 1], ["baseline", "new"])
+    ax.set_ylabel(readme["metric"])
+    ax.set_title(
+        f"README rule p = {readme['p_value']:.3g} (alpha {readme['alpha']}); "
+        f"applied p = {applied['p_value']:.3g} (alpha {applied['alpha']})",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def build_record(args):
     """(folder, submission) of a new record folder; InputError or Refused and nothing written
     otherwise. Every name that becomes a path is a plain name; the folder is built beside its
@@ -1193,6 +1228,9 @@ def _write_record(folder, args, logs, artifacts, script, script_name, track, dat
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
         f.write(_requirements(first, artifacts, script))
     has_plot = plot_curves(curves, os.path.join(folder, "loss_curve.png")) if curves else False
+    if sig:
+        path = os.path.join(folder, "significance.png")
+        sub["significance_plot"] = plot_significance(sig["readme"], sig["applied"], path)
     env = env_lines(first, script)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(_readme(sub, plain_logs, env, script_name, has_plot, track, date))
@@ -1398,6 +1436,8 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
                 f"improvement {s['improvement_nats']:.5f} nats."
             ),
         ]
+    if sub.get("significance_plot"):
+        out += ["", "![per-seed values of both sides](significance.png)"]
     if "significance_applied" in sub:
         a = sub["significance_applied"]
         verdict = "significant" if a["significant"] else "not significant"
@@ -1456,7 +1496,9 @@ def _readme(sub, logs, env, script_name, has_plot, track, date):
     out += [
         "- `final_model_seed<N>.pga`: the artifacts",
         "- `train_seed<N>.log`, `train_seed<N>.jsonl`: the run logs",
-        "- `submission.json`, `requirements.txt`" + (", `loss_curve.png`" if has_plot else ""),
+        "- `submission.json`, `requirements.txt`"
+        + (", `loss_curve.png`" if has_plot else "")
+        + (", `significance.png`" if sub.get("significance_plot") else ""),
         "",
     ]
     return "\n".join(out)

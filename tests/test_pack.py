@@ -580,3 +580,17 @@ def test_size_finds_the_script_the_header_names(tiny, record_folder, tmp_path, c
         assert code == 0, err
     else:
         assert code == 2 and "pass --script" in err and err.count("\n") == 1
+
+
+def test_a_record_with_a_baseline_draws_both_sides_per_seed(record_folder):
+    """Issue 25: the significance comparison as a picture, per-seed points of both sides, in the
+    folder, named in its README and in its hash table."""
+    pytest.importorskip("matplotlib")
+    png = record_folder / "significance.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    sub = json.loads((record_folder / "submission.json").read_text())
+    assert sub["significance_plot"] is True and "significance.png" in sub["sha256"]
+    assert (
+        "![per-seed values of both sides](significance.png)"
+        in (record_folder / "README.md").read_text()
+    )

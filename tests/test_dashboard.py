@@ -465,3 +465,19 @@ def test_screenshot_of_the_recorded_runs(tmp_path, logdir, serve):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1400, 1000)
     assert len(png) > 50_000  # a blank page is a few kB
+
+
+@needs_chromium
+def test_the_page_shows_the_step_under_way_and_its_eta(tmp_path, logdir, serve):
+    """Issue 25: the status file's `progress` (stage, fraction, units, ETA) in the header while
+    the run is active; a finished run's last progress is not shown as if under way."""
+    progress = {"stage": "eval sliding", "fraction": 0.37, "done": 370, "total": 1000,
+                "eta_s": 42.4, "elapsed_s": 24.6}  # fmt: skip
+    rewrite(logdir / "smoke.status.json", state="evaluating", progress=progress)
+    dom = dump(tmp_path, serve(logdir), "?run=smoke")
+    assert dom.text["hdr-progress"] == "eval sliding 37% (370/1000), eta 42s"
+    assert dom.by_id["hdr-progress"]["data-eta"] == "42.4"
+    assert dom.by_id["hdr-progress"]["data-fraction"] == "0.37"
+    rewrite(logdir / "smoke.status.json", state="done")
+    dom = dump(tmp_path, serve(logdir), "?run=smoke")
+    assert dom.text["hdr-progress"] == "—"

@@ -45,6 +45,7 @@ if __name__ == "__main__":
 # The package of this checkout, for the file hash and the artifact header checks: scripts and
 # tokenizers are hashed before any of them is trusted. The eval modes come from the code of the
 # script that wrote the artifact (load()).
+from golf.bpb import byte_source
 from golf.bundle import BUNDLES, MODULE_ORDER
 from golf.container import ARTIFACT_MAGIC, OFFICIAL_MAX_RAW_BYTES, read_artifact_header
 from golf.runtime import file_sha256, sha256_hex
@@ -540,16 +541,10 @@ def eval_modes(mod, script):
 
 def check_byte_source(luts, want, h):
     """The bytes this re-score counts must be the ones the run counted (the header's
-    byte_source, issue 24): the same kind, and for sidecars the same files (sha256). The counter
-    may come from a script of another revision: read by its shape, as golf.bpb.byte_source
-    writes it."""
-    if hasattr(luts, "per_token"):
-        source = getattr(luts, "source", None)  # none before issue 24: nothing to compare
-        got = {"kind": "sidecar", **source} if source else None
-    else:
-        got = {"kind": "tables"}
-    if want is None or got is None:
-        return got
+    byte_source, issue 24): the same kind, and for sidecars the same files (sha256)."""
+    got = byte_source(luts)
+    if want is None or (got["kind"] == "sidecar" and "sha256" not in got):
+        return got  # an artifact or a counter from before the byte source: nothing to compare
     if got["kind"] != want["kind"] or got.get("sha256") != want.get("sha256"):
         raise BadInput(
             f"DATA_PATH={h.data_path!r}: this re-score would count bytes with {describe(got)}, "
@@ -565,9 +560,9 @@ def describe(source):
     return f"{source['files']} sidecar files (sha256 {source['sha256'][:16]}...)"
 
 
-def evaluate(mod, model, h, rt, max_tokens=None, byte_source=None):
+def evaluate(mod, model, h, rt, max_tokens=None, header_source=None):
     """(mode, result, audits): the audits run on the model before the eval mode scores it.
-    `byte_source` is the artifact header's: the re-score must count the same bytes."""
+    `header_source` is the artifact header's byte_source: the re-score counts the same bytes."""
     sp = mod.load_tokenizer(h.tokenizer_path, h.vocab_size)
     # this checkout's data checks, for any script
     from golf.data import load_checked_val_tokens, load_val_byte_sidecar
@@ -587,7 +582,7 @@ def evaluate(mod, model, h, rt, max_tokens=None, byte_source=None):
         )
     else:
         luts = mod.build_sentencepiece_luts(sp, h.vocab_size, rt.device)
-    check_byte_source(luts, byte_source, h)
+    check_byte_source(luts, header_source, h)
 
     audits = {
         "causality": mod.audit_causality(model, h.audit_seq_len or h.train_seq_len, h.vocab_size)
@@ -656,7 +651,7 @@ def run(args, env, cleanup):
         mod, model, h, info = load(args, env, cleanup)
         rt = mod.setup_runtime()
         mode, res, audits = evaluate(
-            mod, model, h, rt, args.max_tokens, byte_source=info.get("byte_source")
+            mod, model, h, rt, args.max_tokens, header_source=info.get("byte_source")
         )
     except BadInput as exc:
         return _fail(str(exc))

@@ -137,18 +137,17 @@ def read_container(path):
     container = _golf("container")
     try:
         with open(path, "rb") as f:
-            magic = f.read(len(container.ARTIFACT_MAGIC))
+            prefix = f.read(container.ARTIFACT_PREFIX.size)
             size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
-    if magic == container.ARTIFACT_MAGIC:
+    if prefix[: len(container.ARTIFACT_MAGIC)] == container.ARTIFACT_MAGIC:
         try:
-            header, offset = container.read_artifact_header(path)
-            header, raw = container.read_artifact(path)
+            header, raw = container.read_artifact(path)  # checks the header, then the payload
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        with open(path, "rb") as f:
-            version = container.ARTIFACT_PREFIX.unpack(f.read(container.ARTIFACT_PREFIX.size))[1]
+        version = container.ARTIFACT_PREFIX.unpack(prefix)[1]  # read_artifact checked it is whole
+        offset = size - header["payload_bytes"]  # the payload runs to the end of the file
         return {
             "format": header.get("format", "pgolf-artifact"),
             "version": version,
@@ -566,11 +565,12 @@ def read_events(path):
     return events
 
 
-# ----------------------------------------------------------------------------- SIGNIFICANCE
-# ----------------------------------------------------------------------------- The record rule
-# (docs/rules.md, Records and significance): at least 0.005 nats better at p < 0.01, one-sided Welch
-# t-test of the new seeds against the old ones shifted by the threshold. In bpb the threshold is
-# 0.005 x tokens/byte / ln 2.
+# -----------------------------------------------------------------------------
+# SIGNIFICANCE
+# -----------------------------------------------------------------------------
+# The record rule (docs/rules.md, Records and significance): at least 0.005 nats better at
+# p < 0.01, one-sided Welch t-test of the new seeds against the old ones shifted by the threshold.
+# In bpb the threshold is 0.005 x tokens/byte / ln 2.
 
 
 def welch_significance(
@@ -628,15 +628,28 @@ def welch_significance(
 APPLIED_ALPHA = 0.25
 
 
-def both_rules(new, old, metric="val_loss", tpb=None):
+def significance_pair(new_logs, baseline_logs, baseline_values, metric):
     """{"readme": the README rule (0.005 nats, p < 0.01), "applied": the maintainers' rule
     (no margin, p < 0.25)}: one-sided Welch tests of the same values."""
     return {
-        "readme": welch_significance(new, old, metric=metric, tpb=tpb),
-        "applied": welch_significance(
-            new, old, metric=metric, tpb=tpb, threshold_nats=0.0, alpha=APPLIED_ALPHA
+        "readme": significance_from(new_logs, baseline_logs, baseline_values, metric),
+        "applied": significance_from(
+            new_logs, baseline_logs, baseline_values, metric, applied=True
         ),
     }
+
+
+def baseline_of(args):
+    """(baseline logs, baseline values, where they come from) of --against RECORD_DIR,
+    --baseline LOG... or --baseline-values V,...; (None, None, None) without any."""
+    if args.against:
+        by_seed, source = record_values(args.against, args.metric)
+        return None, list(by_seed.values()), source
+    if args.baseline:
+        return [parse_log(p) for p in args.baseline], None, f"{len(args.baseline)} baseline logs"
+    if args.baseline_values:
+        return None, parse_values(args.baseline_values), "--baseline-values"
+    return None, None, None
 
 
 MAX_SUBMISSION_BYTES = 1 << 20
@@ -1089,15 +1102,9 @@ def build_record(args):
             "as a non-record submission)"
         )
     sig = None
-    if args.baseline or args.baseline_values or args.against:
-        base_logs = [parse_log(p) for p in args.baseline] if args.baseline else None
-        values = parse_values(args.baseline_values) if args.baseline_values else None
-        if args.against:
-            values = list(record_values(args.against, args.metric)[0].values())
-        sig = {
-            "readme": significance_from(logs, base_logs, values, metric=args.metric),
-            "applied": significance_from(logs, base_logs, values, metric=args.metric, applied=True),
-        }
+    base_logs, base_values, _ = baseline_of(args)
+    if base_logs or base_values:
+        sig = significance_pair(logs, base_logs, base_values, args.metric)
     track = TRACKS[1] if args.non_record else TRACKS[0]
     final = os.path.join(args.out, track, f"{date}_{name}")
     if os.path.lexists(final):
@@ -2082,26 +2089,8 @@ def cmd_check(args):
 
 
 def cmd_significance(args):
-    new = [parse_log(p) for p in args.new]
-    metric = args.metric
-    values = [lg[metric] for lg in new]
-    if any(v is None for v in values):
-        raise InputError(f"a new log has no final {metric}")
-    tpbs = [t for t in (tokens_per_byte(lg) for lg in new) if t]
-    tpb = statistics.fmean(tpbs) if tpbs else None
-    if args.against:
-        by_seed, source = record_values(args.against, metric)
-        old = list(by_seed.values())
-    elif args.baseline:
-        base = [parse_log(p) for p in args.baseline]
-        old = [lg[metric] for lg in base]
-        if any(v is None for v in old):
-            raise InputError(f"a baseline log has no final {metric}")
-        source = f"{len(base)} baseline logs"
-    else:
-        old = parse_values(args.baseline_values)
-        source = "--baseline-values"
-    rules = both_rules(values, old, metric=metric, tpb=tpb)
+    base_logs, base_values, source = baseline_of(args)
+    rules = significance_pair([parse_log(p) for p in args.new], base_logs, base_values, args.metric)
     res = {**rules["readme"], "baseline_source": source}
     for key in ("threshold", "alpha", "t_statistic", "welch_df", "p_value", "significant"):
         res[f"applied_{key}"] = rules["applied"][key]
@@ -2113,15 +2102,15 @@ def cmd_significance(args):
     keys += ["t_statistic", "welch_df", "p_value", "significant", "applied_p_value"]
     keys += ["applied_significant"]
     _emit(res, False, keys)
-    print(f"new values:      {', '.join(f'{v:.8f}' for v in values)}")
-    print(f"baseline values: {', '.join(f'{v:.8f}' for v in old)}")
+    print(f"new values:      {', '.join(f'{v:.8f}' for v in res['new_values'])}")
+    print(f"baseline values: {', '.join(f'{v:.8f}' for v in res['baseline_values'])}")
     print(f"{'rule':<34}{'margin':>16}{'alpha':>7}{'t':>10}{'df':>8}{'p':>10}  verdict")
     for name, label in (
         ("readme", "README: 0.005 nats, p < 0.01"),
         ("applied", "applied: Welch, p < 0.25"),
     ):
         r = rules[name]
-        margin = f"{r['threshold']:.6f} {metric}"
+        margin = f"{r['threshold']:.6f} {args.metric}"
         verdict = "significant" if r["significant"] else "not significant"
         print(
             f"{label:<34}{margin:>16}{r['alpha']:>7}{r['t_statistic']:>10.3f}"
@@ -2176,9 +2165,10 @@ def build_parser():
         action="store_true",
         help="file under track_non_record_16mb even if over budget, invalid or not 8xH100-timed",
     )
-    r.add_argument("--baseline", nargs="+", help="baseline logs for the significance test")
-    r.add_argument("--baseline-values", help="baseline scores, comma separated, instead of logs")
-    r.add_argument(
+    rb = r.add_mutually_exclusive_group()
+    rb.add_argument("--baseline", nargs="+", help="baseline logs for the significance test")
+    rb.add_argument("--baseline-values", help="baseline scores, comma separated, instead of logs")
+    rb.add_argument(
         "--against",
         metavar="RECORD_DIR",
         help="the record folder to test against (its seed_results or train_seed*.log), instead",

@@ -1380,9 +1380,10 @@ def _manifest_files(data_path, manifest):
 
 
 def check_sidecars_against_manifest(data_path, sidecars, total_bytes):
-    """The sidecar files against what the manifest recorded when the shards were built: each
-    file's sha256, and the original bytes of the whole val split (exact, tolerance 0). Returns
-    "verified", or "none" where the split has no manifest; ValueError naming the file otherwise."""
+    """The sidecar files ({path: sha256}) against what the manifest recorded when the shards were
+    built: each file's sha256, and the original bytes of the whole val split (exact, tolerance
+    0). Returns "verified", or "none" where the split has no manifest; ValueError naming the file
+    otherwise."""
     manifest = read_manifest(data_path)
     if manifest is None:
         return "none"
@@ -1390,11 +1391,11 @@ def check_sidecars_against_manifest(data_path, sidecars, total_bytes):
     recorded = _manifest_files(data_path, manifest)
     if not recorded:
         raise ValueError(f"{path}: lists no files, so it cannot bind the val byte sidecars")
-    for side in sidecars:
+    for side, sha in sidecars.items():
         name = os.path.basename(side)
         if name not in recorded:
             raise ValueError(f"{side}: a byte sidecar that {path} does not list")
-        if file_sha256(side) != recorded[name]:
+        if sha != recorded[name]:
             raise ValueError(f"{side}: sha256 differs from the one {path} records")
     want = manifest.get("original_bytes_val")
     if want is not None and want != total_bytes:
@@ -1442,12 +1443,12 @@ def val_byte_sidecar(data_path, n_tokens):
     if strays:
         raise ValueError(f"{strays[0]}: a byte sidecar with no val shard of the same number")
     parts = []
-    digest = hashlib.sha256()
+    shas = {}  # sidecar path -> sha256, in val order
     for val_file in val_files:
         side = sidecar_path(val_file)
         if not os.path.isfile(side):
             raise ValueError(f"{side}: missing byte sidecar of {os.path.basename(val_file)}")
-        digest.update(bytes.fromhex(file_sha256(side)))
+        shas[side] = file_sha256(side)
         counts = load_data_shard(side)
         n_val = shard_token_count(val_file)
         if counts.numel() != n_val:
@@ -1457,9 +1458,9 @@ def val_byte_sidecar(data_path, n_tokens):
             )
         parts.append(counts)
     per_token = torch.cat(parts).to(torch.int64)
-    sides = [sidecar_path(p) for p in val_files]
-    manifest = check_sidecars_against_manifest(data_path, sides, int(per_token.sum()))
-    source = {"sha256": digest.hexdigest(), "files": len(sides), "manifest": manifest}
+    manifest = check_sidecars_against_manifest(data_path, shas, int(per_token.sum()))
+    digest = hashlib.sha256(b"".join(bytes.fromhex(sha) for sha in shas.values())).hexdigest()
+    source = {"sha256": digest, "files": len(shas), "manifest": manifest}
     return per_token[:n_tokens], source
 
 
@@ -1534,9 +1535,10 @@ class SidecarBytes:
 def byte_source(luts):
     """What counted the bytes of a score, for the summary, the artifact header and pack.py:
     {"kind": "tables"} (the official lookup tables) or {"kind": "sidecar", "sha256", "files",
-    "manifest"}."""
-    if isinstance(luts, SidecarBytes):
-        return {"kind": "sidecar", **luts.source}
+    "manifest"}. Read by shape, so that a counter made by a script of another revision (eval_bpb.py
+    re-scores those) is named too; one from before `source` names no files."""
+    if hasattr(luts, "per_token"):
+        return {"kind": "sidecar", **(getattr(luts, "source", None) or {})}
     return {"kind": "tables"}
 
 
@@ -4353,10 +4355,10 @@ class LoraAdapters:
 
     def fresh(self):
         """Whether every adapter holds its initial values: A the shared draw, B zero."""
-        with torch.no_grad():
-            a_init = all(torch.equal(a, self.init_a[n].expand_as(a)) for n, a in self.a.items())
-            b_zero = not any(bool(b.any()) for b in self.b.values())
-        return a_init and b_zero
+        with torch.no_grad():  # one host sync, not one per tensor
+            moved = sum((a - self.init_a[n]).abs().sum() for n, a in self.a.items())
+            moved = moved + sum(b.abs().sum() for b in self.b.values())
+        return bool(moved == 0)
 
     def _hook(self, name, linear):
         def add_delta(module, args, out):
@@ -6095,13 +6097,14 @@ CONTROL_TENSOR_PATTERNS = (
 )
 
 
-# ----------------------------------------------------------------------------- MODEL
-# ----------------------------------------------------------------------------- The official
-# baseline GPT parameter for parameter (the official baseline: its state_dict loads with
-# strict=True), fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and
-# on CPU. The record stack (docs/techniques.md, Architecture) adds modules behind flags, all off by
-# default, each credited where it is built; no data-dependent Python branches, so torch.compile sees
-# one graph (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+# The official baseline GPT parameter for parameter (its state_dict loads with strict=True), fp32
+# weights cast at use (CastedLinear) so one module runs under bf16 autocast and on CPU. The record
+# stack (docs/techniques.md, Architecture) adds modules behind flags, all off by default, each
+# credited where it is built; no data-dependent Python branches, so torch.compile sees one graph
+# (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear
 # submodules called as modules wherever a hook may be attached (LoRA TTT, GPTQ calibration).
 
 

@@ -72,9 +72,10 @@ class SidecarBytes:
 def byte_source(luts):
     """What counted the bytes of a score, for the summary, the artifact header and pack.py:
     {"kind": "tables"} (the official lookup tables) or {"kind": "sidecar", "sha256", "files",
-    "manifest"}."""
-    if isinstance(luts, SidecarBytes):
-        return {"kind": "sidecar", **luts.source}
+    "manifest"}. Read by shape, so that a counter made by a script of another revision (eval_bpb.py
+    re-scores those) is named too; one from before `source` names no files."""
+    if hasattr(luts, "per_token"):
+        return {"kind": "sidecar", **(getattr(luts, "source", None) or {})}
     return {"kind": "tables"}
 
 

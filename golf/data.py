@@ -393,9 +393,10 @@ def _manifest_files(data_path, manifest):
 
 
 def check_sidecars_against_manifest(data_path, sidecars, total_bytes):
-    """The sidecar files against what the manifest recorded when the shards were built: each
-    file's sha256, and the original bytes of the whole val split (exact, tolerance 0). Returns
-    "verified", or "none" where the split has no manifest; ValueError naming the file otherwise."""
+    """The sidecar files ({path: sha256}) against what the manifest recorded when the shards were
+    built: each file's sha256, and the original bytes of the whole val split (exact, tolerance
+    0). Returns "verified", or "none" where the split has no manifest; ValueError naming the file
+    otherwise."""
     manifest = read_manifest(data_path)
     if manifest is None:
         return "none"
@@ -403,11 +404,11 @@ def check_sidecars_against_manifest(data_path, sidecars, total_bytes):
     recorded = _manifest_files(data_path, manifest)
     if not recorded:
         raise ValueError(f"{path}: lists no files, so it cannot bind the val byte sidecars")
-    for side in sidecars:
+    for side, sha in sidecars.items():
         name = os.path.basename(side)
         if name not in recorded:
             raise ValueError(f"{side}: a byte sidecar that {path} does not list")
-        if file_sha256(side) != recorded[name]:
+        if sha != recorded[name]:
             raise ValueError(f"{side}: sha256 differs from the one {path} records")
     want = manifest.get("original_bytes_val")
     if want is not None and want != total_bytes:
@@ -455,12 +456,12 @@ def val_byte_sidecar(data_path, n_tokens):
     if strays:
         raise ValueError(f"{strays[0]}: a byte sidecar with no val shard of the same number")
     parts = []
-    digest = hashlib.sha256()
+    shas = {}  # sidecar path -> sha256, in val order
     for val_file in val_files:
         side = sidecar_path(val_file)
         if not os.path.isfile(side):
             raise ValueError(f"{side}: missing byte sidecar of {os.path.basename(val_file)}")
-        digest.update(bytes.fromhex(file_sha256(side)))
+        shas[side] = file_sha256(side)
         counts = load_data_shard(side)
         n_val = shard_token_count(val_file)
         if counts.numel() != n_val:
@@ -470,7 +471,7 @@ def val_byte_sidecar(data_path, n_tokens):
             )
         parts.append(counts)
     per_token = torch.cat(parts).to(torch.int64)
-    sides = [sidecar_path(p) for p in val_files]
-    manifest = check_sidecars_against_manifest(data_path, sides, int(per_token.sum()))
-    source = {"sha256": digest.hexdigest(), "files": len(sides), "manifest": manifest}
+    manifest = check_sidecars_against_manifest(data_path, shas, int(per_token.sum()))
+    digest = hashlib.sha256(b"".join(bytes.fromhex(sha) for sha in shas.values())).hexdigest()
+    source = {"sha256": digest, "files": len(shas), "manifest": manifest}
     return per_token[:n_tokens], source

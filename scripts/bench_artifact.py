@@ -70,7 +70,10 @@ def stage(h, entries, raw, payload, compressor, groups, readable):
     return len(payload), head, len(code), len(payload) + head + len(code)
 
 
-SHARED = REPO.parent / "shared" / "data"  # ../shared/data beside the checkout, as the tests
+# Real FineWeb data for --train-seconds: a folder with shards/realtext_sp8192 (val and train
+# shards) and tokenizers/fineweb_8192_bpe.model, named by FINEWEB_SAMPLE (or pass --data-path and
+# --tokenizer-path; `python -m data.download --variant sp8192` makes such shards).
+SAMPLE = os.environ.get("FINEWEB_SAMPLE")
 
 # Overrides of the record preset that make it train at a useful pace on one CPU thread: eager
 # (no torch.compile), shorter sequences and batches (--seq-len, --batch-tokens: 16,384-token
@@ -112,6 +115,11 @@ def last_train_loss(text_path):
 def train_for_real(args):
     """(env, h, float state, GPTQ Hessians, info) of the record preset at a CPU width trained
     for args.train_seconds with train_gpt.py's own stages; env is the settings h came from."""
+    if not args.data_path or not args.tokenizer_path:
+        raise SystemExit(
+            "error: --train-seconds needs real data: set FINEWEB_SAMPLE or pass --data-path and "
+            "--tokenizer-path"
+        )
     log_dir = tempfile.mkdtemp(prefix="bench_real_")
     # The matrices kept float scale with the width squared, so that the same tensors are int6
     # (and GPTQ'd) as at width 512: with the default 65,536, every attention matrix of width 256
@@ -234,12 +242,14 @@ def main(argv=None):
         help="TRAIN_BATCH_TOKENS of the trained run (a multiple of 8 x --seq-len)",
     )
     ap.add_argument(
-        "--data-path", default=str(SHARED / "shards" / "realtext_sp8192"), help="SP8192 shards"
+        "--data-path",
+        default=SAMPLE and os.path.join(SAMPLE, "shards", "realtext_sp8192"),
+        help="SP8192 shards (default: $FINEWEB_SAMPLE/shards/realtext_sp8192)",
     )
     ap.add_argument(
         "--tokenizer-path",
-        default=str(SHARED / "tokenizers" / "fineweb_8192_bpe.model"),
-        help="the shards' tokenizer",
+        default=SAMPLE and os.path.join(SAMPLE, "tokenizers", "fineweb_8192_bpe.model"),
+        help="the shards' tokenizer (default: $FINEWEB_SAMPLE/tokenizers/fineweb_8192_bpe.model)",
     )
     ap.add_argument("--save", help="write the trained float state and GPTQ Hessians here")
     ap.add_argument("--load", help="measure a state saved with --save instead of training")

@@ -28,10 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 H100_BF16_PEAK = 989e12
-SHARD = os.path.join(
-    REPO, "..", "shared", "data", "shards", "realtext_sp1024", "fineweb_val_000000.bin"
-)
-TOKENIZER = os.path.join(REPO, "..", "shared", "data", "tokenizers", "fineweb_1024_bpe.model")
+# Real FineWeb val tokens and their tokenizer: a folder named by FINEWEB_SAMPLE holding
+# shards/realtext_sp1024 and tokenizers/fineweb_1024_bpe.model (or pass --shard / --tokenizer).
+SAMPLE = os.environ.get("FINEWEB_SAMPLE", "")
+SHARD = os.path.join(SAMPLE, "shards", "realtext_sp1024", "fineweb_val_000000.bin")
+TOKENIZER = os.path.join(SAMPLE, "tokenizers", "fineweb_1024_bpe.model")
 
 
 def load_train_gpt():
@@ -66,7 +67,8 @@ def main():
     p.add_argument("--preset", default="record", help="model shape and TTT knobs from this PRESET")
     p.add_argument("--val-tokens", type=int, default=4096)
     p.add_argument("--modes", default="sliding,ttt_lora,ttt_phased")
-    p.add_argument("--shard", default=SHARD)
+    p.add_argument("--shard", default=SHARD, help="a val shard (default: under $FINEWEB_SAMPLE)")
+    p.add_argument("--tokenizer", default=TOKENIZER, help="its tokenizer")
     p.add_argument("--mfu", type=float, default=0.25)
     p.add_argument(
         "--project-tokens",
@@ -84,7 +86,7 @@ def main():
     torch.manual_seed(0)
     model = gpt.build_model(h).to(device).eval()
     tokens = gpt.load_data_shard(args.shard)[: args.val_tokens + 1].to(torch.int64)
-    sp = gpt.load_tokenizer(TOKENIZER, h.vocab_size)
+    sp = gpt.load_tokenizer(args.tokenizer, h.vocab_size)
     luts = gpt.build_sentencepiece_luts(sp, h.vocab_size, device)
     docs = gpt.val_documents(tokens)
     flops = matmul_flops(device)

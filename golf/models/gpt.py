@@ -272,13 +272,14 @@ CONTROL_TENSOR_PATTERNS = (
 )
 
 
-# ----------------------------------------------------------------------------- MODEL
-# ----------------------------------------------------------------------------- The official
-# baseline GPT parameter for parameter (the official baseline: its state_dict loads with
-# strict=True), fp32 weights cast at use (CastedLinear) so one module runs under bf16 autocast and
-# on CPU. The record stack (docs/techniques.md, Architecture) adds modules behind flags, all off by
-# default, each credited where it is built; no data-dependent Python branches, so torch.compile sees
-# one graph (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+# The official baseline GPT parameter for parameter (its state_dict loads with strict=True), fp32
+# weights cast at use (CastedLinear) so one module runs under bf16 autocast and on CPU. The record
+# stack (docs/techniques.md, Architecture) adds modules behind flags, all off by default, each
+# credited where it is built; no data-dependent Python branches, so torch.compile sees one graph
+# (two with depth recurrence). Q/K/V/O, MLP up/down and an untied head stay nn.Linear
 # submodules called as modules wherever a hook may be attached (LoRA TTT, GPTQ calibration).
 
 

@@ -45,6 +45,15 @@ TINY_ENV = {
     "ROUNDTRIP_EVAL": "1",
 }
 
+# What each script adds to TINY_ENV for a tiny end-to-end run (its own test file's settings).
+TINY_RUN = {
+    "train_gpt.py": {},
+    "train_hydra.py": {"HYDRA_SLOTS": "8", "HYDRA_CHUNK": "32"},
+    "train_manifold.py": {"MODEL_DIM": "32", "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4",
+                          "ROUTE_TOPK": "8", "MANIFOLD_PHYSICS_STEPS": "5",
+                          "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400"},
+}  # fmt: skip
+
 
 def load_script(name):
     """Import a training script as a module (they are importable with no side effects)."""

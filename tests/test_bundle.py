@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SCRIPTS, TINY_ENV, summary_of
+from conftest import REPO, SCRIPTS, TINY_ENV, TINY_RUN, summary_of
 
 from golf import bundle
 
@@ -127,13 +127,8 @@ def test_a_bundle_alone_in_an_empty_folder_trains_and_rereads_its_artifact(
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
     env.update(TINY_ENV)
     env.update(embedded)
+    env.update(TINY_RUN[script])
     env.update({"OMP_NUM_THREADS": "1", "RUN_ID": "alone", "PRE_QUANT_EVAL": "0"})
-    if script == "train_manifold.py":
-        env.update({"MODEL_DIM": "32", "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4",
-                    "ROUTE_TOPK": "8", "MANIFOLD_PHYSICS_STEPS": "5",
-                    "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400"})  # fmt: skip
-    if script == "train_hydra.py":
-        env.update({"HYDRA_SLOTS": "8", "HYDRA_CHUNK": "32"})
     done = subprocess.run(
         [sys.executable, "-I", script],  # -I: no user site, no PYTHONPATH, no cwd on the path
         cwd=tmp_path,

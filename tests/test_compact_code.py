@@ -20,18 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import REPO, SCRIPTS, TINY_ENV, summary_of
+from conftest import REPO, SCRIPTS, TINY_ENV, TINY_RUN, summary_of
 
 import golf.compact as compact_tools
-
-# the overrides each script's tiny end-to-end runs use (their own test files' settings)
-TINY_RUN = {
-    "train_gpt.py": {},
-    "train_hydra.py": {"HYDRA_SLOTS": "8", "HYDRA_CHUNK": "32"},
-    "train_manifold.py": {"MODEL_DIM": "32", "MANIFOLD_MODES": "16", "MANIFOLD_COORDS": "4",
-                          "ROUTE_TOPK": "8", "MANIFOLD_PHYSICS_STEPS": "5",
-                          "MANIFOLD_PHYSICS_DIM": "16", "MANIFOLD_PAIRS": "400"},
-}  # fmt: skip
 
 
 def load_compact(path, name):

@@ -589,9 +589,13 @@ def evaluate(mod, model, h, rt, max_tokens=None, header_source=None):
     }
     if h.eval_len != (h.audit_seq_len or h.train_seq_len):
         audits["causality_eval"] = mod.audit_causality(model, h.eval_len, h.vocab_size)
+    mode = final_mode(h)
+    ttt_len = getattr(h, "ttt_eval_len", h.eval_len)  # older scripts have no TTT_EVAL_SEQ_LEN
+    lora_ttt = mode in ("ttt_lora", "ttt_phased")
+    if lora_ttt and ttt_len not in (h.eval_len, h.audit_seq_len or h.train_seq_len):
+        audits["causality_ttt"] = mod.audit_causality(model, ttt_len, h.vocab_size)
     audits["bytes"] = mod.audit_bytes(sp, val_tokens, luts)
 
-    mode = final_mode(h)
     res = mod.EVAL_MODES[mode].evaluate(h, model, val_tokens, luts)
     if "score_first" in res:
         audits["score_first"] = res["score_first"]

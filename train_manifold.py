@@ -92,6 +92,46 @@ def ttt_phase_bounds(h):
     return counts
 
 
+def ttt_short_chunk_steps(h):
+    """TTT_SHORT_SCORE_FIRST_STEPS ("256:8,2000:24") as [(longest document, chunk)] sorted by
+    document length; "" gives []."""
+    steps = []
+    for item in h.ttt_short_score_first_steps.split(","):
+        if not item.strip():
+            continue
+        doc_len, sep, chunk = item.partition(":")
+        try:
+            step = (int(doc_len), int(chunk))
+        except ValueError:
+            step = None
+        if not sep or step is None or min(step) <= 0:
+            raise ValueError(
+                f"TTT_SHORT_SCORE_FIRST_STEPS={h.ttt_short_score_first_steps!r}: expected "
+                "comma-separated doc_len:chunk pairs of positive integers, e.g. '256:8,2000:24'"
+            )
+        steps.append(step)
+    steps.sort()
+    lengths = [doc_len for doc_len, _ in steps]
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(
+            f"TTT_SHORT_SCORE_FIRST_STEPS={h.ttt_short_score_first_steps!r}: a document length "
+            "is listed twice"
+        )
+    return steps
+
+
+# TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
+# are the records' spellings of "", every role).
+TTT_MASKS = {
+    "": (),
+    "all": (),
+    "baseline_all": (),
+    "no_q": ("q",),
+    "no_v": ("v",),
+    "no_qv": ("q", "v"),
+}
+
+
 QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
 
 
@@ -209,6 +249,9 @@ class BaseHyperparameters:
     eval_mode: str = "standard"
     eval_seq_len: int = 0
     eval_stride: int = 64
+    # EVAL_INCLUDE_TAIL (#2014): the standard eval scores the targets after its last whole
+    # TRAIN_SEQ_LEN window too (a shorter last window), so every target of the split is scored.
+    eval_include_tail: bool = False
     ttt_enabled: bool = False
     ttt_chunk_tokens: int = 32768
     ttt_lr: float = 0.002
@@ -252,6 +295,22 @@ class BaseHyperparameters:
     ttt_phase_lr: float = 0.001
     ttt_phase_momentum: float = 0.9
     ttt_phase_epochs: int = 1
+    # The eval/TTT levers of the 1.0565 frontier (#1953, #2014, #2135; issue 23). TTT_EVAL_SEQ_LEN:
+    # the per-document LoRA context (0 = EVAL_SEQ_LEN); the phase trainer keeps EVAL_SEQ_LEN, as
+    # in the records. TTT_MASK and the TTT_*_LORA switches drop adapter roles (Q, K, V, the
+    # attention output O, the MLP). TTT_LOCAL_LR_MULT scales the per-document LoRA lr only, not
+    # the phase SGD. TTT_SHORT_SCORE_FIRST_*: smaller score-first chunks for groups of short
+    # documents.
+    ttt_eval_seq_len: int = 0
+    ttt_mask: str = ""
+    ttt_q_lora: bool = True
+    ttt_k_lora: bool = True
+    ttt_v_lora: bool = True
+    ttt_o_lora: bool = True
+    ttt_mlp_lora: bool = True
+    ttt_local_lr_mult: float = 1.0
+    ttt_short_score_first_enabled: bool = False
+    ttt_short_score_first_steps: str = ""
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -415,9 +474,18 @@ class BaseHyperparameters:
         for name in ("ttt_lora_beta1", "ttt_lora_beta2", "ttt_phase_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 self.bad(name, "must be in [0, 1)")
-        if self.ttt_lora_wd < 0:
-            self.bad("ttt_lora_wd", "must not be negative")
+        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len"):
+            if getattr(self, name) < 0:
+                self.bad(name, "must not be negative")
+        if self.ttt_mask not in TTT_MASKS:
+            self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
+        steps = ttt_short_chunk_steps(self)
+        if self.ttt_short_score_first_enabled and not steps:
+            self.bad(
+                "ttt_short_score_first_steps",
+                "TTT_SHORT_SCORE_FIRST_ENABLED=1 needs doc_len:chunk pairs, e.g. '256:8,2000:24'",
+            )
 
     def validate_run_id(self):
         """RUN_ID names files in LOG_DIR: a plain name (letters, digits, `._-`), never a path."""
@@ -433,6 +501,11 @@ class BaseHyperparameters:
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def ttt_eval_len(self):
+        """The per-document LoRA TTT context: TTT_EVAL_SEQ_LEN, else the eval window."""
+        return self.ttt_eval_seq_len or self.eval_len
 
     @property
     def final_eval_mode(self):
@@ -3790,8 +3863,23 @@ def _eval_result(sums, t0, mode, **extra):
     }
 
 
+def standard_batches(n_tokens, seq, rank, world, batch, include_tail):
+    """This rank's batches of the standard eval as (first token, rows, row length): `batch` whole
+    TRAIN_SEQ_LEN windows at a time, and with include_tail (EVAL_INCLUDE_TAIL, #2014) the last
+    rank also scores the targets after the last whole window, in one shorter window."""
+    n_seqs = (n_tokens - 1) // seq
+    lo = n_seqs * rank // world
+    hi = n_seqs * (rank + 1) // world
+    batches = [(s * seq, min(s + batch, hi) - s, seq) for s in range(lo, hi, batch)]
+    tail = n_tokens - 1 - n_seqs * seq
+    if include_tail and tail and rank == world - 1:
+        batches.append((n_seqs * seq, 1, tail))
+    return batches
+
+
 def eval_val(h, model, val_tokens, luts):
-    """Standard eval: non-overlapping TRAIN_SEQ_LEN windows, this rank's share of them."""
+    """Standard eval: non-overlapping TRAIN_SEQ_LEN windows, this rank's share of them; the tail
+    after the last whole window too with EVAL_INCLUDE_TAIL."""
     t0 = time.perf_counter()
     rank, world = _dist_info()
     device = _model_device(model)
@@ -3801,33 +3889,34 @@ def eval_val(h, model, val_tokens, luts):
         raise ValueError(
             f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1"
         )
-    lo = n_seqs * rank // world
-    hi = n_seqs * (rank + 1) // world
     batch = max(1, h.val_batch_size // (8 * seq))
+    batches = standard_batches(val_tokens.numel(), seq, rank, world, batch, h.eval_include_tail)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
     coverage = torch.zeros(val_tokens.numel(), dtype=torch.int32, device=device)
     was_training = model.training
     model.eval()
-    progress = Progress("eval standard", hi - lo, state="evaluating")
+    progress = Progress("eval standard", sum(rows for _, rows, _ in batches), state="evaluating")
     with torch.inference_mode():
-        for s in range(lo, hi, batch):
-            chunk = val_tokens[s * seq : min(s + batch, hi) * seq + 1].to(
+        for first, rows, width in batches:
+            chunk = val_tokens[first : first + rows * width + 1].to(
                 device=device, dtype=torch.int64
             )
-            x = chunk[:-1].view(-1, seq)
-            y = chunk[1:].view(-1, seq)
-            positions = torch.arange(1, y.numel() + 1, device=device).view(-1, seq) + s * seq
+            x = chunk[:-1].view(-1, width)
+            y = chunk[1:].view(-1, width)
+            positions = torch.arange(1, y.numel() + 1, device=device).view(-1, width) + first
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts, positions).sum()
             coverage.index_add_(0, positions.flatten(), torch.ones_like(coverage[: y.numel()]))
-            progress.advance(min(s + batch, hi) - s)
+            progress.advance(rows)
     progress.close()
     model.train(was_training)
     dist_sum(sums)
     dist_sum(coverage)
-    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored.
-    audit = audit_score_first([], coverage, last_target=n_seqs * seq)
+    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored,
+    # unless EVAL_INCLUDE_TAIL asks for every target.
+    last_target = None if h.eval_include_tail else n_seqs * seq
+    audit = audit_score_first([], coverage, last_target=last_target)
     return _eval_result(sums, t0, "standard", score_first=audit)
 
 
@@ -4222,15 +4311,15 @@ def _audit_jacobian(model, x, positions):
 # Batched per-document LoRA (#1530; rank 80, 48-token chunks, AdamW beta2 0.99 and weight decay
 # 0.5 in #1855): the val stream is cut into documents at BOS; every document gets its own rank-r
 # adapters on Q/K/V/O, the MLP and the head, reset to the same initial values at its start. A
-# document is scored chunk by chunk: one forward of the chunk with up to EVAL_SEQ_LEN tokens of the
-# document before it accumulates the chunk's loss, then one AdamW step trains the adapters on that
-# same loss, so every chunk is scored by adapters that have seen only the chunks before it. Many
-# documents share each forward (one batch row each). Phased global SGD (#1610 -> #1626 -> #1855):
-# after the first TTT_PHASES documents (cumulative counts) are fully scored, scoring pauses and the
-# base weights train by SGD on exactly the documents scored since the last pause; scoring goes on
-# with the updated base. LoRA is applied by forward hooks on the model's own modules, so the TTT
-# forward is the model's forward (SmearGate's BOS mask, gates, recurrence: all of it) and the two
-# cannot drift (#1787 skipped a gate in a separate TTT forward and scored 1.908).
+# document is scored chunk by chunk: one forward of the chunk with up to TTT_EVAL_SEQ_LEN tokens
+# of the document before it accumulates the chunk's loss, then one AdamW step trains the adapters
+# on that same loss, so every chunk is scored by adapters that have seen only the chunks before
+# it. Many documents share each forward (one batch row each). Phased global SGD (#1610 -> #1626
+# -> #1855): after the first TTT_PHASES documents (cumulative counts) are fully scored, scoring
+# pauses and the base weights train by SGD on exactly the documents scored since the last pause;
+# scoring goes on with the updated base. LoRA is applied by forward hooks on the model's own
+# modules, so the TTT forward is the model's forward (SmearGate's BOS mask, gates, recurrence: all
+# of it) and the two cannot drift (#1787 skipped a gate in a separate TTT forward and scored 1.908).
 
 
 def ttt_lora_span(doc_lo, first, last, window):
@@ -4282,6 +4371,69 @@ def lora_targets(model, head=True):
     return found
 
 
+# Adapter roles (#1953, #2014, #2135): TTT_MASK=no_qv (or TTT_Q_LORA=0, TTT_V_LORA=0) drops the Q
+# and V adapters, TTT_K_LORA=0 the K ones, TTT_O_LORA=0 the attention output, TTT_MLP_LORA=0 the
+# MLP's. A target's role comes from its module name: c_q / c_k / c_v / proj under an `attn`
+# module, anything under an `mlp` module, the head (lm_head, or final_norm for a tied head); the
+# records adapt the head always. The records' O and MLP adapters run from the block's normed input
+# to the sublayer's output; ours sit on the model's own Linear modules (the attention output
+# projection, the MLP's layers), the same roles in our parametrisation.
+LORA_ROLE_SWITCHES = {
+    "q": "ttt_q_lora",
+    "k": "ttt_k_lora",
+    "v": "ttt_v_lora",
+    "o": "ttt_o_lora",
+    "mlp": "ttt_mlp_lora",
+}
+_ATTN_ROLES = {"c_q": "q", "c_k": "k", "c_v": "v", "proj": "o"}
+
+
+def lora_role(name):
+    """The role of a LoRA target from its module name: q, k, v, o, mlp, head or other."""
+    parts = name.split(".")
+    if name in ("lm_head", "final_norm"):
+        return "head"
+    if "attn" in parts[:-1] and parts[-1] in _ATTN_ROLES:
+        return _ATTN_ROLES[parts[-1]]
+    if "mlp" in parts[:-1]:
+        return "mlp"
+    return "other"
+
+
+def masked_lora_targets(model, h):
+    """lora_targets less the roles that TTT_MASK and the TTT_*_LORA switches turn off. A role
+    turned off that the model does not have is an error: the switch would change nothing."""
+    targets = lora_targets(model, h.ttt_lora_head)
+    dropped = set(TTT_MASKS[h.ttt_mask])
+    dropped |= {role for role, field in LORA_ROLE_SWITCHES.items() if not getattr(h, field)}
+    roles = {name: lora_role(name) for name in targets}
+    for role in sorted(dropped):
+        if role not in roles.values():
+            switch = LORA_ROLE_SWITCHES[role].upper()
+            raise ValueError(
+                f"{switch}=0 (or TTT_MASK={h.ttt_mask!r}): the model has no {role} module among "
+                f"its LoRA targets ({', '.join(sorted(set(roles.values())))})"
+            )
+    kept = {name: m for name, m in targets.items() if roles[name] not in dropped}
+    if not kept:
+        raise ValueError(
+            f"TTT_MASK={h.ttt_mask!r} and the TTT_*_LORA switches leave no module to adapt"
+        )
+    return kept
+
+
+def lora_chunk_for(h, longest_targets):
+    """The score-first chunk of a group whose longest document has `longest_targets` targets:
+    TTT_LORA_CHUNK, or with TTT_SHORT_SCORE_FIRST_ENABLED the chunk of the first step of
+    TTT_SHORT_SCORE_FIRST_STEPS whose length the document does not exceed (#2014: its length
+    counts the BOS and the closing BOS, targets + 1, and the group's longest document decides)."""
+    if h.ttt_short_score_first_enabled:
+        for doc_len, chunk in ttt_short_chunk_steps(h):
+            if longest_targets + 1 <= doc_len:
+                return chunk
+    return h.ttt_lora_chunk
+
+
 class LoraAdapters:
     """Rank-r adapters for up to `rows` documents on each target module, applied by forward hooks:
     an nn.Linear's output gains x A_b B_b (x its input), any other module's output y gains
@@ -4292,7 +4444,7 @@ class LoraAdapters:
         self.h = h
         self.rows = rows
         self.device = device
-        self.targets = lora_targets(model, h.ttt_lora_head)
+        self.targets = masked_lora_targets(model, h)
         dims = self._dims(model, device)
         gen = torch.Generator().manual_seed(h.seed)
         r = h.ttt_lora_rank
@@ -4347,7 +4499,7 @@ class LoraAdapters:
         }
         self.opt = torch.optim.AdamW(
             [*self.a.values(), *self.b.values()],
-            lr=h.ttt_lora_lr,
+            lr=h.ttt_lora_lr * h.ttt_local_lr_mult,  # TTT_LOCAL_LR_MULT: the local lr only
             betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
             weight_decay=h.ttt_lora_wd,
         )
@@ -4435,6 +4587,7 @@ class _LoraEval:
         self.scored_upto = -1
         self.steps = 0
         self.chunk = 0
+        self.chunk_groups = {}  # score-first chunk size -> groups scored with it
         self.phase = 0
         self.trainer = _TTTTrainer(self._phase_h(), model, 1) if phased else None
         self.model = self.trainer.model if phased else model
@@ -4453,7 +4606,8 @@ class _LoraEval:
     def score_group(self, docs, doc_ids):
         """LoRA TTT over a group of documents (rows of val_documents, longest first)."""
         h = self.h
-        chunk = h.ttt_lora_chunk
+        chunk = lora_chunk_for(h, int((docs[:, 2] - docs[:, 1]).max()) + 1)
+        self.chunk_groups[chunk] = self.chunk_groups.get(chunk, 0) + 1
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
         self.adapters.reset()
         self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
@@ -4465,7 +4619,7 @@ class _LoraEval:
             firsts = rows[:, 1] + k * chunk
             lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
             spans = [
-                ttt_lora_span(int(d), int(f), int(last), h.eval_len)
+                ttt_lora_span(int(d), int(f), int(last), h.ttt_eval_len)
                 for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
             nll, x, y, pos = self._forward(spans, n)
@@ -4637,8 +4791,9 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         lora_steps=run.steps,
         lora_rank=h.ttt_lora_rank,
         lora_targets=len(run.adapters.targets),
-        seq_len=h.eval_len,
+        seq_len=h.ttt_eval_len,
         chunk=h.ttt_lora_chunk,
+        chunk_groups=dict(sorted(run.chunk_groups.items())),  # this rank's groups
         score_first=audit_score_first(run.ledger, run.coverage),
     )
 
@@ -5306,7 +5461,7 @@ def warm_up_eval(run, model, mode, force=False):
         return 0.0
     t0 = time.perf_counter()
     files = shard_files(h.data_path, "train")
-    n_tokens = EVAL_WARMUP_SEQS * h.eval_len + 1
+    n_tokens = EVAL_WARMUP_SEQS * max(h.eval_len, h.ttt_eval_len) + 1
     tokens = load_data_shard(files[0])[:n_tokens].to(device=run.rt.device, dtype=torch.int64)
     # training shards carry no byte sidecar: the tables count them (the figure is not used)
     luts = build_sentencepiece_luts(run.sp, h.vocab_size, run.rt.device)
@@ -5613,6 +5768,10 @@ def run_audits(run, model):
     audits = {"causality": audit_causality(model, audit_len, h.vocab_size)}
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
+    lora_ttt = h.final_eval_mode in ("ttt_lora", "ttt_phased")
+    if lora_ttt and h.ttt_eval_len not in (audit_len, h.eval_len):
+        # TTT_EVAL_SEQ_LEN: the LoRA TTT forwards run at their own length, audited there too
+        audits["causality_ttt"] = audit_causality(model, h.ttt_eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
     if not audits["bytes"]["passed"] and "lut_bytes" in audits["bytes"]:
         res = audits["bytes"]  # the tables' audit (a sidecar's names its own failures)

@@ -22,6 +22,46 @@ def ttt_phase_bounds(h):
     return counts
 
 
+def ttt_short_chunk_steps(h):
+    """TTT_SHORT_SCORE_FIRST_STEPS ("256:8,2000:24") as [(longest document, chunk)] sorted by
+    document length; "" gives []."""
+    steps = []
+    for item in h.ttt_short_score_first_steps.split(","):
+        if not item.strip():
+            continue
+        doc_len, sep, chunk = item.partition(":")
+        try:
+            step = (int(doc_len), int(chunk))
+        except ValueError:
+            step = None
+        if not sep or step is None or min(step) <= 0:
+            raise ValueError(
+                f"TTT_SHORT_SCORE_FIRST_STEPS={h.ttt_short_score_first_steps!r}: expected "
+                "comma-separated doc_len:chunk pairs of positive integers, e.g. '256:8,2000:24'"
+            )
+        steps.append(step)
+    steps.sort()
+    lengths = [doc_len for doc_len, _ in steps]
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(
+            f"TTT_SHORT_SCORE_FIRST_STEPS={h.ttt_short_score_first_steps!r}: a document length "
+            "is listed twice"
+        )
+    return steps
+
+
+# TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
+# are the records' spellings of "", every role).
+TTT_MASKS = {
+    "": (),
+    "all": (),
+    "baseline_all": (),
+    "no_q": ("q",),
+    "no_v": ("v",),
+    "no_qv": ("q", "v"),
+}
+
+
 QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
 
 
@@ -139,6 +179,9 @@ class BaseHyperparameters:
     eval_mode: str = "standard"
     eval_seq_len: int = 0
     eval_stride: int = 64
+    # EVAL_INCLUDE_TAIL (#2014): the standard eval scores the targets after its last whole
+    # TRAIN_SEQ_LEN window too (a shorter last window), so every target of the split is scored.
+    eval_include_tail: bool = False
     ttt_enabled: bool = False
     ttt_chunk_tokens: int = 32768
     ttt_lr: float = 0.002
@@ -182,6 +225,22 @@ class BaseHyperparameters:
     ttt_phase_lr: float = 0.001
     ttt_phase_momentum: float = 0.9
     ttt_phase_epochs: int = 1
+    # The eval/TTT levers of the 1.0565 frontier (#1953, #2014, #2135; issue 23). TTT_EVAL_SEQ_LEN:
+    # the per-document LoRA context (0 = EVAL_SEQ_LEN); the phase trainer keeps EVAL_SEQ_LEN, as
+    # in the records. TTT_MASK and the TTT_*_LORA switches drop adapter roles (Q, K, V, the
+    # attention output O, the MLP). TTT_LOCAL_LR_MULT scales the per-document LoRA lr only, not
+    # the phase SGD. TTT_SHORT_SCORE_FIRST_*: smaller score-first chunks for groups of short
+    # documents.
+    ttt_eval_seq_len: int = 0
+    ttt_mask: str = ""
+    ttt_q_lora: bool = True
+    ttt_k_lora: bool = True
+    ttt_v_lora: bool = True
+    ttt_o_lora: bool = True
+    ttt_mlp_lora: bool = True
+    ttt_local_lr_mult: float = 1.0
+    ttt_short_score_first_enabled: bool = False
+    ttt_short_score_first_steps: str = ""
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -345,9 +404,18 @@ class BaseHyperparameters:
         for name in ("ttt_lora_beta1", "ttt_lora_beta2", "ttt_phase_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 self.bad(name, "must be in [0, 1)")
-        if self.ttt_lora_wd < 0:
-            self.bad("ttt_lora_wd", "must not be negative")
+        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len"):
+            if getattr(self, name) < 0:
+                self.bad(name, "must not be negative")
+        if self.ttt_mask not in TTT_MASKS:
+            self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
+        steps = ttt_short_chunk_steps(self)
+        if self.ttt_short_score_first_enabled and not steps:
+            self.bad(
+                "ttt_short_score_first_steps",
+                "TTT_SHORT_SCORE_FIRST_ENABLED=1 needs doc_len:chunk pairs, e.g. '256:8,2000:24'",
+            )
 
     def validate_run_id(self):
         """RUN_ID names files in LOG_DIR: a plain name (letters, digits, `._-`), never a path."""
@@ -363,6 +431,11 @@ class BaseHyperparameters:
     @property
     def eval_len(self):
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def ttt_eval_len(self):
+        """The per-document LoRA TTT context: TTT_EVAL_SEQ_LEN, else the eval window."""
+        return self.ttt_eval_seq_len or self.eval_len
 
     @property
     def final_eval_mode(self):

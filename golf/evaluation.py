@@ -68,8 +68,23 @@ def _eval_result(sums, t0, mode, **extra):
     }
 
 
+def standard_batches(n_tokens, seq, rank, world, batch, include_tail):
+    """This rank's batches of the standard eval as (first token, rows, row length): `batch` whole
+    TRAIN_SEQ_LEN windows at a time, and with include_tail (EVAL_INCLUDE_TAIL, #2014) the last
+    rank also scores the targets after the last whole window, in one shorter window."""
+    n_seqs = (n_tokens - 1) // seq
+    lo = n_seqs * rank // world
+    hi = n_seqs * (rank + 1) // world
+    batches = [(s * seq, min(s + batch, hi) - s, seq) for s in range(lo, hi, batch)]
+    tail = n_tokens - 1 - n_seqs * seq
+    if include_tail and tail and rank == world - 1:
+        batches.append((n_seqs * seq, 1, tail))
+    return batches
+
+
 def eval_val(h, model, val_tokens, luts):
-    """Standard eval: non-overlapping TRAIN_SEQ_LEN windows, this rank's share of them."""
+    """Standard eval: non-overlapping TRAIN_SEQ_LEN windows, this rank's share of them; the tail
+    after the last whole window too with EVAL_INCLUDE_TAIL."""
     t0 = time.perf_counter()
     rank, world = _dist_info()
     device = _model_device(model)
@@ -79,33 +94,34 @@ def eval_val(h, model, val_tokens, luts):
         raise ValueError(
             f"val split has {val_tokens.numel()} tokens, shorter than TRAIN_SEQ_LEN={seq} + 1"
         )
-    lo = n_seqs * rank // world
-    hi = n_seqs * (rank + 1) // world
     batch = max(1, h.val_batch_size // (8 * seq))
+    batches = standard_batches(val_tokens.numel(), seq, rank, world, batch, h.eval_include_tail)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
     coverage = torch.zeros(val_tokens.numel(), dtype=torch.int32, device=device)
     was_training = model.training
     model.eval()
-    progress = Progress("eval standard", hi - lo, state="evaluating")
+    progress = Progress("eval standard", sum(rows for _, rows, _ in batches), state="evaluating")
     with torch.inference_mode():
-        for s in range(lo, hi, batch):
-            chunk = val_tokens[s * seq : min(s + batch, hi) * seq + 1].to(
+        for first, rows, width in batches:
+            chunk = val_tokens[first : first + rows * width + 1].to(
                 device=device, dtype=torch.int64
             )
-            x = chunk[:-1].view(-1, seq)
-            y = chunk[1:].view(-1, seq)
-            positions = torch.arange(1, y.numel() + 1, device=device).view(-1, seq) + s * seq
+            x = chunk[:-1].view(-1, width)
+            y = chunk[1:].view(-1, width)
+            positions = torch.arange(1, y.numel() + 1, device=device).view(-1, width) + first
             sums[0] += token_nll(model, x, y).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts, positions).sum()
             coverage.index_add_(0, positions.flatten(), torch.ones_like(coverage[: y.numel()]))
-            progress.advance(min(s + batch, hi) - s)
+            progress.advance(rows)
     progress.close()
     model.train(was_training)
     dist_sum(sums)
     dist_sum(coverage)
-    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored.
-    audit = audit_score_first([], coverage, last_target=n_seqs * seq)
+    # Whole TRAIN_SEQ_LEN windows only (the baseline's eval): the tail after them is not scored,
+    # unless EVAL_INCLUDE_TAIL asks for every target.
+    last_target = None if h.eval_include_tail else n_seqs * seq
+    audit = audit_score_first([], coverage, last_target=last_target)
     return _eval_result(sums, t0, "standard", score_first=audit)
 
 

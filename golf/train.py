@@ -532,7 +532,7 @@ def warm_up_eval(run, model, mode, force=False):
         return 0.0
     t0 = time.perf_counter()
     files = shard_files(h.data_path, "train")
-    n_tokens = EVAL_WARMUP_SEQS * h.eval_len + 1
+    n_tokens = EVAL_WARMUP_SEQS * max(h.eval_len, h.ttt_eval_len) + 1
     tokens = load_data_shard(files[0])[:n_tokens].to(device=run.rt.device, dtype=torch.int64)
     # training shards carry no byte sidecar: the tables count them (the figure is not used)
     luts = build_sentencepiece_luts(run.sp, h.vocab_size, run.rt.device)
@@ -839,6 +839,10 @@ def run_audits(run, model):
     audits = {"causality": audit_causality(model, audit_len, h.vocab_size)}
     if h.eval_len != audit_len:
         audits["causality_eval"] = audit_causality(model, h.eval_len, h.vocab_size)
+    lora_ttt = h.final_eval_mode in ("ttt_lora", "ttt_phased")
+    if lora_ttt and h.ttt_eval_len not in (audit_len, h.eval_len):
+        # TTT_EVAL_SEQ_LEN: the LoRA TTT forwards run at their own length, audited there too
+        audits["causality_ttt"] = audit_causality(model, h.ttt_eval_len, h.vocab_size)
     audits["bytes"] = audit_bytes(run.sp, run.val_tokens, run.luts)
     if not audits["bytes"]["passed"] and "lut_bytes" in audits["bytes"]:
         res = audits["bytes"]  # the tables' audit (a sidecar's names its own failures)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from golf.bpb import target_bytes
-from golf.config import ttt_phase_bounds
+from golf.config import TTT_MASKS, ttt_phase_bounds, ttt_short_chunk_steps
 from golf.contract import model_hook
 from golf.evaluation import (
     RecordedTokens,
@@ -27,15 +27,15 @@ from golf.runtime import dist_max, dist_sum
 # Batched per-document LoRA (#1530; rank 80, 48-token chunks, AdamW beta2 0.99 and weight decay
 # 0.5 in #1855): the val stream is cut into documents at BOS; every document gets its own rank-r
 # adapters on Q/K/V/O, the MLP and the head, reset to the same initial values at its start. A
-# document is scored chunk by chunk: one forward of the chunk with up to EVAL_SEQ_LEN tokens of the
-# document before it accumulates the chunk's loss, then one AdamW step trains the adapters on that
-# same loss, so every chunk is scored by adapters that have seen only the chunks before it. Many
-# documents share each forward (one batch row each). Phased global SGD (#1610 -> #1626 -> #1855):
-# after the first TTT_PHASES documents (cumulative counts) are fully scored, scoring pauses and the
-# base weights train by SGD on exactly the documents scored since the last pause; scoring goes on
-# with the updated base. LoRA is applied by forward hooks on the model's own modules, so the TTT
-# forward is the model's forward (SmearGate's BOS mask, gates, recurrence: all of it) and the two
-# cannot drift (#1787 skipped a gate in a separate TTT forward and scored 1.908).
+# document is scored chunk by chunk: one forward of the chunk with up to TTT_EVAL_SEQ_LEN tokens
+# of the document before it accumulates the chunk's loss, then one AdamW step trains the adapters
+# on that same loss, so every chunk is scored by adapters that have seen only the chunks before
+# it. Many documents share each forward (one batch row each). Phased global SGD (#1610 -> #1626
+# -> #1855): after the first TTT_PHASES documents (cumulative counts) are fully scored, scoring
+# pauses and the base weights train by SGD on exactly the documents scored since the last pause;
+# scoring goes on with the updated base. LoRA is applied by forward hooks on the model's own
+# modules, so the TTT forward is the model's forward (SmearGate's BOS mask, gates, recurrence: all
+# of it) and the two cannot drift (#1787 skipped a gate in a separate TTT forward and scored 1.908).
 
 
 def ttt_lora_span(doc_lo, first, last, window):
@@ -87,6 +87,69 @@ def lora_targets(model, head=True):
     return found
 
 
+# Adapter roles (#1953, #2014, #2135): TTT_MASK=no_qv (or TTT_Q_LORA=0, TTT_V_LORA=0) drops the Q
+# and V adapters, TTT_K_LORA=0 the K ones, TTT_O_LORA=0 the attention output, TTT_MLP_LORA=0 the
+# MLP's. A target's role comes from its module name: c_q / c_k / c_v / proj under an `attn`
+# module, anything under an `mlp` module, the head (lm_head, or final_norm for a tied head); the
+# records adapt the head always. The records' O and MLP adapters run from the block's normed input
+# to the sublayer's output; ours sit on the model's own Linear modules (the attention output
+# projection, the MLP's layers), the same roles in our parametrisation.
+LORA_ROLE_SWITCHES = {
+    "q": "ttt_q_lora",
+    "k": "ttt_k_lora",
+    "v": "ttt_v_lora",
+    "o": "ttt_o_lora",
+    "mlp": "ttt_mlp_lora",
+}
+_ATTN_ROLES = {"c_q": "q", "c_k": "k", "c_v": "v", "proj": "o"}
+
+
+def lora_role(name):
+    """The role of a LoRA target from its module name: q, k, v, o, mlp, head or other."""
+    parts = name.split(".")
+    if name in ("lm_head", "final_norm"):
+        return "head"
+    if "attn" in parts[:-1] and parts[-1] in _ATTN_ROLES:
+        return _ATTN_ROLES[parts[-1]]
+    if "mlp" in parts[:-1]:
+        return "mlp"
+    return "other"
+
+
+def masked_lora_targets(model, h):
+    """lora_targets less the roles that TTT_MASK and the TTT_*_LORA switches turn off. A role
+    turned off that the model does not have is an error: the switch would change nothing."""
+    targets = lora_targets(model, h.ttt_lora_head)
+    dropped = set(TTT_MASKS[h.ttt_mask])
+    dropped |= {role for role, field in LORA_ROLE_SWITCHES.items() if not getattr(h, field)}
+    roles = {name: lora_role(name) for name in targets}
+    for role in sorted(dropped):
+        if role not in roles.values():
+            switch = LORA_ROLE_SWITCHES[role].upper()
+            raise ValueError(
+                f"{switch}=0 (or TTT_MASK={h.ttt_mask!r}): the model has no {role} module among "
+                f"its LoRA targets ({', '.join(sorted(set(roles.values())))})"
+            )
+    kept = {name: m for name, m in targets.items() if roles[name] not in dropped}
+    if not kept:
+        raise ValueError(
+            f"TTT_MASK={h.ttt_mask!r} and the TTT_*_LORA switches leave no module to adapt"
+        )
+    return kept
+
+
+def lora_chunk_for(h, longest_targets):
+    """The score-first chunk of a group whose longest document has `longest_targets` targets:
+    TTT_LORA_CHUNK, or with TTT_SHORT_SCORE_FIRST_ENABLED the chunk of the first step of
+    TTT_SHORT_SCORE_FIRST_STEPS whose length the document does not exceed (#2014: its length
+    counts the BOS and the closing BOS, targets + 1, and the group's longest document decides)."""
+    if h.ttt_short_score_first_enabled:
+        for doc_len, chunk in ttt_short_chunk_steps(h):
+            if longest_targets + 1 <= doc_len:
+                return chunk
+    return h.ttt_lora_chunk
+
+
 class LoraAdapters:
     """Rank-r adapters for up to `rows` documents on each target module, applied by forward hooks:
     an nn.Linear's output gains x A_b B_b (x its input), any other module's output y gains
@@ -97,7 +160,7 @@ class LoraAdapters:
         self.h = h
         self.rows = rows
         self.device = device
-        self.targets = lora_targets(model, h.ttt_lora_head)
+        self.targets = masked_lora_targets(model, h)
         dims = self._dims(model, device)
         gen = torch.Generator().manual_seed(h.seed)
         r = h.ttt_lora_rank
@@ -152,7 +215,7 @@ class LoraAdapters:
         }
         self.opt = torch.optim.AdamW(
             [*self.a.values(), *self.b.values()],
-            lr=h.ttt_lora_lr,
+            lr=h.ttt_lora_lr * h.ttt_local_lr_mult,  # TTT_LOCAL_LR_MULT: the local lr only
             betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
             weight_decay=h.ttt_lora_wd,
         )
@@ -240,6 +303,7 @@ class _LoraEval:
         self.scored_upto = -1
         self.steps = 0
         self.chunk = 0
+        self.chunk_groups = {}  # score-first chunk size -> groups scored with it
         self.phase = 0
         self.trainer = _TTTTrainer(self._phase_h(), model, 1) if phased else None
         self.model = self.trainer.model if phased else model
@@ -258,7 +322,8 @@ class _LoraEval:
     def score_group(self, docs, doc_ids):
         """LoRA TTT over a group of documents (rows of val_documents, longest first)."""
         h = self.h
-        chunk = h.ttt_lora_chunk
+        chunk = lora_chunk_for(h, int((docs[:, 2] - docs[:, 1]).max()) + 1)
+        self.chunk_groups[chunk] = self.chunk_groups.get(chunk, 0) + 1
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
         self.adapters.reset()
         self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
@@ -270,7 +335,7 @@ class _LoraEval:
             firsts = rows[:, 1] + k * chunk
             lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
             spans = [
-                ttt_lora_span(int(d), int(f), int(last), h.eval_len)
+                ttt_lora_span(int(d), int(f), int(last), h.ttt_eval_len)
                 for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
             nll, x, y, pos = self._forward(spans, n)
@@ -442,8 +507,9 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         lora_steps=run.steps,
         lora_rank=h.ttt_lora_rank,
         lora_targets=len(run.adapters.targets),
-        seq_len=h.eval_len,
+        seq_len=h.ttt_eval_len,
         chunk=h.ttt_lora_chunk,
+        chunk_groups=dict(sorted(run.chunk_groups.items())),  # this rank's groups
         score_first=audit_score_first(run.ledger, run.coverage),
     )
 

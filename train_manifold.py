@@ -5809,9 +5809,12 @@ def final_eval(run, model, audits):
         label = EVAL_MODES[mode].label
         warm_up_eval(run, model, mode)
         final = timed_eval(run, model, mode)
+        context = f"stride:{h.eval_stride} seq_len:{h.eval_len}"
+        if mode in ("ttt_lora", "ttt_phased") and h.ttt_eval_len != h.eval_len:
+            context += f" ttt_seq_len:{h.ttt_eval_len}"  # the LoRA windows (TTT_EVAL_SEQ_LEN)
         logger.log0(
             f"{label}_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
-            f"stride:{h.eval_stride} seq_len:{h.eval_len}"
+            + context
         )
     sf = final["score_first"]  # every mode's coverage; the TTT modes' order too
     audits["score_first"] = sf

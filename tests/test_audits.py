@@ -12,6 +12,7 @@ pass) and once with one fault rigged into the code it watches (it must fail, nam
   base moving inside a phase.
 """
 
+import dataclasses
 import json
 import types
 
@@ -320,7 +321,7 @@ def train_then_score(gpt):
 
     def score_group(self, docs, doc_ids):
         h = self.h
-        chunk = h.ttt_lora_chunk
+        chunk = gpt.lora_chunk_for(h, int((docs[:, 2] - docs[:, 1]).max()) + 1)
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
         self.adapters.reset()
         self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
@@ -332,7 +333,7 @@ def train_then_score(gpt):
             firsts = rows[:, 1] + k * chunk
             lasts = np.minimum(firsts + chunk - 1, rows[:, 2])
             spans = [
-                gpt.ttt_lora_span(int(d), int(f), int(last), h.eval_len)
+                gpt.ttt_lora_span(int(d), int(f), int(last), h.ttt_eval_len)
                 for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
             first_t = torch.as_tensor(firsts)[:, None]
@@ -361,9 +362,21 @@ def train_then_score(gpt):
     return score_group
 
 
+# Short-document chunks (#2014, TTT_SHORT_SCORE_FIRST_STEPS): the groups of the docs_setup
+# (longest 90 targets) get chunks of 2, 4 and 8 tokens.
+SHORT_CHUNKS = {"ttt_short_score_first_enabled": True, "ttt_short_score_first_steps": "60:2,85:4"}
+
+
+@pytest.mark.parametrize("short", [False, True])
 @pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
-def test_lora_train_then_score_is_caught(gpt, docs_setup, monkeypatch, mode):
+def test_lora_train_then_score_is_caught(gpt, docs_setup, monkeypatch, mode, short):
+    if short:
+        h, *rest = docs_setup
+        docs_setup = (dataclasses.replace(h, **SHORT_CHUNKS), *rest)
     honest = evaluate(gpt, docs_setup, mode)
+    assert honest["score_first"]["passed"], honest["score_first"]["failures"]
+    if short:
+        assert sorted(honest["chunk_groups"]) == [2, 4, 8], honest["chunk_groups"]
     monkeypatch.setattr(gpt._LoraEval, "score_group", train_then_score(gpt))
     rigged = evaluate(gpt, docs_setup, mode)
     assert rigged["val_loss"] != honest["val_loss"]  # the rig changed the scores

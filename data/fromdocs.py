@@ -379,7 +379,8 @@ def build_from_docs(
         raise ValueError(f"num_val_docs={num_val_docs}, shard_size={shard_size}: must be >= 1")
     if not 0 <= train_shards <= train_files:
         raise ValueError(f"--train-shards {train_shards}: must be in 0..{train_files}")
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be >= 1")
     local_dir = Path(local_dir)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +31,6 @@ SHARD = 40_000
 # More train files than the 200 documents fill: the documents run out first, as in data.build.
 MANY_FILES = 50
 
-pytestmark = pytest.mark.skipif(
-    not (DOCS.is_file() and MODEL.is_file()), reason="../shared/data is not present"
-)
-
 
 def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
@@ -47,6 +44,8 @@ def shard_names(folder) -> list[str]:
 def fake_hub(tmp_path_factory):
     """DIR/<owner>/<name>/... for the official repo (the documents) and the CaseOps repo (the
     sequential export of the same documents, the tokenizer, a manifest in the official format)."""
+    if not (DOCS.is_file() and MODEL.is_file()):
+        pytest.skip("../shared/data is not present beside the checkout")
     root = tmp_path_factory.mktemp("hub")
     docs_repo = root / "willdepueoai" / "parameter-golf" / "datasets"
     docs_repo.mkdir(parents=True)
@@ -346,9 +345,14 @@ def test_from_docs_resumes_inside_a_document_and_rebuilds_a_damaged_file(fake_hu
     shutil.copytree(built[0], local)
     out = dataset_of(local)
     manifest = json.loads((out / "manifest.json").read_text())
-    split_inside = [p for p in manifest["source"]["resume"].values() if p[2] > 0]
-    assert split_inside, "some file must end inside a document for this test to mean anything"
-    damaged = out / "fineweb_train_000003.bin"
+    resume = manifest["source"]["resume"]
+    # the first train file whose predecessor ends inside a document: resuming there must start
+    # from the middle of that document
+    inside = [
+        i for i in range(1, fake_hub[2]["train"]) if resume[f"fineweb_train_{i - 1:06d}.bin"][2] > 0
+    ]
+    assert inside, "some train file must end inside a document for this test to mean anything"
+    damaged = out / f"fineweb_train_{inside[0]:06d}.bin"
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 1
     damaged.write_bytes(bytes(raw))
@@ -357,15 +361,17 @@ def test_from_docs_resumes_inside_a_document_and_rebuilds_a_damaged_file(fake_hu
         local / "docs_selected.jsonl", local / "tokenizers" / TOKENIZER_NAME, out, config,
         MANY_FILES, workers=1, chunk_docs=16,
     )  # fmt: skip
-    assert summary["kept"] == 2 * fake_hub[2]["val"] + 3  # val + sidecars, train 0-2
+    assert summary["kept"] == 2 * fake_hub[2]["val"] + inside[0]  # val + sidecars, train before
     for name in shard_names(source):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
 
 
-def test_the_last_train_file_ends_with_the_document_crossing_the_budget(fake_hub, tmp_path):
+def test_the_last_train_file_ends_with_the_document_crossing_the_budget(fake_hub, tmp_path, capsys):
     root, _, _ = fake_hub
     kwargs = dict(num_val_docs=VAL_DOCS, shard_size=SHARD, train_files=3, chunk_docs=16)
     summary = fromdocs.build_from_docs(3, tmp_path / "a", root, workers=1, **kwargs)
+    lines = capsys.readouterr().err.splitlines()
+    assert "progress: from-docs wrote fineweb_train_000002.bin (3/3 train files" in lines[-1]
     out = dataset_of(tmp_path / "a")
     train = [read_shard(out / f"fineweb_train_{i:06d}.bin") for i in range(3)]
     assert [t.size for t in train[:2]] == [SHARD, SHARD] and train[2].size > SHARD
@@ -426,3 +432,42 @@ def test_a_missing_record_dataset_names_the_download_command():
     hint = how_to_get("data/datasets/fineweb10B_sp8192_caseops")
     assert "`python -m data.download --variant sp8192_caseops`" in hint
     assert how_to_get(f"data/tokenizers/{TOKENIZER_NAME}") == hint
+
+
+# -----------------------------------------------------------------------------
+# the hub client (its answers stood in for: no network in tests)
+# -----------------------------------------------------------------------------
+
+
+def test_hub_source_reads_the_published_sizes_and_sha256(monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    monkeypatch.setattr(hub, "_check_resolvable", lambda: None)
+    asked = []
+
+    def paths_info(self, repo_id, paths, repo_type=None):
+        asked.append((repo_id, list(paths), repo_type))
+        lfs = {"size": 12, "oid": "ab" * 32, "pointerSize": 130}
+        return [RepoFile(path=p, size=12, oid="0" * 40, lfs=lfs) for p in paths[:1]] + [
+            RepoFile(path=p, size=7, oid="1" * 40) for p in paths[1:]
+        ]
+
+    monkeypatch.setattr(HfApi, "get_paths_info", paths_info)
+    got = hub.HubSource("o/r").expected(["a.bin", "b.json"])
+    assert asked == [("o/r", ["a.bin", "b.json"], "dataset")]
+    assert got == {
+        "a.bin": {"size": 12, "sha256": "ab" * 32},
+        "b.json": {"size": 7, "sha256": None},
+    }
+
+
+def test_hub_source_offline_is_one_actionable_line(monkeypatch):
+    def offline():
+        raise ConnectionError("cannot resolve huggingface.co: Name or service not known")
+
+    monkeypatch.setattr(hub, "_check_resolvable", offline)
+    with pytest.raises(RuntimeError) as e:
+        hub.HubSource("o/r").fetch("datasets/manifest.json", Path("/nonexistent"))
+    assert str(e.value).startswith("cannot reach the Hugging Face hub (cannot resolve")
+    assert "check the network" in str(e.value) and "\n" not in str(e.value)

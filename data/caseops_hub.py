@@ -311,7 +311,34 @@ def download_caseops(
     repo_id: str = CASEOPS_REPO_ID,
     docs_repo_id: str = DOCS_REPO_ID,
 ) -> dict:
-    """Fetch, verify and bind the canonical CaseOps export (see the module docstring)."""
+    """Fetch, verify and bind the canonical CaseOps export (see the module docstring). A failed
+    run keeps its staging folder (local_dir/.download) so that the next one resumes from it."""
+    staging = Path(local_dir) / ".download"
+    try:
+        return _download_caseops(
+            train_shards, local_dir, hub_dir, check_docs, repo_id, docs_repo_id
+        )
+    except BaseException:
+        remove_if_empty(staging)
+        raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a staging folder that holds nothing to resume from."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _download_caseops(
+    train_shards: int,
+    local_dir: str | os.PathLike,
+    hub_dir: str | os.PathLike | None,
+    check_docs: int,
+    repo_id: str,
+    docs_repo_id: str,
+) -> dict:
     local_dir = Path(local_dir)
     out_dir, tokenizer_path = local_paths(local_dir)
     existing = read_folder_manifest(out_dir)

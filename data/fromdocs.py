@@ -56,6 +56,7 @@ from data.caseops_hub import (
     file_record,
     local_paths,
     read_folder_manifest,
+    remove_if_empty,
     write_export_manifest,
 )
 from data.hub import make_source
@@ -386,7 +387,11 @@ def build_from_docs(
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     out_dir, tokenizer_path = local_paths(local_dir)
-    docs_path, docs_sha = fetch_documents(local_dir, make_source(docs_repo_id, hub_dir))
+    try:
+        docs_path, docs_sha = fetch_documents(local_dir, make_source(docs_repo_id, hub_dir))
+    except BaseException:
+        remove_if_empty(local_dir / ".download")
+        raise
     if not tokenizer_path.is_file():
         staging = local_dir / ".download"
         got = make_source(repo_id, hub_dir).fetch(_remote(f"tokenizers/{TOKENIZER_NAME}"), staging)

@@ -1122,8 +1122,9 @@ def how_to_get(path):
     name = os.path.basename(os.path.normpath(path))
     if "caseops" in name:
         return (
-            "the record preset's CaseOps SP8192 data: build it from docs_selected.jsonl with "
-            "`python -m data.build shards --caseops ...` (README, Data)"
+            "the record preset's CaseOps SP8192 data: download it with "
+            "`python -m data.download --variant sp8192_caseops` (or build it from the official "
+            "documents: add --from-docs; README, Data)"
         )
     if "pydoc" in name:
         return "make it with `python -m data.embedded` (offline, seconds)"

@@ -8,6 +8,7 @@ and is mirrored locally without the prefix: data/manifest.json, data/datasets/..
 data/tokenizers/....
 
     python -m data.download --variant sp1024 --train-shards 80 [--local-dir data] [--repo-id ...]
+    python -m data.download --variant sp8192_caseops [--from-docs]   (data/caseops_hub.py)
 
 Always fetches the manifest (a stale cached manifest is a known pitfall), all val shards, the first
 N train shards and the tokenizer. A file already present is skipped when it verifies: for a shard,
@@ -28,11 +29,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from data.build import report
+from data.caseops_hub import CASEOPS_REPO_ID, CHECK_DOCS, download_caseops
+from data.caseops_hub import VARIANT as CASEOPS_VARIANT
+from data.hub import HUB_DIR_ENV, explain_hub_error
 from data.shards import check_shard, progress, write_binding
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_PREFIX = "datasets"
-OFFLINE_HINT = "check the network or use the embedded corpus (python -m data.embedded)"
 
 
 def fetch(repo_id: str, filename: str, local_dir: Path) -> Path:
@@ -62,30 +65,11 @@ def _fetch_checked(repo_id: str, filename: str, staging: Path) -> Path:
     """fetch() with hub failures turned into one actionable line."""
     try:
         return fetch(repo_id, filename, staging)
-    except Exception as e:  # classified below; anything unknown is re-raised untouched
-        kind = type(e).__name__
-        names = {c.__name__ for c in type(e).__mro__}
-        if (
-            "LocalEntryNotFoundError" in names
-            or isinstance(e, (ConnectionError, TimeoutError))
-            or type(e).__module__.split(".")[0] in ("httpx", "requests", "urllib3")
-        ):
-            reason = str(e).splitlines()[0] if isinstance(e, ConnectionError) and str(e) else kind
-            raise RuntimeError(
-                f"cannot reach the Hugging Face hub ({reason}): {OFFLINE_HINT}"
-            ) from None
-        if "EntryNotFoundError" in names:
-            raise RuntimeError(
-                f"{repo_id}: {filename} not found on the hub (check --remote-prefix)"
-            ) from None
-        if "RepositoryNotFoundError" in names:
-            raise RuntimeError(
-                f"{repo_id}: dataset repo not found or not accessible (check --repo-id)"
-            ) from None
-        if "HfHubHTTPError" in names:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else kind
-            raise RuntimeError(f"{repo_id}: the hub refused {filename}: {first}") from None
-        raise
+    except Exception as e:  # classified by explain_hub_error; anything unknown is re-raised
+        explained = explain_hub_error(e, repo_id, filename)
+        if explained is None:
+            raise
+        raise explained from None
 
 
 def available_variants(manifest: dict) -> dict[str, dict]:
@@ -242,14 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.download",
         description=(
-            "Download the official Parameter Golf shards and tokenizer from the Hugging Face hub."
+            "Download the official Parameter Golf shards and tokenizer from the Hugging Face hub, "
+            "or the CaseOps SP8192 data of the record preset (--variant sp8192_caseops)."
         ),
     )
     parser.add_argument(
         "--variant",
         default="sp1024",
         help=(
-            "tokenizer variant named in the manifest, e.g. sp1024, sp4096, sp8192 (default: sp1024)"
+            "tokenizer variant named in the manifest, e.g. sp1024, sp4096, sp8192, or "
+            f"{CASEOPS_VARIANT} (romeerp/parameter-golf-caseops-v1) (default: sp1024)"
         ),
     )
     parser.add_argument(
@@ -264,25 +250,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="local root for manifest.json, datasets/ and tokenizers/ (default: data)",
     )
     parser.add_argument(
-        "--repo-id", default=REPO_ID, help=f"Hugging Face dataset repo (default: {REPO_ID})"
+        "--repo-id",
+        default=None,
+        help=f"Hugging Face dataset repo (default: {REPO_ID}; {CASEOPS_VARIANT}: the CaseOps repo)",
     )
     parser.add_argument(
         "--remote-prefix",
-        default=REMOTE_PREFIX,
+        default=None,
         help=f"folder of the export inside the repo (default: {REMOTE_PREFIX})",
+    )
+    caseops = parser.add_argument_group(f"{CASEOPS_VARIANT} only")
+    caseops.add_argument(
+        "--from-docs",
+        action="store_true",
+        help="build the shards locally from the official docs_selected.jsonl (about 48 GB; "
+        "resumable) instead of downloading them",
+    )
+    caseops.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="--from-docs: tokenizer worker processes (default: the CPU count)",
+    )
+    caseops.add_argument(
+        "--check-docs",
+        type=int,
+        default=CHECK_DOCS,
+        help="download: the first N documents of docs_selected.jsonl our builder must reproduce "
+        f"byte for byte in the fetched val split (default: {CHECK_DOCS}; 0 skips the check)",
+    )
+    caseops.add_argument(
+        "--hub-dir",
+        default=None,
+        help=f"read a local folder laid out like the hub (DIR/<owner>/<name>/...) instead of the "
+        f"network (default: ${HUB_DIR_ENV} when set)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     return parser
 
 
+def _action(args):
+    """The download or build the arguments ask for; ValueError for options of the other kind."""
+    if args.variant != CASEOPS_VARIANT:
+        for flag, given in (
+            ("--from-docs", args.from_docs),
+            ("--workers", args.workers is not None),
+            ("--hub-dir", args.hub_dir is not None),
+            ("--check-docs", args.check_docs != CHECK_DOCS),
+        ):
+            if given:
+                raise ValueError(f"{flag}: only for --variant {CASEOPS_VARIANT}")
+        return lambda: download(
+            args.variant,
+            args.train_shards,
+            args.local_dir,
+            args.repo_id or REPO_ID,
+            REMOTE_PREFIX if args.remote_prefix is None else args.remote_prefix,
+        )
+    if args.remote_prefix is not None:
+        raise ValueError(f"--remote-prefix: the {CASEOPS_VARIANT} layout is fixed")
+    if args.from_docs:
+        from data.fromdocs import build_from_docs
+
+        if args.check_docs != CHECK_DOCS:
+            raise ValueError("--check-docs: only for the download (--from-docs builds every file)")
+        return lambda: build_from_docs(
+            args.train_shards,
+            args.local_dir,
+            args.hub_dir,
+            args.workers,
+            repo_id=args.repo_id or CASEOPS_REPO_ID,
+        )
+    if args.workers is not None:
+        raise ValueError("--workers: only with --from-docs")
+    return lambda: download_caseops(
+        args.train_shards,
+        args.local_dir,
+        args.hub_dir,
+        args.check_docs,
+        repo_id=args.repo_id or CASEOPS_REPO_ID,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return report(
-        lambda: download(
-            args.variant, args.train_shards, args.local_dir, args.repo_id, args.remote_prefix
-        ),
-        args.json,
-    )
+    try:
+        action = _action(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return report(action, args.json)
 
 
 if __name__ == "__main__":

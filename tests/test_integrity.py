@@ -266,7 +266,8 @@ def test_a_file_size_limit_while_writing_ends_in_one_line(embedded, tmp_path, li
 @pytest.mark.parametrize(
     "env,variable,hint",
     [
-        ({"PRESET": "record"}, "TOKENIZER_PATH", "python -m data.build shards --caseops"),
+        ({"PRESET": "record"}, "TOKENIZER_PATH",
+         "`python -m data.download --variant sp8192_caseops`"),
         (
             {"PRESET": "record", "DATA_PATH": "nowhere/fineweb10B_sp1024", "VOCAB_SIZE": "1024",
              "TOKENIZER_PATH": "nowhere/fineweb_1024_bpe.model"},

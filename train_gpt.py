@@ -5423,14 +5423,14 @@ def measured_gptq_reserve(h, rt, model, loader, logger):
     the same tokens; the probe's time counts in the loop's setup (inside the training clock)."""
     per_rank = max(1, h.gptq_calib_seqs // rt.world_size)
     state = loader.state()
-    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
-    loader.restore(state)
-    batches = -(-per_rank // x.shape[0])
     _sync(rt.device)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the batch's read counts too: calibrate reads its batches
+    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
     collect_hessians(model, [x[:per_rank]], embed=h.gptq_embed)
     _sync(rt.device)
     elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=rt.device)
+    loader.restore(state)
+    batches = -(-per_rank // x.shape[0])
     per_batch_s = float(dist_max(elapsed))
     reserve = per_batch_s * batches * h.gptq_reserve_safety
     logger.log0(

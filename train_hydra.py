@@ -272,8 +272,24 @@ class BaseHyperparameters:
     size_budget: int = 16_000_000
     gptq_enabled: bool = False
     gptq_reserve_seconds: float = 8.0
+    # GPTQ_CALIB_SEQS counts the sequences (TRAIN_SEQ_LEN tokens) in the Hessians, summed over
+    # the ranks. #2135's GPTQ_CALIBRATION_BATCHES=B means B loader batches of TRAIN_BATCH_TOKENS /
+    # 8 tokens (world size x grad accum is 8) read by each rank, with rank 0's Hessians alone
+    # written: B x TRAIN_BATCH_TOKENS / (8 x TRAIN_SEQ_LEN) sequences, so its 32 at 786,432 x
+    # 2,048 is GPTQ_CALIB_SEQS=1536 here (our ranks split them: 1/8 of the time on 8 GPUs).
     gptq_calib_seqs: int = 32
     gptq_calib_source: str = "train"
+    # GPTQ_RESERVE_MEASURED: the reserve is one calibration batch timed before the loop x the
+    # batches a rank will read x GPTQ_RESERVE_SAFETY, instead of GPTQ_RESERVE_SECONDS (an explicit
+    # GPTQ_RESERVE_SECONDS overrides a preset's measured reserve; both set explicitly is refused).
+    gptq_reserve_measured: bool = False
+    gptq_reserve_safety: float = 1.5
+    # AWQ-lite (#1945): the AWQ_LITE_GROUP_TOP_K most salient AWQ_LITE_GROUP_SIZE-column groups of
+    # the model's GPTQ matrices kept at AWQ_LITE_BITS inside GPTQ (needs GPTQ_ENABLED).
+    awq_lite_enabled: bool = False
+    awq_lite_bits: int = 8
+    awq_lite_group_size: int = 64
+    awq_lite_group_top_k: int = 1
     qat_start_frac: float = 0.0
     qat_bits: int = 0
     # Per-document LoRA TTT and phased global SGD (issue 16; EVAL_MODE=ttt_lora or ttt_phased):
@@ -347,6 +363,14 @@ class BaseHyperparameters:
                     f"EVAL_MODE={values.get('eval_mode')!r} is set too: choose one of them"
                 )
             values["eval_mode"] = "ttt"
+        if "GPTQ_RESERVE_SECONDS" in env:
+            # An explicit reserve wins over a preset's measured one; both explicit is ambiguous.
+            if "GPTQ_RESERVE_MEASURED" in env and values.get("gptq_reserve_measured"):
+                raise ValueError(
+                    f"GPTQ_RESERVE_SECONDS={env['GPTQ_RESERVE_SECONDS']!r} and "
+                    "GPTQ_RESERVE_MEASURED=1 are both set: choose a fixed or a measured reserve"
+                )
+            values["gptq_reserve_measured"] = False
         h = cls(**values)
         h.validate()
         return h
@@ -417,6 +441,9 @@ class BaseHyperparameters:
             "lqer_top_k",
             "lqer_group",
             "gptq_calib_seqs",
+            "gptq_reserve_safety",
+            "awq_lite_group_size",
+            "awq_lite_group_top_k",
         ):
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
@@ -441,6 +468,7 @@ class BaseHyperparameters:
             ("COMPRESSOR", ("auto", "pergroup", *COMPRESSOR_NAMES)),
             ("CODE_FORM", ("readable", "compact")),
             ("LQER_RANK", tuple(range(65))),
+            ("AWQ_LITE_BITS", QUANT_INT_BITS),
         ):
             if getattr(self, name.lower()) not in allowed:
                 self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
@@ -458,6 +486,14 @@ class BaseHyperparameters:
         for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
+        if self.awq_lite_enabled and not self.gptq_enabled:
+            self.bad("awq_lite_enabled", "AWQ-lite runs inside GPTQ: it needs GPTQ_ENABLED=1")
+        if self.gptq_reserve_measured and self.gptq_calib_source != "train":
+            self.bad(
+                "gptq_reserve_measured",
+                "the probe times a training-data batch: with GPTQ_CALIB_SOURCE=self set "
+                "GPTQ_RESERVE_SECONDS",
+            )
         self.validate_lora_ttt()
         self.validate_model()
 
@@ -1970,7 +2006,9 @@ LQER_PARTS = {
 }
 
 
-ENTRY_PARTS = ("data", "scale", *LQER_PARTS)  # the byte spans an entry may have, in payload order
+# The byte spans an entry may have, in payload order. awq_scale: the fp16 row scales of an int
+# tensor's AWQ-lite column groups (their codes sit in "data" with the others).
+ENTRY_PARTS = ("data", "scale", "awq_scale", *LQER_PARTS)
 
 
 LQER_MAX_RANK = 64
@@ -2283,22 +2321,34 @@ def gptq_calibrate(model, h, next_batch=None):
     return collect_hessians(model, seqs, embed=h.gptq_embed)
 
 
-def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
+def gptq_quantize(w, H, bits, clip, block=128, damp=0.01, protect=None, protect_bits=8):
     """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto
     the columns not yet rounded through the upper Cholesky factor of the damped inverse Hessian
     (lazy batch updates: blocks of `block` columns, the rest of the matrix updated once per block
-    by one matmul). Row scales are fixed from `clip`."""
+    by one matmul). Row scales are fixed from `clip`. protect: (column starts, group size) of
+    AWQ-lite groups, rounded at `protect_bits` on the same clip with their own row scales inside
+    the same loop, so their (smaller) error still propagates (#1945). Returns (q, scale), plus
+    the groups' row scales where protect is given."""
     W = w.float().clone()
     H = H.float().clone()
     c = clip.float().clamp_min(0)
     qmax = 2 ** (bits - 1) - 1
     scale = _row_scales(c, qmax)
     s = scale.float()
+    wide = torch.zeros(W.shape[1], dtype=torch.bool)
+    if protect:
+        starts, size = protect
+        for start in starts:
+            wide[start : start + size] = True
+        qmax_hi = 2 ** (protect_bits - 1) - 1
+        scale_hi = _row_scales(c, qmax_hi)
+        s_hi = scale_hi.float()
     diag = torch.diagonal(H)
     diag[diag <= 0] = (
         1.0  # a column never seen in calibration: plain rounding, no error spread onto it
     )
     order = torch.argsort(diag, descending=True, stable=True)
+    wide = wide[order.cpu()].tolist()
     W = W[:, order]
     H = H[order][:, order]
     H += torch.eye(H.shape[0], device=H.device) * (damp * diag.mean())
@@ -2309,13 +2359,65 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         Wb = W[:, i0:i1].clone()
         Eb = torch.zeros(W.shape[0], i1 - i0, device=W.device)
         for j in range(i1 - i0):
-            q = _round_clamp(Wb[:, j], c, s, qmax)
-            err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
+            if wide[i0 + j]:
+                q = _round_clamp(Wb[:, j], c, s_hi, qmax_hi)
+                err = (Wb[:, j] - q * s_hi) / U[i0 + j, i0 + j]
+            else:
+                q = _round_clamp(Wb[:, j], c, s, qmax)
+                err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
             Q[:, i0 + j] = q
             Eb[:, j] = err
             Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j : i1][None, :]
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
-    return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
+    q = Q[:, torch.argsort(order)].to(torch.int8).contiguous()
+    if protect:
+        return q, scale, scale_hi
+    return q, scale
+
+
+# --- AWQ-lite (#1945): the most salient column groups of the model kept at int8 inside GPTQ ---
+
+
+def awq_group_saliency(w, H, group):
+    """Saliency of each whole `group`-column group: per input column the activation RMS (the
+    calibration Hessian's diagonal is the mean x^2) times mean |W| over the column, summed over
+    the group (float64). A tail narrower than a group is no candidate, as in #1945."""
+    act_rms = torch.diagonal(H).double().clamp_min(0).sqrt()
+    col = act_rms.cpu() * w.detach().double().abs().mean(0).cpu()
+    n_groups = w.shape[1] // group
+    return col[: n_groups * group].reshape(n_groups, group).sum(1)
+
+
+def awq_select(state, h, hessians, bits=None):
+    """{name: sorted column starts} of the AWQ_LITE_GROUP_TOP_K most salient groups over all int
+    matrices with a Hessian stored narrower than AWQ_LITE_BITS. One ranking over the whole model,
+    as #1945/#1953 rank their candidates (TOP_K=1: a single group in the model); ties go to the
+    first name and column."""
+    if not (h.awq_lite_enabled and hessians):
+        return {}
+    cands = []
+    for name in sorted(state):
+        t = state[name]
+        scheme = tensor_plan(name, t, h, bits)
+        if not _is_int(scheme) or name not in hessians or scheme.bits >= h.awq_lite_bits:
+            continue
+        scores = awq_group_saliency(t, hessians[name], h.awq_lite_group_size)
+        cands += [(-float(v), name, g * h.awq_lite_group_size) for g, v in enumerate(scores)]
+    chosen = {}
+    for _, name, start in sorted(cands)[: h.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return {name: sorted(starts) for name, starts in chosen.items()}
+
+
+def dequantize_awq(q, scale, awq_scale=None, starts=(), group=0):
+    """W_hat of per-row int codes whose AWQ-lite groups (columns start..start+group) use their
+    own row scales."""
+    t = dequantize_rows(q, scale)
+    for start in starts:
+        t[:, start : start + group] = (
+            q[:, start : start + group].float() * awq_scale.float()[:, None]
+        )
+    return t
 
 
 # --- late QAT: a straight-through fake quant in the forward of every quantized block matrix -----
@@ -2431,7 +2533,12 @@ def _fixed_bytes(state, h, code_bytes):
     if h.lqer_rank > 0:  # at most top_k factor pairs, their int8 containers as the upper bound
         sides = [sum(t.shape) for n, t in state.items() if _is_int(tensor_plan(n, t, h))]
         lqer_bytes = h.lqer_top_k * h.lqer_rank * max(sides, default=0)
-    return code_bytes + 4096 + 200 * len(state) + float_bytes + lqer_bytes
+    awq_bytes = 0
+    if h.awq_lite_enabled:  # each group: its codes at a full byte each (an upper bound on what
+        # they add over the planned width) and an fp16 row scale
+        rows = [t.shape[0] for n, t in state.items() if _is_int(tensor_plan(n, t, h))]
+        awq_bytes = h.awq_lite_group_top_k * (h.awq_lite_group_size + 2) * max(rows, default=0)
+    return code_bytes + 4096 + 200 * len(state) + float_bytes + lqer_bytes + awq_bytes
 
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
@@ -2463,32 +2570,46 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     ]
 
 
-def _quantized(name, t, scheme, h, hessians, cache):
+def _quantized(name, t, scheme, h, hessians, cache, protect=()):
     """(q, scale) of one int tensor, from cache or made: the CLIP_METHOD clip, then GPTQ given a
-    Hessian, else plain rounding."""
-    if (name, scheme) not in cache:
+    Hessian, else plain rounding. protect: AWQ-lite column starts (then (q, scale, awq scale))."""
+    key = (name, scheme, tuple(protect)) if protect else (name, scheme)
+    if key not in cache:
         H = (hessians or {}).get(name)
         clip = row_clip(t.float(), scheme.bits, h, name)
-        if H is not None:
-            cache[(name, scheme)] = gptq_quantize(t, H, scheme.bits, clip)
+        if protect:
+            cache[key] = gptq_quantize(
+                t,
+                H,
+                scheme.bits,
+                clip,
+                protect=(protect, h.awq_lite_group_size),
+                protect_bits=h.awq_lite_bits,
+            )
+        elif H is not None:
+            cache[key] = gptq_quantize(t, H, scheme.bits, clip)
         else:
-            cache[(name, scheme)] = quantize_rows(t, scheme.bits, clip)
-    return cache[(name, scheme)]
+            cache[key] = quantize_rows(t, scheme.bits, clip)
+    return cache[key]
 
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per
-    tensor; tensors with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
+    tensor; tensors with a Hessian go through GPTQ (with AWQ-lite groups under AWQ_LITE_ENABLED);
+    `cache` keeps quantized tensors across calls."""
     entries = []
     chunks = []
     offset = 0
     cache = {} if cache is None else cache
     quantized = {}
+    awq = awq_select(state, h, hessians, bits)
     for name in sorted(state):
         scheme = tensor_plan(name, state[name], h, bits)
         if scheme is not None and scheme.is_int:
-            quantized[name] = _quantized(name, state[name].detach(), scheme, h, hessians, cache)
-    lqer = lqer_corrections(state, h, quantized)
+            quantized[name] = _quantized(
+                name, state[name].detach(), scheme, h, hessians, cache, awq.get(name, ())
+            )
+    lqer = lqer_corrections(state, h, quantized, awq)
     for name in sorted(state):
         t = state[name].detach()
         scheme = tensor_plan(name, t, h, bits)
@@ -2503,7 +2624,11 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         elif scheme.is_int:
             H = (hessians or {}).get(name)
             entry["method"] = "gptq" if H is not None else h.clip_method
-            parts = dict(zip(("data", "scale"), quantized[name]))
+            parts = dict(zip(("data", "scale", "awq_scale"), quantized[name]))
+            if name in awq:
+                entry["awq_bits"] = h.awq_lite_bits
+                entry["awq_group"] = h.awq_lite_group_size
+                entry["awq_starts"] = awq[name]
         else:
             parts = {"data": t.to(torch.float16 if scheme.bits == 16 else torch.float32)}
         if scheme is not None and scheme.is_int and name in lqer:
@@ -2565,14 +2690,19 @@ def lqer_product(parts, rank, group, shape):
     return a @ b.reshape(rank, -1)[:, :cols]
 
 
-def lqer_corrections(state, h, quantized):
-    """{name: LQER parts} for the LQER_TOP_K int tensors with the largest ||W - W_hat||_F.
-    quantized: {name: (q, scale)} of the int tensors."""
+def lqer_corrections(state, h, quantized, awq=None):
+    """{name: LQER parts} for the LQER_TOP_K int tensors with the largest ||W - W_hat||_F, fitted
+    on the final residual (AWQ-lite groups included). quantized: {name: (q, scale[, awq scale])}
+    of the int tensors; awq: {name: column starts}."""
     if h.lqer_rank <= 0:
         return {}
     errs = {}
-    for name, (q, scale) in quantized.items():
-        errs[name] = state[name].detach().float().cpu() - dequantize_rows(q.cpu(), scale.cpu())
+    for name, parts in quantized.items():
+        starts = (awq or {}).get(name, ())
+        w_hat = dequantize_awq(
+            *(p.cpu() for p in parts), starts=starts, group=h.awq_lite_group_size
+        )
+        errs[name] = state[name].detach().float().cpu() - w_hat
     top = sorted(errs, key=lambda n: -float(errs[n].norm()))[: h.lqer_top_k]
     return {n: lqer_factors(errs[n], h.lqer_rank, h.lqer_group) for n in top}
 
@@ -2596,7 +2726,18 @@ def dequantize_entries(entries, raw):
             scale_off, scale_n = e["scale"]
             scale_raw = raw[scale_off : scale_off + scale_n]
             scale = torch.from_numpy(np.frombuffer(scale_raw, np.float16).copy())
-            t = dequantize_rows(t.reshape(e["shape"]), scale)
+            awq_scale = None
+            if "awq_starts" in e:
+                awq_off, awq_n = e["awq_scale"]
+                awq_raw = raw[awq_off : awq_off + awq_n]
+                awq_scale = torch.from_numpy(np.frombuffer(awq_raw, np.float16).copy())
+            t = dequantize_awq(
+                t.reshape(e["shape"]),
+                scale,
+                awq_scale,
+                e.get("awq_starts", ()),
+                e.get("awq_group", 0),
+            )
             if "lqer_rank" in e:
                 parts = {}
                 for part, np_type in LQER_PARTS.items():
@@ -3363,6 +3504,8 @@ def _entry_parts(e, scheme, numel):
         return {"data": numel * itemsize}
     if scheme.is_int:
         parts = {"data": numel, "scale": 2 * e["shape"][0]}
+        if "awq_starts" in e:
+            parts["awq_scale"] = 2 * e["shape"][0]
         if "lqer_rank" in e:
             rows, cols = e["shape"]
             rank = e["lqer_rank"]
@@ -3372,6 +3515,34 @@ def _entry_parts(e, scheme, numel):
             parts["lqer_b_scale"] = 2 * rank * (-(-cols // e["lqer_group"]))
         return parts
     return {"data": numel * scheme.bits // 8}
+
+
+AWQ_FIELDS = ("awq_bits", "awq_group", "awq_starts")
+
+
+def _check_awq(where, e, scheme, text):
+    """AWQ-lite groups of an int tensor: all three fields, a width above the tensor's, and
+    column groups in increasing order that neither overlap nor leave the matrix."""
+    if scheme is None or not scheme.is_int:
+        raise ValueError(f"{where}: AWQ-lite groups on a tensor that is not int-k ({text})")
+    if not all(k in e for k in AWQ_FIELDS):
+        raise ValueError(f"{where}: AWQ-lite needs all of {', '.join(AWQ_FIELDS)}")
+    bits = e["awq_bits"]
+    group = e["awq_group"]
+    starts = e["awq_starts"]
+    cols = e["shape"][1]
+    if not (_is_count(bits) and scheme.bits < bits <= 8):
+        raise ValueError(f"{where}: awq_bits {str(bits)[:40]}: expected {scheme.bits + 1}..8")
+    if not (_is_count(group) and 1 <= group <= cols):
+        raise ValueError(f"{where}: awq_group {str(group)[:40]}: expected 1..{cols}")
+    ok = isinstance(starts, list) and 0 < len(starts) <= cols // group
+    ok = ok and all(_is_count(v) for v in starts)
+    ok = ok and all(b >= a + group for a, b in zip(starts, starts[1:]))
+    if not (ok and starts[-1] + group <= cols):
+        raise ValueError(
+            f"{where}: awq_starts {str(starts)[:80]}: expected increasing column starts of "
+            f"groups of {group} that do not overlap and end by column {cols}"
+        )
 
 
 def _check_entry(path, i, e, names):
@@ -3427,6 +3598,8 @@ def _check_entry(path, i, e, names):
             raise ValueError(f"{where}: lqer_rank {str(rank)[:40]}: expected 1..{LQER_MAX_RANK}")
         if not (_is_count(group) and 1 <= group <= LQER_MAX_GROUP):
             raise ValueError(f"{where}: lqer_group {str(group)[:40]}: expected 1..{LQER_MAX_GROUP}")
+    if any(k in e for k in AWQ_FIELDS):
+        _check_awq(where, e, scheme, text)
     parts = _entry_parts(e, scheme, numel)
     extra = set(ENTRY_PARTS) - set(parts)
     if any(k in e for k in extra):
@@ -5068,6 +5241,7 @@ class TimeLedger:
     train_setup_s: float = 0.0
     train_loop_s: float = 0.0
     gptq_s: float = 0.0
+    gptq_reserve_s: float = 0.0  # what the loop left GPTQ (fixed or measured), not a time spent
     serialize_s: float = 0.0
     audit_s: float = 0.0
     evals_s: dict = field(default_factory=dict)  # log label -> seconds, every timed eval
@@ -5098,7 +5272,23 @@ def time_violations(h, ledger):
     ):
         if not seconds <= limit:
             reasons.append(f"{clock} took {seconds:.1f}s, over the {limit:g}s limit")
+    overrun = reserve_overrun(h, ledger)  # the 600 s reason above already covers a longer run
+    if overrun and not any(r.startswith("training took") for r in reasons):
+        reasons.append(overrun)
     return reasons
+
+
+def reserve_overrun(h, ledger):
+    """Why training + GPTQ calibration ended past MAX_WALLCLOCK_SECONDS (the GPTQ reserve was too
+    small), or None: the loop stops at the cap minus the reserve, so the two together must fit."""
+    cap = h.max_wallclock_seconds
+    if not (h.gptq_enabled and cap > 0 and ledger.train_s > cap):
+        return None
+    return (
+        f"training + GPTQ calibration took {ledger.train_s:.1f}s, over "
+        f"MAX_WALLCLOCK_SECONDS={cap:g} (GPTQ reserve {ledger.gptq_reserve_s:.2f}s, calibration "
+        f"{ledger.gptq_s:.2f}s)"
+    )
 
 
 @dataclass
@@ -5295,6 +5485,9 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     # GPTQ calibrates inside the training budget (#1001): the loop leaves it time. The loop gets
     # what the precompute and its own setup have not used.
     reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+    if h.gptq_enabled and h.gptq_reserve_measured:
+        reserve = measured_gptq_reserve(h, rt, model, loader, logger)
+    ledger.gptq_reserve_s = reserve
     setup_s = time.perf_counter() - entered - ledger.warmup_excluded_s
     cap_ms = 0.0
     if h.max_wallclock_seconds > 0:
@@ -5380,6 +5573,30 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         "halted": halted,
     }
     return ema, stats
+
+
+def measured_gptq_reserve(h, rt, model, loader, logger):
+    """GPTQ_RESERVE_MEASURED: one calibration batch as calibrate reads it (a training-loader batch,
+    its Hessians collected, summed over ranks) timed before the loop, x the batches each rank will
+    read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is restored, so training sees
+    the same tokens; the probe's time counts in the loop's setup (inside the training clock)."""
+    per_rank = max(1, h.gptq_calib_seqs // rt.world_size)
+    state = loader.state()
+    _sync(rt.device)
+    t0 = time.perf_counter()  # the batch's read counts too: calibrate reads its batches
+    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
+    collect_hessians(model, [x[:per_rank]], embed=h.gptq_embed)
+    _sync(rt.device)
+    elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=rt.device)
+    loader.restore(state)
+    batches = -(-per_rank // x.shape[0])
+    per_batch_s = float(dist_max(elapsed))
+    reserve = per_batch_s * batches * h.gptq_reserve_safety
+    logger.log0(
+        f"gptq:reserve measured {per_batch_s:.3f}s/batch x {batches} batches x "
+        f"GPTQ_RESERVE_SAFETY={h.gptq_reserve_safety:g} = {reserve:.2f}s"
+    )
+    return reserve
 
 
 def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
@@ -5691,6 +5908,9 @@ def calibrate(run, model):
         hessians = gptq_calibrate(model, h, next_batch)
         run.ledger.gptq_s = time.perf_counter() - t0
         run.logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {run.ledger.gptq_s:.1f}s")
+        overrun = reserve_overrun(h, run.ledger)
+        if overrun:
+            run.logger.log0(f"warning: {overrun}")
     run.logger.log0(
         f"training_budget: {run.ledger.train_s:.1f}s (precompute + setup + loop + GPTQ) of "
         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} on {run.ledger.hardware}"

@@ -207,8 +207,24 @@ class BaseHyperparameters:
     size_budget: int = 16_000_000
     gptq_enabled: bool = False
     gptq_reserve_seconds: float = 8.0
+    # GPTQ_CALIB_SEQS counts the sequences (TRAIN_SEQ_LEN tokens) in the Hessians, summed over
+    # the ranks. #2135's GPTQ_CALIBRATION_BATCHES=B means B loader batches of TRAIN_BATCH_TOKENS /
+    # 8 tokens (world size x grad accum is 8) read by each rank, with rank 0's Hessians alone
+    # written: B x TRAIN_BATCH_TOKENS / (8 x TRAIN_SEQ_LEN) sequences, so its 32 at 786,432 x
+    # 2,048 is GPTQ_CALIB_SEQS=1536 here (our ranks split them: 1/8 of the time on 8 GPUs).
     gptq_calib_seqs: int = 32
     gptq_calib_source: str = "train"
+    # GPTQ_RESERVE_MEASURED: the reserve is one calibration batch timed before the loop x the
+    # batches a rank will read x GPTQ_RESERVE_SAFETY, instead of GPTQ_RESERVE_SECONDS (an explicit
+    # GPTQ_RESERVE_SECONDS overrides a preset's measured reserve; both set explicitly is refused).
+    gptq_reserve_measured: bool = False
+    gptq_reserve_safety: float = 1.5
+    # AWQ-lite (#1945): the AWQ_LITE_GROUP_TOP_K most salient AWQ_LITE_GROUP_SIZE-column groups of
+    # the model's GPTQ matrices kept at AWQ_LITE_BITS inside GPTQ (needs GPTQ_ENABLED).
+    awq_lite_enabled: bool = False
+    awq_lite_bits: int = 8
+    awq_lite_group_size: int = 64
+    awq_lite_group_top_k: int = 1
     qat_start_frac: float = 0.0
     qat_bits: int = 0
     # Per-document LoRA TTT and phased global SGD (issue 16; EVAL_MODE=ttt_lora or ttt_phased):
@@ -282,6 +298,14 @@ class BaseHyperparameters:
                     f"EVAL_MODE={values.get('eval_mode')!r} is set too: choose one of them"
                 )
             values["eval_mode"] = "ttt"
+        if "GPTQ_RESERVE_SECONDS" in env:
+            # An explicit reserve wins over a preset's measured one; both explicit is ambiguous.
+            if "GPTQ_RESERVE_MEASURED" in env and values.get("gptq_reserve_measured"):
+                raise ValueError(
+                    f"GPTQ_RESERVE_SECONDS={env['GPTQ_RESERVE_SECONDS']!r} and "
+                    "GPTQ_RESERVE_MEASURED=1 are both set: choose a fixed or a measured reserve"
+                )
+            values["gptq_reserve_measured"] = False
         h = cls(**values)
         h.validate()
         return h
@@ -352,6 +376,9 @@ class BaseHyperparameters:
             "lqer_top_k",
             "lqer_group",
             "gptq_calib_seqs",
+            "gptq_reserve_safety",
+            "awq_lite_group_size",
+            "awq_lite_group_top_k",
         ):
             if getattr(self, name) <= 0:
                 self.bad(name, "must be positive")
@@ -376,6 +403,7 @@ class BaseHyperparameters:
             ("COMPRESSOR", ("auto", "pergroup", *COMPRESSOR_NAMES)),
             ("CODE_FORM", ("readable", "compact")),
             ("LQER_RANK", tuple(range(65))),
+            ("AWQ_LITE_BITS", QUANT_INT_BITS),
         ):
             if getattr(self, name.lower()) not in allowed:
                 self.bad(name, f"must be one of {', '.join(map(str, allowed))}")
@@ -393,6 +421,14 @@ class BaseHyperparameters:
         for name in ("size_margin", "gptq_reserve_seconds", "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
+        if self.awq_lite_enabled and not self.gptq_enabled:
+            self.bad("awq_lite_enabled", "AWQ-lite runs inside GPTQ: it needs GPTQ_ENABLED=1")
+        if self.gptq_reserve_measured and self.gptq_calib_source != "train":
+            self.bad(
+                "gptq_reserve_measured",
+                "the probe times a training-data batch: with GPTQ_CALIB_SOURCE=self set "
+                "GPTQ_RESERVE_SECONDS",
+            )
         self.validate_lora_ttt()
         self.validate_model()
 

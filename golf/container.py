@@ -208,6 +208,8 @@ def _entry_parts(e, scheme, numel):
         return {"data": numel * itemsize}
     if scheme.is_int:
         parts = {"data": numel, "scale": 2 * e["shape"][0]}
+        if "awq_starts" in e:
+            parts["awq_scale"] = 2 * e["shape"][0]
         if "lqer_rank" in e:
             rows, cols = e["shape"]
             rank = e["lqer_rank"]
@@ -217,6 +219,34 @@ def _entry_parts(e, scheme, numel):
             parts["lqer_b_scale"] = 2 * rank * (-(-cols // e["lqer_group"]))
         return parts
     return {"data": numel * scheme.bits // 8}
+
+
+AWQ_FIELDS = ("awq_bits", "awq_group", "awq_starts")
+
+
+def _check_awq(where, e, scheme, text):
+    """AWQ-lite groups of an int tensor: all three fields, a width above the tensor's, and
+    column groups in increasing order that neither overlap nor leave the matrix."""
+    if scheme is None or not scheme.is_int:
+        raise ValueError(f"{where}: AWQ-lite groups on a tensor that is not int-k ({text})")
+    if not all(k in e for k in AWQ_FIELDS):
+        raise ValueError(f"{where}: AWQ-lite needs all of {', '.join(AWQ_FIELDS)}")
+    bits = e["awq_bits"]
+    group = e["awq_group"]
+    starts = e["awq_starts"]
+    cols = e["shape"][1]
+    if not (_is_count(bits) and scheme.bits < bits <= 8):
+        raise ValueError(f"{where}: awq_bits {str(bits)[:40]}: expected {scheme.bits + 1}..8")
+    if not (_is_count(group) and 1 <= group <= cols):
+        raise ValueError(f"{where}: awq_group {str(group)[:40]}: expected 1..{cols}")
+    ok = isinstance(starts, list) and 0 < len(starts) <= cols // group
+    ok = ok and all(_is_count(v) for v in starts)
+    ok = ok and all(b >= a + group for a, b in zip(starts, starts[1:]))
+    if not (ok and starts[-1] + group <= cols):
+        raise ValueError(
+            f"{where}: awq_starts {str(starts)[:80]}: expected increasing column starts of "
+            f"groups of {group} that do not overlap and end by column {cols}"
+        )
 
 
 def _check_entry(path, i, e, names):
@@ -272,6 +302,8 @@ def _check_entry(path, i, e, names):
             raise ValueError(f"{where}: lqer_rank {str(rank)[:40]}: expected 1..{LQER_MAX_RANK}")
         if not (_is_count(group) and 1 <= group <= LQER_MAX_GROUP):
             raise ValueError(f"{where}: lqer_group {str(group)[:40]}: expected 1..{LQER_MAX_GROUP}")
+    if any(k in e for k in AWQ_FIELDS):
+        _check_awq(where, e, scheme, text)
     parts = _entry_parts(e, scheme, numel)
     extra = set(ENTRY_PARTS) - set(parts)
     if any(k in e for k in extra):

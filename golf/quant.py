@@ -38,7 +38,9 @@ LQER_PARTS = {
 }
 
 
-ENTRY_PARTS = ("data", "scale", *LQER_PARTS)  # the byte spans an entry may have, in payload order
+# The byte spans an entry may have, in payload order. awq_scale: the fp16 row scales of an int
+# tensor's AWQ-lite column groups (their codes sit in "data" with the others).
+ENTRY_PARTS = ("data", "scale", "awq_scale", *LQER_PARTS)
 
 
 LQER_MAX_RANK = 64
@@ -351,22 +353,34 @@ def gptq_calibrate(model, h, next_batch=None):
     return collect_hessians(model, seqs, embed=h.gptq_embed)
 
 
-def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
+def gptq_quantize(w, H, bits, clip, block=128, damp=0.01, protect=None, protect_bits=8):
     """Columns in order of decreasing Hessian diagonal; each one's rounding error / pivot goes onto
     the columns not yet rounded through the upper Cholesky factor of the damped inverse Hessian
     (lazy batch updates: blocks of `block` columns, the rest of the matrix updated once per block
-    by one matmul). Row scales are fixed from `clip`."""
+    by one matmul). Row scales are fixed from `clip`. protect: (column starts, group size) of
+    AWQ-lite groups, rounded at `protect_bits` on the same clip with their own row scales inside
+    the same loop, so their (smaller) error still propagates (#1945). Returns (q, scale), plus
+    the groups' row scales where protect is given."""
     W = w.float().clone()
     H = H.float().clone()
     c = clip.float().clamp_min(0)
     qmax = 2 ** (bits - 1) - 1
     scale = _row_scales(c, qmax)
     s = scale.float()
+    wide = torch.zeros(W.shape[1], dtype=torch.bool)
+    if protect:
+        starts, size = protect
+        for start in starts:
+            wide[start : start + size] = True
+        qmax_hi = 2 ** (protect_bits - 1) - 1
+        scale_hi = _row_scales(c, qmax_hi)
+        s_hi = scale_hi.float()
     diag = torch.diagonal(H)
     diag[diag <= 0] = (
         1.0  # a column never seen in calibration: plain rounding, no error spread onto it
     )
     order = torch.argsort(diag, descending=True, stable=True)
+    wide = wide[order.cpu()].tolist()
     W = W[:, order]
     H = H[order][:, order]
     H += torch.eye(H.shape[0], device=H.device) * (damp * diag.mean())
@@ -377,13 +391,65 @@ def gptq_quantize(w, H, bits, clip, block=128, damp=0.01):
         Wb = W[:, i0:i1].clone()
         Eb = torch.zeros(W.shape[0], i1 - i0, device=W.device)
         for j in range(i1 - i0):
-            q = _round_clamp(Wb[:, j], c, s, qmax)
-            err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
+            if wide[i0 + j]:
+                q = _round_clamp(Wb[:, j], c, s_hi, qmax_hi)
+                err = (Wb[:, j] - q * s_hi) / U[i0 + j, i0 + j]
+            else:
+                q = _round_clamp(Wb[:, j], c, s, qmax)
+                err = (Wb[:, j] - q * s) / U[i0 + j, i0 + j]
             Q[:, i0 + j] = q
             Eb[:, j] = err
             Wb[:, j:] -= err[:, None] * U[i0 + j, i0 + j : i1][None, :]
         W[:, i1:] -= Eb @ U[i0:i1, i1:]
-    return Q[:, torch.argsort(order)].to(torch.int8).contiguous(), scale
+    q = Q[:, torch.argsort(order)].to(torch.int8).contiguous()
+    if protect:
+        return q, scale, scale_hi
+    return q, scale
+
+
+# --- AWQ-lite (#1945): the most salient column groups of the model kept at int8 inside GPTQ ---
+
+
+def awq_group_saliency(w, H, group):
+    """Saliency of each whole `group`-column group: per input column the activation RMS (the
+    calibration Hessian's diagonal is the mean x^2) times mean |W| over the column, summed over
+    the group (float64). A tail narrower than a group is no candidate, as in #1945."""
+    act_rms = torch.diagonal(H).double().clamp_min(0).sqrt()
+    col = act_rms.cpu() * w.detach().double().abs().mean(0).cpu()
+    n_groups = w.shape[1] // group
+    return col[: n_groups * group].reshape(n_groups, group).sum(1)
+
+
+def awq_select(state, h, hessians, bits=None):
+    """{name: sorted column starts} of the AWQ_LITE_GROUP_TOP_K most salient groups over all int
+    matrices with a Hessian stored narrower than AWQ_LITE_BITS. One ranking over the whole model,
+    as #1945/#1953 rank their candidates (TOP_K=1: a single group in the model); ties go to the
+    first name and column."""
+    if not (h.awq_lite_enabled and hessians):
+        return {}
+    cands = []
+    for name in sorted(state):
+        t = state[name]
+        scheme = tensor_plan(name, t, h, bits)
+        if not _is_int(scheme) or name not in hessians or scheme.bits >= h.awq_lite_bits:
+            continue
+        scores = awq_group_saliency(t, hessians[name], h.awq_lite_group_size)
+        cands += [(-float(v), name, g * h.awq_lite_group_size) for g, v in enumerate(scores)]
+    chosen = {}
+    for _, name, start in sorted(cands)[: h.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return {name: sorted(starts) for name, starts in chosen.items()}
+
+
+def dequantize_awq(q, scale, awq_scale=None, starts=(), group=0):
+    """W_hat of per-row int codes whose AWQ-lite groups (columns start..start+group) use their
+    own row scales."""
+    t = dequantize_rows(q, scale)
+    for start in starts:
+        t[:, start : start + group] = (
+            q[:, start : start + group].float() * awq_scale.float()[:, None]
+        )
+    return t
 
 
 # --- late QAT: a straight-through fake quant in the forward of every quantized block matrix -----
@@ -499,7 +565,12 @@ def _fixed_bytes(state, h, code_bytes):
     if h.lqer_rank > 0:  # at most top_k factor pairs, their int8 containers as the upper bound
         sides = [sum(t.shape) for n, t in state.items() if _is_int(tensor_plan(n, t, h))]
         lqer_bytes = h.lqer_top_k * h.lqer_rank * max(sides, default=0)
-    return code_bytes + 4096 + 200 * len(state) + float_bytes + lqer_bytes
+    awq_bytes = 0
+    if h.awq_lite_enabled:  # each group: its codes at a full byte each (an upper bound on what
+        # they add over the planned width) and an fp16 row scale
+        rows = [t.shape[0] for n, t in state.items() if _is_int(tensor_plan(n, t, h))]
+        awq_bytes = h.awq_lite_group_top_k * (h.awq_lite_group_size + 2) * max(rows, default=0)
+    return code_bytes + 4096 + 200 * len(state) + float_bytes + lqer_bytes + awq_bytes
 
 
 def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
@@ -531,32 +602,46 @@ def plan_bits(state, h, code_bytes, hessians=None, table=None, ratio=1.0):
     ]
 
 
-def _quantized(name, t, scheme, h, hessians, cache):
+def _quantized(name, t, scheme, h, hessians, cache, protect=()):
     """(q, scale) of one int tensor, from cache or made: the CLIP_METHOD clip, then GPTQ given a
-    Hessian, else plain rounding."""
-    if (name, scheme) not in cache:
+    Hessian, else plain rounding. protect: AWQ-lite column starts (then (q, scale, awq scale))."""
+    key = (name, scheme, tuple(protect)) if protect else (name, scheme)
+    if key not in cache:
         H = (hessians or {}).get(name)
         clip = row_clip(t.float(), scheme.bits, h, name)
-        if H is not None:
-            cache[(name, scheme)] = gptq_quantize(t, H, scheme.bits, clip)
+        if protect:
+            cache[key] = gptq_quantize(
+                t,
+                H,
+                scheme.bits,
+                clip,
+                protect=(protect, h.awq_lite_group_size),
+                protect_bits=h.awq_lite_bits,
+            )
+        elif H is not None:
+            cache[key] = gptq_quantize(t, H, scheme.bits, clip)
         else:
-            cache[(name, scheme)] = quantize_rows(t, scheme.bits, clip)
-    return cache[(name, scheme)]
+            cache[key] = quantize_rows(t, scheme.bits, clip)
+    return cache[key]
 
 
 def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
     """Returns (tensor entries for the header, raw payload bytes). `bits` overrides widths per
-    tensor; tensors with a Hessian go through GPTQ; `cache` keeps quantized tensors across calls."""
+    tensor; tensors with a Hessian go through GPTQ (with AWQ-lite groups under AWQ_LITE_ENABLED);
+    `cache` keeps quantized tensors across calls."""
     entries = []
     chunks = []
     offset = 0
     cache = {} if cache is None else cache
     quantized = {}
+    awq = awq_select(state, h, hessians, bits)
     for name in sorted(state):
         scheme = tensor_plan(name, state[name], h, bits)
         if scheme is not None and scheme.is_int:
-            quantized[name] = _quantized(name, state[name].detach(), scheme, h, hessians, cache)
-    lqer = lqer_corrections(state, h, quantized)
+            quantized[name] = _quantized(
+                name, state[name].detach(), scheme, h, hessians, cache, awq.get(name, ())
+            )
+    lqer = lqer_corrections(state, h, quantized, awq)
     for name in sorted(state):
         t = state[name].detach()
         scheme = tensor_plan(name, t, h, bits)
@@ -571,7 +656,11 @@ def quantize_state_dict(state, h, bits=None, hessians=None, cache=None):
         elif scheme.is_int:
             H = (hessians or {}).get(name)
             entry["method"] = "gptq" if H is not None else h.clip_method
-            parts = dict(zip(("data", "scale"), quantized[name]))
+            parts = dict(zip(("data", "scale", "awq_scale"), quantized[name]))
+            if name in awq:
+                entry["awq_bits"] = h.awq_lite_bits
+                entry["awq_group"] = h.awq_lite_group_size
+                entry["awq_starts"] = awq[name]
         else:
             parts = {"data": t.to(torch.float16 if scheme.bits == 16 else torch.float32)}
         if scheme is not None and scheme.is_int and name in lqer:
@@ -633,14 +722,19 @@ def lqer_product(parts, rank, group, shape):
     return a @ b.reshape(rank, -1)[:, :cols]
 
 
-def lqer_corrections(state, h, quantized):
-    """{name: LQER parts} for the LQER_TOP_K int tensors with the largest ||W - W_hat||_F.
-    quantized: {name: (q, scale)} of the int tensors."""
+def lqer_corrections(state, h, quantized, awq=None):
+    """{name: LQER parts} for the LQER_TOP_K int tensors with the largest ||W - W_hat||_F, fitted
+    on the final residual (AWQ-lite groups included). quantized: {name: (q, scale[, awq scale])}
+    of the int tensors; awq: {name: column starts}."""
     if h.lqer_rank <= 0:
         return {}
     errs = {}
-    for name, (q, scale) in quantized.items():
-        errs[name] = state[name].detach().float().cpu() - dequantize_rows(q.cpu(), scale.cpu())
+    for name, parts in quantized.items():
+        starts = (awq or {}).get(name, ())
+        w_hat = dequantize_awq(
+            *(p.cpu() for p in parts), starts=starts, group=h.awq_lite_group_size
+        )
+        errs[name] = state[name].detach().float().cpu() - w_hat
     top = sorted(errs, key=lambda n: -float(errs[n].norm()))[: h.lqer_top_k]
     return {n: lqer_factors(errs[n], h.lqer_rank, h.lqer_group) for n in top}
 
@@ -664,7 +758,18 @@ def dequantize_entries(entries, raw):
             scale_off, scale_n = e["scale"]
             scale_raw = raw[scale_off : scale_off + scale_n]
             scale = torch.from_numpy(np.frombuffer(scale_raw, np.float16).copy())
-            t = dequantize_rows(t.reshape(e["shape"]), scale)
+            awq_scale = None
+            if "awq_starts" in e:
+                awq_off, awq_n = e["awq_scale"]
+                awq_raw = raw[awq_off : awq_off + awq_n]
+                awq_scale = torch.from_numpy(np.frombuffer(awq_raw, np.float16).copy())
+            t = dequantize_awq(
+                t.reshape(e["shape"]),
+                scale,
+                awq_scale,
+                e.get("awq_starts", ()),
+                e.get("awq_group", 0),
+            )
             if "lqer_rank" in e:
                 parts = {}
                 for part, np_type in LQER_PARTS.items():

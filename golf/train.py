@@ -51,7 +51,14 @@ from golf.data import (
 from golf.evaluation import _autocast, audit_causality, eval_val
 from golf.modes import EVAL_MODES
 from golf.optim import EMA, Muon, lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5
-from golf.quant import QuantScheme, enable_qat, gptq_calibrate, qat_step_hook, quantize_state_dict
+from golf.quant import (
+    QuantScheme,
+    collect_hessians,
+    enable_qat,
+    gptq_calibrate,
+    qat_step_hook,
+    quantize_state_dict,
+)
 from golf.runtime import (
     RunLogger,
     Runtime,
@@ -143,6 +150,7 @@ class TimeLedger:
     train_setup_s: float = 0.0
     train_loop_s: float = 0.0
     gptq_s: float = 0.0
+    gptq_reserve_s: float = 0.0  # what the loop left GPTQ (fixed or measured), not a time spent
     serialize_s: float = 0.0
     audit_s: float = 0.0
     evals_s: dict = field(default_factory=dict)  # log label -> seconds, every timed eval
@@ -173,7 +181,23 @@ def time_violations(h, ledger):
     ):
         if not seconds <= limit:
             reasons.append(f"{clock} took {seconds:.1f}s, over the {limit:g}s limit")
+    overrun = reserve_overrun(h, ledger)  # the 600 s reason above already covers a longer run
+    if overrun and not any(r.startswith("training took") for r in reasons):
+        reasons.append(overrun)
     return reasons
+
+
+def reserve_overrun(h, ledger):
+    """Why training + GPTQ calibration ended past MAX_WALLCLOCK_SECONDS (the GPTQ reserve was too
+    small), or None: the loop stops at the cap minus the reserve, so the two together must fit."""
+    cap = h.max_wallclock_seconds
+    if not (h.gptq_enabled and cap > 0 and ledger.train_s > cap):
+        return None
+    return (
+        f"training + GPTQ calibration took {ledger.train_s:.1f}s, over "
+        f"MAX_WALLCLOCK_SECONDS={cap:g} (GPTQ reserve {ledger.gptq_reserve_s:.2f}s, calibration "
+        f"{ledger.gptq_s:.2f}s)"
+    )
 
 
 @dataclass
@@ -370,6 +394,9 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     # GPTQ calibrates inside the training budget (#1001): the loop leaves it time. The loop gets
     # what the precompute and its own setup have not used.
     reserve = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+    if h.gptq_enabled and h.gptq_reserve_measured:
+        reserve = measured_gptq_reserve(h, rt, model, loader, logger)
+    ledger.gptq_reserve_s = reserve
     setup_s = time.perf_counter() - entered - ledger.warmup_excluded_s
     cap_ms = 0.0
     if h.max_wallclock_seconds > 0:
@@ -455,6 +482,30 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         "halted": halted,
     }
     return ema, stats
+
+
+def measured_gptq_reserve(h, rt, model, loader, logger):
+    """GPTQ_RESERVE_MEASURED: one calibration batch as calibrate reads it (a training-loader batch,
+    its Hessians collected, summed over ranks) timed before the loop, x the batches each rank will
+    read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is restored, so training sees
+    the same tokens; the probe's time counts in the loop's setup (inside the training clock)."""
+    per_rank = max(1, h.gptq_calib_seqs // rt.world_size)
+    state = loader.state()
+    _sync(rt.device)
+    t0 = time.perf_counter()  # the batch's read counts too: calibrate reads its batches
+    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
+    collect_hessians(model, [x[:per_rank]], embed=h.gptq_embed)
+    _sync(rt.device)
+    elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=rt.device)
+    loader.restore(state)
+    batches = -(-per_rank // x.shape[0])
+    per_batch_s = float(dist_max(elapsed))
+    reserve = per_batch_s * batches * h.gptq_reserve_safety
+    logger.log0(
+        f"gptq:reserve measured {per_batch_s:.3f}s/batch x {batches} batches x "
+        f"GPTQ_RESERVE_SAFETY={h.gptq_reserve_safety:g} = {reserve:.2f}s"
+    )
+    return reserve
 
 
 def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
@@ -766,6 +817,9 @@ def calibrate(run, model):
         hessians = gptq_calibrate(model, h, next_batch)
         run.ledger.gptq_s = time.perf_counter() - t0
         run.logger.log0(f"GPTQ:collected {len(hessians)} Hessians in {run.ledger.gptq_s:.1f}s")
+        overrun = reserve_overrun(h, run.ledger)
+        if overrun:
+            run.logger.log0(f"warning: {overrun}")
     run.logger.log0(
         f"training_budget: {run.ledger.train_s:.1f}s (precompute + setup + loop + GPTQ) of "
         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} on {run.ledger.hardware}"

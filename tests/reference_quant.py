@@ -44,10 +44,12 @@ def sdclip(w, k):
     return np.float32(k) * np.asarray(w, dtype=np.float64).std(axis=1).astype(np.float32)
 
 
-def gptq(w, H, bits, clip, damp=0.01):
+def gptq(w, H, bits, clip, damp=0.01, wide=None, wide_bits=8):
     """GPTQ without blocks or Cholesky: visit columns by decreasing H diagonal; after quantizing
     column i, move its error onto the unquantized columns with the inverse Hessian, then remove i
-    from the inverse Hessian (Gaussian elimination of one variable). float64 throughout."""
+    from the inverse Hessian (Gaussian elimination of one variable). float64 throughout. wide:
+    a boolean per column, those rounded at wide_bits on the same clip with their own fp16 row
+    scales (AWQ-lite); then the wide scales are returned too."""
     W = np.asarray(w, dtype=np.float64).copy()
     H = np.asarray(H, dtype=np.float64).copy()
     d = np.diag(H).copy()
@@ -59,16 +61,23 @@ def gptq(w, H, bits, clip, damp=0.01):
     scale = quantize_rows(W[:, :1], bits, clip)[1]
     s = scale.astype(np.float64)
     c = np.maximum(np.asarray(clip, dtype=np.float64), 0)
+    wide = np.zeros(W.shape[1], dtype=bool) if wide is None else np.asarray(wide)
+    wide_max = 2 ** (wide_bits - 1) - 1
+    wide_scale = quantize_rows(W[:, :1], wide_bits, clip)[1]
     Q = np.zeros(W.shape, dtype=np.int8)
     left = list(np.argsort(-d, kind="stable"))
     while left:
         i, rest = left[0], left[1:]
-        q = np.clip(np.round(np.clip(W[:, i], -c, c) / s), -qmax, qmax)
+        step = wide_scale.astype(np.float64) if wide[i] else s
+        top = wide_max if wide[i] else qmax
+        q = np.clip(np.round(np.clip(W[:, i], -c, c) / step), -top, top)
         Q[:, i] = q
-        err = (W[:, i] - q * s) / Hinv[i, i]
+        err = (W[:, i] - q * step) / Hinv[i, i]
         W[:, rest] -= np.outer(err, Hinv[i, rest])
         Hinv = Hinv - np.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
         left = rest
+    if wide.any():
+        return Q, scale, wide_scale
     return Q, scale
 
 

@@ -1706,6 +1706,8 @@ CASEOPS_ESCAPE = "\ue004"
 # manifest's (sha256 of every sidecar, original_bytes_val); this recount bounds the rest at 0.05 %,
 # under a tenth of a sidecar bias worth 0.004 bpb (+0.4 %).
 SIDECAR_TOLERANCE = 0.0005
+# A byte audit's window may run on to this many times its sample size to end on a BOS.
+AUDIT_MAX_STRETCH = 8
 
 
 def original_utf8_bytes(transformed):
@@ -1724,14 +1726,36 @@ def original_utf8_bytes(transformed):
     return total
 
 
+def audit_window(sp, tokens, sample_tokens, bos_id=1):
+    """The [start, stop) slice the byte audits read: from the first BOS, about `sample_tokens`
+    tokens, ended on a document boundary. A cut inside a document can split a byte-fallback UTF-8
+    sequence (<0xD9><0x84> is one Arabic letter): decoded alone, the orphan byte becomes U+FFFD,
+    three bytes where the tables rightly count one, and an honest table fails. So the window runs on
+    to the next BOS, or back to the last one inside it when the next is far; one document longer
+    than that is cut before its trailing byte pieces."""
+    bos_at = (tokens == bos_id).nonzero().flatten()
+    start = int(bos_at[0]) if bos_at.numel() else 0
+    stop = min(tokens.numel(), start + sample_tokens)
+    if stop == tokens.numel():
+        return start, stop
+    later = bos_at[bos_at >= stop]
+    if later.numel() and int(later[0]) <= start + AUDIT_MAX_STRETCH * sample_tokens:
+        return start, int(later[0])
+    inside = bos_at[(bos_at > start) & (bos_at < stop)]
+    if inside.numel():
+        return start, int(inside[-1])
+    while stop > start + 1 and sp.is_byte(int(tokens[stop - 1])):
+        stop -= 1
+    return start, stop
+
+
 def audit_sidecar_bytes(sp, tokens, counter, sample_tokens=10_000, bos_id=1):
     """The sidecar against an independent recount on a val sample: BOS counts 0, and each
     document's sidecar total equals the original bytes of its decoded text up to the tokenizer's
     normalization (SIDECAR_TOLERANCE; the difference is reported)."""
     tokens = tokens.detach().cpu().to(torch.int64)
     per_token = counter.per_token.detach().cpu()
-    start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
-    stop = min(tokens.numel(), start + sample_tokens)
+    start, stop = audit_window(sp, tokens, sample_tokens, bos_id)
     sample = tokens[start:stop]
     counts = per_token[start:stop]
     failures = []
@@ -1768,8 +1792,8 @@ def audit_bytes(sp, tokens, luts, sample_tokens=10_000, bos_id=1):
     if isinstance(luts, SidecarBytes):
         return audit_sidecar_bytes(sp, tokens, luts, sample_tokens, bos_id)
     tokens = tokens.detach().cpu().to(torch.int64)
-    start = next(iter((tokens == bos_id).nonzero().flatten().tolist()), 0)
-    sample = tokens[start : min(tokens.numel(), start + sample_tokens)]
+    start, stop = audit_window(sp, tokens, sample_tokens, bos_id)
+    sample = tokens[start:stop]
     cpu_luts = tuple(t.cpu() for t in luts)
     lut_total = int(target_bytes(sample[:-1], sample[1:], cpu_luts).sum())
     doc_bounds = (sample == bos_id).nonzero().flatten().tolist() + [sample.numel()]

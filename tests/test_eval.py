@@ -259,3 +259,31 @@ def test_byte_table_counting_byte_fallback_as_three_bytes_is_caught(embedded):
     result = gpt.audit_bytes(sp, tokens, (rigged, luts[1], luts[2]))
     assert not result["passed"] and result["lut_bytes"] > result["decoded_bytes"]
     assert result["first_mismatch_ids"] and all(sp.is_byte(i) for i in result["first_mismatch_ids"])
+
+
+def test_byte_audit_window_never_cuts_a_byte_fallback_character(embedded):
+    # A window cut between the byte pieces of one character decodes the orphan bytes as U+FFFD
+    # (three bytes where the tables rightly count one): an honest table would fail. The audit's
+    # window ends on a document boundary instead (the real SP8192 val shard hit this at 10,000).
+    gpt = load_script("train_gpt.py")
+    sp = gpt.load_tokenizer(embedded["TOKENIZER_PATH"], 1024)
+    doc = [1] + sp.encode("text \u65e5\u672c\u8a9e \u2603 more")
+    tokens = torch.tensor(doc * 4)
+    luts = gpt.build_sentencepiece_luts(sp, 1024, torch.device("cpu"))
+    cut = next(i for i in range(len(doc) + 1, 2 * len(doc)) if sp.is_byte(doc[i - len(doc) - 1]))
+    sample = tokens[:cut]  # ends on the first byte piece of a character: the naive window
+    naive_lut = int(gpt.target_bytes(sample[:-1], sample[1:], luts).sum())
+    naive_decoded = sum(
+        len(sp.decode(d).encode("utf-8")) for d in (doc[1:], sample[len(doc) + 1 :].tolist())
+    )
+    assert naive_lut != naive_decoded  # the failure the window avoids
+    start, stop = gpt.audit_window(sp, tokens, cut)
+    assert (start, stop) == (0, 2 * len(doc))
+    result = gpt.audit_bytes(sp, tokens, luts, sample_tokens=cut)
+    assert result["passed"] and result["tokens"] == 2 * len(doc)
+    # One document longer than the stretch: cut before its trailing byte pieces.
+    first_byte = next(i for i in range(1, len(doc)) if sp.is_byte(doc[i]))
+    long_doc = torch.tensor([1] + doc[1:] * (10 * len(doc)))
+    start, stop = gpt.audit_window(sp, long_doc, first_byte + 2)
+    assert (start, stop) == (0, first_byte)
+    assert gpt.audit_bytes(sp, long_doc, luts, sample_tokens=first_byte + 2)["passed"]

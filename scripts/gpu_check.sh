@@ -113,8 +113,7 @@ COVERAGE_FLAGS=(NGRAM_TILT_ENABLED TOKEN_ORDER TOKEN_THRESHOLD TOKEN_BOOST ASYM_
 write_checker() {  # the runs' own checks, read from their logs (a file: the stages are processes)
   cat >"$1" <<'EOF'
 """A run's checks from its text log and events (argv: LOG JSONL [options]): it ended with a
-summary; its audits passed (--known-bytes-failure accepts the byte audit's failure alone, which the
-shared realtext_sp8192 shard shows on CPU too); its bytes add up (total = artifact + code, the
+summary; every audit passed; its bytes add up (total = artifact + code, the
 artifact's file is that size, total within the budget); --rescore FILE: eval_bpb.py's JSON agrees
 with the run's val_bpb; --env VAR=VALUE...: the run logged every setting it was given that is a
 field of its Hyperparameters (the others are listed as pending). Prints `check: {json}`."""
@@ -126,7 +125,6 @@ import sys
 
 args = sys.argv[1:]
 log_path, events_path = args[0], args[1]
-known_bytes = "--known-bytes-failure" in args
 rescore_path = args[args.index("--rescore") + 1] if "--rescore" in args else None
 given = args[args.index("--env") + 1 :] if "--env" in args else []
 problems = []
@@ -137,7 +135,7 @@ if not summaries:
     sys.exit(1)
 s = json.loads(summaries[-1])
 failed = sorted(name for name, a in s["audits"].items() if not a["passed"])
-if failed and not (known_bytes and failed == ["bytes"]):
+if failed:
     problems.append(f"audits failed: {failed}")
 if s["total_bytes"] != s["artifact_bytes"] + s["code_bytes"]:
     problems.append("total_bytes is not artifact_bytes + code_bytes")
@@ -145,9 +143,8 @@ if os.path.getsize(s["artifact_path"]) != s["artifact_bytes"]:
     problems.append(f"{s['artifact_path']} is not artifact_bytes long")
 if s["total_bytes"] > s["budget_bytes"]:
     problems.append(f"over budget: {s['total_bytes']} > {s['budget_bytes']}")
-other = [r for r in s["invalid_reasons"] if r != "failed bytes" or not known_bytes]
-if other:
-    problems.append(f"invalid: {other}")
+if s["invalid_reasons"]:
+    problems.append(f"invalid: {s['invalid_reasons']}")
 out = {
     "val_bpb": s["val_bpb"],
     "eval_mode": s["eval_mode"],
@@ -159,7 +156,7 @@ out = {
     "eval_s": round(s["time_ledger"]["eval_s"], 1),
     "total_bytes": s["total_bytes"],
     "model_params": s["model_params"],
-    "bytes_audit": "passed" if "bytes" not in failed else "failed" + (" (known)" * known_bytes),
+    "bytes_audit": "passed" if "bytes" not in failed else "failed",
 }
 if rescore_path:
     try:
@@ -279,7 +276,7 @@ stage_record_shape() {
   "$PY" "$REPO/eval_bpb.py" logs/record_shape.pga --script "$REPO/train_gpt.py" \
     --max-tokens 32768 --json >rescore.json
   "$PY" "$WORK/check_run.py" logs/record_shape.txt logs/record_shape.jsonl \
-    --known-bytes-failure --rescore rescore.json --env "${RECORD_ENV[@]}"
+    --rescore rescore.json --env "${RECORD_ENV[@]}"
 }
 
 check_record_shape() {
@@ -294,7 +291,7 @@ stage_frontier_tiny() {
   local rc=$?
   [ "$rc" = 0 ] || [ "$rc" = 3 ] || return "$rc"
   "$PY" "$WORK/check_run.py" logs/frontier_tiny.txt logs/frontier_tiny.jsonl \
-    --known-bytes-failure --env "${FRONTIER_ENV[@]}"
+    --env "${FRONTIER_ENV[@]}"
 }
 
 check_frontier_tiny() {

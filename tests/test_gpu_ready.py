@@ -791,11 +791,11 @@ def test_gpu_check_checker_passes_a_consistent_run_and_lists_pending_flags(tmp_p
         (
             "score-first audit failed",
             {"audits": {"score_first": {"passed": False}}, "reasons": ["failed score_first"]},
-            ("--known-bytes-failure",),
+            (),
             "audits failed",
         ),
         (
-            "byte audit without --known-bytes-failure",
+            "byte audit failed",
             {"audits": {"bytes": {"passed": False}}, "reasons": ["failed bytes"]},
             (),
             "audits failed",
@@ -808,9 +808,3 @@ def test_gpu_check_checker_names_what_is_wrong(tmp_path, case, run, args, proble
     res = run_checker(fake_run(tmp_path, **run), *args)
     assert not res["ok"], case
     assert any(problem in p for p in res["problems"]), (case, res["problems"])
-
-
-def test_gpu_check_checker_accepts_only_the_known_byte_audit_failure(tmp_path):
-    run = fake_run(tmp_path, audits={"bytes": {"passed": False}}, reasons=["failed bytes"])
-    res = run_checker(run, "--known-bytes-failure")
-    assert res["ok"] and res["bytes_audit"] == "failed (known)"

@@ -85,6 +85,11 @@ class Hyperparameters(BaseHyperparameters):
     ortho_init: bool = False  # orthogonal init of the non-zero-init matrices (#1855 lineage)
     muon_polar_express: bool = False  # Polar Express Newton-Schulz coefficients (#1344, #1787)
     embed_wd: float = -1.0  # AdamW weight decay of the embedding; -1 = ADAM_WD (#1218, #1855)
+    # Issue 23: AsymLogit Rescale (#1923 via #1945): learned caps for positive and negative logits.
+    asym_logit_rescale: bool = False
+    # SmearGate never smears into a BOS position (#1851/#1855); 0 as #2135 runs it, where a BOS
+    # takes in the previous document's last token (still a previous token: causal).
+    smear_gate_bos_fix: bool = True
 
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -137,6 +142,7 @@ class Hyperparameters(BaseHyperparameters):
                 "must be -1 (off) or a layer index",
             ),
             ("EMBED_WD", self.embed_wd == -1 or self.embed_wd >= 0, "must be -1 or >= 0"),
+            ("LOGIT_SOFTCAP", self.logit_softcap > 0, "must be positive"),
         ):
             if not ok:
                 self.bad(name, why)
@@ -269,6 +275,8 @@ CONTROL_TENSOR_PATTERNS = (
     "attn_gate_w",
     "parallel_post_lambdas",
     "parallel_resid_lambdas",
+    "softcap_pos",
+    "softcap_neg",
 )
 
 
@@ -844,15 +852,28 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.fused_ce = h.fused_ce
+        # AsymLogit Rescale (#1923, as #1945 runs it): the softcap c tanh(z / c) with one learned
+        # cap for positive logits and one for negative ones, both starting at LOGIT_SOFTCAP (so the
+        # model starts as the symmetric one). #1945 applied them on the eval paths only and its
+        # global TTT called the training forward, so the caps never got a gradient and stayed at
+        # their init (an identity change). Here every forward uses them: they train (Adam, fp32,
+        # no weight decay, see param_groups), adapt in global TTT and are stored unquantized.
+        self.softcap_pos = None
+        self.softcap_neg = None
+        if h.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(float(h.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(h.logit_softcap)))
         self.doc_attention = h.doc_attention
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
-        # SmearGate, two forms; never across a BOS (#1851/#1855). SMEAR_GATE_WINDOW=0 (#65): x_t +=
+        # SmearGate, two forms; never across a BOS (#1851/#1855) unless SMEAR_GATE_BOS_FIX=0
+        # (#2135). SMEAR_GATE_WINDOW=0 (#65): x_t +=
         # sigmoid(g) (x_{t-1} - x_t) on the normed embedding, g per dim, init -3.
         # SMEAR_GATE_WINDOW=N (#1667 as in #1855): on the raw embedding, x_t += lambda sigmoid(w .
         # x_t[:N]) x_{t-1}; w (N weights) and lambda start at zero, so it starts as a no-op.
         self.smear_gate = None
         self.smear_lambda = None
+        self.smear_bos_fix = h.smear_gate_bos_fix
         if h.smear_gate and h.smear_gate_window:
             self.smear_gate = nn.Parameter(torch.zeros(h.smear_gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -925,10 +946,15 @@ class GPT(nn.Module):
     def embed(self, input_ids):
         """The blocks' input x0: token embedding (+ BigramHash), normed, and smeared (before the
         norm in the windowed form). Position 0 and BOS tokens have no previous token in their
-        document, so they get neither bigram nor smear, in every forward (train, eval, TTT)."""
+        document, so they get neither bigram nor smear, in every forward (train, eval, TTT);
+        with SMEAR_GATE_BOS_FIX=0 (#2135) a BOS is smeared with the token before it (the previous
+        document's last one), position 0 still not."""
         x = self.tok_emb(input_ids)
         pos = torch.arange(input_ids.size(1), device=input_ids.device)
         keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
+        smear_keep = keep
+        if not self.smear_bos_fix:
+            smear_keep = (pos > 0)[None, :, None]
         if self.bigram is not None:
             x = x + self.bigram(input_ids) * keep
         if self.smear_lambda is not None:
@@ -936,10 +962,10 @@ class GPT(nn.Module):
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(
                 window @ self.smear_gate.to(x.dtype)
             )
-            x = x + keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+            x = x + smear_keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
         x = F.rms_norm(x, (x.size(-1),))
         if self.smear_gate is not None and self.smear_lambda is None:
-            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
+            x = x + smear_keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
                 F.pad(x[:, :-1], (0, 0, 1, 0)) - x
             )
         return x
@@ -996,6 +1022,8 @@ class GPT(nn.Module):
 
     def logits(self, x):
         logits = self._raw_logits(x).float()
+        if self.softcap_pos is not None:
+            return asym_softcap(logits, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward_logits(self, input_ids):
@@ -1003,7 +1031,9 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, target_ids):
         x = self.hidden(input_ids)
-        if self.fused_ce and self.training and x.is_cuda:
+        # The fused kernel has one fixed cap: with AsymLogit's learned caps the torch path runs
+        # (its autograd gives the caps their gradient).
+        if self.fused_ce and self.training and x.is_cuda and self.softcap_pos is None:
             raw = self._raw_logits(x)
             loss = SoftcappedCrossEntropy.apply(
                 raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap
@@ -1014,6 +1044,13 @@ class GPT(nn.Module):
         if self.flow is not None and self.training:
             loss = loss + self.flow_loss_weight * self.flow.loss(x)
         return loss
+
+
+def asym_softcap(logits, cap_pos, cap_neg):
+    """AsymLogit Rescale (#1923): c tanh(z / c) with c = cap_pos where z > 0, else cap_neg; the
+    caps are tensors, so both get a gradient (fp32 logits)."""
+    cap = torch.where(logits > 0, cap_pos.to(logits.dtype), cap_neg.to(logits.dtype))
+    return cap * torch.tanh(logits / cap)
 
 
 def _recur_layers(h):
@@ -1041,9 +1078,12 @@ def param_groups(model, h):
     matrices = []
     embeds = [model.tok_emb.weight]
     scalars = []
+    caps = []
     for name, p in model.named_parameters():
         control = is_control_tensor(name, CONTROL_TENSOR_PATTERNS)
-        if (
+        if name in ("softcap_pos", "softcap_neg"):
+            caps.append(p)
+        elif (
             (name.startswith("blocks.") or name == "bigram.proj.weight")
             and p.ndim == 2
             and not control
@@ -1064,6 +1104,12 @@ def param_groups(model, h):
     if model.lm_head is not None:
         adam_groups.append(
             {"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr}
+        )
+    if caps:
+        # AsymLogit's caps (about 30): weight decay would pull a cap towards 0, a sharper softcap
+        # that no loss asked for, so they train with Adam at SCALAR_LR and no decay.
+        adam_groups.append(
+            {"params": caps, "lr": h.scalar_lr, "base_lr": h.scalar_lr, "weight_decay": 0.0}
         )
     return [{"params": matrices, "polar_express": h.muon_polar_express}], adam_groups
 

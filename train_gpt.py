@@ -6339,22 +6339,32 @@ def triton_model_kernels():
         targets_ptr,
         loss_ptr,
         lse_ptr,
+        caps_ptr,
         n_cols: tl.constexpr,
         stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # One row per program, one streaming pass: z = cap tanh(x / cap) = cap (2 sigmoid(2x / cap)
-        # - 1) in registers, an online logsumexp, loss = lse - z[target].
+        # One row per program, one streaming pass: z = c tanh(x / c) = c (2 sigmoid(2x / c) - 1)
+        # in registers, an online logsumexp, loss = lse - z[target]. c = cap; with ASYM
+        # (AsymLogit, #1923) c = caps[0] where x > 0, else caps[1], read from device memory.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
         run_max = -float("inf")
         run_sum = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            z = cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            z = c * (2.0 * tl.sigmoid(2.0 * x / c) - 1.0)
             z = tl.where(mask, z, -float("inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -6362,8 +6372,12 @@ def triton_model_kernels():
         lse = run_max + tl.log(run_sum)
         target = tl.load(targets_ptr + row)
         xt = tl.load(base + target).to(tl.float32)
+        if ASYM:
+            ct = tl.where(xt > 0, cap_pos, cap_neg)
+        else:
+            ct = cap
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, lse - cap * (2.0 * tl.sigmoid(2.0 * xt / cap) - 1.0))
+        tl.store(loss_ptr + row, lse - ct * (2.0 * tl.sigmoid(2.0 * xt / ct) - 1.0))
 
     @triton.jit
     def softcap_ce_bwd(
@@ -6372,31 +6386,53 @@ def triton_model_kernels():
         lse_ptr,
         grad_loss_ptr,
         grad_ptr,
+        caps_ptr,
+        cap_grad_ptr,
         n_cols: tl.constexpr,
         stride_row,
         grad_stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / cap)); nothing stored in
-        # the forward but the row's lse.
+        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / c)); nothing stored in
+        # the forward but the row's lse. With ASYM also d loss / dc = g (softmax(z) -
+        # onehot(target)) (t - (x / c)(1 - t^2)), summed over the row's positive and negative
+        # logits apart into cap_grad[row, 0] and cap_grad[row, 1].
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_loss_ptr + row).to(tl.float32)
         target = tl.load(targets_ptr + row)
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
+            sum_pos = 0.0
+            sum_neg = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            t = 2.0 * tl.sigmoid(2.0 * x / cap) - 1.0
-            p = tl.exp(cap * t - lse)
-            d = g * (p - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            t = 2.0 * tl.sigmoid(2.0 * x / c) - 1.0
+            p = tl.exp(c * t - lse)
+            dz = g * (p - tl.where(cols == target, 1.0, 0.0))
+            d = dz * (1.0 - t * t)
             tl.store(
                 grad_ptr + row * grad_stride_row + cols,
                 d.to(grad_ptr.dtype.element_ty),
                 mask=mask,
             )
+            if ASYM:
+                dc = tl.where(mask, dz * (t - (x / c) * (1.0 - t * t)), 0.0)
+                sum_pos += tl.sum(tl.where(x > 0, dc, 0.0), axis=0)
+                sum_neg += tl.sum(tl.where(x > 0, 0.0, dc), axis=0)
+        if ASYM:
+            tl.store(cap_grad_ptr + 2 * row, sum_pos)
+            tl.store(cap_grad_ptr + 2 * row + 1, sum_neg)
 
     _KERNELS.update(
         matmul_leaky2=matmul_leaky2, softcap_ce_fwd=softcap_ce_fwd, softcap_ce_bwd=softcap_ce_bwd
@@ -6458,37 +6494,48 @@ def leaky_relu2_mlp_reference(x, w_up, w_down):
 
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of cap * tanh(logits / cap) in one pass over the raw logits (PR
-    #1787): the softcapped logits are never written out."""
+    #1787): the softcapped logits are never written out. `caps`: None, or AsymLogit's (cap_pos,
+    cap_neg) as one fp32 tensor of 2 (#1923), which then replaces `cap` and gets its gradient
+    (summed per row in the kernel, over rows here)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cap):
+    def forward(ctx, logits, targets, cap, caps=None):
         logits = logits.contiguous()
         targets = targets.contiguous()
         rows, cols = logits.shape
         losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty_like(losses)
+        asym = caps is not None
+        caps = caps.detach().float().contiguous() if asym else lse  # lse: an unread placeholder
         triton_model_kernels()["softcap_ce_fwd"][(rows,)](
-            logits, targets, losses, lse, cols, logits.stride(0), float(cap), BLOCK=1024
-        )
-        ctx.save_for_backward(logits, targets, lse)
+            logits, targets, losses, lse, caps, cols, logits.stride(0), float(cap),
+            BLOCK=1024, ASYM=asym,
+        )  # fmt: skip
+        ctx.save_for_backward(logits, targets, lse, caps)
         ctx.cap = float(cap)
+        ctx.asym = asym
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, lse, caps = ctx.saved_tensors
         grad = torch.empty_like(logits)
         rows, cols = logits.shape
+        cap_grad = torch.zeros(rows, 2, device=logits.device, dtype=torch.float32)
         triton_model_kernels()["softcap_ce_bwd"][(rows,)](
-            logits, targets, lse, grad_losses.float().contiguous(), grad, cols,
-            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024,
+            logits, targets, lse, grad_losses.float().contiguous(), grad, caps, cap_grad, cols,
+            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024, ASYM=ctx.asym,
         )  # fmt: skip
-        return grad, None, None
+        return grad, None, None, cap_grad.sum(0) if ctx.asym else None
 
 
-def softcapped_ce_reference(logits, targets, cap):
+def softcapped_ce_reference(logits, targets, cap, caps=None):
     """The torch maths of SoftcappedCrossEntropy: per-row losses, fp32."""
-    return F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets, reduction="none")
+    if caps is not None:
+        z = asym_softcap(logits.float(), caps[0], caps[1])
+    else:
+        z = cap * torch.tanh(logits.float() / cap)
+    return F.cross_entropy(z, targets, reduction="none")
 
 
 def _no_hooks(module):
@@ -7007,12 +7054,13 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, target_ids):
         x = self.hidden(input_ids)
-        # The fused kernel has one fixed cap: with AsymLogit's learned caps the torch path runs
-        # (its autograd gives the caps their gradient).
-        if self.fused_ce and self.training and x.is_cuda and self.softcap_pos is None:
+        if self.fused_ce and self.training and x.is_cuda:
             raw = self._raw_logits(x)
+            caps = None
+            if self.softcap_pos is not None:  # AsymLogit: the kernel takes the learned caps
+                caps = torch.stack((self.softcap_pos, self.softcap_neg)).float()
             loss = SoftcappedCrossEntropy.apply(
-                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap
+                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap, caps
             ).mean()
         else:
             logits = self.logits(x)

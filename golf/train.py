@@ -371,7 +371,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             train_step(step, 1.0, shapes[step][0])
         primed = set(shapes)
         wanted = len({length for _, length in seq_plan}) * (2 if progress_hook else 1)
-        if h.train_seq_schedule and len(primed) < wanted:
+        if compiled and h.train_seq_schedule and len(primed) < wanted:
             logger.log0(
                 f"warmup: WARMUP_STEPS={warmup_steps} primes {len(primed)} of the "
                 f"{wanted} (sequence length, recurrence) graphs: the rest compile on the clock"

@@ -325,6 +325,22 @@ def test_seq_schedule_parses_and_picks_the_stage(gpt):
     assert gpt.train_seq_plan(unset) == [(1.0, 32)]
 
 
+def test_rope_takes_the_longest_stage_as_its_training_length(gpt):
+    """As #2014: RoPE/YaRN's training length is TRAIN_SEQ_LEN, the schedule's longest stage (its
+    ROPE_TRAIN_SEQ_LEN is parsed but never read), so the shorter stages train with the same
+    unscaled frequencies and YaRN rescales only past the longest."""
+    h = gpt.Hyperparameters.from_env(
+        {**SMALL, "TRAIN_SEQ_SCHEDULE": "16@0.5,32@1", "ROPE_DIMS": "8", "ROPE_YARN": "1"}
+    )
+    rotary = gpt.build_model(h).blocks[0].attn.rotary
+    assert rotary.yarn and rotary.train_len == 32
+    cos16, _ = rotary(16, torch.device("cpu"), torch.float32)
+    cos32, _ = rotary(32, torch.device("cpu"), torch.float32)
+    cos64, _ = rotary(64, torch.device("cpu"), torch.float32)
+    assert torch.equal(cos16, cos32[:, :, :16])
+    assert not torch.allclose(cos64[:, :, :32], cos32)
+
+
 @pytest.mark.parametrize(
     "env, names",
     [

@@ -369,12 +369,11 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
                 progress_hook(shapes[step][1])
             train_step(step, 1.0, shapes[step][0])
-        primed = set(shapes)
-        wanted = len({length for _, length in seq_plan}) * (2 if progress_hook else 1)
-        if compiled and h.train_seq_schedule and len(primed) < wanted:
+        unprimed = sorted({length for _, length in seq_plan} - {n for n, _ in shapes})
+        if compiled and unprimed:
             logger.log0(
-                f"warmup: WARMUP_STEPS={warmup_steps} primes {len(primed)} of the "
-                f"{wanted} (sequence length, recurrence) graphs: the rest compile on the clock"
+                f"warmup: WARMUP_STEPS={warmup_steps} leaves sequence lengths {unprimed} of "
+                "TRAIN_SEQ_SCHEDULE unprimed: they compile on the clock"
             )
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):

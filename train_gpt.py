@@ -124,6 +124,43 @@ TTT_MASKS = {
 }
 
 
+def train_seq_plan(h):
+    """TRAIN_SEQ_SCHEDULE (progressive sequence length, #2014) as [(until, seq_len), ...] sorted by
+    `until`, the fraction of the training budget up to which seq_len is used; the last stage runs
+    to the end (1.0). Unset: [(1.0, TRAIN_SEQ_LEN)]. E.g. "1024@0.1,2048@0.7,3072@1.0"."""
+    name = "TRAIN_SEQ_SCHEDULE"
+    stages = [s.strip() for s in h.train_seq_schedule.split(",") if s.strip()]
+    plan = []
+    for stage in stages:
+        length, _, until = stage.partition("@")
+        try:
+            plan.append((float(until), int(length)))
+        except ValueError:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: stage {stage!r} is not LEN@FRACTION "
+                "(e.g. 1024@0.1)"
+            ) from None
+    if not plan:
+        return [(1.0, h.train_seq_len)]
+    plan.sort()
+    for until, length in plan:
+        if length <= 0 or not 0.0 < until <= 1.0:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: lengths must be positive and fractions in (0, 1]"
+            )
+    if plan[-1][0] < 1.0:
+        plan.append((1.0, plan[-1][1]))
+    return plan
+
+
+def scheduled_seq_len(plan, progress):
+    """The sequence length of the first stage whose `until` is at or past `progress` (#2014)."""
+    for until, length in plan:
+        if progress <= until:
+            return length
+    return plan[-1][1]
+
+
 QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
 
 
@@ -219,6 +256,15 @@ class BaseHyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
+    # Progressive sequence length (#2014): LEN@FRACTION stages (see train_seq_plan); the tokens
+    # per batch stay TRAIN_BATCH_TOKENS, so the rows per batch change. TRAIN_SEQ_LEN must be the
+    # longest stage (the length RoPE/YaRN and the evals take as the training length, as in
+    # #2014). The fraction is of the wallclock budget (wallclock, as the record) or of ITERATIONS
+    # (step, and wallclock runs without a cap). Each switch re-warms the LR linearly over
+    # SEQ_CHANGE_WARMUP_STEPS steps (32 in #2014; 0 = off).
+    train_seq_schedule: str = ""
+    train_seq_schedule_mode: str = "wallclock"
+    seq_change_warmup_steps: int = 0
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -453,6 +499,7 @@ class BaseHyperparameters:
                 "TRAIN_BATCH_TOKENS",
                 f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}",
             )
+        self.validate_seq_schedule()
         if self.eval_stride > self.eval_len:
             self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
         for name, allowed in (
@@ -493,6 +540,28 @@ class BaseHyperparameters:
             )
         self.validate_lora_ttt()
         self.validate_model()
+
+    def validate_seq_schedule(self):
+        """TRAIN_SEQ_SCHEDULE parses; its longest stage is TRAIN_SEQ_LEN; each stage's length
+        divides the batch as TRAIN_SEQ_LEN must (rows of whole sequences on up to 8 ranks)."""
+        plan = train_seq_plan(self)
+        longest = max(length for _, length in plan)
+        if longest != self.train_seq_len:
+            self.bad(
+                "TRAIN_SEQ_SCHEDULE",
+                f"its longest stage ({longest}) must equal TRAIN_SEQ_LEN={self.train_seq_len}",
+            )
+        for _, length in plan:
+            if self.train_batch_tokens % (8 * length):
+                self.bad(
+                    "TRAIN_BATCH_TOKENS",
+                    f"must be a multiple of 8 x every TRAIN_SEQ_SCHEDULE length ({8 * length} "
+                    f"for {length})",
+                )
+        if self.train_seq_schedule_mode not in ("wallclock", "step"):
+            self.bad("TRAIN_SEQ_SCHEDULE_MODE", "must be wallclock or step")
+        if self.seq_change_warmup_steps < 0:
+            self.bad("SEQ_CHANGE_WARMUP_STEPS", "must not be negative")
 
     def validate_lora_ttt(self):
         """The issue-16 knobs: LoRA TTT and its phases."""
@@ -4236,16 +4305,28 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     progress.close()
     dist_sum(sums)
     dist_sum(coverage)
+    extra = {"adapted_scalars": adapted_scalars(trainer.model)} if trainer else {}
     return _eval_result(
         sums,
         t0,
         "ttt" if train_chunks else "sliding",
+        **extra,
         chunks=len(chunk_ids),
         windows=len(starts),
         seq_len=seq_len,
         stride=stride,
         score_first=audit_score_first(ledger, coverage),
     )
+
+
+def adapted_scalars(model):
+    """{name: value} of the model's one-element parameters (learned caps, gates' lambdas): what a
+    TTT mode reports of the copy it adapted, so a log or test sees whether they moved."""
+    return {
+        name: float(p.detach().float().reshape(-1)[0])
+        for name, p in model.named_parameters()
+        if p.numel() == 1
+    }
 
 
 def eval_val_sliding(h, model, val_tokens, luts):
@@ -4403,6 +4484,11 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     failures = []
     max_diff = 0.0
     x = rand_tokens(batch, seq_len)
+    # Document starts, two of them at cuts and Jacobian positions (2, seq_len // 2), so the
+    # checks cover what a model does at a BOS (attention within documents, SmearGate's BOS rule):
+    # a BOS may read the tokens before it, never after.
+    x[:, 3::17] = BOS_ID
+    x[:, [p for p in (2, seq_len // 2) if p < seq_len]] = BOS_ID
     base = logits_of(x)
     if base.shape != (batch, seq_len, vocab_size):
         failures.append(f"logits shape {tuple(base.shape)} is not (batch, seq, vocab={vocab_size})")
@@ -4972,10 +5058,12 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
                 "unscored_reads": int(total) - local,
             }
         )
+    extra = {"adapted_scalars": adapted_scalars(run.model)} if phased else {}
     return _eval_result(
         run.sums,
         t0,
         "ttt_phased" if phased else "ttt_lora",
+        **extra,
         docs=len(docs),
         phases=len(bounds),
         lora_steps=run.steps,
@@ -5418,6 +5506,9 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         logger.log0(f"qat: {n} matrices fake-quantized to {qat_scheme} from {h.qat_start_frac:.2f}")
     step_model = model
     if h.compile and device.type == "cuda":  # `compiled` below: the same test
+        # dynamic=False: one graph per input shape. A TRAIN_SEQ_SCHEDULE (#2014) therefore
+        # recompiles once per sequence length (times the two recurrence states); warmup below
+        # primes every one of them outside the clock.
         step_model = torch.compile(model, dynamic=False)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -5439,13 +5530,23 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
+    seq_plan = train_seq_plan(h)
+    seq_len = seq_plan[0][1]
+    if h.train_seq_schedule:
+        stages = ",".join(f"{length}@{until:.3f}" for until, length in seq_plan)
+        logger.log0(
+            f"train_seq_schedule: {stages} mode:{h.train_seq_schedule_mode} "
+            f"seq_change_warmup_steps:{h.seq_change_warmup_steps} "
+            f"batch:{h.train_batch_tokens} tokens at every length"
+        )
 
-    def train_step(step, lr_scale):
+    def train_step(step, lr_scale, seq_len=h.train_seq_len):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
+            # TRAIN_BATCH_TOKENS at every length: the rows per batch follow seq_len.
             x, y = loader.next_batch(
                 h.train_batch_tokens,
-                h.train_seq_len,
+                seq_len,
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
@@ -5486,11 +5587,18 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         initial, opt_states = copy.deepcopy(
             (model.state_dict(), [opt.state_dict() for opt in optimizers])
         )
+        shapes = warmup_shapes(seq_plan, warmup_steps, progress_hook is not None)
         for step in range(warmup_steps):
             if progress_hook:
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
-                progress_hook(float(step >= warmup_steps // 2))
-            train_step(step, 1.0)
+                progress_hook(shapes[step][1])
+            train_step(step, 1.0, shapes[step][0])
+        unprimed = sorted({length for _, length in seq_plan} - {n for n, _ in shapes})
+        if compiled and unprimed:
+            logger.log0(
+                f"warmup: WARMUP_STEPS={warmup_steps} leaves sequence lengths {unprimed} of "
+                "TRAIN_SEQ_SCHEDULE unprimed: they compile on the clock"
+            )
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
@@ -5522,6 +5630,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     stop_after = None  # the step at which every rank agreed the wallclock cap was reached
     halted = False
     qat_on = False
+    rewarm_from = None  # the step of the last sequence-length switch, while its LR re-warms
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -5548,7 +5657,27 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             qat_on = True
             logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
+        if h.train_seq_schedule:
+            seq_frac = step / h.iterations
+            if h.train_seq_schedule_mode == "wallclock" and cap_ms > 0:
+                seq_frac = elapsed_ms / cap_ms
+            new_len = scheduled_seq_len(seq_plan, seq_frac)
+            if new_len != seq_len:
+                logger.log0(
+                    f"seq_len_switch: step:{step} seq_len:{new_len} (was {seq_len}) "
+                    f"progress:{seq_frac:.3f} train_time:{elapsed_ms:.0f}ms"
+                )
+                logger.event("seq_len", step=step, seq_len=new_len, train_time_ms=elapsed_ms)
+                seq_len = new_len
+                if h.seq_change_warmup_steps > 0 and step > 0:
+                    rewarm_from = step
+            if rewarm_from is not None:
+                # #2014's re-warmup: the LR ramps linearly back over SEQ_CHANGE_WARMUP_STEPS.
+                ramp = (step - rewarm_from + 1) / h.seq_change_warmup_steps
+                lr_scale *= min(ramp, 1.0)
+                if ramp >= 1.0:
+                    rewarm_from = None
+        loss = train_step(step, lr_scale, seq_len)
         step += 1
         if ema is not None:
             ema.update(model)
@@ -5618,6 +5747,20 @@ def measured_gptq_reserve(h, rt, model, loader, logger):
         f"GPTQ_RESERVE_SAFETY={h.gptq_reserve_safety:g} = {reserve:.2f}s"
     )
     return reserve
+
+
+def warmup_shapes(seq_plan, warmup_steps, recurrence):
+    """(sequence length, recurrence progress 0.0 or 1.0) of each warmup step: every length of the
+    schedule in order, each with both recurrence states when the model has a progress hook, spread
+    evenly over the steps, so that each graph torch.compile will meet is compiled in warmup. One
+    length: the first half of the steps at progress 0, the rest at 1 (as before schedules)."""
+    lengths = list(dict.fromkeys(length for _, length in seq_plan))
+    if len(lengths) == 1:
+        return [(lengths[0], float(step >= warmup_steps // 2)) for step in range(warmup_steps)]
+    combos = [
+        (length, frac) for length in lengths for frac in ((0.0, 1.0) if recurrence else (0.0,))
+    ]
+    return [combos[step * len(combos) // max(warmup_steps, 1)] for step in range(warmup_steps)]
 
 
 def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
@@ -5723,6 +5866,13 @@ def timed_eval(run, model, mode, label=None):
         f"eval_time:{res['eval_time_ms']:.0f}ms"
     )
     run.logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
+    if res.get("adapted_scalars"):  # a TTT mode's adapted copy: did its learned scalars move?
+        before = adapted_scalars(model)
+        moved = " ".join(
+            f"{name}:{before[name]:.9g}->{value:.9g}"
+            for name, value in res["adapted_scalars"].items()
+        )
+        run.logger.log0(f"{label} adapted_scalars: {moved}")
     return res
 
 
@@ -6317,6 +6467,11 @@ class Hyperparameters(BaseHyperparameters):
     ortho_init: bool = False  # orthogonal init of the non-zero-init matrices (#1855 lineage)
     muon_polar_express: bool = False  # Polar Express Newton-Schulz coefficients (#1344, #1787)
     embed_wd: float = -1.0  # AdamW weight decay of the embedding; -1 = ADAM_WD (#1218, #1855)
+    # Issue 23: AsymLogit Rescale (#1923 via #1945): learned caps for positive and negative logits.
+    asym_logit_rescale: bool = False
+    # SmearGate never smears into a BOS position (#1851/#1855); 0 as #2135 runs it, where a BOS
+    # takes in the previous document's last token (still a previous token: causal).
+    smear_gate_bos_fix: bool = True
 
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -6369,6 +6524,7 @@ class Hyperparameters(BaseHyperparameters):
                 "must be -1 (off) or a layer index",
             ),
             ("EMBED_WD", self.embed_wd == -1 or self.embed_wd >= 0, "must be -1 or >= 0"),
+            ("LOGIT_SOFTCAP", self.logit_softcap > 0, "must be positive"),
         ):
             if not ok:
                 self.bad(name, why)
@@ -6501,6 +6657,8 @@ CONTROL_TENSOR_PATTERNS = (
     "attn_gate_w",
     "parallel_post_lambdas",
     "parallel_resid_lambdas",
+    "softcap_pos",
+    "softcap_neg",
 )
 
 
@@ -6587,22 +6745,32 @@ def triton_model_kernels():
         targets_ptr,
         loss_ptr,
         lse_ptr,
+        caps_ptr,
         n_cols: tl.constexpr,
         stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # One row per program, one streaming pass: z = cap tanh(x / cap) = cap (2 sigmoid(2x / cap)
-        # - 1) in registers, an online logsumexp, loss = lse - z[target].
+        # One row per program, one streaming pass: z = c tanh(x / c) = c (2 sigmoid(2x / c) - 1)
+        # in registers, an online logsumexp, loss = lse - z[target]. c = cap; with ASYM
+        # (AsymLogit, #1923) c = caps[0] where x > 0, else caps[1], read from device memory.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
         run_max = -float("inf")
         run_sum = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            z = cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            z = c * (2.0 * tl.sigmoid(2.0 * x / c) - 1.0)
             z = tl.where(mask, z, -float("inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -6610,8 +6778,12 @@ def triton_model_kernels():
         lse = run_max + tl.log(run_sum)
         target = tl.load(targets_ptr + row)
         xt = tl.load(base + target).to(tl.float32)
+        if ASYM:
+            ct = tl.where(xt > 0, cap_pos, cap_neg)
+        else:
+            ct = cap
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, lse - cap * (2.0 * tl.sigmoid(2.0 * xt / cap) - 1.0))
+        tl.store(loss_ptr + row, lse - ct * (2.0 * tl.sigmoid(2.0 * xt / ct) - 1.0))
 
     @triton.jit
     def softcap_ce_bwd(
@@ -6620,31 +6792,53 @@ def triton_model_kernels():
         lse_ptr,
         grad_loss_ptr,
         grad_ptr,
+        caps_ptr,
+        cap_grad_ptr,
         n_cols: tl.constexpr,
         stride_row,
         grad_stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / cap)); nothing stored in
-        # the forward but the row's lse.
+        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / c)); nothing stored in
+        # the forward but the row's lse. With ASYM also d loss / dc = g (softmax(z) -
+        # onehot(target)) (t - (x / c)(1 - t^2)), summed over the row's positive and negative
+        # logits apart into cap_grad[row, 0] and cap_grad[row, 1].
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_loss_ptr + row).to(tl.float32)
         target = tl.load(targets_ptr + row)
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
+            sum_pos = 0.0
+            sum_neg = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            t = 2.0 * tl.sigmoid(2.0 * x / cap) - 1.0
-            p = tl.exp(cap * t - lse)
-            d = g * (p - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            t = 2.0 * tl.sigmoid(2.0 * x / c) - 1.0
+            p = tl.exp(c * t - lse)
+            dz = g * (p - tl.where(cols == target, 1.0, 0.0))
+            d = dz * (1.0 - t * t)
             tl.store(
                 grad_ptr + row * grad_stride_row + cols,
                 d.to(grad_ptr.dtype.element_ty),
                 mask=mask,
             )
+            if ASYM:
+                dc = tl.where(mask, dz * (t - (x / c) * (1.0 - t * t)), 0.0)
+                sum_pos += tl.sum(tl.where(x > 0, dc, 0.0), axis=0)
+                sum_neg += tl.sum(tl.where(x > 0, 0.0, dc), axis=0)
+        if ASYM:
+            tl.store(cap_grad_ptr + 2 * row, sum_pos)
+            tl.store(cap_grad_ptr + 2 * row + 1, sum_neg)
 
     _KERNELS.update(
         matmul_leaky2=matmul_leaky2, softcap_ce_fwd=softcap_ce_fwd, softcap_ce_bwd=softcap_ce_bwd
@@ -6706,37 +6900,48 @@ def leaky_relu2_mlp_reference(x, w_up, w_down):
 
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of cap * tanh(logits / cap) in one pass over the raw logits (PR
-    #1787): the softcapped logits are never written out."""
+    #1787): the softcapped logits are never written out. `caps`: None, or AsymLogit's (cap_pos,
+    cap_neg) as one fp32 tensor of 2 (#1923), which then replaces `cap` and gets its gradient
+    (summed per row in the kernel, over rows here)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cap):
+    def forward(ctx, logits, targets, cap, caps=None):
         logits = logits.contiguous()
         targets = targets.contiguous()
         rows, cols = logits.shape
         losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty_like(losses)
+        asym = caps is not None
+        caps = caps.detach().float().contiguous() if asym else lse  # lse: an unread placeholder
         triton_model_kernels()["softcap_ce_fwd"][(rows,)](
-            logits, targets, losses, lse, cols, logits.stride(0), float(cap), BLOCK=1024
-        )
-        ctx.save_for_backward(logits, targets, lse)
+            logits, targets, losses, lse, caps, cols, logits.stride(0), float(cap),
+            BLOCK=1024, ASYM=asym,
+        )  # fmt: skip
+        ctx.save_for_backward(logits, targets, lse, caps)
         ctx.cap = float(cap)
+        ctx.asym = asym
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, lse, caps = ctx.saved_tensors
         grad = torch.empty_like(logits)
         rows, cols = logits.shape
+        cap_grad = torch.zeros(rows, 2, device=logits.device, dtype=torch.float32)
         triton_model_kernels()["softcap_ce_bwd"][(rows,)](
-            logits, targets, lse, grad_losses.float().contiguous(), grad, cols,
-            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024,
+            logits, targets, lse, grad_losses.float().contiguous(), grad, caps, cap_grad, cols,
+            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024, ASYM=ctx.asym,
         )  # fmt: skip
-        return grad, None, None
+        return grad, None, None, cap_grad.sum(0) if ctx.asym else None
 
 
-def softcapped_ce_reference(logits, targets, cap):
+def softcapped_ce_reference(logits, targets, cap, caps=None):
     """The torch maths of SoftcappedCrossEntropy: per-row losses, fp32."""
-    return F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets, reduction="none")
+    if caps is not None:
+        z = asym_softcap(logits.float(), caps[0], caps[1])
+    else:
+        z = cap * torch.tanh(logits.float() / cap)
+    return F.cross_entropy(z, targets, reduction="none")
 
 
 def _no_hooks(module):
@@ -7076,15 +7281,28 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.fused_ce = h.fused_ce
+        # AsymLogit Rescale (#1923, as #1945 runs it): the softcap c tanh(z / c) with one learned
+        # cap for positive logits and one for negative ones, both starting at LOGIT_SOFTCAP (so the
+        # model starts as the symmetric one). #1945 applied them on the eval paths only and its
+        # global TTT called the training forward, so the caps never got a gradient and stayed at
+        # their init (an identity change). Here every forward uses them: they train (Adam, fp32,
+        # no weight decay, see param_groups), adapt in global TTT and are stored unquantized.
+        self.softcap_pos = None
+        self.softcap_neg = None
+        if h.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(float(h.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(h.logit_softcap)))
         self.doc_attention = h.doc_attention
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
-        # SmearGate, two forms; never across a BOS (#1851/#1855). SMEAR_GATE_WINDOW=0 (#65): x_t +=
+        # SmearGate, two forms; never across a BOS (#1851/#1855) unless SMEAR_GATE_BOS_FIX=0
+        # (#2135). SMEAR_GATE_WINDOW=0 (#65): x_t +=
         # sigmoid(g) (x_{t-1} - x_t) on the normed embedding, g per dim, init -3.
         # SMEAR_GATE_WINDOW=N (#1667 as in #1855): on the raw embedding, x_t += lambda sigmoid(w .
         # x_t[:N]) x_{t-1}; w (N weights) and lambda start at zero, so it starts as a no-op.
         self.smear_gate = None
         self.smear_lambda = None
+        self.smear_bos_fix = h.smear_gate_bos_fix
         if h.smear_gate and h.smear_gate_window:
             self.smear_gate = nn.Parameter(torch.zeros(h.smear_gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -7157,10 +7375,15 @@ class GPT(nn.Module):
     def embed(self, input_ids):
         """The blocks' input x0: token embedding (+ BigramHash), normed, and smeared (before the
         norm in the windowed form). Position 0 and BOS tokens have no previous token in their
-        document, so they get neither bigram nor smear, in every forward (train, eval, TTT)."""
+        document, so they get neither bigram nor smear, in every forward (train, eval, TTT);
+        with SMEAR_GATE_BOS_FIX=0 (#2135) a BOS is smeared with the token before it (the previous
+        document's last one), position 0 still not."""
         x = self.tok_emb(input_ids)
         pos = torch.arange(input_ids.size(1), device=input_ids.device)
         keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
+        smear_keep = keep
+        if not self.smear_bos_fix:
+            smear_keep = (pos > 0)[None, :, None]
         if self.bigram is not None:
             x = x + self.bigram(input_ids) * keep
         if self.smear_lambda is not None:
@@ -7168,10 +7391,10 @@ class GPT(nn.Module):
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(
                 window @ self.smear_gate.to(x.dtype)
             )
-            x = x + keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+            x = x + smear_keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
         x = F.rms_norm(x, (x.size(-1),))
         if self.smear_gate is not None and self.smear_lambda is None:
-            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
+            x = x + smear_keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
                 F.pad(x[:, :-1], (0, 0, 1, 0)) - x
             )
         return x
@@ -7228,6 +7451,8 @@ class GPT(nn.Module):
 
     def logits(self, x):
         logits = self._raw_logits(x).float()
+        if self.softcap_pos is not None:
+            return asym_softcap(logits, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward_logits(self, input_ids):
@@ -7237,8 +7462,11 @@ class GPT(nn.Module):
         x = self.hidden(input_ids)
         if self.fused_ce and self.training and x.is_cuda:
             raw = self._raw_logits(x)
+            caps = None
+            if self.softcap_pos is not None:  # AsymLogit: the kernel takes the learned caps
+                caps = torch.stack((self.softcap_pos, self.softcap_neg)).float()
             loss = SoftcappedCrossEntropy.apply(
-                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap
+                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap, caps
             ).mean()
         else:
             logits = self.logits(x)
@@ -7246,6 +7474,13 @@ class GPT(nn.Module):
         if self.flow is not None and self.training:
             loss = loss + self.flow_loss_weight * self.flow.loss(x)
         return loss
+
+
+def asym_softcap(logits, cap_pos, cap_neg):
+    """AsymLogit Rescale (#1923): c tanh(z / c) with c = cap_pos where z > 0, else cap_neg; the
+    caps are tensors, so both get a gradient (fp32 logits)."""
+    cap = torch.where(logits > 0, cap_pos.to(logits.dtype), cap_neg.to(logits.dtype))
+    return cap * torch.tanh(logits / cap)
 
 
 def _recur_layers(h):
@@ -7273,9 +7508,12 @@ def param_groups(model, h):
     matrices = []
     embeds = [model.tok_emb.weight]
     scalars = []
+    caps = []
     for name, p in model.named_parameters():
         control = is_control_tensor(name, CONTROL_TENSOR_PATTERNS)
-        if (
+        if name in ("softcap_pos", "softcap_neg"):
+            caps.append(p)
+        elif (
             (name.startswith("blocks.") or name == "bigram.proj.weight")
             and p.ndim == 2
             and not control
@@ -7296,6 +7534,12 @@ def param_groups(model, h):
     if model.lm_head is not None:
         adam_groups.append(
             {"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr}
+        )
+    if caps:
+        # AsymLogit's caps (about 30): weight decay would pull a cap towards 0, a sharper softcap
+        # that no loss asked for, so they train with Adam at SCALAR_LR and no decay.
+        adam_groups.append(
+            {"params": caps, "lr": h.scalar_lr, "base_lr": h.scalar_lr, "weight_decay": 0.0}
         )
     return [{"params": matrices, "polar_express": h.muon_polar_express}], adam_groups
 

@@ -132,6 +132,43 @@ TTT_MASKS = {
 }
 
 
+def train_seq_plan(h):
+    """TRAIN_SEQ_SCHEDULE (progressive sequence length, #2014) as [(until, seq_len), ...] sorted by
+    `until`, the fraction of the training budget up to which seq_len is used; the last stage runs
+    to the end (1.0). Unset: [(1.0, TRAIN_SEQ_LEN)]. E.g. "1024@0.1,2048@0.7,3072@1.0"."""
+    name = "TRAIN_SEQ_SCHEDULE"
+    stages = [s.strip() for s in h.train_seq_schedule.split(",") if s.strip()]
+    plan = []
+    for stage in stages:
+        length, _, until = stage.partition("@")
+        try:
+            plan.append((float(until), int(length)))
+        except ValueError:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: stage {stage!r} is not LEN@FRACTION "
+                "(e.g. 1024@0.1)"
+            ) from None
+    if not plan:
+        return [(1.0, h.train_seq_len)]
+    plan.sort()
+    for until, length in plan:
+        if length <= 0 or not 0.0 < until <= 1.0:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: lengths must be positive and fractions in (0, 1]"
+            )
+    if plan[-1][0] < 1.0:
+        plan.append((1.0, plan[-1][1]))
+    return plan
+
+
+def scheduled_seq_len(plan, progress):
+    """The sequence length of the first stage whose `until` is at or past `progress` (#2014)."""
+    for until, length in plan:
+        if progress <= until:
+            return length
+    return plan[-1][1]
+
+
 QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
 
 
@@ -227,6 +264,15 @@ class BaseHyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
+    # Progressive sequence length (#2014): LEN@FRACTION stages (see train_seq_plan); the tokens
+    # per batch stay TRAIN_BATCH_TOKENS, so the rows per batch change. TRAIN_SEQ_LEN must be the
+    # longest stage (the length RoPE/YaRN and the evals take as the training length, as in
+    # #2014). The fraction is of the wallclock budget (wallclock, as the record) or of ITERATIONS
+    # (step, and wallclock runs without a cap). Each switch re-warms the LR linearly over
+    # SEQ_CHANGE_WARMUP_STEPS steps (32 in #2014; 0 = off).
+    train_seq_schedule: str = ""
+    train_seq_schedule_mode: str = "wallclock"
+    seq_change_warmup_steps: int = 0
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -461,6 +507,7 @@ class BaseHyperparameters:
                 "TRAIN_BATCH_TOKENS",
                 f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}",
             )
+        self.validate_seq_schedule()
         if self.eval_stride > self.eval_len:
             self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
         for name, allowed in (
@@ -501,6 +548,28 @@ class BaseHyperparameters:
             )
         self.validate_lora_ttt()
         self.validate_model()
+
+    def validate_seq_schedule(self):
+        """TRAIN_SEQ_SCHEDULE parses; its longest stage is TRAIN_SEQ_LEN; each stage's length
+        divides the batch as TRAIN_SEQ_LEN must (rows of whole sequences on up to 8 ranks)."""
+        plan = train_seq_plan(self)
+        longest = max(length for _, length in plan)
+        if longest != self.train_seq_len:
+            self.bad(
+                "TRAIN_SEQ_SCHEDULE",
+                f"its longest stage ({longest}) must equal TRAIN_SEQ_LEN={self.train_seq_len}",
+            )
+        for _, length in plan:
+            if self.train_batch_tokens % (8 * length):
+                self.bad(
+                    "TRAIN_BATCH_TOKENS",
+                    f"must be a multiple of 8 x every TRAIN_SEQ_SCHEDULE length ({8 * length} "
+                    f"for {length})",
+                )
+        if self.train_seq_schedule_mode not in ("wallclock", "step"):
+            self.bad("TRAIN_SEQ_SCHEDULE_MODE", "must be wallclock or step")
+        if self.seq_change_warmup_steps < 0:
+            self.bad("SEQ_CHANGE_WARMUP_STEPS", "must not be negative")
 
     def validate_lora_ttt(self):
         """The issue-16 knobs: LoRA TTT and its phases."""
@@ -4244,16 +4313,28 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     progress.close()
     dist_sum(sums)
     dist_sum(coverage)
+    extra = {"adapted_scalars": adapted_scalars(trainer.model)} if trainer else {}
     return _eval_result(
         sums,
         t0,
         "ttt" if train_chunks else "sliding",
+        **extra,
         chunks=len(chunk_ids),
         windows=len(starts),
         seq_len=seq_len,
         stride=stride,
         score_first=audit_score_first(ledger, coverage),
     )
+
+
+def adapted_scalars(model):
+    """{name: value} of the model's one-element parameters (learned caps, gates' lambdas): what a
+    TTT mode reports of the copy it adapted, so a log or test sees whether they moved."""
+    return {
+        name: float(p.detach().float().reshape(-1)[0])
+        for name, p in model.named_parameters()
+        if p.numel() == 1
+    }
 
 
 def eval_val_sliding(h, model, val_tokens, luts):
@@ -4411,6 +4492,11 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     failures = []
     max_diff = 0.0
     x = rand_tokens(batch, seq_len)
+    # Document starts, two of them at cuts and Jacobian positions (2, seq_len // 2), so the
+    # checks cover what a model does at a BOS (attention within documents, SmearGate's BOS rule):
+    # a BOS may read the tokens before it, never after.
+    x[:, 3::17] = BOS_ID
+    x[:, [p for p in (2, seq_len // 2) if p < seq_len]] = BOS_ID
     base = logits_of(x)
     if base.shape != (batch, seq_len, vocab_size):
         failures.append(f"logits shape {tuple(base.shape)} is not (batch, seq, vocab={vocab_size})")
@@ -4980,10 +5066,12 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
                 "unscored_reads": int(total) - local,
             }
         )
+    extra = {"adapted_scalars": adapted_scalars(run.model)} if phased else {}
     return _eval_result(
         run.sums,
         t0,
         "ttt_phased" if phased else "ttt_lora",
+        **extra,
         docs=len(docs),
         phases=len(bounds),
         lora_steps=run.steps,
@@ -5426,6 +5514,9 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         logger.log0(f"qat: {n} matrices fake-quantized to {qat_scheme} from {h.qat_start_frac:.2f}")
     step_model = model
     if h.compile and device.type == "cuda":  # `compiled` below: the same test
+        # dynamic=False: one graph per input shape. A TRAIN_SEQ_SCHEDULE (#2014) therefore
+        # recompiles once per sequence length (times the two recurrence states); warmup below
+        # primes every one of them outside the clock.
         step_model = torch.compile(model, dynamic=False)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -5447,13 +5538,23 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
+    seq_plan = train_seq_plan(h)
+    seq_len = seq_plan[0][1]
+    if h.train_seq_schedule:
+        stages = ",".join(f"{length}@{until:.3f}" for until, length in seq_plan)
+        logger.log0(
+            f"train_seq_schedule: {stages} mode:{h.train_seq_schedule_mode} "
+            f"seq_change_warmup_steps:{h.seq_change_warmup_steps} "
+            f"batch:{h.train_batch_tokens} tokens at every length"
+        )
 
-    def train_step(step, lr_scale):
+    def train_step(step, lr_scale, seq_len=h.train_seq_len):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
+            # TRAIN_BATCH_TOKENS at every length: the rows per batch follow seq_len.
             x, y = loader.next_batch(
                 h.train_batch_tokens,
-                h.train_seq_len,
+                seq_len,
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
@@ -5494,11 +5595,18 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         initial, opt_states = copy.deepcopy(
             (model.state_dict(), [opt.state_dict() for opt in optimizers])
         )
+        shapes = warmup_shapes(seq_plan, warmup_steps, progress_hook is not None)
         for step in range(warmup_steps):
             if progress_hook:
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
-                progress_hook(float(step >= warmup_steps // 2))
-            train_step(step, 1.0)
+                progress_hook(shapes[step][1])
+            train_step(step, 1.0, shapes[step][0])
+        unprimed = sorted({length for _, length in seq_plan} - {n for n, _ in shapes})
+        if compiled and unprimed:
+            logger.log0(
+                f"warmup: WARMUP_STEPS={warmup_steps} leaves sequence lengths {unprimed} of "
+                "TRAIN_SEQ_SCHEDULE unprimed: they compile on the clock"
+            )
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
@@ -5530,6 +5638,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     stop_after = None  # the step at which every rank agreed the wallclock cap was reached
     halted = False
     qat_on = False
+    rewarm_from = None  # the step of the last sequence-length switch, while its LR re-warms
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -5556,7 +5665,27 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             qat_on = True
             logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
+        if h.train_seq_schedule:
+            seq_frac = step / h.iterations
+            if h.train_seq_schedule_mode == "wallclock" and cap_ms > 0:
+                seq_frac = elapsed_ms / cap_ms
+            new_len = scheduled_seq_len(seq_plan, seq_frac)
+            if new_len != seq_len:
+                logger.log0(
+                    f"seq_len_switch: step:{step} seq_len:{new_len} (was {seq_len}) "
+                    f"progress:{seq_frac:.3f} train_time:{elapsed_ms:.0f}ms"
+                )
+                logger.event("seq_len", step=step, seq_len=new_len, train_time_ms=elapsed_ms)
+                seq_len = new_len
+                if h.seq_change_warmup_steps > 0 and step > 0:
+                    rewarm_from = step
+            if rewarm_from is not None:
+                # #2014's re-warmup: the LR ramps linearly back over SEQ_CHANGE_WARMUP_STEPS.
+                ramp = (step - rewarm_from + 1) / h.seq_change_warmup_steps
+                lr_scale *= min(ramp, 1.0)
+                if ramp >= 1.0:
+                    rewarm_from = None
+        loss = train_step(step, lr_scale, seq_len)
         step += 1
         if ema is not None:
             ema.update(model)
@@ -5626,6 +5755,20 @@ def measured_gptq_reserve(h, rt, model, loader, logger):
         f"GPTQ_RESERVE_SAFETY={h.gptq_reserve_safety:g} = {reserve:.2f}s"
     )
     return reserve
+
+
+def warmup_shapes(seq_plan, warmup_steps, recurrence):
+    """(sequence length, recurrence progress 0.0 or 1.0) of each warmup step: every length of the
+    schedule in order, each with both recurrence states when the model has a progress hook, spread
+    evenly over the steps, so that each graph torch.compile will meet is compiled in warmup. One
+    length: the first half of the steps at progress 0, the rest at 1 (as before schedules)."""
+    lengths = list(dict.fromkeys(length for _, length in seq_plan))
+    if len(lengths) == 1:
+        return [(lengths[0], float(step >= warmup_steps // 2)) for step in range(warmup_steps)]
+    combos = [
+        (length, frac) for length in lengths for frac in ((0.0, 1.0) if recurrence else (0.0,))
+    ]
+    return [combos[step * len(combos) // max(warmup_steps, 1)] for step in range(warmup_steps)]
 
 
 def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
@@ -5731,6 +5874,13 @@ def timed_eval(run, model, mode, label=None):
         f"eval_time:{res['eval_time_ms']:.0f}ms"
     )
     run.logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
+    if res.get("adapted_scalars"):  # a TTT mode's adapted copy: did its learned scalars move?
+        before = adapted_scalars(model)
+        moved = " ".join(
+            f"{name}:{before[name]:.9g}->{value:.9g}"
+            for name, value in res["adapted_scalars"].items()
+        )
+        run.logger.log0(f"{label} adapted_scalars: {moved}")
     return res
 
 

@@ -62,6 +62,43 @@ TTT_MASKS = {
 }
 
 
+def train_seq_plan(h):
+    """TRAIN_SEQ_SCHEDULE (progressive sequence length, #2014) as [(until, seq_len), ...] sorted by
+    `until`, the fraction of the training budget up to which seq_len is used; the last stage runs
+    to the end (1.0). Unset: [(1.0, TRAIN_SEQ_LEN)]. E.g. "1024@0.1,2048@0.7,3072@1.0"."""
+    name = "TRAIN_SEQ_SCHEDULE"
+    stages = [s.strip() for s in h.train_seq_schedule.split(",") if s.strip()]
+    plan = []
+    for stage in stages:
+        length, _, until = stage.partition("@")
+        try:
+            plan.append((float(until), int(length)))
+        except ValueError:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: stage {stage!r} is not LEN@FRACTION "
+                "(e.g. 1024@0.1)"
+            ) from None
+    if not plan:
+        return [(1.0, h.train_seq_len)]
+    plan.sort()
+    for until, length in plan:
+        if length <= 0 or not 0.0 < until <= 1.0:
+            raise ValueError(
+                f"{name}={h.train_seq_schedule!r}: lengths must be positive and fractions in (0, 1]"
+            )
+    if plan[-1][0] < 1.0:
+        plan.append((1.0, plan[-1][1]))
+    return plan
+
+
+def scheduled_seq_len(plan, progress):
+    """The sequence length of the first stage whose `until` is at or past `progress` (#2014)."""
+    for until, length in plan:
+        if progress <= until:
+            return length
+    return plan[-1][1]
+
+
 QUANT_INT_BITS = (4, 5, 6, 7, 8)  # the widths of per-row int-k
 
 
@@ -157,6 +194,15 @@ class BaseHyperparameters:
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
+    # Progressive sequence length (#2014): LEN@FRACTION stages (see train_seq_plan); the tokens
+    # per batch stay TRAIN_BATCH_TOKENS, so the rows per batch change. TRAIN_SEQ_LEN must be the
+    # longest stage (the length RoPE/YaRN and the evals take as the training length, as in
+    # #2014). The fraction is of the wallclock budget (wallclock, as the record) or of ITERATIONS
+    # (step, and wallclock runs without a cap). Each switch re-warms the LR linearly over
+    # SEQ_CHANGE_WARMUP_STEPS steps (32 in #2014; 0 = off).
+    train_seq_schedule: str = ""
+    train_seq_schedule_mode: str = "wallclock"
+    seq_change_warmup_steps: int = 0
     # Optimizer: Muon for block matrices, Adam for embeddings and scalars.
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -391,6 +437,7 @@ class BaseHyperparameters:
                 "TRAIN_BATCH_TOKENS",
                 f"must be a multiple of 8 x TRAIN_SEQ_LEN={8 * self.train_seq_len}",
             )
+        self.validate_seq_schedule()
         if self.eval_stride > self.eval_len:
             self.bad("EVAL_STRIDE", f"must not exceed the eval window EVAL_SEQ_LEN={self.eval_len}")
         for name, allowed in (
@@ -431,6 +478,28 @@ class BaseHyperparameters:
             )
         self.validate_lora_ttt()
         self.validate_model()
+
+    def validate_seq_schedule(self):
+        """TRAIN_SEQ_SCHEDULE parses; its longest stage is TRAIN_SEQ_LEN; each stage's length
+        divides the batch as TRAIN_SEQ_LEN must (rows of whole sequences on up to 8 ranks)."""
+        plan = train_seq_plan(self)
+        longest = max(length for _, length in plan)
+        if longest != self.train_seq_len:
+            self.bad(
+                "TRAIN_SEQ_SCHEDULE",
+                f"its longest stage ({longest}) must equal TRAIN_SEQ_LEN={self.train_seq_len}",
+            )
+        for _, length in plan:
+            if self.train_batch_tokens % (8 * length):
+                self.bad(
+                    "TRAIN_BATCH_TOKENS",
+                    f"must be a multiple of 8 x every TRAIN_SEQ_SCHEDULE length ({8 * length} "
+                    f"for {length})",
+                )
+        if self.train_seq_schedule_mode not in ("wallclock", "step"):
+            self.bad("TRAIN_SEQ_SCHEDULE_MODE", "must be wallclock or step")
+        if self.seq_change_warmup_steps < 0:
+            self.bad("SEQ_CHANGE_WARMUP_STEPS", "must not be negative")
 
     def validate_lora_ttt(self):
         """The issue-16 knobs: LoRA TTT and its phases."""

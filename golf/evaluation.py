@@ -14,6 +14,7 @@ from torch import nn
 
 from golf.bpb import target_bytes
 from golf.contract import model_hook
+from golf.data import BOS_ID
 from golf.runtime import Progress, dist_max, dist_sum
 
 # Evaluation. Every mode scores per-token NLL with a full softmax over the vocabulary, sums in
@@ -251,16 +252,28 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     progress.close()
     dist_sum(sums)
     dist_sum(coverage)
+    extra = {"adapted_scalars": adapted_scalars(trainer.model)} if trainer else {}
     return _eval_result(
         sums,
         t0,
         "ttt" if train_chunks else "sliding",
+        **extra,
         chunks=len(chunk_ids),
         windows=len(starts),
         seq_len=seq_len,
         stride=stride,
         score_first=audit_score_first(ledger, coverage),
     )
+
+
+def adapted_scalars(model):
+    """{name: value} of the model's one-element parameters (learned caps, gates' lambdas): what a
+    TTT mode reports of the copy it adapted, so a log or test sees whether they moved."""
+    return {
+        name: float(p.detach().float().reshape(-1)[0])
+        for name, p in model.named_parameters()
+        if p.numel() == 1
+    }
 
 
 def eval_val_sliding(h, model, val_tokens, luts):
@@ -418,6 +431,11 @@ def audit_causality(model, seq_len, vocab_size, batch=3, chunk=64, tol=1e-5, see
     failures = []
     max_diff = 0.0
     x = rand_tokens(batch, seq_len)
+    # Document starts, two of them at cuts and Jacobian positions (2, seq_len // 2), so the
+    # checks cover what a model does at a BOS (attention within documents, SmearGate's BOS rule):
+    # a BOS may read the tokens before it, never after.
+    x[:, 3::17] = BOS_ID
+    x[:, [p for p in (2, seq_len // 2) if p < seq_len]] = BOS_ID
     base = logits_of(x)
     if base.shape != (batch, seq_len, vocab_size):
         failures.append(f"logits shape {tuple(base.shape)} is not (batch, seq, vocab={vocab_size})")

@@ -29,7 +29,7 @@ from golf.bpb import (
     target_bytes,
     val_byte_counter,
 )
-from golf.config import BaseHyperparameters
+from golf.config import BaseHyperparameters, scheduled_seq_len, train_seq_plan
 from golf.container import (
     artifact_state,
     compact_builder,
@@ -48,7 +48,7 @@ from golf.data import (
     shard_files,
     val_token_count,
 )
-from golf.evaluation import _autocast, audit_causality, eval_val
+from golf.evaluation import _autocast, adapted_scalars, audit_causality, eval_val
 from golf.modes import EVAL_MODES
 from golf.optim import EMA, Muon, lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5
 from golf.quant import (
@@ -306,6 +306,9 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         logger.log0(f"qat: {n} matrices fake-quantized to {qat_scheme} from {h.qat_start_frac:.2f}")
     step_model = model
     if h.compile and device.type == "cuda":  # `compiled` below: the same test
+        # dynamic=False: one graph per input shape. A TRAIN_SEQ_SCHEDULE (#2014) therefore
+        # recompiles once per sequence length (times the two recurrence states); warmup below
+        # primes every one of them outside the clock.
         step_model = torch.compile(model, dynamic=False)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -327,13 +330,23 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     mixer = ShardMixer(h, len(loader.files)) if h.data_mixer else None
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
+    seq_plan = train_seq_plan(h)
+    seq_len = seq_plan[0][1]
+    if h.train_seq_schedule:
+        stages = ",".join(f"{length}@{until:.3f}" for until, length in seq_plan)
+        logger.log0(
+            f"train_seq_schedule: {stages} mode:{h.train_seq_schedule_mode} "
+            f"seq_change_warmup_steps:{h.seq_change_warmup_steps} "
+            f"batch:{h.train_batch_tokens} tokens at every length"
+        )
 
-    def train_step(step, lr_scale):
+    def train_step(step, lr_scale, seq_len=h.train_seq_len):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
+            # TRAIN_BATCH_TOKENS at every length: the rows per batch follow seq_len.
             x, y = loader.next_batch(
                 h.train_batch_tokens,
-                h.train_seq_len,
+                seq_len,
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
@@ -374,11 +387,18 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
         initial, opt_states = copy.deepcopy(
             (model.state_dict(), [opt.state_dict() for opt in optimizers])
         )
+        shapes = warmup_shapes(seq_plan, warmup_steps, progress_hook is not None)
         for step in range(warmup_steps):
             if progress_hook:
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
-                progress_hook(float(step >= warmup_steps // 2))
-            train_step(step, 1.0)
+                progress_hook(shapes[step][1])
+            train_step(step, 1.0, shapes[step][0])
+        unprimed = sorted({length for _, length in seq_plan} - {n for n, _ in shapes})
+        if compiled and unprimed:
+            logger.log0(
+                f"warmup: WARMUP_STEPS={warmup_steps} leaves sequence lengths {unprimed} of "
+                "TRAIN_SEQ_SCHEDULE unprimed: they compile on the clock"
+            )
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
@@ -410,6 +430,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     stop_after = None  # the step at which every rank agreed the wallclock cap was reached
     halted = False
     qat_on = False
+    rewarm_from = None  # the step of the last sequence-length switch, while its LR re-warms
     _sync(device)
     t0 = time.perf_counter()
     while True:
@@ -436,7 +457,27 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             qat_on = True
             logger.log0(f"qat:on step:{step} frac:{frac:.3f}")
         lr_scale = lr_multiplier(cap_h, step, elapsed_ms)
-        loss = train_step(step, lr_scale)
+        if h.train_seq_schedule:
+            seq_frac = step / h.iterations
+            if h.train_seq_schedule_mode == "wallclock" and cap_ms > 0:
+                seq_frac = elapsed_ms / cap_ms
+            new_len = scheduled_seq_len(seq_plan, seq_frac)
+            if new_len != seq_len:
+                logger.log0(
+                    f"seq_len_switch: step:{step} seq_len:{new_len} (was {seq_len}) "
+                    f"progress:{seq_frac:.3f} train_time:{elapsed_ms:.0f}ms"
+                )
+                logger.event("seq_len", step=step, seq_len=new_len, train_time_ms=elapsed_ms)
+                seq_len = new_len
+                if h.seq_change_warmup_steps > 0 and step > 0:
+                    rewarm_from = step
+            if rewarm_from is not None:
+                # #2014's re-warmup: the LR ramps linearly back over SEQ_CHANGE_WARMUP_STEPS.
+                ramp = (step - rewarm_from + 1) / h.seq_change_warmup_steps
+                lr_scale *= min(ramp, 1.0)
+                if ramp >= 1.0:
+                    rewarm_from = None
+        loss = train_step(step, lr_scale, seq_len)
         step += 1
         if ema is not None:
             ema.update(model)
@@ -506,6 +547,20 @@ def measured_gptq_reserve(h, rt, model, loader, logger):
         f"GPTQ_RESERVE_SAFETY={h.gptq_reserve_safety:g} = {reserve:.2f}s"
     )
     return reserve
+
+
+def warmup_shapes(seq_plan, warmup_steps, recurrence):
+    """(sequence length, recurrence progress 0.0 or 1.0) of each warmup step: every length of the
+    schedule in order, each with both recurrence states when the model has a progress hook, spread
+    evenly over the steps, so that each graph torch.compile will meet is compiled in warmup. One
+    length: the first half of the steps at progress 0, the rest at 1 (as before schedules)."""
+    lengths = list(dict.fromkeys(length for _, length in seq_plan))
+    if len(lengths) == 1:
+        return [(lengths[0], float(step >= warmup_steps // 2)) for step in range(warmup_steps)]
+    combos = [
+        (length, frac) for length in lengths for frac in ((0.0, 1.0) if recurrence else (0.0,))
+    ]
+    return [combos[step * len(combos) // max(warmup_steps, 1)] for step in range(warmup_steps)]
 
 
 def overshoot_warning(logger, ended_ms, cap_ms, step_ms):
@@ -611,6 +666,13 @@ def timed_eval(run, model, mode, label=None):
         f"eval_time:{res['eval_time_ms']:.0f}ms"
     )
     run.logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
+    if res.get("adapted_scalars"):  # a TTT mode's adapted copy: did its learned scalars move?
+        before = adapted_scalars(model)
+        moved = " ".join(
+            f"{name}:{before[name]:.9g}->{value:.9g}"
+            for name, value in res["adapted_scalars"].items()
+        )
+        run.logger.log0(f"{label} adapted_scalars: {moved}")
     return res
 
 

@@ -18,6 +18,7 @@ from golf.evaluation import (
     _eval_result,
     _model_device,
     _TTTTrainer,
+    adapted_scalars,
     audit_score_first,
     token_nll,
 )
@@ -498,10 +499,12 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
                 "unscored_reads": int(total) - local,
             }
         )
+    extra = {"adapted_scalars": adapted_scalars(run.model)} if phased else {}
     return _eval_result(
         run.sums,
         t0,
         "ttt_phased" if phased else "ttt_lora",
+        **extra,
         docs=len(docs),
         phases=len(bounds),
         lora_steps=run.steps,

@@ -85,6 +85,11 @@ class Hyperparameters(BaseHyperparameters):
     ortho_init: bool = False  # orthogonal init of the non-zero-init matrices (#1855 lineage)
     muon_polar_express: bool = False  # Polar Express Newton-Schulz coefficients (#1344, #1787)
     embed_wd: float = -1.0  # AdamW weight decay of the embedding; -1 = ADAM_WD (#1218, #1855)
+    # Issue 23: AsymLogit Rescale (#1923 via #1945): learned caps for positive and negative logits.
+    asym_logit_rescale: bool = False
+    # SmearGate never smears into a BOS position (#1851/#1855); 0 as #2135 runs it, where a BOS
+    # takes in the previous document's last token (still a previous token: causal).
+    smear_gate_bos_fix: bool = True
 
     def validate_model(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -137,6 +142,7 @@ class Hyperparameters(BaseHyperparameters):
                 "must be -1 (off) or a layer index",
             ),
             ("EMBED_WD", self.embed_wd == -1 or self.embed_wd >= 0, "must be -1 or >= 0"),
+            ("LOGIT_SOFTCAP", self.logit_softcap > 0, "must be positive"),
         ):
             if not ok:
                 self.bad(name, why)
@@ -269,6 +275,8 @@ CONTROL_TENSOR_PATTERNS = (
     "attn_gate_w",
     "parallel_post_lambdas",
     "parallel_resid_lambdas",
+    "softcap_pos",
+    "softcap_neg",
 )
 
 
@@ -355,22 +363,32 @@ def triton_model_kernels():
         targets_ptr,
         loss_ptr,
         lse_ptr,
+        caps_ptr,
         n_cols: tl.constexpr,
         stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # One row per program, one streaming pass: z = cap tanh(x / cap) = cap (2 sigmoid(2x / cap)
-        # - 1) in registers, an online logsumexp, loss = lse - z[target].
+        # One row per program, one streaming pass: z = c tanh(x / c) = c (2 sigmoid(2x / c) - 1)
+        # in registers, an online logsumexp, loss = lse - z[target]. c = cap; with ASYM
+        # (AsymLogit, #1923) c = caps[0] where x > 0, else caps[1], read from device memory.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
         run_max = -float("inf")
         run_sum = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            z = cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            z = c * (2.0 * tl.sigmoid(2.0 * x / c) - 1.0)
             z = tl.where(mask, z, -float("inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -378,8 +396,12 @@ def triton_model_kernels():
         lse = run_max + tl.log(run_sum)
         target = tl.load(targets_ptr + row)
         xt = tl.load(base + target).to(tl.float32)
+        if ASYM:
+            ct = tl.where(xt > 0, cap_pos, cap_neg)
+        else:
+            ct = cap
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, lse - cap * (2.0 * tl.sigmoid(2.0 * xt / cap) - 1.0))
+        tl.store(loss_ptr + row, lse - ct * (2.0 * tl.sigmoid(2.0 * xt / ct) - 1.0))
 
     @triton.jit
     def softcap_ce_bwd(
@@ -388,31 +410,53 @@ def triton_model_kernels():
         lse_ptr,
         grad_loss_ptr,
         grad_ptr,
+        caps_ptr,
+        cap_grad_ptr,
         n_cols: tl.constexpr,
         stride_row,
         grad_stride_row,
         cap,
         BLOCK: tl.constexpr,
+        ASYM: tl.constexpr,
     ):
-        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / cap)); nothing stored in
-        # the forward but the row's lse.
+        # d loss / dx = g (softmax(z) - onehot(target)) (1 - tanh^2(x / c)); nothing stored in
+        # the forward but the row's lse. With ASYM also d loss / dc = g (softmax(z) -
+        # onehot(target)) (t - (x / c)(1 - t^2)), summed over the row's positive and negative
+        # logits apart into cap_grad[row, 0] and cap_grad[row, 1].
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_loss_ptr + row).to(tl.float32)
         target = tl.load(targets_ptr + row)
+        if ASYM:
+            cap_pos = tl.load(caps_ptr).to(tl.float32)
+            cap_neg = tl.load(caps_ptr + 1).to(tl.float32)
+            sum_pos = 0.0
+            sum_neg = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            t = 2.0 * tl.sigmoid(2.0 * x / cap) - 1.0
-            p = tl.exp(cap * t - lse)
-            d = g * (p - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+            if ASYM:
+                c = tl.where(x > 0, cap_pos, cap_neg)
+            else:
+                c = cap
+            t = 2.0 * tl.sigmoid(2.0 * x / c) - 1.0
+            p = tl.exp(c * t - lse)
+            dz = g * (p - tl.where(cols == target, 1.0, 0.0))
+            d = dz * (1.0 - t * t)
             tl.store(
                 grad_ptr + row * grad_stride_row + cols,
                 d.to(grad_ptr.dtype.element_ty),
                 mask=mask,
             )
+            if ASYM:
+                dc = tl.where(mask, dz * (t - (x / c) * (1.0 - t * t)), 0.0)
+                sum_pos += tl.sum(tl.where(x > 0, dc, 0.0), axis=0)
+                sum_neg += tl.sum(tl.where(x > 0, 0.0, dc), axis=0)
+        if ASYM:
+            tl.store(cap_grad_ptr + 2 * row, sum_pos)
+            tl.store(cap_grad_ptr + 2 * row + 1, sum_neg)
 
     _KERNELS.update(
         matmul_leaky2=matmul_leaky2, softcap_ce_fwd=softcap_ce_fwd, softcap_ce_bwd=softcap_ce_bwd
@@ -474,37 +518,48 @@ def leaky_relu2_mlp_reference(x, w_up, w_down):
 
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of cap * tanh(logits / cap) in one pass over the raw logits (PR
-    #1787): the softcapped logits are never written out."""
+    #1787): the softcapped logits are never written out. `caps`: None, or AsymLogit's (cap_pos,
+    cap_neg) as one fp32 tensor of 2 (#1923), which then replaces `cap` and gets its gradient
+    (summed per row in the kernel, over rows here)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cap):
+    def forward(ctx, logits, targets, cap, caps=None):
         logits = logits.contiguous()
         targets = targets.contiguous()
         rows, cols = logits.shape
         losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty_like(losses)
+        asym = caps is not None
+        caps = caps.detach().float().contiguous() if asym else lse  # lse: an unread placeholder
         triton_model_kernels()["softcap_ce_fwd"][(rows,)](
-            logits, targets, losses, lse, cols, logits.stride(0), float(cap), BLOCK=1024
-        )
-        ctx.save_for_backward(logits, targets, lse)
+            logits, targets, losses, lse, caps, cols, logits.stride(0), float(cap),
+            BLOCK=1024, ASYM=asym,
+        )  # fmt: skip
+        ctx.save_for_backward(logits, targets, lse, caps)
         ctx.cap = float(cap)
+        ctx.asym = asym
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, lse, caps = ctx.saved_tensors
         grad = torch.empty_like(logits)
         rows, cols = logits.shape
+        cap_grad = torch.zeros(rows, 2, device=logits.device, dtype=torch.float32)
         triton_model_kernels()["softcap_ce_bwd"][(rows,)](
-            logits, targets, lse, grad_losses.float().contiguous(), grad, cols,
-            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024,
+            logits, targets, lse, grad_losses.float().contiguous(), grad, caps, cap_grad, cols,
+            logits.stride(0), grad.stride(0), ctx.cap, BLOCK=1024, ASYM=ctx.asym,
         )  # fmt: skip
-        return grad, None, None
+        return grad, None, None, cap_grad.sum(0) if ctx.asym else None
 
 
-def softcapped_ce_reference(logits, targets, cap):
+def softcapped_ce_reference(logits, targets, cap, caps=None):
     """The torch maths of SoftcappedCrossEntropy: per-row losses, fp32."""
-    return F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets, reduction="none")
+    if caps is not None:
+        z = asym_softcap(logits.float(), caps[0], caps[1])
+    else:
+        z = cap * torch.tanh(logits.float() / cap)
+    return F.cross_entropy(z, targets, reduction="none")
 
 
 def _no_hooks(module):
@@ -844,15 +899,28 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.fused_ce = h.fused_ce
+        # AsymLogit Rescale (#1923, as #1945 runs it): the softcap c tanh(z / c) with one learned
+        # cap for positive logits and one for negative ones, both starting at LOGIT_SOFTCAP (so the
+        # model starts as the symmetric one). #1945 applied them on the eval paths only and its
+        # global TTT called the training forward, so the caps never got a gradient and stayed at
+        # their init (an identity change). Here every forward uses them: they train (Adam, fp32,
+        # no weight decay, see param_groups), adapt in global TTT and are stored unquantized.
+        self.softcap_pos = None
+        self.softcap_neg = None
+        if h.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(float(h.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(h.logit_softcap)))
         self.doc_attention = h.doc_attention
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
-        # SmearGate, two forms; never across a BOS (#1851/#1855). SMEAR_GATE_WINDOW=0 (#65): x_t +=
+        # SmearGate, two forms; never across a BOS (#1851/#1855) unless SMEAR_GATE_BOS_FIX=0
+        # (#2135). SMEAR_GATE_WINDOW=0 (#65): x_t +=
         # sigmoid(g) (x_{t-1} - x_t) on the normed embedding, g per dim, init -3.
         # SMEAR_GATE_WINDOW=N (#1667 as in #1855): on the raw embedding, x_t += lambda sigmoid(w .
         # x_t[:N]) x_{t-1}; w (N weights) and lambda start at zero, so it starts as a no-op.
         self.smear_gate = None
         self.smear_lambda = None
+        self.smear_bos_fix = h.smear_gate_bos_fix
         if h.smear_gate and h.smear_gate_window:
             self.smear_gate = nn.Parameter(torch.zeros(h.smear_gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -925,10 +993,15 @@ class GPT(nn.Module):
     def embed(self, input_ids):
         """The blocks' input x0: token embedding (+ BigramHash), normed, and smeared (before the
         norm in the windowed form). Position 0 and BOS tokens have no previous token in their
-        document, so they get neither bigram nor smear, in every forward (train, eval, TTT)."""
+        document, so they get neither bigram nor smear, in every forward (train, eval, TTT);
+        with SMEAR_GATE_BOS_FIX=0 (#2135) a BOS is smeared with the token before it (the previous
+        document's last one), position 0 still not."""
         x = self.tok_emb(input_ids)
         pos = torch.arange(input_ids.size(1), device=input_ids.device)
         keep = ((input_ids != BOS_ID) & (pos > 0))[..., None]
+        smear_keep = keep
+        if not self.smear_bos_fix:
+            smear_keep = (pos > 0)[None, :, None]
         if self.bigram is not None:
             x = x + self.bigram(input_ids) * keep
         if self.smear_lambda is not None:
@@ -936,10 +1009,10 @@ class GPT(nn.Module):
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(
                 window @ self.smear_gate.to(x.dtype)
             )
-            x = x + keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+            x = x + smear_keep * gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
         x = F.rms_norm(x, (x.size(-1),))
         if self.smear_gate is not None and self.smear_lambda is None:
-            x = x + keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
+            x = x + smear_keep * torch.sigmoid(self.smear_gate.to(x.dtype)) * (
                 F.pad(x[:, :-1], (0, 0, 1, 0)) - x
             )
         return x
@@ -996,6 +1069,8 @@ class GPT(nn.Module):
 
     def logits(self, x):
         logits = self._raw_logits(x).float()
+        if self.softcap_pos is not None:
+            return asym_softcap(logits, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward_logits(self, input_ids):
@@ -1005,8 +1080,11 @@ class GPT(nn.Module):
         x = self.hidden(input_ids)
         if self.fused_ce and self.training and x.is_cuda:
             raw = self._raw_logits(x)
+            caps = None
+            if self.softcap_pos is not None:  # AsymLogit: the kernel takes the learned caps
+                caps = torch.stack((self.softcap_pos, self.softcap_neg)).float()
             loss = SoftcappedCrossEntropy.apply(
-                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap
+                raw.reshape(-1, raw.size(-1)), target_ids.reshape(-1), self.logit_softcap, caps
             ).mean()
         else:
             logits = self.logits(x)
@@ -1014,6 +1092,13 @@ class GPT(nn.Module):
         if self.flow is not None and self.training:
             loss = loss + self.flow_loss_weight * self.flow.loss(x)
         return loss
+
+
+def asym_softcap(logits, cap_pos, cap_neg):
+    """AsymLogit Rescale (#1923): c tanh(z / c) with c = cap_pos where z > 0, else cap_neg; the
+    caps are tensors, so both get a gradient (fp32 logits)."""
+    cap = torch.where(logits > 0, cap_pos.to(logits.dtype), cap_neg.to(logits.dtype))
+    return cap * torch.tanh(logits / cap)
 
 
 def _recur_layers(h):
@@ -1041,9 +1126,12 @@ def param_groups(model, h):
     matrices = []
     embeds = [model.tok_emb.weight]
     scalars = []
+    caps = []
     for name, p in model.named_parameters():
         control = is_control_tensor(name, CONTROL_TENSOR_PATTERNS)
-        if (
+        if name in ("softcap_pos", "softcap_neg"):
+            caps.append(p)
+        elif (
             (name.startswith("blocks.") or name == "bigram.proj.weight")
             and p.ndim == 2
             and not control
@@ -1064,6 +1152,12 @@ def param_groups(model, h):
     if model.lm_head is not None:
         adam_groups.append(
             {"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr}
+        )
+    if caps:
+        # AsymLogit's caps (about 30): weight decay would pull a cap towards 0, a sharper softcap
+        # that no loss asked for, so they train with Adam at SCALAR_LR and no decay.
+        adam_groups.append(
+            {"params": caps, "lr": h.scalar_lr, "base_lr": h.scalar_lr, "weight_decay": 0.0}
         )
     return [{"params": matrices, "polar_express": h.muon_polar_express}], adam_groups
 

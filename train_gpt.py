@@ -365,6 +365,14 @@ class BaseHyperparameters:
     ttt_local_lr_mult: float = 1.0
     ttt_short_score_first_enabled: bool = False
     ttt_short_score_first_steps: str = ""
+    # #2135's LoRA form (#1767's levers; hidden defaults in its script): TTT_LORA_ALPHA scales
+    # the adapter output by alpha / TTT_LORA_RANK; 0 (the default) means alpha = rank, scale 1,
+    # whatever the rank (#2135: 144 at rank 80, scale 1.8). TTT_WARM_START_A: a group's reset
+    # zeroes only B and each batch row keeps its A from the group before it, within a phase.
+    # TTT_LORA_EPS: the eps of the per-document AdamW (1e-8, torch's default; #2135: 1e-10).
+    ttt_lora_alpha: float = 0.0
+    ttt_warm_start_a: bool = False
+    ttt_lora_eps: float = 1e-8
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -571,9 +579,11 @@ class BaseHyperparameters:
         for name in ("ttt_lora_beta1", "ttt_lora_beta2", "ttt_phase_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 self.bad(name, "must be in [0, 1)")
-        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len"):
+        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len", "ttt_lora_alpha"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
+        if not self.ttt_lora_eps > 0:
+            self.bad("ttt_lora_eps", "must be positive")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
@@ -4710,11 +4720,31 @@ def lora_chunk_for(h, longest_targets):
     return h.ttt_lora_chunk
 
 
+def lora_scale(h):
+    """The factor on every adapter's output: TTT_LORA_ALPHA / TTT_LORA_RANK (#1767, #2135), or 1
+    when TTT_LORA_ALPHA is 0 (alpha = rank, the form before #1767)."""
+    if h.ttt_lora_alpha == 0:
+        return 1.0
+    return h.ttt_lora_alpha / h.ttt_lora_rank
+
+
 class LoraAdapters:
     """Rank-r adapters for up to `rows` documents on each target module, applied by forward hooks:
-    an nn.Linear's output gains x A_b B_b (x its input), any other module's output y gains
-    y A_b B_b, for batch row b. A starts at one shared random draw (so a document's adapters do
-    not depend on its batch row), B at zero (so the model starts exactly as scored without TTT)."""
+    an nn.Linear's output gains s x A_b B_b (x its input), any other module's output y gains
+    s y A_b B_b, for batch row b, s = lora_scale(h). A starts at one shared random draw (so a
+    document's adapters do not depend on its batch row), B at zero (so the model starts exactly as
+    scored without TTT).
+
+    TTT_WARM_START_A (#1767, #2135): a reset zeroes B and keeps each row's A as the group before
+    left it, so A accumulates directions over the groups of a phase. As in #2135, A starts from a
+    fresh draw at the first group of each phase (#2135 builds new adapters after every global SGD
+    pause) and for a group smaller than `rows` (#2135 builds new adapters for a batch of another
+    size; ours is the last group of a phase on its rank), and such a group's A is not carried.
+    Score-first holds: the carried A holds only what AdamW steps on earlier groups' chunks put
+    there, each logged and audited like any step (it may read scored positions only), and every
+    document of a group is fully scored before the next group starts, so A carries information
+    from scored documents alone, as the phase SGD does with the base weights (docs/rules.md C3).
+    With B = 0 the adapters' output is exactly zero after every reset, warm or not."""
 
     def __init__(self, model, h, rows, device):
         self.h = h
@@ -4729,7 +4759,11 @@ class LoraAdapters:
             for name, (d_in, _) in dims.items()
         }
         self.dims = dims
+        self.scale = lora_scale(h)
         self.active = 0
+        self.carry_a = False  # whether the next reset may keep A (TTT_WARM_START_A)
+        self.warm = False  # whether the last reset kept A
+        self.a = {}
         self.on_step = None  # called before every optimizer step: the score-first ledger
         self.steps = 0  # optimizer steps since the last reset
         self.reset()
@@ -4761,12 +4795,26 @@ class LoraAdapters:
                     handle.remove()
         return dims
 
-    def reset(self):
-        """Fresh adapters for every row (a new group of documents) and a fresh AdamW."""
+    def new_phase(self):
+        """The next reset draws A afresh (the start of a phase: #2135 re-creates its adapters
+        after each global SGD pause)."""
+        self.carry_a = False
+
+    def reset(self, docs=None):
+        """Fresh adapters for a new group of `docs` documents (None: every row) and a fresh
+        AdamW: B zero, and A the shared draw, or with TTT_WARM_START_A each row's A as the
+        previous full group of this phase left it."""
         h = self.h
-        self.a = {
-            n: a[None].repeat(self.rows, 1, 1).requires_grad_(True) for n, a in self.init_a.items()
-        }
+        full = docs is None or docs == self.rows
+        self.warm = h.ttt_warm_start_a and self.carry_a and full
+        self.carry_a = h.ttt_warm_start_a and full
+        if self.warm:
+            self.a = {n: a.detach().requires_grad_(True) for n, a in self.a.items()}
+        else:
+            self.a = {
+                n: a[None].repeat(self.rows, 1, 1).requires_grad_(True)
+                for n, a in self.init_a.items()
+            }
         self.b = {
             n: torch.zeros(self.rows, h.ttt_lora_rank, d_out, device=self.device).requires_grad_(
                 True
@@ -4778,6 +4826,7 @@ class LoraAdapters:
             lr=h.ttt_lora_lr * h.ttt_local_lr_mult,  # TTT_LOCAL_LR_MULT: the local lr only
             betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
             weight_decay=h.ttt_lora_wd,
+            eps=h.ttt_lora_eps,  # TTT_LORA_EPS: #2135 hard-codes 1e-10
         )
         self.opt.register_step_pre_hook(self._before_step)
         self.steps = 0
@@ -4790,10 +4839,15 @@ class LoraAdapters:
         self.steps += 1
 
     def fresh(self):
-        """Whether every adapter holds its initial values: A the shared draw, B zero."""
+        """Whether the adapters are as a reset must leave them: B zero and A the shared draw, or
+        after a warm reset (TTT_WARM_START_A) B zero and A finite, so that the adapters' output
+        x A B is exactly zero and a group starts from the model as scored without TTT."""
         with torch.no_grad():  # one host sync, not one per tensor
-            moved = sum((a - self.init_a[n]).abs().sum() for n, a in self.a.items())
-            moved = moved + sum(b.abs().sum() for b in self.b.values())
+            moved = sum(b.abs().sum() for b in self.b.values())
+            if self.warm:
+                moved = moved + sum((~torch.isfinite(a)).sum() for a in self.a.values())
+            else:
+                moved = moved + sum((a - self.init_a[n]).abs().sum() for n, a in self.a.items())
         return bool(moved == 0)
 
     def _hook(self, name, linear):
@@ -4803,7 +4857,10 @@ class LoraAdapters:
             flat = x.reshape(n, -1, x.size(-1))
             a = self.a[name][:n].to(flat.dtype)
             b = self.b[name][:n].to(flat.dtype)
-            return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
+            delta = torch.bmm(torch.bmm(flat, a), b)
+            if self.scale != 1.0:  # TTT_LORA_ALPHA; scale 1 keeps the default's arithmetic
+                delta = delta * self.scale
+            return out + delta.reshape(out.shape).to(out.dtype)
 
         return add_delta
 
@@ -4885,8 +4942,15 @@ class _LoraEval:
         chunk = lora_chunk_for(h, int((docs[:, 2] - docs[:, 1]).max()) + 1)
         self.chunk_groups[chunk] = self.chunk_groups.get(chunk, 0) + 1
         n_chunks = (docs[:, 2] - docs[:, 1]) // chunk + 1
-        self.adapters.reset()
-        self.ledger.append({"event": "reset", "fresh": self.adapters.fresh(), "docs": len(docs)})
+        self.adapters.reset(len(docs))
+        self.ledger.append(
+            {
+                "event": "reset",
+                "fresh": self.adapters.fresh(),
+                "warm_a": self.adapters.warm,
+                "docs": len(docs),
+            }
+        )
         doc_nll = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
         for k in range(int(n_chunks.max())):
             self.chunk = k
@@ -5023,6 +5087,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
             mine = np.arange(d0, d1)[rank::world]
             mine = mine[np.argsort(-(docs[mine, 2] - docs[mine, 1]), kind="stable")]
             run.phase = phase
+            run.adapters.new_phase()
             for g in range(0, len(mine), h.ttt_lora_batch_docs):
                 ids = mine[g : g + h.ttt_lora_batch_docs]
                 run.score_group(docs[ids], ids.tolist())
@@ -5068,6 +5133,8 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         phases=len(bounds),
         lora_steps=run.steps,
         lora_rank=h.ttt_lora_rank,
+        lora_scale=run.adapters.scale,
+        warm_a_groups=sum(1 for e in run.ledger if e.get("warm_a")),  # this rank's groups
         lora_targets=len(run.adapters.targets),
         seq_len=h.ttt_eval_len,
         chunk=h.ttt_lora_chunk,

@@ -303,6 +303,14 @@ class BaseHyperparameters:
     ttt_local_lr_mult: float = 1.0
     ttt_short_score_first_enabled: bool = False
     ttt_short_score_first_steps: str = ""
+    # #2135's LoRA form (#1767's levers; hidden defaults in its script): TTT_LORA_ALPHA scales
+    # the adapter output by alpha / TTT_LORA_RANK; 0 (the default) means alpha = rank, scale 1,
+    # whatever the rank (#2135: 144 at rank 80, scale 1.8). TTT_WARM_START_A: a group's reset
+    # zeroes only B and each batch row keeps its A from the group before it, within a phase.
+    # TTT_LORA_EPS: the eps of the per-document AdamW (1e-8, torch's default; #2135: 1e-10).
+    ttt_lora_alpha: float = 0.0
+    ttt_warm_start_a: bool = False
+    ttt_lora_eps: float = 1e-8
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -509,9 +517,11 @@ class BaseHyperparameters:
         for name in ("ttt_lora_beta1", "ttt_lora_beta2", "ttt_phase_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 self.bad(name, "must be in [0, 1)")
-        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len"):
+        for name in ("ttt_lora_wd", "ttt_local_lr_mult", "ttt_eval_seq_len", "ttt_lora_alpha"):
             if getattr(self, name) < 0:
                 self.bad(name, "must not be negative")
+        if not self.ttt_lora_eps > 0:
+            self.bad("ttt_lora_eps", "must be positive")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)

@@ -390,10 +390,10 @@ def test_lora_train_then_score_is_caught(gpt, docs_setup, monkeypatch, mode, sho
 def test_lora_adapters_not_reset_between_groups_is_caught(gpt, docs_setup, monkeypatch, mode):
     shipped = gpt.LoraAdapters.reset
 
-    def reset_once(self):
+    def reset_once(self, docs=None):
         if not getattr(self, "was_reset", False):
             self.was_reset = True
-            shipped(self)
+            shipped(self, docs)
 
     monkeypatch.setattr(gpt.LoraAdapters, "reset", reset_once)
     audit = evaluate(gpt, docs_setup, mode)["score_first"]

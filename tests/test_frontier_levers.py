@@ -15,7 +15,7 @@ from conftest import REPO, TINY_ENV, TINY_RUN, run_script, summary_of
 from test_eval import FakeSP, V, small_h
 from test_lora_ttt import make_docs, stream
 
-RECORD_PARAMS = 35_945_671  # #1855's count, the record preset's (tests/test_frontier_model.py)
+RECORD_PARAMS = 35_945_671  # #1855's count: the record preset without AsymLogit
 
 SMALL = {
     "PRESET": "baseline",
@@ -228,7 +228,8 @@ def test_asym_caps_move_in_chunked_ttt(gpt):
 @pytest.mark.parametrize("window", ["0", "12"])
 def test_smear_gate_bos_fix_flag(gpt, window):
     assert gpt.Hyperparameters.from_env({"PRESET": "baseline"}).smear_gate_bos_fix
-    assert gpt.Hyperparameters.from_env({"PRESET": "record"}).smear_gate_bos_fix
+    assert gpt.Hyperparameters.from_env({"PRESET": "record_1855"}).smear_gate_bos_fix
+    assert not gpt.Hyperparameters.from_env({"PRESET": "record"}).smear_gate_bos_fix  # #2135
     for fix in ("1", "0"):
         model, h = small_model(
             gpt, SMEAR_GATE="1", SMEAR_GATE_WINDOW=window, SMEAR_GATE_BOS_FIX=fix

@@ -1,7 +1,8 @@
 """The 1.0611 model and optimizer of train_gpt.py (issue 14, PR #1855): every new flag toggles and
 trains a step, attention and the SmearGate never cross a BOS, the Triton kernels equal their torch
 references under TRITON_INTERPRET=1, Polar Express orthogonalizes with its published table, MIN_LR
-is a floor, and the record preset has #1855's parameter count."""
+is a floor, and the record_1855 preset has #1855's parameter count (`record` is #2135 now:
+tests/test_record_preset.py)."""
 
 import json
 import os
@@ -117,7 +118,7 @@ def test_flags_are_off_by_default_and_validated(gpt):
 
 
 def test_record_preset_is_the_1855_configuration(gpt):
-    h = gpt.Hyperparameters.from_env({"PRESET": "record"})
+    h = gpt.Hyperparameters.from_env({"PRESET": "record_1855"})
     assert (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (
         8192,
         11,
@@ -176,10 +177,10 @@ def test_record_preset_is_the_1855_configuration(gpt):
 
 
 def test_record_parameter_count_matches_1855(gpt):
-    model = gpt.build_model(gpt.Hyperparameters.from_env({"PRESET": "record"}))
+    model = gpt.build_model(gpt.Hyperparameters.from_env({"PRESET": "record_1855"}))
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"\nrecord preset: {params:,} parameters; #1855 logged 35,945,671 "
+        f"\nrecord_1855 preset: {params:,} parameters; #1855 logged 35,945,671 "
         f"(difference {params - 35_945_671:+,})"
     )
     assert params == 35_945_671  # same modules and shapes as #1855, so the count matches exactly

@@ -232,10 +232,18 @@ def test_the_artifact_holds_the_ema_weights(gpt, tmp_path):
 
 def test_record_and_baseline_parameter_counts(gpt):
     counts = {}
-    for preset in ("record", "baseline"):
-        model = gpt.build_model(gpt.Hyperparameters.from_env({"PRESET": preset}))
+    for preset in ("record", "frontier", "record_1855", "baseline"):
+        with torch.device("meta"):
+            model = gpt.build_model(gpt.Hyperparameters.from_env({"PRESET": preset}))
         counts[preset] = sum(p.numel() for p in model.parameters())
-    assert counts == {"record": 35_945_671, "baseline": 17_059_912}  # record: #1855 (issue 14)
+    # record: #2135's logged count (#1855's 35,945,671 plus the two AsymLogit caps); the frontier
+    # adds no parameter to it.
+    assert counts == {
+        "record": 35_945_673,
+        "frontier": 35_945_673,
+        "record_1855": 35_945_671,
+        "baseline": 17_059_912,
+    }
 
 
 def test_bench_script_runs_on_cpu_in_a_tiny_configuration():

@@ -149,103 +149,165 @@ class Hyperparameters(BaseHyperparameters):
 
 
 # Named groups of defaults. `baseline` is the official naive baseline exactly (docs/rules.md);
-# `record` is the 8xH100 configuration; `smoke` trains a small model on a laptop CPU in a few
-# minutes.
+# `record` is the 8xH100 configuration of the best merged record (#2135); `frontier` the union of
+# the records above #1855, unmeasured; `record_1855` the previous record's stack, for comparison;
+# `smoke` trains a small model on a laptop CPU in a few minutes.
+RECORD_1855 = {
+    # PR #1855 (1.0611; docs/techniques.md, "The 1.0611 configuration") at vocab 8192 on the
+    # CaseOps SP8192 shards: 11L x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2 with the fused Triton
+    # MLP (#1530), XSA on all layers, partial RoPE 16/64 + YaRN, LN scale (#315), QK gain 5.0,
+    # gated U-Net skips, parallel decoder lanes from layer 8 (#1530), layers 3-5 run 3x from 35%
+    # of the budget (#1344/#1493), SparseAttnGate window 12 scale 0.5 (#1787), BOS-masked
+    # input-dependent SmearGate (#1667, #1851/#1855), attention within documents (#1530),
+    # orthogonal init, fused softcapped CE (#1787).
+    "vocab_size": 8192,
+    "data_path": "data/datasets/fineweb10B_sp8192_caseops",
+    "tokenizer_path": ("data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
+    "num_layers": 11,
+    "mlp_mult": 4.0,
+    "mlp_activation": "leaky_relu2",
+    "fused_mlp": True,
+    "fused_ce": True,
+    "xsa_last_n": 11,
+    "rope_dims": 16,
+    "rope_yarn": True,
+    "ln_scale": True,
+    "qk_gain_init": 5.0,
+    "skip_gates": True,
+    "smear_gate": True,
+    "smear_gate_window": 12,
+    "sparse_attn_gate": True,
+    "sparse_attn_gate_scale": 0.5,
+    "attn_gate_window": 12,
+    "parallel_decoder_start": 8,
+    "recur_layers": "3,4,5",
+    "recur_loops": 2,
+    "recur_start_frac": 0.35,
+    "doc_attention": True,
+    "ortho_init": True,
+    # #1855's optimizer: Polar Express Muon (#1344 -> #1787), MATRIX_LR 0.026 (#1586), WD 0.095,
+    # momentum 0.92 -> 0.97 over 1500 steps, MuonEq-R (#1260); Adam beta2 0.99 on the tied
+    # embedding (lr 0.03, WD 0.085) and the scalars (lr 0.02, WD 0.02); clip 0.3; EMA 0.9965;
+    # warmdown over the last 85% with a MIN_LR floor of 0.10 (#1787); 786,432 x 2048 batches.
+    "matrix_lr": 0.026,
+    "scalar_lr": 0.02,
+    "tied_embed_lr": 0.03,
+    "muon_momentum": 0.97,
+    "muon_momentum_warmup_start": 0.92,
+    "muon_momentum_warmup_steps": 1500,
+    "muon_wd": 0.095,
+    "muon_row_norm": True,
+    "muon_polar_express": True,
+    "beta2": 0.99,
+    "adam_wd": 0.02,
+    "embed_wd": 0.085,
+    "grad_clip_norm": 0.3,
+    "ema_decay": 0.9965,
+    "warmdown_frac": 0.85,
+    "min_lr": 0.1,
+    "train_seq_len": 2048,
+    "train_batch_tokens": 786432,
+    "eval_seq_len": 2048,
+    "eval_stride": 64,
+    # Phased per-document LoRA TTT (#1855): rank 80, 48-token chunks, AdamW beta2 0.99 and
+    # weight decay 0.5, lr 1e-4 (#1530); global SGD pauses after 833/1666/2500 documents at lr
+    # 0.001, momentum 0.9, one epoch (#1626).
+    "eval_mode": "ttt_phased",
+    "ttt_lora_rank": 80,
+    "ttt_lora_chunk": 48,
+    "ttt_lora_lr": 0.0001,
+    "ttt_lora_beta2": 0.99,
+    "ttt_lora_wd": 0.5,
+    "ttt_phases": "833,1666,2500",
+    "ttt_phase_lr": 0.001,
+    "ttt_phase_momentum": 0.9,
+    # The artifact (#1855, docs/techniques.md, Quantization): GPTQ on int6 matrices and an int7
+    # embedding, SD-clip k by role (MLP 11.5, attention 13.0, embeddings 14.0), then bit
+    # allocation fits the widths to SIZE_BUDGET - SIZE_MARGIN with the code counted; the
+    # smallest compressor wins.
+    "gptq_enabled": True,
+    "quant_bits": 6,
+    "embed_bits": 7,
+    "clip_method": "sdclip",
+    "sdclip_k_mlp": 11.5,
+    "sdclip_k_attn": 13.0,
+    "sdclip_k_embed": 14.0,
+    "bit_alloc": True,
+    "compressor": "auto",
+    # Issue 15 (#1855): SD-clip 12.85 for other matrices, GPTQ'd int7 tied embedding, LQER
+    # rank 4 on the 3 worst tensors, int8 gates, a compressed header, the compact code form.
+    "sdclip_k_other": 12.85,
+    "gptq_embed": True,
+    "lqer_rank": 4,
+    "gate_int8": True,
+    "header_compress": True,
+    "code_form": "compact",
+}
+
+# PR #2135 (1.05651, 3 seeds; docs/techniques.md, "The 1.0565 frontier") as it ran, on #1855's
+# stack, with our compliance: GPTQ's Hessians on training data end inside the 600 s cap (the
+# reserve is measured, not #2135's 0.5 s for a ~6.9 s pass), and every byte of code the run needs,
+# the n-gram tilt included, is counted. 35,945,673 parameters (#1855's plus the two AsymLogit caps).
+RECORD_2135 = {
+    **RECORD_1855,
+    # Training (#2060's lever via #2130): MATRIX_LR 0.028. RoPE without YaRN: #2135's default, which
+    # matters once the eval context passes TRAIN_SEQ_LEN. #2135's launch sets SMEAR_GATE_BOS_FIX=0,
+    # so its SmearGate smeared across document boundaries in training (its README says otherwise).
+    "matrix_lr": 0.028,
+    "rope_yarn": False,
+    "smear_gate_bos_fix": False,
+    "asym_logit_rescale": True,  # #1923/#1945: learned caps, adapted by global TTT
+    # Eval: 2560-token contexts (#1953), one global TTT phase after 2,500 documents (#2130), LoRA lr
+    # 8e-5 and weight decay 2.0 (#1886, #2060), no K adapter, #2135's LoRA scale alpha/rank =
+    # 144/80, warm-started A and AdamW eps 1e-10.
+    "eval_seq_len": 2560,
+    "ttt_eval_seq_len": 2560,
+    "ttt_phases": "2500",
+    "ttt_lora_lr": 8e-5,
+    "ttt_lora_wd": 2.0,
+    "ttt_k_lora": False,
+    "ttt_lora_alpha": 144.0,
+    "ttt_warm_start_a": True,
+    "ttt_lora_eps": 1e-10,
+    # Artifact: 32 calibration batches of 48 x 2048 tokens per rank on 8 GPUs = 1,536 sequences
+    # (#2135), LQER groups of 32 (#2060), gates in fp16 as #2135 stores them.
+    "gptq_calib_seqs": 1536,
+    "gptq_reserve_measured": True,
+    "lqer_group": 32,
+    "gate_int8": False,
+}
+
+# The union of the four records above #1855 (#1945, #1953, #2014, #2135): never run by anyone,
+# our candidate to beat 1.0565 on an 8xH100 node. Where they conflict, the choice and why:
+# progressive context trains at 3072, so eval and TTT use 3072 as #2014 does; the Q/V-free TTT
+# mask of three records (#1945, #1953, #2014) with K kept; TTT_LOCAL_LR_MULT 0.75 on lr 1e-4
+# (#1953) rather than #2135's 8e-5 (nearly the same lr); #2135's weight decay 2.0; the BOS-masked
+# SmearGate of three records; int8 gates (#1945, #1953, #2014).
+FRONTIER = {
+    **RECORD_2135,
+    "qk_gain_init": 5.25,  # #1953
+    "smear_gate_bos_fix": True,
+    "train_seq_len": 3072,  # #2014: 1024 to 10% of the wallclock, 2048 to 70%, then 3072
+    "train_seq_schedule": "1024@0.100,2048@0.700,3072@1.000",
+    "seq_change_warmup_steps": 32,
+    "eval_seq_len": 3072,
+    "ttt_eval_seq_len": 3072,
+    "ttt_mask": "no_qv",
+    "ttt_k_lora": True,
+    "ttt_lora_lr": 0.0001,
+    "ttt_local_lr_mult": 0.75,
+    "ttt_short_score_first_enabled": True,  # #2014
+    "ttt_short_score_first_steps": "256:8,2000:24",
+    "eval_include_tail": True,  # #2014: all 47,853,343 targets
+    "awq_lite_enabled": True,  # #1908 via #1945, #1953, #2014: one 64-column group kept int8
+    "gate_int8": True,
+}
+
 PRESETS = {
     "baseline": {},
-    "record": {
-        # PR #1855 (1.0611; docs/techniques.md, "The 1.0611 configuration") at vocab 8192 on the
-        # CaseOps SP8192 shards: 11L x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2 with the fused Triton
-        # MLP (#1530), XSA on all layers, partial RoPE 16/64 + YaRN, LN scale (#315), QK gain 5.0,
-        # gated U-Net skips, parallel decoder lanes from layer 8 (#1530), layers 3-5 run 3x from 35%
-        # of the budget (#1344/#1493), SparseAttnGate window 12 scale 0.5 (#1787), BOS-masked
-        # input-dependent SmearGate (#1667, #1851/#1855), attention within documents (#1530),
-        # orthogonal init, fused softcapped CE (#1787).
-        "vocab_size": 8192,
-        "data_path": "data/datasets/fineweb10B_sp8192_caseops",
-        "tokenizer_path": (
-            "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
-        ),
-        "num_layers": 11,
-        "mlp_mult": 4.0,
-        "mlp_activation": "leaky_relu2",
-        "fused_mlp": True,
-        "fused_ce": True,
-        "xsa_last_n": 11,
-        "rope_dims": 16,
-        "rope_yarn": True,
-        "ln_scale": True,
-        "qk_gain_init": 5.0,
-        "skip_gates": True,
-        "smear_gate": True,
-        "smear_gate_window": 12,
-        "sparse_attn_gate": True,
-        "sparse_attn_gate_scale": 0.5,
-        "attn_gate_window": 12,
-        "parallel_decoder_start": 8,
-        "recur_layers": "3,4,5",
-        "recur_loops": 2,
-        "recur_start_frac": 0.35,
-        "doc_attention": True,
-        "ortho_init": True,
-        # #1855's optimizer: Polar Express Muon (#1344 -> #1787), MATRIX_LR 0.026 (#1586), WD 0.095,
-        # momentum 0.92 -> 0.97 over 1500 steps, MuonEq-R (#1260); Adam beta2 0.99 on the tied
-        # embedding (lr 0.03, WD 0.085) and the scalars (lr 0.02, WD 0.02); clip 0.3; EMA 0.9965;
-        # warmdown over the last 85% with a MIN_LR floor of 0.10 (#1787); 786,432 x 2048 batches.
-        "matrix_lr": 0.026,
-        "scalar_lr": 0.02,
-        "tied_embed_lr": 0.03,
-        "muon_momentum": 0.97,
-        "muon_momentum_warmup_start": 0.92,
-        "muon_momentum_warmup_steps": 1500,
-        "muon_wd": 0.095,
-        "muon_row_norm": True,
-        "muon_polar_express": True,
-        "beta2": 0.99,
-        "adam_wd": 0.02,
-        "embed_wd": 0.085,
-        "grad_clip_norm": 0.3,
-        "ema_decay": 0.9965,
-        "warmdown_frac": 0.85,
-        "min_lr": 0.1,
-        "train_seq_len": 2048,
-        "train_batch_tokens": 786432,
-        "eval_seq_len": 2048,
-        "eval_stride": 64,
-        # Phased per-document LoRA TTT (#1855): rank 80, 48-token chunks, AdamW beta2 0.99 and
-        # weight decay 0.5, lr 1e-4 (#1530); global SGD pauses after 833/1666/2500 documents at lr
-        # 0.001, momentum 0.9, one epoch (#1626).
-        "eval_mode": "ttt_phased",
-        "ttt_lora_rank": 80,
-        "ttt_lora_chunk": 48,
-        "ttt_lora_lr": 0.0001,
-        "ttt_lora_beta2": 0.99,
-        "ttt_lora_wd": 0.5,
-        "ttt_phases": "833,1666,2500",
-        "ttt_phase_lr": 0.001,
-        "ttt_phase_momentum": 0.9,
-        # The artifact (#1855, docs/techniques.md, Quantization): GPTQ on int6 matrices and an int7
-        # embedding, SD-clip k by role (MLP 11.5, attention 13.0, embeddings 14.0), then bit
-        # allocation fits the widths to SIZE_BUDGET - SIZE_MARGIN with the code counted; the
-        # smallest compressor wins.
-        "gptq_enabled": True,
-        "quant_bits": 6,
-        "embed_bits": 7,
-        "clip_method": "sdclip",
-        "sdclip_k_mlp": 11.5,
-        "sdclip_k_attn": 13.0,
-        "sdclip_k_embed": 14.0,
-        "bit_alloc": True,
-        "compressor": "auto",
-        # Issue 15 (#1855): SD-clip 12.85 for other matrices, GPTQ'd int7 tied embedding, LQER
-        # rank 4 on the 3 worst tensors, int8 gates, a compressed header, the compact code form.
-        "sdclip_k_other": 12.85,
-        "gptq_embed": True,
-        "lqer_rank": 4,
-        "gate_int8": True,
-        "header_compress": True,
-        "code_form": "compact",
-    },
+    "record": RECORD_2135,
+    "frontier": FRONTIER,
+    "record_1855": RECORD_1855,
     # CPU, ~150 s on the embedded corpus: the baseline architecture at 4 x 192, EMA, short warmdown.
     "smoke": {
         **SMOKE_PRESET,

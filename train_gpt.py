@@ -1712,7 +1712,8 @@ def _mismatched_token_ids(sp, sample, luts):
 # golf/ngram.py
 # ==================================================================================================
 # The token-only n-gram tilt (#2130/#2135, from #1145; legality precedent #1514): at scoring time
-# only, a hint from the val tokens already scored boosts one token of the model's distribution.
+# only, a hint computed from the val tokens before a target boosts one token of the model's
+# distribution for that target.
 
 
 # --- The hints (issue 23, item 1) ----------------------------------------------------------------
@@ -4856,7 +4857,7 @@ class _LoraEval:
                 ttt_lora_span(int(d), int(f), int(last), h.eval_len)
                 for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
-            nll, score_nll, x, y, pos = self._forward(spans, n)
+            nll, score_nll, x, y, pos = self._forward_scored(spans, n)
             first_t = torch.as_tensor(firsts, device=self.device)[:, None]
             last_t = torch.as_tensor(lasts, device=self.device)[:, None]
             scored = (pos >= first_t) & (pos <= last_t)
@@ -4901,8 +4902,14 @@ class _LoraEval:
 
     def _forward(self, spans, n):
         """Per-token NLL of the spans (right-padded: causal, so padding never reaches a real
-        position) under the first n adapters, and the NLL scoring counts (n-gram tilted when on);
-        y is -1 at padding; pos the absolute target positions."""
+        position) under the first n adapters; y is -1 at padding; pos the absolute target
+        positions."""
+        nll, _, x, y, pos = self._forward_scored(spans, n)
+        return nll, x, y, pos
+
+    def _forward_scored(self, spans, n):
+        """_forward's (nll, x, y, pos) with the NLL scoring counts second: the n-gram tilted one
+        (no gradient) when the tilt is on, else nll itself."""
         reads = [self.view.read(lo, hi) for lo, hi in spans]
         length = max(r.numel() for r in reads) - 1
         x = torch.zeros(n, length, dtype=torch.int64, device=self.device)

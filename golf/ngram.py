@@ -1,5 +1,6 @@
 """The token-only n-gram tilt (#2130/#2135, from #1145; legality precedent #1514): at scoring time
-only, a hint from the val tokens already scored boosts one token of the model's distribution.
+only, a hint computed from the val tokens before a target boosts one token of the model's
+distribution for that target.
 """
 
 import math

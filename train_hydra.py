@@ -1967,13 +1967,15 @@ AUDIT_VOCAB_ROWS = 2  # random logit rows whose tilted distribution is summed ov
 def build_ngram_tilt(h, val_tokens, device):
     """The tilt for scoring val_tokens under h's NGRAM_TILT_ENABLED / TOKEN_* knobs, or None when it
     is off. Called inside an eval's clock: the precompute is part of the eval (as the record's
-    NGRAM_HINT_PRECOMPUTE_OUTSIDE=0), timed in info["precompute_s"], then audited."""
+    NGRAM_HINT_PRECOMPUTE_OUTSIDE=0), timed in info["precompute_s"], then audited (info["audit_s"],
+    also inside the eval's clock)."""
     if not h.ngram_tilt_enabled:
         return None
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().numpy()
     hint, gate = ngram_hints(tokens, h.token_order, h.token_threshold)
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
     audit = audit_ngram_tilt(
         tokens[:AUDIT_TOKENS],
         hint[:AUDIT_TOKENS],
@@ -1990,6 +1992,7 @@ def build_ngram_tilt(h, val_tokens, device):
         "gated": int(gate.sum()),
         "gated_hits": int((gate[1:] & (hint[1:] == tokens[1:])).sum()),
         "precompute_s": seconds,
+        "audit_s": time.perf_counter() - t1,
         **audit,
     }
     return NgramTilt(
@@ -5750,7 +5753,8 @@ def describe_tilt(label, tilt):
         f"ngram_tilt:{label} order:{tilt['order']} threshold:{tilt['threshold']} "
         f"boost:{tilt['boost']} gated:{tilt['gated']} of {tilt['targets']} targets "
         f"(hint = target at {tilt['gated_hits']}) precompute:{tilt['precompute_s']:.2f}s "
-        f"(inside the eval clock) audit passed:{tilt['passed']}{failures}"
+        f"audit:{tilt['audit_s']:.2f}s (both inside the eval clock) audit "
+        f"passed:{tilt['passed']}{failures}"
     )
 
 

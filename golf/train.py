@@ -576,7 +576,8 @@ def describe_tilt(label, tilt):
         f"ngram_tilt:{label} order:{tilt['order']} threshold:{tilt['threshold']} "
         f"boost:{tilt['boost']} gated:{tilt['gated']} of {tilt['targets']} targets "
         f"(hint = target at {tilt['gated_hits']}) precompute:{tilt['precompute_s']:.2f}s "
-        f"(inside the eval clock) audit passed:{tilt['passed']}{failures}"
+        f"audit:{tilt['audit_s']:.2f}s (both inside the eval clock) audit "
+        f"passed:{tilt['passed']}{failures}"
     )
 
 

@@ -30,15 +30,21 @@ SHARD_HEADER_INTS = 256
 CASEOPS_VAL_TOKENS = 47_853_343
 
 
+def fail(message):
+    """Bad input: one line on stderr, exit 2 (as the training scripts)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_tokens(path):
     if not os.path.isfile(path):
-        raise SystemExit(
-            f"error: --shard {path!r}: no such file (set FINEWEB_SAMPLE to the shared data folder "
-            "or pass --shard)"
+        fail(
+            f"--shard {path!r}: no such file (set FINEWEB_SAMPLE to the shared data folder or pass "
+            "--shard)"
         )
     tokens = np.fromfile(path, dtype="<u2", offset=4 * SHARD_HEADER_INTS)
     if tokens.size < 2:
-        raise SystemExit(f"error: --shard {path!r}: holds {tokens.size} tokens, need at least 2")
+        fail(f"--shard {path!r}: holds {tokens.size} tokens, need at least 2")
     return tokens
 
 
@@ -54,7 +60,7 @@ def main():
     p.add_argument("--threshold", type=float, default=0.8, help="TOKEN_THRESHOLD")
     args = p.parse_args()
     if args.tokens < 2:
-        raise SystemExit(f"error: --tokens {args.tokens}: need at least 2")
+        fail(f"--tokens {args.tokens}: need at least 2")
     real = load_tokens(args.shard)
     tokens = np.resize(real, args.tokens)  # tiled
     t0 = time.perf_counter()

@@ -18,8 +18,10 @@ through this tool's `load_official_int8` (zlib output, pickle size and opcodes b
 evaluated with the `baseline` preset architecture sized from its tensors (env vars such as
 NUM_LAYERS or TRAIN_SEQ_LEN override). Eval settings come from the artifact's hyperparameters;
 env vars EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, AUDIT_SEQ_LEN, VAL_BATCH_SIZE and VAL_MAX_TOKENS override
-them. The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run before
-scoring. Exit status: 0 ok, 2 bad input (one line on stderr), 3 an audit failed (score INVALID).
+them; the n-gram tilt (NGRAM_TILT_ENABLED, TOKEN_*) is the run's, from the header, never
+overridden. The causality audit (at TRAIN_SEQ_LEN and at the eval window) and the byte audit run
+before scoring. Exit status: 0 ok, 2 bad input (one line on stderr), 3 an audit failed (score
+INVALID).
 """
 
 import argparse
@@ -599,6 +601,8 @@ def evaluate(mod, model, h, rt, max_tokens=None, header_source=None):
     res = mod.EVAL_MODES[mode].evaluate(h, model, val_tokens, luts)
     if "score_first" in res:
         audits["score_first"] = res["score_first"]
+    if "ngram_tilt" in res:  # the run's n-gram tilt, from the header's hyperparameters
+        audits["ngram_tilt"] = res["ngram_tilt"]
     return mode, res, audits
 
 
@@ -681,6 +685,7 @@ def run(args, env, cleanup):
             "val_max_tokens": args.max_tokens or getattr(h, "val_max_tokens", 0),
             "world_size": rt.world_size,
             "device": str(rt.device),
+            "ngram_tilt": tilt_entry(res.get("ngram_tilt")),
             "valid": valid,
             "audits": {name: _audit_entry(audit) for name, audit in audits.items()},
         }
@@ -699,6 +704,15 @@ def run(args, env, cleanup):
     return 0 if valid else 3
 
 
+def tilt_entry(tilt):
+    """The output's n-gram tilt: None when the run scored without it, else its parameters and
+    what the re-score's precompute found."""
+    if tilt is None:
+        return None
+    keys = ("order", "threshold", "boost", "gated", "targets", "precompute_s")
+    return {key: tilt[key] for key in keys}
+
+
 def _audit_entry(audit):
     """{passed}, and what failed when it did not pass."""
     if audit["passed"]:
@@ -712,6 +726,13 @@ def print_text(out):
     (`<label> val_loss:... eval_time:...ms` and `<label>_exact ...`)."""
     for key in ("artifact", "format", "script", "mode", "data_path", "tokenizer_path", "tokens"):
         print(f"{key}: {out[key]}")
+    if out.get("ngram_tilt"):
+        tilt = out["ngram_tilt"]
+        print(
+            f"ngram_tilt: order {tilt['order']} threshold {tilt['threshold']} boost "
+            f"{tilt['boost']}, {tilt['gated']} of {tilt['targets']} targets tilted, precompute "
+            f"{tilt['precompute_s']:.2f}s (inside eval_time)"
+        )
     print(f"bytes: {out['bytes']}")
     if out["max_tokens"]:
         print(f"max_tokens: {out['max_tokens']} (a partial score, not the run's figure)")

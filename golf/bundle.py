@@ -27,6 +27,7 @@ MODULE_ORDER = (
     "runtime",
     "data",
     "bpb",
+    "ngram",
     "optim",
     "quant",
     "codec",

@@ -329,6 +329,13 @@ class BaseHyperparameters:
     # (VAL_MAX_TOKENS); every other preset keeps them and the whole val split.
     pre_quant_eval: bool = True
     roundtrip_eval: bool = True
+    # Issue 23 item 1: the token-only n-gram tilt of #2130/#2135 (golf/ngram.py), named as there:
+    # a hint from the previous TOKEN_ORDER - 1 val tokens boosts one token by e^TOKEN_BOOST where
+    # its share reaches TOKEN_THRESHOLD. Scoring only (every final eval mode), never gradients.
+    ngram_tilt_enabled: bool = False
+    token_order: int = 16
+    token_threshold: float = 0.8
+    token_boost: float = 2.625
 
     @classmethod
     def from_env(cls, env=None):
@@ -485,6 +492,7 @@ class BaseHyperparameters:
                 "GPTQ_RESERVE_SECONDS",
             )
         self.validate_lora_ttt()
+        self.validate_ngram_tilt()
         self.validate_model()
 
     def validate_seq_schedule(self):
@@ -508,6 +516,17 @@ class BaseHyperparameters:
             self.bad("TRAIN_SEQ_SCHEDULE_MODE", "must be wallclock or step")
         if self.seq_change_warmup_steps < 0:
             self.bad("SEQ_CHANGE_WARMUP_STEPS", "must not be negative")
+
+    def validate_ngram_tilt(self):
+        """The tilt's knobs: a context of 0..32 tokens (the record's 32 hash coefficients), a
+        share threshold in (0, 1] (at 0 every position without a hint would be tilted), and a
+        boost that does not push the hint down."""
+        if not 1 <= self.token_order <= 33:
+            self.bad("token_order", "must be in 1..33 (a context of up to 32 tokens)")
+        if not 0.0 < self.token_threshold <= 1.0:
+            self.bad("token_threshold", "must be in (0, 1]")
+        if self.token_boost < 0:
+            self.bad("token_boost", "must not be negative")
 
     def validate_lora_ttt(self):
         """The issue-16 knobs: LoRA TTT and its phases."""

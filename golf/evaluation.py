@@ -15,6 +15,7 @@ from torch import nn
 from golf.bpb import target_bytes
 from golf.contract import model_hook
 from golf.data import BOS_ID
+from golf.ngram import build_ngram_tilt
 from golf.runtime import Progress, dist_max, dist_sum
 
 # Evaluation. Every mode scores per-token NLL with a full softmax over the vocabulary, sums in
@@ -27,7 +28,10 @@ from golf.runtime import Progress, dist_max, dist_sum
 # counts every target it scores (coverage), and the TTT trainer sees the val tokens only through a
 # RecordedTokens view that logs every position it reads. EVAL_MODES is the one registry of the modes
 # (name -> function and final log label) that the scripts, eval_bpb.py and pack.py read. The
-# causality audit (docs/rules.md, Legal scoring) runs on any model with `forward_logits`.
+# causality audit (docs/rules.md, Legal scoring) runs on any model with `forward_logits`. With
+# NGRAM_TILT_ENABLED every mode scores the n-gram tilted NLL (golf/ngram.py): the hints are computed
+# inside the mode's clock, audited, and looked up by the targets' absolute val positions; the
+# trainers still learn from the untilted NLL.
 
 
 def _dist_info():
@@ -46,13 +50,35 @@ def _autocast(device):  # bf16 on CUDA, plain fp32 on CPU
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def token_nll(model, x, y):
-    """Per-token NLL (fp32) under the full softmax of `forward_logits`."""
+def token_nll(model, x, y, tilt=None, positions=None):
+    """Per-token NLL (fp32) under the full softmax of `forward_logits`; with `tilt` (an NgramTilt),
+    the tilted NLL that scoring counts for the targets at val `positions`."""
     with _autocast(x.device):
         logits = model.forward_logits(x)
+    if tilt is not None:
+        return tilt.nll(logits, y, positions)
     return F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
     ).view_as(y)
+
+
+def token_nll_scored(model, x, y, tilt, positions):
+    """(nll, scored) from one forward: the per-token NLL a trainer learns from, and the NLL scoring
+    counts, the same tensor without a tilt, the tilted one (no gradient) with one."""
+    with _autocast(x.device):
+        logits = model.forward_logits(x)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
+    ).view_as(y)
+    if tilt is None:
+        return nll, nll
+    with torch.no_grad():
+        return nll, tilt.nll(logits.detach(), y, positions)
+
+
+def tilt_result(tilt):
+    """The eval result's `ngram_tilt` entry (parameters, precompute time, audit), when on."""
+    return {} if tilt is None else {"ngram_tilt": tilt.info}
 
 
 def _eval_result(sums, t0, mode, **extra):
@@ -97,6 +123,7 @@ def eval_val(h, model, val_tokens, luts):
         )
     batch = max(1, h.val_batch_size // (8 * seq))
     batches = standard_batches(val_tokens.numel(), seq, rank, world, batch, h.eval_include_tail)
+    tilt = build_ngram_tilt(h, val_tokens, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
     coverage = torch.zeros(val_tokens.numel(), dtype=torch.int32, device=device)
     was_training = model.training
@@ -110,7 +137,7 @@ def eval_val(h, model, val_tokens, luts):
             x = chunk[:-1].view(-1, width)
             y = chunk[1:].view(-1, width)
             positions = torch.arange(1, y.numel() + 1, device=device).view(-1, width) + first
-            sums[0] += token_nll(model, x, y).double().sum()
+            sums[0] += token_nll(model, x, y, tilt, positions).double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts, positions).sum()
             coverage.index_add_(0, positions.flatten(), torch.ones_like(coverage[: y.numel()]))
@@ -123,7 +150,7 @@ def eval_val(h, model, val_tokens, luts):
     # unless EVAL_INCLUDE_TAIL asks for every target.
     last_target = None if h.eval_include_tail else n_seqs * seq
     audit = audit_score_first([], coverage, last_target=last_target)
-    return _eval_result(sums, t0, "standard", score_first=audit)
+    return _eval_result(sums, t0, "standard", score_first=audit, **tilt_result(tilt))
 
 
 def sliding_windows(num_tokens, seq_len, stride):
@@ -141,9 +168,10 @@ def sliding_windows(num_tokens, seq_len, stride):
     return starts, firsts, np.minimum(starts + seq_len, n_targets)
 
 
-def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
-    """Score a list of (starts, firsts, lasts) windows, all on this rank, into sums; count every
-    scored target in coverage. Returns the highest target position scored (-1 if none)."""
+def _score_windows(model, tokens, windows, luts, batch, sums, coverage, tilt=None):
+    """Score a list of (starts, firsts, lasts) windows, all on this rank, into sums (the n-gram
+    tilted NLL with `tilt`); count every scored target in coverage. Returns the highest target
+    position scored (-1 if none)."""
     device = sums.device
     top = torch.full((), -1, dtype=torch.int64, device=device)
     for i in range(0, len(windows[0]), batch):
@@ -156,9 +184,9 @@ def _score_windows(model, tokens, windows, luts, batch, sums, coverage):
             y = win[:, 1:]
             pos = torch.arange(int(length), device=device)[None, :]
             mask = pos >= torch.as_tensor(f[sel], device=device)[:, None] - ws[:, None] - 1
-            sums[0] += (token_nll(model, x, y).double() * mask).sum()
-            sums[1] += mask.sum()
             positions = ws[:, None] + 1 + pos
+            sums[0] += (token_nll(model, x, y, tilt, positions).double() * mask).sum()
+            sums[1] += mask.sum()
             sums[2] += (target_bytes(x, y, luts, positions) * mask).sum()
             targets = positions[mask]
             coverage.index_add_(0, targets, torch.ones_like(targets, dtype=coverage.dtype))
@@ -215,6 +243,7 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
     chunk_ids, bounds = np.unique(firsts // chunk, return_index=True)
     bounds = np.append(bounds, len(firsts))
     batch = max(1, h.val_batch_size // (8 * seq_len))
+    tilt = build_ngram_tilt(h, tokens, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, tokens, bytes
     ledger = []  # score and update events, in order, for the score-first audit
     coverage = torch.zeros(tokens.numel(), dtype=torch.int32, device=device)
@@ -236,6 +265,7 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
                 batch,
                 sums,
                 coverage,
+                tilt,
             )
         if trainer is not None and world > 1:
             top = dist_max(top.clone())
@@ -263,6 +293,7 @@ def _windowed_eval(h, model, val_tokens, luts, train_chunks):
         seq_len=seq_len,
         stride=stride,
         score_first=audit_score_first(ledger, coverage),
+        **tilt_result(tilt),
     )
 
 

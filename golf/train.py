@@ -228,11 +228,14 @@ class Validator:
         self.run = run
         self.model = model
         self.low_streak = 0  # consecutive samples under coherence 30
+        # The periodic val loss is a training curve: untilted (the tilt is a scoring rule of the
+        # final evals, and its precompute would rerun at every validation).
+        self.h = dataclasses.replace(run.h, ngram_tilt_enabled=False)
 
     def __call__(self, step, train_ms):
         h = self.run.h
         logger = self.run.logger
-        res = eval_val(h, self.model, self.run.val_tokens, self.run.luts)
+        res = eval_val(self.h, self.model, self.run.val_tokens, self.run.luts)
         logger.log0(
             f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} "
             f"val_bpb:{res['val_bpb']:.4f} "
@@ -665,6 +668,8 @@ def timed_eval(run, model, mode, label=None):
         f"{label} val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f} "
         f"eval_time:{res['eval_time_ms']:.0f}ms"
     )
+    if "ngram_tilt" in res:
+        run.logger.log0(describe_tilt(label, res["ngram_tilt"]))
     run.logger.event("eval", label=label, **{k: v for k, v in res.items() if k != "score_first"})
     if res.get("adapted_scalars"):  # a TTT mode's adapted copy: did its learned scalars move?
         before = adapted_scalars(model)
@@ -674,6 +679,19 @@ def timed_eval(run, model, mode, label=None):
         )
         run.logger.log0(f"{label} adapted_scalars: {moved}")
     return res
+
+
+def describe_tilt(label, tilt):
+    """One log line: the n-gram tilt an eval scored with, its hint precompute (inside the eval
+    clock) and its audit."""
+    failures = "" if tilt["passed"] else f" failures:{tilt['failures']}"
+    return (
+        f"ngram_tilt:{label} order:{tilt['order']} threshold:{tilt['threshold']} "
+        f"boost:{tilt['boost']} gated:{tilt['gated']} of {tilt['targets']} targets "
+        f"(hint = target at {tilt['gated_hits']}) precompute:{tilt['precompute_s']:.2f}s "
+        f"audit:{tilt['audit_s']:.2f}s (both inside the eval clock) audit "
+        f"passed:{tilt['passed']}{failures}"
+    )
 
 
 # --- the pipeline: run_main calls these stages in order -----------------------------------------
@@ -1005,6 +1023,8 @@ def final_eval(run, model, audits):
         )
     sf = final["score_first"]  # every mode's coverage; the TTT modes' order too
     audits["score_first"] = sf
+    if "ngram_tilt" in final:  # the tilt's causality and normalization (golf/ngram.py)
+        audits["ngram_tilt"] = final["ngram_tilt"]
     logger.log0(
         f"audit:score_first passed:{sf['passed']} chunks:{sf['chunks_scored']} "
         f"updates:{sf['updates']} targets:{sf['targets']} "
@@ -1047,6 +1067,7 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
         "total_bytes": sizes["total_bytes"],
         "budget_bytes": h.size_budget,
         "eval_mode": mode,
+        "ngram_tilt": tilt_summary(h, final),
         "byte_source": byte_source(run.luts),
         "val_loss": final["val_loss"],
         "val_bpb": final["val_bpb"],
@@ -1091,6 +1112,21 @@ def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final,
     if logger.enabled:  # the console's last lines; the text log keeps `summary:` as its last line
         print(result_block(run, summary), flush=True)
     return 0 if valid else 3
+
+
+def tilt_summary(h, final):
+    """The summary's record of the n-gram tilt: None when off; else its parameters, and how many
+    targets the final eval tilted and how long its precompute took."""
+    if not h.ngram_tilt_enabled:
+        return None
+    tilt = final.get("ngram_tilt", {})
+    return {
+        "order": h.token_order,
+        "threshold": h.token_threshold,
+        "boost": h.token_boost,
+        "gated": tilt.get("gated"),
+        "precompute_s": tilt.get("precompute_s"),
+    }
 
 
 def result_block(run, summary):
@@ -1153,7 +1189,13 @@ def describe_evals(run, mode):
         )
     else:
         scope = f"the whole val split ({total:,} targets)"
-    return f"evals: {'; '.join(parts)}; {scope}"
+    tilt = ""
+    if h.ngram_tilt_enabled:
+        tilt = (
+            f"; scored with the n-gram tilt (TOKEN_ORDER={h.token_order} "
+            f"TOKEN_THRESHOLD={h.token_threshold} TOKEN_BOOST={h.token_boost})"
+        )
+    return f"evals: {'; '.join(parts)}; {scope}{tilt}"
 
 
 def run_main(h):

@@ -20,8 +20,10 @@ from golf.evaluation import (
     _TTTTrainer,
     adapted_scalars,
     audit_score_first,
-    token_nll,
+    tilt_result,
+    token_nll_scored,
 )
+from golf.ngram import build_ngram_tilt
 from golf.runtime import dist_max, dist_sum
 
 # --- Per-document LoRA TTT and phased global SGD (issue 16) ------------------------------------
@@ -357,6 +359,7 @@ class _LoraEval:
         self.model = self.trainer.model if phased else model
         self.adapters = LoraAdapters(self.model, h, h.ttt_lora_batch_docs, self.device)
         self.adapters.on_step = self._log_adapter_step
+        self.tilt = build_ngram_tilt(h, self.tokens, self.device)  # scoring only
 
     def _phase_h(self):
         h = self.h
@@ -393,12 +396,12 @@ class _LoraEval:
                 ttt_lora_span(int(d), int(f), int(last), h.ttt_eval_len)
                 for d, f, last in zip(rows[:, 0], firsts, lasts)
             ]
-            nll, x, y, pos = self._forward(spans, n)
+            nll, score_nll, x, y, pos = self._forward_scored(spans, n)
             first_t = torch.as_tensor(firsts, device=self.device)[:, None]
             last_t = torch.as_tensor(lasts, device=self.device)[:, None]
             scored = (pos >= first_t) & (pos <= last_t)
             trained = (pos >= first_t) & (y >= 0)
-            self._score(nll.detach(), x, y, pos, scored, doc_nll[:n])
+            self._score(score_nll.detach(), x, y, pos, scored, doc_nll[:n])
             self.scored_upto = max(self.scored_upto, int(lasts.max()))
             # How many steps this group's adapters (and the phase trainer) had taken when the
             # chunk was scored: chunk k of a document must be scored after exactly k adapter
@@ -440,6 +443,12 @@ class _LoraEval:
         """Per-token NLL of the spans (right-padded: causal, so padding never reaches a real
         position) under the first n adapters; y is -1 at padding; pos the absolute target
         positions."""
+        nll, _, x, y, pos = self._forward_scored(spans, n)
+        return nll, x, y, pos
+
+    def _forward_scored(self, spans, n):
+        """_forward's (nll, x, y, pos) with the NLL scoring counts second: the n-gram tilted one
+        (no gradient) when the tilt is on, else nll itself."""
         reads = [self.view.read(lo, hi) for lo, hi in spans]
         length = max(r.numel() for r in reads) - 1
         x = torch.zeros(n, length, dtype=torch.int64, device=self.device)
@@ -449,9 +458,10 @@ class _LoraEval:
             y[i, : r.numel() - 1] = r[1:]
         lo = torch.as_tensor([s[0] for s in spans], device=self.device)[:, None]
         pos = lo + 1 + torch.arange(length, device=self.device)[None, :]
+        hints_at = pos.clamp(max=self.tokens.numel() - 1)  # padding may run past the split
         with self.adapters.applied(n), torch.enable_grad():
-            nll = token_nll(self.model, x, y.clamp(min=0))
-        return nll, x, y, pos
+            nll, score_nll = token_nll_scored(self.model, x, y.clamp(min=0), self.tilt, hints_at)
+        return nll, score_nll, x, y, pos
 
     def _score(self, nll, x, y, pos, mask, doc_nll):
         y = y.clamp(min=0)
@@ -571,6 +581,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         chunk=h.ttt_lora_chunk,
         chunk_groups=dict(sorted(run.chunk_groups.items())),  # this rank's groups
         score_first=audit_score_first(run.ledger, run.coverage),
+        **tilt_result(run.tilt),
     )
 
 

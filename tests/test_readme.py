@@ -17,11 +17,21 @@ def readme_section(title):
     return text[start:end]
 
 
-def table_entries(section):
-    """[(ENV_NAME, default text, record text)] of every flag in the table's second column."""
+def table_entries(section, after=None):
+    """[(ENV_NAME, default text, record text)] of every flag in the second column of the first
+    table in `section` (the first table after the line starting with `after`, when given)."""
     out = []
-    for line in section.splitlines():
-        if not line.startswith("| ") or line.startswith(("| technique", "|---")):
+    lines = section.splitlines()
+    if after is not None:
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith(after)) :]
+    table_seen = False
+    for line in lines:
+        if not line.startswith("|"):
+            if table_seen:
+                break
+            continue
+        table_seen = True
+        if line.startswith(("| technique", "|---")):
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         for part in cells[1].split(", "):
@@ -66,3 +76,19 @@ def test_the_readme_parameter_count_is_the_record_models(gpt):
     with torch.device("meta"):
         model = gpt.build_model(h)
     assert stated == sum(p.numel() for p in model.parameters())
+
+
+def test_the_frontier_table_is_its_difference_from_the_record(gpt):
+    section = readme_section("The record stack (train_gpt.py)")
+    entries = table_entries(section, after="`PRESET=frontier`")
+    record = gpt.Hyperparameters.from_env({"PRESET": "record"})
+    frontier = gpt.Hyperparameters.from_env({"PRESET": "frontier"})
+    named = set()
+    for name, in_record, in_frontier in entries:
+        field = name.lower()
+        named.add(field)
+        assert same(in_record, getattr(record, field)), (name, in_record, getattr(record, field))
+        assert same(in_frontier, getattr(frontier, field)), (name, getattr(frontier, field))
+    # Every setting in which the two presets differ is in the table.
+    differ = {f for f in vars(record) if getattr(record, f) != getattr(frontier, f)}
+    assert differ - {"preset"} <= named, differ - {"preset"} - named

@@ -257,6 +257,12 @@ RECORD_2135 = {
     "rope_yarn": False,
     "smear_gate_bos_fix": False,
     "asym_logit_rescale": True,  # #1923/#1945: learned caps, adapted by global TTT
+    # The token-only n-gram tilt (#2130/#2135): order 16, share >= 0.8, boost 2.625, its hints
+    # computed inside the eval clock.
+    "ngram_tilt_enabled": True,
+    "token_order": 16,
+    "token_threshold": 0.8,
+    "token_boost": 2.625,
     # Eval: 2560-token contexts (#1953), one global TTT phase after 2,500 documents (#2130), LoRA lr
     # 8e-5 and weight decay 2.0 (#1886, #2060), no K adapter, #2135's LoRA scale alpha/rank =
     # 144/80, warm-started A and AdamW eps 1e-10.

@@ -15,27 +15,19 @@
 #      small batch (131,072 tokens) for 24 steps, then GPTQ + AWQ-lite + LQER, the artifact, a tiny
 #      ttt_phased eval with the n-gram tilt on a 32,768-target val prefix, with #2135's settings;
 #      the artifact re-scored by eval_bpb.py; sizes and the run's own settings checked;
-#   3. frontier_tiny: the record preset at 2 x 64, compiled, with #2014's progressive context and
-#      short-document TTT chunks and #1953's Q/V-free adapters and local lr factor;
+#   3. frontier_tiny: PRESET=frontier at 2 x 64, compiled: #2014's progressive context,
+#      short-document TTT chunks and eval tail, #1953's Q/V-free adapters and local lr factor;
 #   4. official_15s, ours_baseline_15s: the official baseline script (../shared/anchors, run where
 #      it lives) and our PRESET=baseline, 15 s of training each on sp1024: tokens/s side by side.
 # The 120 s record run and the full-shape scripts/bench.py no longer fit: run them on their own.
 # It installs nothing: the device's torch and Triton, the working tree and ../shared. Logs go
 # beside OUTFILE in gpu_check_logs/; OUTFILE is markdown, ready for BENCHMARKS.md.
 #
-# PENDING flags: the flags marked PENDING below are being built on other branches (issue 23) and
-# are not fields of this checkout's Hyperparameters until the lead merges them. They are passed
-# anyway; an unknown variable is ignored by Hyperparameters.from_env, so the plan prints, from the
-# checkout itself, which flags are present and which are PENDING (ignored by this run), and each
-# run's check compares the settings it logged with what it was given.
-#   PENDING: NGRAM_TILT_ENABLED TOKEN_ORDER TOKEN_THRESHOLD TOKEN_BOOST ASYM_LOGIT_RESCALE
-#            TRAIN_SEQ_SCHEDULE TRAIN_SEQ_SCHEDULE_MODE SEQ_CHANGE_WARMUP_STEPS SMEAR_GATE_BOS_FIX
-#            AWQ_LITE_ENABLED AWQ_LITE_BITS AWQ_LITE_GROUP_SIZE AWQ_LITE_GROUP_TOP_K
-#            TTT_EVAL_SEQ_LEN TTT_MASK TTT_K_LORA TTT_LOCAL_LR_MULT
-#            TTT_SHORT_SCORE_FIRST_ENABLED TTT_SHORT_SCORE_FIRST_STEPS EVAL_INCLUDE_TAIL
-#            GPTQ_CALIBRATION_BATCHES (name undecided; not passed: ours is GPTQ_CALIB_SEQS)
-#   present: QK_GAIN_INIT MATRIX_LR LQER_GROUP TTT_PHASES TTT_LORA_LR TTT_LORA_WD TTT_LORA_RANK
-#            EVAL_SEQ_LEN GPTQ_CALIB_SEQS
+# Flag coverage: every flag of issue 23 is passed explicitly by the stage that exercises it (even
+# where the preset already sets it), so `--plan` can list which stage covers which flag; a flag
+# this checkout lacks would show as PENDING (ignored by from_env), and each run's check compares the
+# settings it logged with what it was given. GPTQ_CALIBRATION_BATCHES is #2135's name; ours is
+# GPTQ_CALIB_SEQS (1536 = #2135's 32 batches of 48 x 2048 per rank on 8 GPUs).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -72,27 +64,29 @@ declare -A LIMIT_S=([gpu_tests]=90 [record_shape]=210 [frontier_tiny]=70 [offici
 
 # --- Each stage's settings ---------------------------------------------------------------------
 # Record shape, #2135 as run (docs/techniques.md, "The 1.0565 frontier"; the team's fact sheet),
-# with AWQ-lite (#1908) on too so that its GPTQ path runs at full shape; the masked SmearGate.
+# with AWQ-lite (#1908) on too so that its GPTQ path runs at full shape; the SmearGate unmasked at
+# BOS as #2135 ran it (the frontier stage runs the masked form).
 RECORD_ENV=(PRESET=record "DATA_PATH=$DATA8" "TOKENIZER_PATH=$TOK8" RUN_ID=record_shape
   LOG_DIR=logs ITERATIONS=24 WARMUP_STEPS=4 MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=131072
   VAL_LOSS_EVERY=0 VAL_MAX_TOKENS=32768 PRE_QUANT_EVAL=0 ROUNDTRIP_EVAL=0 GPTQ_RESERVE_SECONDS=0
   GPTQ_CALIB_SEQS=16 MATRIX_LR=0.028 LQER_GROUP=32 QK_GAIN_INIT=5.0 EVAL_SEQ_LEN=2560
   TTT_EVAL_SEQ_LEN=2560 TTT_PHASES=8 TTT_LORA_RANK=80 TTT_LORA_LR=8e-5 TTT_LORA_WD=2.0
   TTT_K_LORA=0 ASYM_LOGIT_RESCALE=1 NGRAM_TILT_ENABLED=1 TOKEN_ORDER=16 TOKEN_THRESHOLD=0.800
-  TOKEN_BOOST=2.625 SMEAR_GATE_BOS_FIX=1 AWQ_LITE_ENABLED=1 AWQ_LITE_BITS=8 AWQ_LITE_GROUP_SIZE=64
+  TOKEN_BOOST=2.625 SMEAR_GATE_BOS_FIX=0 AWQ_LITE_ENABLED=1 AWQ_LITE_BITS=8 AWQ_LITE_GROUP_SIZE=64
   AWQ_LITE_GROUP_TOP_K=1 TTT_LORA_ALPHA=144 TTT_WARM_START_A=1 TTT_LORA_EPS=1e-10)
-# Tiny record preset, #2014 (progressive context, short-document chunks, eval tail, 1 phase) with
-# #1953's no_qv adapters, local lr factor and QK gain 5.25; the wallclock drives the schedule.
-FRONTIER_ENV=(PRESET=record "DATA_PATH=$DATA8" "TOKENIZER_PATH=$TOK8" RUN_ID=frontier_tiny
+# Tiny frontier preset, #2014 (progressive context, short-document chunks, eval tail, 1 phase) with
+# #1953's no_qv adapters, local lr factor and QK gain 5.25; the wallclock drives the schedule, and
+# the GPTQ reserve is measured (one calibration batch timed before the loop).
+FRONTIER_ENV=(PRESET=frontier "DATA_PATH=$DATA8" "TOKENIZER_PATH=$TOK8" RUN_ID=frontier_tiny
   LOG_DIR=logs NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=2 NUM_KV_HEADS=1 RECUR_LAYERS=1
   PARALLEL_DECODER_START=1 XSA_LAST_N=2 ROPE_DIMS=8 TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=16384
-  ITERATIONS=20000 WARMUP_STEPS=4 MAX_WALLCLOCK_SECONDS=20 GPTQ_RESERVE_SECONDS=2
+  ITERATIONS=20000 WARMUP_STEPS=4 MAX_WALLCLOCK_SECONDS=20 GPTQ_RESERVE_MEASURED=1
   GPTQ_CALIB_SEQS=8 VAL_LOSS_EVERY=0 VAL_MAX_TOKENS=32768 PRE_QUANT_EVAL=0 ROUNDTRIP_EVAL=0
   TRAIN_SEQ_SCHEDULE=128@0.300,256@1.000 TRAIN_SEQ_SCHEDULE_MODE=wallclock
   SEQ_CHANGE_WARMUP_STEPS=4 EVAL_SEQ_LEN=384 TTT_EVAL_SEQ_LEN=384 EVAL_STRIDE=192
   EVAL_INCLUDE_TAIL=1 TTT_MASK=no_qv TTT_LOCAL_LR_MULT=0.75 TTT_SHORT_SCORE_FIRST_ENABLED=1
   TTT_SHORT_SCORE_FIRST_STEPS=256:8,2000:24 TTT_LORA_BATCH_DOCS=24 TTT_LORA_RANK=8
-  TTT_LORA_LR=1e-4 TTT_LORA_WD=0.5 TTT_PHASES=8 QK_GAIN_INIT=5.25 MATRIX_LR=0.026 LQER_GROUP=64
+  TTT_LORA_LR=1e-4 TTT_LORA_WD=2.0 TTT_PHASES=8 QK_GAIN_INIT=5.25 MATRIX_LR=0.028 LQER_GROUP=32
   ASYM_LOGIT_RESCALE=1 NGRAM_TILT_ENABLED=1 AWQ_LITE_ENABLED=1 SMEAR_GATE_BOS_FIX=1)
 PARITY_ENV=("DATA_PATH=$DATA1" "TOKENIZER_PATH=$TOK1" VAL_LOSS_EVERY=0 ITERATIONS=20000
   MAX_WALLCLOCK_SECONDS=15)
@@ -104,7 +98,7 @@ declare -A STAGE_ENV=([record_shape]=RECORD_ENV [frontier_tiny]=FRONTIER_ENV
 COVERAGE_FLAGS=(NGRAM_TILT_ENABLED TOKEN_ORDER TOKEN_THRESHOLD TOKEN_BOOST ASYM_LOGIT_RESCALE
   TRAIN_SEQ_SCHEDULE TRAIN_SEQ_SCHEDULE_MODE SEQ_CHANGE_WARMUP_STEPS SMEAR_GATE_BOS_FIX
   AWQ_LITE_ENABLED AWQ_LITE_BITS AWQ_LITE_GROUP_SIZE AWQ_LITE_GROUP_TOP_K GPTQ_CALIB_SEQS
-  GPTQ_CALIBRATION_BATCHES TTT_EVAL_SEQ_LEN TTT_MASK TTT_K_LORA TTT_LOCAL_LR_MULT
+  TTT_LORA_ALPHA TTT_WARM_START_A TTT_LORA_EPS TTT_EVAL_SEQ_LEN TTT_MASK TTT_K_LORA TTT_LOCAL_LR_MULT
   TTT_SHORT_SCORE_FIRST_ENABLED TTT_SHORT_SCORE_FIRST_STEPS EVAL_INCLUDE_TAIL QK_GAIN_INIT
   MATRIX_LR LQER_GROUP TTT_PHASES TTT_LORA_LR TTT_LORA_WD TTT_LORA_RANK EVAL_SEQ_LEN)
 

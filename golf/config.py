@@ -68,7 +68,28 @@ SMOKE_PRESET = {
     "val_max_tokens": 65536,
     "pre_quant_eval": False,
     "roundtrip_eval": False,
+    "smoke_autosize": True,
 }
+
+# Issue 25: a smoke run bound by MAX_WALLCLOCK_SECONDS sizes itself to the machine (SMOKE_AUTOSIZE,
+# golf.train.size_smoke_batch and size_smoke_evals). On a CPU 2.4x slower than ours a 60 s run made
+# 10 steps of 6.1 s and barely learned, and the manifold's final eval took 0.64x its training
+# minute. From the measured warmup steps the run picks TRAIN_BATCH_TOKENS within the bounds below so
+# that the loop makes at least SMOKE_MIN_STEPS steps (aiming SMOKE_STEP_MARGIN above it, for the
+# noise of a busy machine), and from a measured probe eval it picks VAL_MAX_TOKENS so that the
+# evals cost at most SMOKE_EVAL_SHARE of the training time (aiming SMOKE_EVAL_AIM). An explicit
+# TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over its sizing; an ITERATIONS-bound run
+# (MAX_WALLCLOCK_SECONDS=0) is never sized, so its figures stay deterministic.
+SMOKE_MIN_STEPS = 30
+SMOKE_STEP_MARGIN = 1.2
+# Tokens per step: at most the preset's batch (a fast machine makes more steps, not larger ones),
+# at least 4096: 30 steps of the gpt smoke model (busy 2-core CPU, ITERATIONS=30) land 0.44 bpb
+# below the unigram floor at 4096 tokens a step but only 0.19 below it at 2048.
+SMOKE_BATCH_MIN = 4096
+SMOKE_BATCH_MAX = 16384
+SMOKE_EVAL_SHARE = 0.5
+SMOKE_EVAL_AIM = 0.4
+SMOKE_VAL_MIN_TOKENS = 4096  # below this a quick look says nothing; the log then warns
 
 
 @dataclass
@@ -78,6 +99,10 @@ class BaseHyperparameters:
     when the model registers: its presets, builder and script."""
 
     spec = None  # a class attribute, not a field
+    # The fields whose variables the environment gave (from_env sets it): an explicit
+    # TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over the smoke sizing. A class attribute, not a
+    # field: it is neither logged nor stored in an artifact.
+    given = frozenset()
 
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
@@ -200,6 +225,9 @@ class BaseHyperparameters:
     # (VAL_MAX_TOKENS); every other preset keeps them and the whole val split.
     pre_quant_eval: bool = True
     roundtrip_eval: bool = True
+    # Issue 25: a wallclock-bound run sizes its batch and val prefix to the machine (the smoke
+    # preset turns it on; see SMOKE_MIN_STEPS above).
+    smoke_autosize: bool = False
 
     @classmethod
     def from_env(cls, env=None):
@@ -224,6 +252,7 @@ class BaseHyperparameters:
                 )
             values["eval_mode"] = "ttt"
         h = cls(**values)
+        h.given = frozenset(f.name for f in dataclasses.fields(cls) if f.name.upper() in env)
         h.validate()
         return h
 

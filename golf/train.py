@@ -29,7 +29,16 @@ from golf.bpb import (
     target_bytes,
     val_byte_counter,
 )
-from golf.config import BaseHyperparameters
+from golf.config import (
+    SMOKE_BATCH_MAX,
+    SMOKE_BATCH_MIN,
+    SMOKE_EVAL_AIM,
+    SMOKE_EVAL_SHARE,
+    SMOKE_MIN_STEPS,
+    SMOKE_STEP_MARGIN,
+    SMOKE_VAL_MIN_TOKENS,
+    BaseHyperparameters,
+)
 from golf.container import (
     artifact_state,
     compact_builder,
@@ -117,6 +126,148 @@ def _broadcast(rt, obj):
     if rt.distributed:
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+# --- issue 25: a wallclock-bound smoke run sizes itself to the machine ---------------------------
+
+
+def smoke_sizing_off(h, name):
+    """Why the smoke sizing leaves the field `name` (train_batch_tokens or val_max_tokens) as it
+    is, or None where it sizes it: only a SMOKE_AUTOSIZE run bound by MAX_WALLCLOCK_SECONDS whose
+    environment did not give the variable itself."""
+    if not h.smoke_autosize:
+        return "SMOKE_AUTOSIZE=0"
+    if h.max_wallclock_seconds <= 0:
+        return "MAX_WALLCLOCK_SECONDS=0: an ITERATIONS-bound run is never sized"
+    if name == "val_max_tokens" and h.val_max_tokens <= 0:
+        return "VAL_MAX_TOKENS=0: the whole val split is scored"
+    if name in h.given:
+        return f"{name.upper()}={getattr(h, name)} given"
+    return None
+
+
+def smoke_batch_bounds(h):
+    """(smallest, largest) tokens per step the sizing may choose: multiples of 8 x TRAIN_SEQ_LEN
+    (the loader's quantum: a whole sequence per rank and micro-step) from SMOKE_BATCH_MIN to
+    SMOKE_BATCH_MAX."""
+    quantum = 8 * h.train_seq_len
+    low = max(math.ceil(SMOKE_BATCH_MIN / quantum), 1) * quantum
+    return low, max(SMOKE_BATCH_MAX // quantum * quantum, low)
+
+
+def smoke_probe_batch(h, batch):
+    """The second batch the sizing times: a quarter of `batch` (a multiple of the loader's
+    quantum), at least the smallest bound."""
+    quantum = 8 * h.train_seq_len
+    return max(smoke_batch_bounds(h)[0], batch // 4 // quantum * quantum)
+
+
+def time_train_step(train_step, step, tokens, device):
+    """Seconds that one training step of `tokens` takes here (the smoke sizing's measurement;
+    tests replace it to simulate a slower CPU)."""
+    started = time.perf_counter()
+    train_step(step, 1.0, tokens)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def step_time_model(timings):
+    """(fixed seconds, seconds per token) of a training step, from timed steps [(tokens,
+    seconds)]: the line through two sizes (the fixed part is the optimizer's Newton-Schulz and the
+    per-step overheads, ~0.5 s of hydra's 1.3 s at 2048 tokens on a busy CPU). Where noise makes
+    that line absurd, the cautious proportional model: the larger of the two per-token rates."""
+    tokens, seconds = timings[0]
+    per_token = max(seconds, 1e-9) / tokens
+    if len(timings) < 2:
+        return 0.0, per_token
+    small, small_s = timings[1]
+    slope = (seconds - small_s) / (tokens - small)
+    intercept = seconds - slope * tokens
+    if slope > 0 and intercept >= 0:
+        return intercept, slope
+    return 0.0, max(per_token, small_s / small)
+
+
+def size_smoke_batch(h, timings, loop_s):
+    """TRAIN_BATCH_TOKENS for a smoke run: the largest multiple of 8 x TRAIN_SEQ_LEN within
+    smoke_batch_bounds whose predicted step lets the `loop_s` seconds of the loop make
+    SMOKE_MIN_STEPS x SMOKE_STEP_MARGIN steps. Returns {tokens, fixed_s, per_token_s, step_s,
+    expected_steps, loop_s, line}: the choice, the step model and the one log line."""
+    low, high = smoke_batch_bounds(h)
+    fixed, per_token = step_time_model(timings)
+    aim = SMOKE_MIN_STEPS * SMOKE_STEP_MARGIN
+    loop_s = max(loop_s, 0.0)
+    fits = (loop_s / aim - fixed) / per_token  # tokens whose step lasts loop_s / aim
+    quantum = 8 * h.train_seq_len
+    tokens = int(min(max(math.floor(fits / quantum) * quantum, low), high))
+    step_s = fixed + per_token * tokens
+    expected = int(loop_s / step_s)
+    measured = ", ".join(f"{n} tokens in {sec:.2f}s" for n, sec in timings)
+    short = ""
+    if expected < SMOKE_MIN_STEPS:
+        short = f" WARNING: fewer than {SMOKE_MIN_STEPS} steps even at the smallest batch;"
+    line = (
+        f"smoke_sizing: TRAIN_BATCH_TOKENS={tokens} (bounds {low}..{high}) from the timed "
+        f"steps ({measured}; a step ~{fixed:.2f}s + {1e3 * per_token:.3f}s per 1000 tokens): "
+        f"~{expected} steps of ~{step_s:.2f}s in the loop's {loop_s:.1f}s of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at least {SMOKE_MIN_STEPS} wanted);"
+        f"{short} TRAIN_BATCH_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {
+        "tokens": tokens,
+        "fixed_s": fixed,
+        "per_token_s": per_token,
+        "step_s": step_s,
+        "expected_steps": expected,
+        "loop_s": loop_s,
+        "line": line,
+    }
+
+
+def smoke_eval_counts(h, mode, expected_steps):
+    """{eval mode: how many times the run scores the val prefix with it}: the periodic
+    validations (every VAL_LOSS_EVERY steps and the last; standard windows), PRE_QUANT_EVAL, the
+    roundtrip and the final mode."""
+    standard = 0
+    periodic = 0
+    if h.val_loss_every > 0:
+        periodic = expected_steps // h.val_loss_every + 1
+    standard = periodic + int(h.pre_quant_eval)
+    if mode == "standard" or h.roundtrip_eval:
+        standard += 1
+    counts = {"standard": standard}
+    if mode != "standard":
+        counts[mode] = 1
+    return counts, periodic
+
+
+def size_smoke_evals(h, per_target_s, periodic_fixed_s, expected_steps, available):
+    """VAL_MAX_TOKENS for a smoke run: the most val targets (a multiple of 1024, within
+    [SMOKE_VAL_MIN_TOKENS, the preset's prefix `available`]) that the run's evals score in
+    SMOKE_EVAL_AIM of MAX_WALLCLOCK_SECONDS (SMOKE_EVAL_SHARE is the promise), from the measured
+    seconds per target of each mode (`per_target_s`) and the fixed cost of each periodic
+    validation (the coherence sample and the model's probes). Returns {tokens, expected_s,
+    counts, line}."""
+    counts, periodic = smoke_eval_counts(h, h.final_eval_mode, expected_steps)
+    budget_s = SMOKE_EVAL_AIM * h.max_wallclock_seconds - periodic * periodic_fixed_s
+    rate = sum(n * per_target_s[m] for m, n in counts.items())  # seconds per val target
+    low = min(max(SMOKE_VAL_MIN_TOKENS, h.eval_len), available)
+    fits = math.floor(max(budget_s, 0.0) / max(rate, 1e-12) / 1024) * 1024
+    tokens = int(min(max(fits, low), available))
+    expected_s = periodic * periodic_fixed_s + rate * tokens
+    share = expected_s / h.max_wallclock_seconds
+    over = ""
+    if share > SMOKE_EVAL_SHARE:
+        over = f" WARNING: over {SMOKE_EVAL_SHARE:g} of the training time even at the fewest;"
+    costs = ", ".join(f"{m} x{n} {1e3 * per_target_s[m]:.3f}ms" for m, n in counts.items())
+    line = (
+        f"smoke_sizing: VAL_MAX_TOKENS={tokens} (bounds {low}..{available}) from probe evals "
+        f"({costs} per target; {periodic} periodic validations with {periodic_fixed_s:.2f}s of "
+        f"sample and probes each): evals ~{expected_s:.1f}s, {share:.2f} of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at most {SMOKE_EVAL_SHARE:g} "
+        f"wanted);{over} VAL_MAX_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {"tokens": tokens, "expected_s": expected_s, "counts": counts, "line": line}
 
 
 # The 10-minute track's two clocks (docs/rules.md, Training clock), enforced in `summarize` when
@@ -268,11 +419,14 @@ def estimate_artifact_bytes(model, h):
     return len(zlib.compress(raw, 1))
 
 
-def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
+def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, after_warmup=None):
     """Train `model` in place. Returns (EMA or None, loop statistics). Writes the warmup and loop
     times to `ledger` (a TimeLedger; a scratch one when none is given) and reads its
     precompute_s, which the wallclock cap subtracts along with the loop's own setup. `loader`: the
-    run's training token loader (made here when None)."""
+    run's training token loader (made here when None). A smoke run bound by the wallclock sizes
+    its batch from the timed warmup steps (size_smoke_batch; h.train_batch_tokens is set);
+    `after_warmup(model)`, when given, runs inside the excluded warmup, before the model is
+    restored (the run's eval sizing)."""
     entered = time.perf_counter()
     ledger = ledger or TimeLedger()
     device = rt.device
@@ -304,11 +458,11 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
     heldout = loader.heldout(h.mixer_heldout_tokens, h.train_seq_len) if mixer else None
     progress_hook = model_hook(model, "set_training_progress")
 
-    def train_step(step, lr_scale):
+    def train_step(step, lr_scale, batch_tokens=None):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
             x, y = loader.next_batch(
-                h.train_batch_tokens,
+                batch_tokens or h.train_batch_tokens,
                 h.train_seq_len,
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
@@ -344,24 +498,55 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             f"warmup: {warmup_steps} step instead of WARMUP_STEPS={h.warmup_steps}: an eager run "
             "compiles nothing (WARMUP_STEPS primes torch.compile on CUDA)"
         )
-    if warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
+    sizing_off = smoke_sizing_off(h, "train_batch_tokens")
+    if sizing_off is None or after_warmup is not None:
+        warmup_steps = max(warmup_steps, 1)  # the sizing times a warmup step
+    elif h.smoke_autosize and h.max_wallclock_seconds > 0:
+        logger.log0(f"smoke_sizing: batch not sized ({sizing_off})")
+    if warmup_steps > 0 or after_warmup is not None:
+        # Prime compile and kernels (and time the steps for the sizing), then restore the model,
+        # the optimizers and the loader.
         t0 = time.perf_counter()
         loader_state = loader.state()
         initial, opt_states = copy.deepcopy(
             (model.state_dict(), [opt.state_dict() for opt in optimizers])
         )
+        # The largest batch the sizing may choose is timed, never a larger preset value.
+        first_batch = h.train_batch_tokens
+        if sizing_off is None:
+            first_batch = min(h.train_batch_tokens, smoke_batch_bounds(h)[1])
+        timings = []
         for step in range(warmup_steps):
             if progress_hook:
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
                 progress_hook(float(step >= warmup_steps // 2))
-            train_step(step, 1.0)
+            timings.append((first_batch, time_train_step(train_step, step, first_batch, device)))
+        timings = timings[-1:]  # the last step at that size: the first has first-use costs
+        before_s = t0 - entered  # the setup that the wallclock cap also subtracts
+        reserve_s = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+        loop_s = h.max_wallclock_seconds - ledger.precompute_s - before_s - reserve_s
+        if sizing_off is None:
+            small = smoke_probe_batch(h, first_batch)
+            if small < first_batch:  # a second size: the fixed cost of a step (Muon, overheads)
+                timings.append((small, time_train_step(train_step, warmup_steps, small, device)))
+            choice = size_smoke_batch(h, timings, loop_s)
+            choice = _broadcast(rt, choice)  # every rank trains with rank 0's choice
+            h.train_batch_tokens = choice["tokens"]
+            logger.log0(choice["line"])
+            logger.event("smoke_sizing", part="batch", **choice)
+            expected_steps = choice["expected_steps"]
+        elif timings:
+            expected_steps = int(max(loop_s, 0.0) / max(timings[0][1], 1e-9))
+        if after_warmup is not None:
+            after_warmup(model, min(expected_steps, h.iterations))
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
         loader.restore(loader_state)
         ledger.warmup_excluded_s = time.perf_counter() - t0
+        sized = " and the smoke sizing" if sizing_off is None or after_warmup else ""
         logger.log0(
-            f"warmup: {warmup_steps} steps in {ledger.warmup_excluded_s:.1f}s "
+            f"warmup: {warmup_steps} steps{sized} in {ledger.warmup_excluded_s:.1f}s "
             "(excluded from the clock)"
         )
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
@@ -631,17 +816,14 @@ def _open_run(h, rt, logger, run_id, artifact_path):
     val_tokens = load_checked_val_tokens(h, sp, longest, h.val_max_tokens)
     luts = val_byte_counter(h, sp, val_tokens, rt.device)
     unigram = None
-    if h.val_max_tokens:
+    if smoke_sizing_off(h, "val_max_tokens") is None:
+        # The prefix is sized after the warmup (size_val_prefix): its floor is printed then.
         logger.log0(
-            f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
-            "a quick look, not an official score"
+            f"val_tokens: first {val_tokens.numel()} of {n_val} loaded; the smoke sizing "
+            "chooses the prefix scored after the warmup"
         )
-        unigram = unigram_bpb(h, val_tokens, luts)
-        logger.log0(
-            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
-            f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
-            "whole split): a trained model must land clearly below it"
-        )
+    elif h.val_max_tokens:
+        unigram = log_quick_look(h, logger, val_tokens, luts, n_val)
     if isinstance(luts, SidecarBytes):
         source = luts.source
         logger.log0(
@@ -665,6 +847,67 @@ def _open_run(h, rt, logger, run_id, artifact_path):
         val_total=n_val,
         unigram_bpb=unigram,
     )
+
+
+def log_quick_look(h, logger, val_tokens, luts, n_val):
+    """The lines of a VAL_MAX_TOKENS run: which prefix is scored, and its unigram floor (returned)
+    on the very targets scored."""
+    logger.log0(
+        f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
+        "a quick look, not an official score"
+    )
+    unigram = unigram_bpb(h, val_tokens, luts)
+    logger.log0(
+        f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
+        f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
+        "whole split): a trained model must land clearly below it"
+    )
+    return unigram
+
+
+def probe_eval_seconds(h, model, mode, tokens, luts):
+    """Seconds per target of eval `mode` on `tokens` (training tokens: never val), measured: the
+    smoke sizing's probe (tests replace it to simulate a slower CPU)."""
+    res = EVAL_MODES[mode].evaluate(h, model, tokens, luts)
+    return res["eval_time_ms"] / 1000.0 / max(res["tokens"], 1)
+
+
+def probe_validation_seconds(run, model):
+    """Seconds of a periodic validation besides its eval: the coherence sample and the model's
+    probes, measured once."""
+    h = run.h
+    t0 = time.perf_counter()
+    generate_sample(model, run.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
+    probes_hook = model_hook(model, "validation_probes")
+    if probes_hook is not None:
+        probes_hook()
+    return time.perf_counter() - t0
+
+
+def size_val_prefix(run, model, expected_steps):
+    """Issue 25: the val prefix of a wallclock-bound smoke run, sized so that its evals cost at most
+    SMOKE_EVAL_SHARE of the training time (size_smoke_evals) from probe evals on a few windows of
+    training tokens; every rank takes rank 0's choice. Sets h.val_max_tokens, cuts the loaded
+    prefix (and a byte sidecar) to it, then logs the quick look's lines and its unigram floor."""
+    h = run.h
+    device = run.rt.device
+    n_tokens = EVAL_WARMUP_SEQS * h.eval_len + 1
+    files = shard_files(h.data_path, "train")
+    tokens = load_data_shard(files[0])[:n_tokens].to(device=device, dtype=torch.int64)
+    luts = build_sentencepiece_luts(run.sp, h.vocab_size, device)
+    counts, periodic = smoke_eval_counts(h, h.final_eval_mode, expected_steps)
+    per_target_s = {m: probe_eval_seconds(h, model, m, tokens, luts) for m in counts}
+    periodic_fixed_s = probe_validation_seconds(run, model) if periodic else 0.0
+    available = run.val_tokens.numel() - 1
+    choice = size_smoke_evals(h, per_target_s, periodic_fixed_s, expected_steps, available)
+    choice = _broadcast(run.rt, choice)
+    h.val_max_tokens = choice["tokens"]
+    run.val_tokens = run.val_tokens[: h.val_max_tokens + 1]
+    if isinstance(run.luts, SidecarBytes):  # per-token counts parallel to the val tokens
+        run.luts = SidecarBytes(run.luts.per_token[: h.val_max_tokens + 1], run.luts.source)
+    run.logger.log0(choice["line"])
+    run.logger.event("smoke_sizing", part="evals", **choice)
+    run.unigram_bpb = log_quick_look(h, run.logger, run.val_tokens, run.luts, run.val_total)
 
 
 def unigram_bpb(h, val_tokens, luts, max_train_tokens=20_000_000):
@@ -738,8 +981,21 @@ def train(run, model):
             "(inside the training budget)"
         )
     validator = Validator(run, model)
+    after_warmup = None
+    if smoke_sizing_off(run.h, "val_max_tokens") is None:
+
+        def after_warmup(warm_model, expected_steps):
+            size_val_prefix(run, warm_model, expected_steps)
+
     ema, stats = train_model(
-        run.h, run.rt, model, run.logger, run.ledger, validator, loader=run.loader
+        run.h,
+        run.rt,
+        model,
+        run.logger,
+        run.ledger,
+        validator,
+        loader=run.loader,
+        after_warmup=after_warmup,
     )
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))

@@ -5022,7 +5022,6 @@ def smoke_eval_counts(h, mode, expected_steps):
     """{eval mode: how many times the run scores the val prefix with it}: the periodic
     validations (every VAL_LOSS_EVERY steps and the last; standard windows), PRE_QUANT_EVAL, the
     roundtrip and the final mode."""
-    standard = 0
     periodic = 0
     if h.val_loss_every > 0:
         periodic = expected_steps // h.val_loss_every + 1
@@ -5219,8 +5218,8 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, 
     precompute_s, which the wallclock cap subtracts along with the loop's own setup. `loader`: the
     run's training token loader (made here when None). A smoke run bound by the wallclock sizes
     its batch from the timed warmup steps (size_smoke_batch; h.train_batch_tokens is set);
-    `after_warmup(model)`, when given, runs inside the excluded warmup, before the model is
-    restored (the run's eval sizing)."""
+    `after_warmup(model, expected_steps)`, when given, runs inside the excluded warmup, before the
+    model is restored (the run's eval sizing, told how many steps the loop should make)."""
     entered = time.perf_counter()
     ledger = ledger or TimeLedger()
     device = rt.device
@@ -5319,6 +5318,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, 
         before_s = t0 - entered  # the setup that the wallclock cap also subtracts
         reserve_s = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
         loop_s = h.max_wallclock_seconds - ledger.precompute_s - before_s - reserve_s
+        expected_steps = h.iterations
         if sizing_off is None:
             small = smoke_probe_batch(h, first_batch)
             if small < first_batch:  # a second size: the fixed cost of a step (Muon, overheads)

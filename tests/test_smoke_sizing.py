@@ -6,7 +6,7 @@ import contextlib
 import io
 
 import pytest
-from conftest import TINY_ENV, summary_of
+from conftest import TINY_ENV, run_script, summary_of
 
 # The tiny model of TINY_ENV with the smoke preset's batch and val prefix (the sizing's inputs)
 # and a wallclock budget of a minute; ITERATIONS ends the tiny runs after a few steps.
@@ -208,3 +208,20 @@ def test_an_explicit_val_prefix_wins_over_the_sizing(gpt, embedded, tmp_path, mo
     status, log, s = run_in_process(gpt, env, tmp_path)
     assert status == 0 and s["tokens"] == 8192
     assert "smoke_sizing: VAL_MAX_TOKENS=" not in log and "smoke_sizing: TRAIN_BATCH" in log
+
+
+def test_two_processes_size_alike_and_finish(embedded, tmp_path):
+    """gloo, two ranks timing their own steps and probes: both take rank 0's choices (a rank with
+    another val prefix would fail the distributed eval's collectives), and the run completes."""
+    env = {**SIZED_ENV, **embedded, "LOG_DIR": str(tmp_path), "RUN_ID": "two"}
+    proc = run_script("train_gpt.py", env, tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "two.txt").read_text().split("=" * 100, 1)[1]
+    s = summary_of(log)
+    assert s["valid"] and s["world_size"] == 2
+    lines = [x for x in log.splitlines() if x.startswith("smoke_sizing: ")]
+    assert [x.split("=", 1)[0] for x in lines] == [
+        "smoke_sizing: TRAIN_BATCH_TOKENS",
+        "smoke_sizing: VAL_MAX_TOKENS",
+    ]
+    assert s["tokens"] == int(lines[1].split("=", 1)[1].split()[0])

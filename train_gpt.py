@@ -152,7 +152,9 @@ SMOKE_BATCH_MIN = 4096
 SMOKE_BATCH_MAX = 16384
 SMOKE_EVAL_SHARE = 0.5
 SMOKE_EVAL_AIM = 0.4
-SMOKE_VAL_MIN_TOKENS = 4096  # below this a quick look says nothing; the log then warns
+# The fewest val targets the sizing keeps (fewer say little); where even these cost more than
+# SMOKE_EVAL_SHARE, the sizing's line warns.
+SMOKE_VAL_MIN_TOKENS = 4096
 
 
 def smoke_sizing_off(h, name):

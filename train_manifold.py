@@ -32,6 +32,7 @@ Run:
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import inspect
@@ -215,7 +216,159 @@ SMOKE_PRESET = {
     "val_max_tokens": 65536,
     "pre_quant_eval": False,
     "roundtrip_eval": False,
+    "smoke_autosize": True,
 }
+
+# Issue 25: a smoke run bound by MAX_WALLCLOCK_SECONDS sizes itself to the machine (SMOKE_AUTOSIZE;
+# the decisions below, size_smoke_batch and size_smoke_evals; the measurements in golf.train). On a
+# CPU 2.4x slower than ours a 60 s run made 10 steps of 6.1 s and barely learned, and the manifold's
+# final eval took 0.64x its training minute. From the measured warmup steps the run picks
+# TRAIN_BATCH_TOKENS within the bounds below so that the loop makes at least SMOKE_MIN_STEPS steps
+# (aiming SMOKE_STEP_MARGIN above it, for the noise of a busy machine), and from a measured probe
+# eval it picks VAL_MAX_TOKENS so that the evals cost at most SMOKE_EVAL_SHARE of the training time
+# (aiming SMOKE_EVAL_AIM). An explicit TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over its sizing; an
+# ITERATIONS-bound run (MAX_WALLCLOCK_SECONDS=0) is never sized, so its figures stay deterministic.
+SMOKE_MIN_STEPS = 30
+SMOKE_STEP_MARGIN = 1.2
+# Tokens per step: at most the preset's batch (a fast machine makes more steps, not larger ones),
+# at least 4096: 30 steps of the gpt smoke model (busy 2-core CPU, ITERATIONS=30) land 0.44 bpb
+# below the unigram floor at 4096 tokens a step but only 0.19 below it at 2048.
+SMOKE_BATCH_MIN = 4096
+SMOKE_BATCH_MAX = 16384
+SMOKE_EVAL_SHARE = 0.5
+SMOKE_EVAL_AIM = 0.4
+# The fewest val targets the sizing keeps (fewer say little); where even these cost more than
+# SMOKE_EVAL_SHARE, the sizing's line warns.
+SMOKE_VAL_MIN_TOKENS = 4096
+
+
+def smoke_sizing_off(h, name):
+    """Why the smoke sizing leaves the field `name` (train_batch_tokens or val_max_tokens) as it
+    is, or None where it sizes it: only a SMOKE_AUTOSIZE run bound by MAX_WALLCLOCK_SECONDS whose
+    environment did not give the variable itself."""
+    if not h.smoke_autosize:
+        return "SMOKE_AUTOSIZE=0"
+    if h.max_wallclock_seconds <= 0:
+        return "MAX_WALLCLOCK_SECONDS=0: an ITERATIONS-bound run is never sized"
+    if name == "val_max_tokens" and h.val_max_tokens <= 0:
+        return "VAL_MAX_TOKENS=0: the whole val split is scored"
+    if name in h.given:
+        return f"{name.upper()}={getattr(h, name)} given"
+    return None
+
+
+def smoke_batch_bounds(h):
+    """(smallest, largest) tokens per step the sizing may choose: multiples of 8 x TRAIN_SEQ_LEN
+    (the loader's quantum: a whole sequence per rank and micro-step) from SMOKE_BATCH_MIN to
+    SMOKE_BATCH_MAX."""
+    quantum = 8 * h.train_seq_len
+    low = max(math.ceil(SMOKE_BATCH_MIN / quantum), 1) * quantum
+    return low, max(SMOKE_BATCH_MAX // quantum * quantum, low)
+
+
+def smoke_probe_batch(h, batch):
+    """The second batch the sizing times: a quarter of `batch` (a multiple of the loader's
+    quantum), at least the smallest bound."""
+    quantum = 8 * h.train_seq_len
+    return max(smoke_batch_bounds(h)[0], batch // 4 // quantum * quantum)
+
+
+def step_time_model(timings):
+    """(fixed seconds, seconds per token) of a training step, from timed steps [(tokens,
+    seconds)]: the line through two sizes (the fixed part is the optimizer's Newton-Schulz and the
+    per-step overheads, ~0.5 s of hydra's 1.3 s at 2048 tokens on a busy CPU). Where noise makes
+    that line absurd, the cautious proportional model: the larger of the two per-token rates."""
+    tokens, seconds = timings[0]
+    per_token = max(seconds, 1e-9) / tokens
+    if len(timings) < 2:
+        return 0.0, per_token
+    small, small_s = timings[1]
+    slope = (seconds - small_s) / (tokens - small)
+    intercept = seconds - slope * tokens
+    if slope > 0 and intercept >= 0:
+        return intercept, slope
+    return 0.0, max(per_token, small_s / small)
+
+
+def size_smoke_batch(h, timings, loop_s):
+    """TRAIN_BATCH_TOKENS for a smoke run: the largest multiple of 8 x TRAIN_SEQ_LEN within
+    smoke_batch_bounds whose predicted step lets the `loop_s` seconds of the loop make
+    SMOKE_MIN_STEPS x SMOKE_STEP_MARGIN steps. Returns {tokens, fixed_s, per_token_s, step_s,
+    expected_steps, loop_s, line}: the choice, the step model and the one log line."""
+    low, high = smoke_batch_bounds(h)
+    fixed, per_token = step_time_model(timings)
+    aim = SMOKE_MIN_STEPS * SMOKE_STEP_MARGIN
+    loop_s = max(loop_s, 0.0)
+    fits = (loop_s / aim - fixed) / per_token  # tokens whose step lasts loop_s / aim
+    quantum = 8 * h.train_seq_len
+    tokens = int(min(max(math.floor(fits / quantum) * quantum, low), high))
+    step_s = fixed + per_token * tokens
+    expected = int(loop_s / step_s)
+    measured = ", ".join(f"{n} tokens in {sec:.2f}s" for n, sec in timings)
+    short = ""
+    if expected < SMOKE_MIN_STEPS:
+        short = f" WARNING: fewer than {SMOKE_MIN_STEPS} steps even at the smallest batch;"
+    line = (
+        f"smoke_sizing: TRAIN_BATCH_TOKENS={tokens} (bounds {low}..{high}) from the timed "
+        f"steps ({measured}; a step ~{fixed:.2f}s + {1e3 * per_token:.3f}s per 1000 tokens): "
+        f"~{expected} steps of ~{step_s:.2f}s in the loop's {loop_s:.1f}s of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at least {SMOKE_MIN_STEPS} wanted);"
+        f"{short} TRAIN_BATCH_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {
+        "tokens": tokens,
+        "fixed_s": fixed,
+        "per_token_s": per_token,
+        "step_s": step_s,
+        "expected_steps": expected,
+        "loop_s": loop_s,
+        "line": line,
+    }
+
+
+def smoke_eval_counts(h, mode, expected_steps):
+    """{eval mode: how many times the run scores the val prefix with it}: the periodic
+    validations (every VAL_LOSS_EVERY steps and the last; standard windows), PRE_QUANT_EVAL, the
+    roundtrip and the final mode."""
+    periodic = 0
+    if h.val_loss_every > 0:
+        periodic = expected_steps // h.val_loss_every + 1
+    standard = periodic + int(h.pre_quant_eval)
+    if mode == "standard" or h.roundtrip_eval:
+        standard += 1
+    counts = {"standard": standard}
+    if mode != "standard":
+        counts[mode] = 1
+    return counts, periodic
+
+
+def size_smoke_evals(h, per_target_s, periodic_fixed_s, expected_steps, available):
+    """VAL_MAX_TOKENS for a smoke run: the most val targets (a multiple of 1024, within
+    [SMOKE_VAL_MIN_TOKENS, the preset's prefix `available`]) that the run's evals score in
+    SMOKE_EVAL_AIM of MAX_WALLCLOCK_SECONDS (SMOKE_EVAL_SHARE is the promise), from the measured
+    seconds per target of each mode (`per_target_s`) and the fixed cost of each periodic
+    validation (the coherence sample and the model's probes). Returns {tokens, expected_s,
+    counts, line}."""
+    counts, periodic = smoke_eval_counts(h, h.final_eval_mode, expected_steps)
+    budget_s = SMOKE_EVAL_AIM * h.max_wallclock_seconds - periodic * periodic_fixed_s
+    rate = sum(n * per_target_s[m] for m, n in counts.items())  # seconds per val target
+    low = min(max(SMOKE_VAL_MIN_TOKENS, h.eval_len), available)
+    fits = math.floor(max(budget_s, 0.0) / max(rate, 1e-12) / 1024) * 1024
+    tokens = int(min(max(fits, low), available))
+    expected_s = periodic * periodic_fixed_s + rate * tokens
+    share = expected_s / h.max_wallclock_seconds
+    over = ""
+    if share > SMOKE_EVAL_SHARE:
+        over = f" WARNING: over {SMOKE_EVAL_SHARE:g} of the training time even at the fewest;"
+    costs = ", ".join(f"{m} x{n} {1e3 * per_target_s[m]:.3f}ms" for m, n in counts.items())
+    line = (
+        f"smoke_sizing: VAL_MAX_TOKENS={tokens} (bounds {low}..{available}) from probe evals "
+        f"({costs} per target; {periodic} periodic validations with {periodic_fixed_s:.2f}s of "
+        f"sample and probes each): evals ~{expected_s:.1f}s, {share:.2f} of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at most {SMOKE_EVAL_SHARE:g} "
+        f"wanted);{over} VAL_MAX_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {"tokens": tokens, "expected_s": expected_s, "counts": counts, "line": line}
 
 
 @dataclass
@@ -225,6 +378,10 @@ class BaseHyperparameters:
     when the model registers: its presets, builder and script."""
 
     spec = None  # a class attribute, not a field
+    # The fields whose variables the environment gave (from_env sets it): an explicit
+    # TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over the smoke sizing. A class attribute, not a
+    # field: it is neither logged nor stored in an artifact.
+    given = frozenset()
 
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
@@ -406,6 +563,9 @@ class BaseHyperparameters:
     token_order: int = 16
     token_threshold: float = 0.8
     token_boost: float = 2.625
+    # Issue 25: a wallclock-bound run sizes its batch and val prefix to the machine (the smoke
+    # preset turns it on; see SMOKE_MIN_STEPS above).
+    smoke_autosize: bool = False
 
     @classmethod
     def from_env(cls, env=None):
@@ -438,6 +598,7 @@ class BaseHyperparameters:
                 )
             values["gptq_reserve_measured"] = False
         h = cls(**values)
+        h.given = frozenset(f.name for f in dataclasses.fields(cls) if f.name.upper() in env)
         h.validate()
         return h
 
@@ -5754,59 +5915,12 @@ class ShardMixer:
 
 
 # ==================================================================================================
-# golf/train.py
+# golf/report.py
 # ==================================================================================================
-# The training pipeline every model runs, in named stages: open the run, build the model, train,
-# calibrate, serialize and reload, audit, final eval, summarize.
-
-
-# The training pipeline every script runs, in named stages (run_main is their table of contents):
-# open the run (tokenizer, val data, loader: made once) -> build the model -> train
-# (warmup-then-restore for compile priming outside the clock, the wallclock-capped loop with the
-# stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
-# -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
-# to the TimeLedger. Models plug in through the hooks of the model contract (golf/contract.py);
-# the run's telemetry (smoothed losses, samples, probes, the shard mixer) is golf/telemetry.py.
-
-
-def build_optimizers(model, h, device):
-    """Muon for the model's matrices, AdamW for everything else (`param_groups` decides)."""
-    matrices, adam_groups = h.spec.param_groups(model, h)
-    orthogonalize = None
-    if h.compile and device.type == "cuda":
-        orthogonalize = torch.compile(zeropower_via_newtonschulz5)
-    muon = Muon(
-        matrices,
-        lr=h.matrix_lr,
-        momentum=h.muon_momentum,
-        backend_steps=h.muon_backend_steps,
-        weight_decay=h.muon_wd,
-        row_norm=h.muon_row_norm,
-        orthogonalize=orthogonalize,
-    )
-    for g in muon.param_groups:
-        g["base_lr"] = h.matrix_lr
-    adam = torch.optim.AdamW(
-        adam_groups,
-        betas=(h.beta1, h.beta2),
-        eps=h.adam_eps,
-        weight_decay=h.adam_wd,
-        fused=device.type == "cuda",
-    )
-    return [muon, adam]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _broadcast(rt, obj):
-    """Rank 0's value of obj on every rank."""
-    holder = [obj]
-    if rt.distributed:
-        dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+# The run's accounting and report: the time ledger and the 10-minute track's clocks, the summary
+# that every figure of a run's last lines, submission.json and pack.py's compliance come from, and
+# the result block and eval descriptions printed at the end. Split from golf/train.py (the training
+# stages), which calls it; nothing here trains or evaluates.
 
 
 # The 10-minute track's two clocks (docs/rules.md, Training clock), enforced in `summarize` when
@@ -5881,6 +5995,253 @@ def reserve_overrun(h, ledger):
         f"MAX_WALLCLOCK_SECONDS={cap:g} (GPTQ reserve {ledger.gptq_reserve_s:.2f}s, calibration "
         f"{ledger.gptq_s:.2f}s)"
     )
+
+
+def describe_tilt(label, tilt):
+    """One log line: the n-gram tilt an eval scored with, its hint precompute (inside the eval
+    clock) and its audit."""
+    failures = "" if tilt["passed"] else f" failures:{tilt['failures']}"
+    return (
+        f"ngram_tilt:{label} order:{tilt['order']} threshold:{tilt['threshold']} "
+        f"boost:{tilt['boost']} gated:{tilt['gated']} of {tilt['targets']} targets "
+        f"(hint = target at {tilt['gated_hits']}) precompute:{tilt['precompute_s']:.2f}s "
+        f"audit:{tilt['audit_s']:.2f}s (both inside the eval clock) audit "
+        f"passed:{tilt['passed']}{failures}"
+    )
+
+
+# --- the pipeline: run_main calls these stages in order -----------------------------------------
+
+
+@contextlib.contextmanager
+def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
+    """Validity (audits, the byte budget, and on the 10-minute track the two clocks), the time
+    ledger, the `summary: {json}` line, the end event and the final status. Every time figure of
+    the summary comes from the TimeLedger. Returns the exit status: 0 valid, 3 score INVALID."""
+    h = run.h
+    logger = run.logger
+    over = sizes["total_bytes"] > h.size_budget
+    failed = [name for name, a in audits.items() if not a["passed"]]
+    reasons = []
+    if failed:
+        reasons.append(f"failed {', '.join(failed)}")
+    if over:
+        reasons.append(f"over budget ({sizes['total_bytes']} > {h.size_budget} bytes)")
+    reasons += time_violations(h, run.ledger)
+    valid = not reasons
+    if not valid:
+        logger.log0(f"score INVALID: {'; '.join(reasons)}")
+    ledger = run.ledger.as_dict()
+    logger.log0(describe_evals(run, mode))
+    logger.log0(f"time_ledger: {json.dumps(_rounded(ledger))}")
+    summary = {
+        "run_id": run.run_id,
+        "script": h.spec.script,
+        "preset": h.preset,
+        "valid": valid,
+        "artifact_path": run.artifact_path,
+        "artifact_bytes": sizes["artifact_bytes"],
+        "code_bytes": sizes["code_bytes"],
+        "total_bytes": sizes["total_bytes"],
+        "budget_bytes": h.size_budget,
+        "eval_mode": mode,
+        "ngram_tilt": tilt_summary(h, final),
+        "byte_source": byte_source(run.luts),
+        "val_loss": final["val_loss"],
+        "val_bpb": final["val_bpb"],
+        "tokens": final["tokens"],
+        "bytes": final["bytes"],
+        "pre_quant_val_bpb": pre["val_bpb"] if pre else None,
+        "roundtrip_val_bpb": roundtrip["val_bpb"] if roundtrip else None,
+        "val_truncated": bool(h.val_max_tokens),
+        "quick_look": bool(h.val_max_tokens),
+        "unigram_bpb": run.unigram_bpb,
+        "val_targets_total": max(run.val_total - 1, 0),
+        "evals": dict(run.evals),
+        "model_params": model_params,
+        "seed": h.seed,
+        "world_size": run.rt.world_size,
+        "hardware": run.ledger.hardware,
+        "record_track": h.record_track,
+        "invalid_reasons": reasons,
+        "audits": {
+            k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
+            for k, v in audits.items()
+        },
+        "steps": stats["steps"],
+        "halted": stats["halted"],
+        # Time: the ledger's figures only.
+        "time_ledger": ledger,
+        "train_budget_s": ledger["train_s"],
+        "train_time_ms": 1000.0 * ledger["train_loop_s"],
+        "step_avg_ms": 1000.0 * ledger["train_loop_s"] / max(stats["steps"], 1),
+        "eval_time_ms": 1000.0 * ledger["eval_s"],
+    }
+    logger.event("end", **summary)
+    logger.update_status(
+        force=True,
+        state="done" if valid else "failed",
+        invalid_reasons=reasons,
+        val_loss=final["val_loss"],
+        val_bpb=final["val_bpb"],
+        audits=summary["audits"],
+    )
+    logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
+    if logger.enabled:  # the console's last lines; the text log keeps `summary:` as its last line
+        print(result_block(run, summary), flush=True)
+    return 0 if valid else 3
+
+
+def tilt_summary(h, final):
+    """The summary's record of the n-gram tilt: None when off; else its parameters, and how many
+    targets the final eval tilted and how long its precompute took."""
+    if not h.ngram_tilt_enabled:
+        return None
+    tilt = final.get("ngram_tilt", {})
+    return {
+        "order": h.token_order,
+        "threshold": h.token_threshold,
+        "boost": h.token_boost,
+        "gated": tilt.get("gated"),
+        "precompute_s": tilt.get("precompute_s"),
+    }
+
+
+def result_block(run, summary):
+    """The last lines of a run, short enough to read at a glance under the long summary line:
+    val_bpb (and what it was measured on), the bytes against the budget, validity, the paths."""
+    h = run.h
+    scope = "the whole val split"
+    if h.val_max_tokens:
+        scope = f"val prefix of {summary['tokens']:,} targets: a quick look, not an official score"
+    unigram = ""
+    if summary.get("unigram_bpb") is not None:
+        unigram = f" (unigram {summary['unigram_bpb']:.4f})"
+    reasons = "; ".join(summary["invalid_reasons"])
+    return "\n".join(
+        [
+            "=" * 60,
+            f"val_bpb:     {summary['val_bpb']:.4f}{unigram}  [{summary['eval_mode']}, {scope}]",
+            (
+                f"total bytes: {summary['total_bytes']:,} of {summary['budget_bytes']:,} "
+                f"(artifact {summary['artifact_bytes']:,} + code {summary['code_bytes']:,})"
+            ),
+            f"valid:       {summary['valid']}" + (f" ({reasons})" if reasons else ""),
+            f"log:         {run.logger.text_path}",
+            f"artifact:    {run.artifact_path}",
+            "=" * 60,
+        ]
+    )
+
+
+def _rounded(obj):
+    """Floats to 3 decimals, through dicts: the time ledger as logged."""
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return round(obj, 3) if isinstance(obj, float) else obj
+
+
+PRE_QUANT_LABEL = "pre-quantization post-ema"
+
+
+def describe_evals(run, mode):
+    """One line: which evals ran on how many val targets, which were skipped and by which knob,
+    and whether the figures are a VAL_MAX_TOKENS quick look or the whole val split."""
+    h = run.h
+    parts = []
+    planned = (
+        (PRE_QUANT_LABEL, h.pre_quant_eval, "PRE_QUANT_EVAL=0"),
+        (EVAL_MODES["standard"].label, mode == "standard" or h.roundtrip_eval, "ROUNDTRIP_EVAL=0"),
+        (EVAL_MODES[mode].label, mode != "standard", ""),
+    )
+    for label, wanted, knob in planned:
+        if label in run.evals:
+            parts.append(f"{label} on {run.evals[label]:,} targets")
+        elif not wanted and knob:
+            parts.append(f"{label} skipped ({knob})")
+    total = max(run.val_total - 1, 0)
+    if h.val_max_tokens:
+        scope = (
+            f"val prefix of {h.val_max_tokens:,} of {total:,} targets (VAL_MAX_TOKENS): a quick "
+            "look, not an official score"
+        )
+    else:
+        scope = f"the whole val split ({total:,} targets)"
+    tilt = ""
+    if h.ngram_tilt_enabled:
+        tilt = (
+            f"; scored with the n-gram tilt (TOKEN_ORDER={h.token_order} "
+            f"TOKEN_THRESHOLD={h.token_threshold} TOKEN_BOOST={h.token_boost})"
+        )
+    return f"evals: {'; '.join(parts)}; {scope}{tilt}"
+
+
+# ==================================================================================================
+# golf/train.py
+# ==================================================================================================
+# The training pipeline every model runs, in named stages: open the run, build the model, train,
+# calibrate, serialize and reload, audit, final eval, summarize.
+
+
+# The training pipeline every script runs, in named stages (run_main is their table of contents):
+# open the run (tokenizer, val data, loader: made once) -> build the model -> train
+# (warmup-then-restore for compile priming outside the clock, the wallclock-capped loop with the
+# stop decision all-reduced, EMA, periodic validation with a coherence sample) -> calibrate (GPTQ)
+# -> serialize and re-read from disk -> audits -> final eval -> summary. Each stage writes its time
+# to the TimeLedger. Models plug in through the hooks of the model contract (golf/contract.py);
+# the run's telemetry (smoothed losses, samples, probes, the shard mixer) is golf/telemetry.py.
+
+
+def build_optimizers(model, h, device):
+    """Muon for the model's matrices, AdamW for everything else (`param_groups` decides)."""
+    matrices, adam_groups = h.spec.param_groups(model, h)
+    orthogonalize = None
+    if h.compile and device.type == "cuda":
+        orthogonalize = torch.compile(zeropower_via_newtonschulz5)
+    muon = Muon(
+        matrices,
+        lr=h.matrix_lr,
+        momentum=h.muon_momentum,
+        backend_steps=h.muon_backend_steps,
+        weight_decay=h.muon_wd,
+        row_norm=h.muon_row_norm,
+        orthogonalize=orthogonalize,
+    )
+    for g in muon.param_groups:
+        g["base_lr"] = h.matrix_lr
+    adam = torch.optim.AdamW(
+        adam_groups,
+        betas=(h.beta1, h.beta2),
+        eps=h.adam_eps,
+        weight_decay=h.adam_wd,
+        fused=device.type == "cuda",
+    )
+    return [muon, adam]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _broadcast(rt, obj):
+    """Rank 0's value of obj on every rank."""
+    holder = [obj]
+    if rt.distributed:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# Issue 25: the smoke sizing's measurements; its decisions are in golf/config.py.
+
+
+def time_train_step(train_step, step, tokens, device, seq_len=None):
+    """Seconds that one training step of `tokens` (rows of `seq_len`, default TRAIN_SEQ_LEN) takes
+    here (the smoke sizing's measurement; tests replace it to simulate a slower CPU)."""
+    started = time.perf_counter()
+    train_step(step, 1.0, tokens, seq_len)
+    _sync(device)
+    return time.perf_counter() - started
 
 
 @dataclass
@@ -5978,11 +6339,14 @@ def estimate_artifact_bytes(model, h):
     return len(zlib.compress(raw, 1))
 
 
-def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
+def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, after_warmup=None):
     """Train `model` in place. Returns (EMA or None, loop statistics). Writes the warmup and loop
     times to `ledger` (a TimeLedger; a scratch one when none is given) and reads its
     precompute_s, which the wallclock cap subtracts along with the loop's own setup. `loader`: the
-    run's training token loader (made here when None)."""
+    run's training token loader (made here when None). A smoke run bound by the wallclock sizes
+    its batch from the timed warmup steps (size_smoke_batch; h.train_batch_tokens is set);
+    `after_warmup(model, expected_steps)`, when given, runs inside the excluded warmup, before the
+    model is restored (the run's eval sizing, told how many steps the loop should make)."""
     entered = time.perf_counter()
     ledger = ledger or TimeLedger()
     device = rt.device
@@ -6026,13 +6390,13 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             f"batch:{h.train_batch_tokens} tokens at every length"
         )
 
-    def train_step(step, lr_scale, seq_len=h.train_seq_len):
+    def train_step(step, lr_scale, batch_tokens=None, seq_len=None):
         total = torch.zeros((), device=device)
         for micro in range(rt.grad_accum_steps):
             # TRAIN_BATCH_TOKENS at every length: the rows per batch follow seq_len.
             x, y = loader.next_batch(
-                h.train_batch_tokens,
-                seq_len,
+                batch_tokens or h.train_batch_tokens,
+                seq_len or h.train_seq_len,
                 rt.grad_accum_steps,
                 shard=mixer.pick() if mixer else None,
             )
@@ -6067,31 +6431,65 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
             f"warmup: {warmup_steps} step instead of WARMUP_STEPS={h.warmup_steps}: an eager run "
             "compiles nothing (WARMUP_STEPS primes torch.compile on CUDA)"
         )
-    if warmup_steps > 0:  # prime compile and kernels, then restore model, optimizers and loader
+    sizing_off = smoke_sizing_off(h, "train_batch_tokens")
+    if sizing_off is None or after_warmup is not None:
+        warmup_steps = max(warmup_steps, 1)  # the sizing times a warmup step
+    elif h.smoke_autosize and h.max_wallclock_seconds > 0:
+        logger.log0(f"smoke_sizing: batch not sized ({sizing_off})")
+    if warmup_steps > 0 or after_warmup is not None:
+        # Prime compile and kernels (and time the steps for the sizing), then restore the model,
+        # the optimizers and the loader.
         t0 = time.perf_counter()
         loader_state = loader.state()
         initial, opt_states = copy.deepcopy(
             (model.state_dict(), [opt.state_dict() for opt in optimizers])
         )
         shapes = warmup_shapes(seq_plan, warmup_steps, progress_hook is not None)
+        # The largest batch the sizing may choose is timed, never a larger preset value.
+        first_batch = h.train_batch_tokens
+        if sizing_off is None:
+            first_batch = min(h.train_batch_tokens, smoke_batch_bounds(h)[1])
+        timings = []
         for step in range(warmup_steps):
+            length, progress = shapes[step]
             if progress_hook:
                 # Both halves of a schedule that changes the graph (recurrence) get compiled.
-                progress_hook(shapes[step][1])
-            train_step(step, 1.0, shapes[step][0])
+                progress_hook(progress)
+            seconds = time_train_step(train_step, step, first_batch, device, seq_len=length)
+            timings.append((first_batch, seconds))
         unprimed = sorted({length for _, length in seq_plan} - {n for n, _ in shapes})
         if compiled and unprimed:
             logger.log0(
                 f"warmup: WARMUP_STEPS={warmup_steps} leaves sequence lengths {unprimed} of "
                 "TRAIN_SEQ_SCHEDULE unprimed: they compile on the clock"
             )
+        timings = timings[-1:]  # the last step at that size: the first has first-use costs
+        before_s = t0 - entered  # the setup that the wallclock cap also subtracts
+        reserve_s = h.gptq_reserve_seconds if h.gptq_enabled else 0.0
+        loop_s = h.max_wallclock_seconds - ledger.precompute_s - before_s - reserve_s
+        expected_steps = h.iterations
+        if sizing_off is None:
+            small = smoke_probe_batch(h, first_batch)
+            if small < first_batch:  # a second size: the fixed cost of a step (Muon, overheads)
+                timings.append((small, time_train_step(train_step, warmup_steps, small, device)))
+            choice = size_smoke_batch(h, timings, loop_s)
+            choice = _broadcast(rt, choice)  # every rank trains with rank 0's choice
+            h.train_batch_tokens = choice["tokens"]
+            logger.log0(choice["line"])
+            logger.event("smoke_sizing", part="batch", **choice)
+            expected_steps = choice["expected_steps"]
+        elif timings:
+            expected_steps = int(max(loop_s, 0.0) / max(timings[0][1], 1e-9))
+        if after_warmup is not None:
+            after_warmup(model, min(expected_steps, h.iterations))
         model.load_state_dict(initial)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
         loader.restore(loader_state)
         ledger.warmup_excluded_s = time.perf_counter() - t0
+        sized = " and the smoke sizing" if sizing_off is None or after_warmup else ""
         logger.log0(
-            f"warmup: {warmup_steps} steps in {ledger.warmup_excluded_s:.1f}s "
+            f"warmup: {warmup_steps} steps{sized} in {ledger.warmup_excluded_s:.1f}s "
             "(excluded from the clock)"
         )
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
@@ -6163,7 +6561,7 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None):
                 lr_scale *= min(ramp, 1.0)
                 if ramp >= 1.0:
                     rewarm_from = None
-        loss = train_step(step, lr_scale, seq_len)
+        loss = train_step(step, lr_scale, seq_len=seq_len)
         step += 1
         if ema is not None:
             ema.update(model)
@@ -6364,23 +6762,6 @@ def timed_eval(run, model, mode, label=None):
     return res
 
 
-def describe_tilt(label, tilt):
-    """One log line: the n-gram tilt an eval scored with, its hint precompute (inside the eval
-    clock) and its audit."""
-    failures = "" if tilt["passed"] else f" failures:{tilt['failures']}"
-    return (
-        f"ngram_tilt:{label} order:{tilt['order']} threshold:{tilt['threshold']} "
-        f"boost:{tilt['boost']} gated:{tilt['gated']} of {tilt['targets']} targets "
-        f"(hint = target at {tilt['gated_hits']}) precompute:{tilt['precompute_s']:.2f}s "
-        f"audit:{tilt['audit_s']:.2f}s (both inside the eval clock) audit "
-        f"passed:{tilt['passed']}{failures}"
-    )
-
-
-# --- the pipeline: run_main calls these stages in order -----------------------------------------
-
-
-@contextlib.contextmanager
 def failures_recorded(logger):
     """An exception inside goes to the run's text log and status file (`state: failed`, the
     one-line message) before it propagates; `main` then exits non-zero."""
@@ -6445,17 +6826,14 @@ def _open_run(h, rt, logger, run_id, artifact_path):
     val_tokens = load_checked_val_tokens(h, sp, longest, h.val_max_tokens)
     luts = val_byte_counter(h, sp, val_tokens, rt.device)
     unigram = None
-    if h.val_max_tokens:
+    if smoke_sizing_off(h, "val_max_tokens") is None:
+        # The prefix is sized after the warmup (size_val_prefix): its floor is printed then.
         logger.log0(
-            f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
-            "a quick look, not an official score"
+            f"val_tokens: first {val_tokens.numel()} of {n_val} loaded; the smoke sizing "
+            "chooses the prefix scored after the warmup"
         )
-        unigram = unigram_bpb(h, val_tokens, luts)
-        logger.log0(
-            f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
-            f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
-            "whole split): a trained model must land clearly below it"
-        )
+    elif h.val_max_tokens:
+        unigram = log_quick_look(h, logger, val_tokens, luts, n_val)
     if isinstance(luts, SidecarBytes):
         source = luts.source
         logger.log0(
@@ -6479,6 +6857,67 @@ def _open_run(h, rt, logger, run_id, artifact_path):
         val_total=n_val,
         unigram_bpb=unigram,
     )
+
+
+def log_quick_look(h, logger, val_tokens, luts, n_val):
+    """The lines of a VAL_MAX_TOKENS run: which prefix is scored, and its unigram floor (returned)
+    on the very targets scored."""
+    logger.log0(
+        f"val_tokens: first {val_tokens.numel()} of {n_val} (VAL_MAX_TOKENS): "
+        "a quick look, not an official score"
+    )
+    unigram = unigram_bpb(h, val_tokens, luts)
+    logger.log0(
+        f"unigram_bpb: {unigram:.4f} (train-shard unigram counts, add-one, on the first "
+        f"{max(val_tokens.numel() - 1, 0):,} val targets, the ones scored below; not the "
+        "whole split): a trained model must land clearly below it"
+    )
+    return unigram
+
+
+def probe_eval_seconds(h, model, mode, tokens, luts):
+    """Seconds per target of eval `mode` on `tokens` (training tokens: never val), measured: the
+    smoke sizing's probe (tests replace it to simulate a slower CPU)."""
+    res = EVAL_MODES[mode].evaluate(h, model, tokens, luts)
+    return res["eval_time_ms"] / 1000.0 / max(res["tokens"], 1)
+
+
+def probe_validation_seconds(run, model):
+    """Seconds of a periodic validation besides its eval: the coherence sample and the model's
+    probes, measured once."""
+    h = run.h
+    t0 = time.perf_counter()
+    generate_sample(model, run.sp, h.sample_prompt, h.sample_tokens, h.train_seq_len)
+    probes_hook = model_hook(model, "validation_probes")
+    if probes_hook is not None:
+        probes_hook()
+    return time.perf_counter() - t0
+
+
+def size_val_prefix(run, model, expected_steps):
+    """Issue 25: the val prefix of a wallclock-bound smoke run, sized so that its evals cost at most
+    SMOKE_EVAL_SHARE of the training time (size_smoke_evals) from probe evals on a few windows of
+    training tokens; every rank takes rank 0's choice. Sets h.val_max_tokens, cuts the loaded
+    prefix (and a byte sidecar) to it, then logs the quick look's lines and its unigram floor."""
+    h = run.h
+    device = run.rt.device
+    n_tokens = EVAL_WARMUP_SEQS * h.eval_len + 1
+    files = shard_files(h.data_path, "train")
+    tokens = load_data_shard(files[0])[:n_tokens].to(device=device, dtype=torch.int64)
+    luts = build_sentencepiece_luts(run.sp, h.vocab_size, device)
+    counts, periodic = smoke_eval_counts(h, h.final_eval_mode, expected_steps)
+    per_target_s = {m: probe_eval_seconds(h, model, m, tokens, luts) for m in counts}
+    periodic_fixed_s = probe_validation_seconds(run, model) if periodic else 0.0
+    available = run.val_tokens.numel() - 1
+    choice = size_smoke_evals(h, per_target_s, periodic_fixed_s, expected_steps, available)
+    choice = _broadcast(run.rt, choice)
+    h.val_max_tokens = choice["tokens"]
+    run.val_tokens = run.val_tokens[: h.val_max_tokens + 1]
+    if isinstance(run.luts, SidecarBytes):  # per-token counts parallel to the val tokens
+        run.luts = SidecarBytes(run.luts.per_token[: h.val_max_tokens + 1], run.luts.source)
+    run.logger.log0(choice["line"])
+    run.logger.event("smoke_sizing", part="evals", **choice)
+    run.unigram_bpb = log_quick_look(h, run.logger, run.val_tokens, run.luts, run.val_total)
 
 
 def unigram_bpb(h, val_tokens, luts, max_train_tokens=20_000_000):
@@ -6552,8 +6991,10 @@ def train(run, model):
             "(inside the training budget)"
         )
     validator = Validator(run, model)
+    sized = smoke_sizing_off(run.h, "val_max_tokens") is None  # the val prefix, after the warmup
+    after_warmup = functools.partial(size_val_prefix, run) if sized else None
     ema, stats = train_model(
-        run.h, run.rt, model, run.logger, run.ledger, validator, loader=run.loader
+        run.h, run.rt, model, run.logger, run.ledger, validator, run.loader, after_warmup
     )
     if ema is not None:
         model.load_state_dict(ema.state_dict(model))
@@ -6717,168 +7158,6 @@ def final_eval(run, model, audits):
         logger.log0(f"audit:score_first failures:{sf['failures']}")
     run.ledger.final_eval_s = final["eval_time_ms"] / 1000.0
     return roundtrip, final, mode
-
-
-def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
-    """Validity (audits, the byte budget, and on the 10-minute track the two clocks), the time
-    ledger, the `summary: {json}` line, the end event and the final status. Every time figure of
-    the summary comes from the TimeLedger. Returns the exit status: 0 valid, 3 score INVALID."""
-    h = run.h
-    logger = run.logger
-    over = sizes["total_bytes"] > h.size_budget
-    failed = [name for name, a in audits.items() if not a["passed"]]
-    reasons = []
-    if failed:
-        reasons.append(f"failed {', '.join(failed)}")
-    if over:
-        reasons.append(f"over budget ({sizes['total_bytes']} > {h.size_budget} bytes)")
-    reasons += time_violations(h, run.ledger)
-    valid = not reasons
-    if not valid:
-        logger.log0(f"score INVALID: {'; '.join(reasons)}")
-    ledger = run.ledger.as_dict()
-    logger.log0(describe_evals(run, mode))
-    logger.log0(f"time_ledger: {json.dumps(_rounded(ledger))}")
-    summary = {
-        "run_id": run.run_id,
-        "script": h.spec.script,
-        "preset": h.preset,
-        "valid": valid,
-        "artifact_path": run.artifact_path,
-        "artifact_bytes": sizes["artifact_bytes"],
-        "code_bytes": sizes["code_bytes"],
-        "total_bytes": sizes["total_bytes"],
-        "budget_bytes": h.size_budget,
-        "eval_mode": mode,
-        "ngram_tilt": tilt_summary(h, final),
-        "byte_source": byte_source(run.luts),
-        "val_loss": final["val_loss"],
-        "val_bpb": final["val_bpb"],
-        "tokens": final["tokens"],
-        "bytes": final["bytes"],
-        "pre_quant_val_bpb": pre["val_bpb"] if pre else None,
-        "roundtrip_val_bpb": roundtrip["val_bpb"] if roundtrip else None,
-        "val_truncated": bool(h.val_max_tokens),
-        "quick_look": bool(h.val_max_tokens),
-        "unigram_bpb": run.unigram_bpb,
-        "val_targets_total": max(run.val_total - 1, 0),
-        "evals": dict(run.evals),
-        "model_params": model_params,
-        "seed": h.seed,
-        "world_size": run.rt.world_size,
-        "hardware": run.ledger.hardware,
-        "record_track": h.record_track,
-        "invalid_reasons": reasons,
-        "audits": {
-            k: {"passed": v["passed"], **({} if v["passed"] else {"failures": v.get("failures")})}
-            for k, v in audits.items()
-        },
-        "steps": stats["steps"],
-        "halted": stats["halted"],
-        # Time: the ledger's figures only.
-        "time_ledger": ledger,
-        "train_budget_s": ledger["train_s"],
-        "train_time_ms": 1000.0 * ledger["train_loop_s"],
-        "step_avg_ms": 1000.0 * ledger["train_loop_s"] / max(stats["steps"], 1),
-        "eval_time_ms": 1000.0 * ledger["eval_s"],
-    }
-    logger.event("end", **summary)
-    logger.update_status(
-        force=True,
-        state="done" if valid else "failed",
-        invalid_reasons=reasons,
-        val_loss=final["val_loss"],
-        val_bpb=final["val_bpb"],
-        audits=summary["audits"],
-    )
-    logger.log0(f"summary: {json.dumps(summary, sort_keys=True)}")
-    if logger.enabled:  # the console's last lines; the text log keeps `summary:` as its last line
-        print(result_block(run, summary), flush=True)
-    return 0 if valid else 3
-
-
-def tilt_summary(h, final):
-    """The summary's record of the n-gram tilt: None when off; else its parameters, and how many
-    targets the final eval tilted and how long its precompute took."""
-    if not h.ngram_tilt_enabled:
-        return None
-    tilt = final.get("ngram_tilt", {})
-    return {
-        "order": h.token_order,
-        "threshold": h.token_threshold,
-        "boost": h.token_boost,
-        "gated": tilt.get("gated"),
-        "precompute_s": tilt.get("precompute_s"),
-    }
-
-
-def result_block(run, summary):
-    """The last lines of a run, short enough to read at a glance under the long summary line:
-    val_bpb (and what it was measured on), the bytes against the budget, validity, the paths."""
-    h = run.h
-    scope = "the whole val split"
-    if h.val_max_tokens:
-        scope = f"val prefix of {summary['tokens']:,} targets: a quick look, not an official score"
-    unigram = ""
-    if summary.get("unigram_bpb") is not None:
-        unigram = f" (unigram {summary['unigram_bpb']:.4f})"
-    reasons = "; ".join(summary["invalid_reasons"])
-    return "\n".join(
-        [
-            "=" * 60,
-            f"val_bpb:     {summary['val_bpb']:.4f}{unigram}  [{summary['eval_mode']}, {scope}]",
-            (
-                f"total bytes: {summary['total_bytes']:,} of {summary['budget_bytes']:,} "
-                f"(artifact {summary['artifact_bytes']:,} + code {summary['code_bytes']:,})"
-            ),
-            f"valid:       {summary['valid']}" + (f" ({reasons})" if reasons else ""),
-            f"log:         {run.logger.text_path}",
-            f"artifact:    {run.artifact_path}",
-            "=" * 60,
-        ]
-    )
-
-
-def _rounded(obj):
-    """Floats to 3 decimals, through dicts: the time ledger as logged."""
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    return round(obj, 3) if isinstance(obj, float) else obj
-
-
-PRE_QUANT_LABEL = "pre-quantization post-ema"
-
-
-def describe_evals(run, mode):
-    """One line: which evals ran on how many val targets, which were skipped and by which knob,
-    and whether the figures are a VAL_MAX_TOKENS quick look or the whole val split."""
-    h = run.h
-    parts = []
-    planned = (
-        (PRE_QUANT_LABEL, h.pre_quant_eval, "PRE_QUANT_EVAL=0"),
-        (EVAL_MODES["standard"].label, mode == "standard" or h.roundtrip_eval, "ROUNDTRIP_EVAL=0"),
-        (EVAL_MODES[mode].label, mode != "standard", ""),
-    )
-    for label, wanted, knob in planned:
-        if label in run.evals:
-            parts.append(f"{label} on {run.evals[label]:,} targets")
-        elif not wanted and knob:
-            parts.append(f"{label} skipped ({knob})")
-    total = max(run.val_total - 1, 0)
-    if h.val_max_tokens:
-        scope = (
-            f"val prefix of {h.val_max_tokens:,} of {total:,} targets (VAL_MAX_TOKENS): a quick "
-            "look, not an official score"
-        )
-    else:
-        scope = f"the whole val split ({total:,} targets)"
-    tilt = ""
-    if h.ngram_tilt_enabled:
-        tilt = (
-            f"; scored with the n-gram tilt (TOKEN_ORDER={h.token_order} "
-            f"TOKEN_THRESHOLD={h.token_threshold} TOKEN_BOOST={h.token_boost})"
-        )
-    return f"evals: {'; '.join(parts)}; {scope}{tilt}"
 
 
 def run_main(h):

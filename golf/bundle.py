@@ -28,6 +28,7 @@ MODULE_ORDER = (
     "data",
     "bpb",
     "ngram",
+    "kernels",
     "optim",
     "quant",
     "codec",
@@ -36,6 +37,7 @@ MODULE_ORDER = (
     "ttt",
     "modes",
     "telemetry",
+    "report",
     "train",
 )
 BUNDLES = {"train_gpt.py": "gpt", "train_hydra.py": "hydra", "train_manifold.py": "manifold"}

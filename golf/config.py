@@ -145,7 +145,159 @@ SMOKE_PRESET = {
     "val_max_tokens": 65536,
     "pre_quant_eval": False,
     "roundtrip_eval": False,
+    "smoke_autosize": True,
 }
+
+# Issue 25: a smoke run bound by MAX_WALLCLOCK_SECONDS sizes itself to the machine (SMOKE_AUTOSIZE;
+# the decisions below, size_smoke_batch and size_smoke_evals; the measurements in golf.train). On a
+# CPU 2.4x slower than ours a 60 s run made 10 steps of 6.1 s and barely learned, and the manifold's
+# final eval took 0.64x its training minute. From the measured warmup steps the run picks
+# TRAIN_BATCH_TOKENS within the bounds below so that the loop makes at least SMOKE_MIN_STEPS steps
+# (aiming SMOKE_STEP_MARGIN above it, for the noise of a busy machine), and from a measured probe
+# eval it picks VAL_MAX_TOKENS so that the evals cost at most SMOKE_EVAL_SHARE of the training time
+# (aiming SMOKE_EVAL_AIM). An explicit TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over its sizing; an
+# ITERATIONS-bound run (MAX_WALLCLOCK_SECONDS=0) is never sized, so its figures stay deterministic.
+SMOKE_MIN_STEPS = 30
+SMOKE_STEP_MARGIN = 1.2
+# Tokens per step: at most the preset's batch (a fast machine makes more steps, not larger ones),
+# at least 4096: 30 steps of the gpt smoke model (busy 2-core CPU, ITERATIONS=30) land 0.44 bpb
+# below the unigram floor at 4096 tokens a step but only 0.19 below it at 2048.
+SMOKE_BATCH_MIN = 4096
+SMOKE_BATCH_MAX = 16384
+SMOKE_EVAL_SHARE = 0.5
+SMOKE_EVAL_AIM = 0.4
+# The fewest val targets the sizing keeps (fewer say little); where even these cost more than
+# SMOKE_EVAL_SHARE, the sizing's line warns.
+SMOKE_VAL_MIN_TOKENS = 4096
+
+
+def smoke_sizing_off(h, name):
+    """Why the smoke sizing leaves the field `name` (train_batch_tokens or val_max_tokens) as it
+    is, or None where it sizes it: only a SMOKE_AUTOSIZE run bound by MAX_WALLCLOCK_SECONDS whose
+    environment did not give the variable itself."""
+    if not h.smoke_autosize:
+        return "SMOKE_AUTOSIZE=0"
+    if h.max_wallclock_seconds <= 0:
+        return "MAX_WALLCLOCK_SECONDS=0: an ITERATIONS-bound run is never sized"
+    if name == "val_max_tokens" and h.val_max_tokens <= 0:
+        return "VAL_MAX_TOKENS=0: the whole val split is scored"
+    if name in h.given:
+        return f"{name.upper()}={getattr(h, name)} given"
+    return None
+
+
+def smoke_batch_bounds(h):
+    """(smallest, largest) tokens per step the sizing may choose: multiples of 8 x TRAIN_SEQ_LEN
+    (the loader's quantum: a whole sequence per rank and micro-step) from SMOKE_BATCH_MIN to
+    SMOKE_BATCH_MAX."""
+    quantum = 8 * h.train_seq_len
+    low = max(math.ceil(SMOKE_BATCH_MIN / quantum), 1) * quantum
+    return low, max(SMOKE_BATCH_MAX // quantum * quantum, low)
+
+
+def smoke_probe_batch(h, batch):
+    """The second batch the sizing times: a quarter of `batch` (a multiple of the loader's
+    quantum), at least the smallest bound."""
+    quantum = 8 * h.train_seq_len
+    return max(smoke_batch_bounds(h)[0], batch // 4 // quantum * quantum)
+
+
+def step_time_model(timings):
+    """(fixed seconds, seconds per token) of a training step, from timed steps [(tokens,
+    seconds)]: the line through two sizes (the fixed part is the optimizer's Newton-Schulz and the
+    per-step overheads, ~0.5 s of hydra's 1.3 s at 2048 tokens on a busy CPU). Where noise makes
+    that line absurd, the cautious proportional model: the larger of the two per-token rates."""
+    tokens, seconds = timings[0]
+    per_token = max(seconds, 1e-9) / tokens
+    if len(timings) < 2:
+        return 0.0, per_token
+    small, small_s = timings[1]
+    slope = (seconds - small_s) / (tokens - small)
+    intercept = seconds - slope * tokens
+    if slope > 0 and intercept >= 0:
+        return intercept, slope
+    return 0.0, max(per_token, small_s / small)
+
+
+def size_smoke_batch(h, timings, loop_s):
+    """TRAIN_BATCH_TOKENS for a smoke run: the largest multiple of 8 x TRAIN_SEQ_LEN within
+    smoke_batch_bounds whose predicted step lets the `loop_s` seconds of the loop make
+    SMOKE_MIN_STEPS x SMOKE_STEP_MARGIN steps. Returns {tokens, fixed_s, per_token_s, step_s,
+    expected_steps, loop_s, line}: the choice, the step model and the one log line."""
+    low, high = smoke_batch_bounds(h)
+    fixed, per_token = step_time_model(timings)
+    aim = SMOKE_MIN_STEPS * SMOKE_STEP_MARGIN
+    loop_s = max(loop_s, 0.0)
+    fits = (loop_s / aim - fixed) / per_token  # tokens whose step lasts loop_s / aim
+    quantum = 8 * h.train_seq_len
+    tokens = int(min(max(math.floor(fits / quantum) * quantum, low), high))
+    step_s = fixed + per_token * tokens
+    expected = int(loop_s / step_s)
+    measured = ", ".join(f"{n} tokens in {sec:.2f}s" for n, sec in timings)
+    short = ""
+    if expected < SMOKE_MIN_STEPS:
+        short = f" WARNING: fewer than {SMOKE_MIN_STEPS} steps even at the smallest batch;"
+    line = (
+        f"smoke_sizing: TRAIN_BATCH_TOKENS={tokens} (bounds {low}..{high}) from the timed "
+        f"steps ({measured}; a step ~{fixed:.2f}s + {1e3 * per_token:.3f}s per 1000 tokens): "
+        f"~{expected} steps of ~{step_s:.2f}s in the loop's {loop_s:.1f}s of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at least {SMOKE_MIN_STEPS} wanted);"
+        f"{short} TRAIN_BATCH_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {
+        "tokens": tokens,
+        "fixed_s": fixed,
+        "per_token_s": per_token,
+        "step_s": step_s,
+        "expected_steps": expected,
+        "loop_s": loop_s,
+        "line": line,
+    }
+
+
+def smoke_eval_counts(h, mode, expected_steps):
+    """{eval mode: how many times the run scores the val prefix with it}: the periodic
+    validations (every VAL_LOSS_EVERY steps and the last; standard windows), PRE_QUANT_EVAL, the
+    roundtrip and the final mode."""
+    periodic = 0
+    if h.val_loss_every > 0:
+        periodic = expected_steps // h.val_loss_every + 1
+    standard = periodic + int(h.pre_quant_eval)
+    if mode == "standard" or h.roundtrip_eval:
+        standard += 1
+    counts = {"standard": standard}
+    if mode != "standard":
+        counts[mode] = 1
+    return counts, periodic
+
+
+def size_smoke_evals(h, per_target_s, periodic_fixed_s, expected_steps, available):
+    """VAL_MAX_TOKENS for a smoke run: the most val targets (a multiple of 1024, within
+    [SMOKE_VAL_MIN_TOKENS, the preset's prefix `available`]) that the run's evals score in
+    SMOKE_EVAL_AIM of MAX_WALLCLOCK_SECONDS (SMOKE_EVAL_SHARE is the promise), from the measured
+    seconds per target of each mode (`per_target_s`) and the fixed cost of each periodic
+    validation (the coherence sample and the model's probes). Returns {tokens, expected_s,
+    counts, line}."""
+    counts, periodic = smoke_eval_counts(h, h.final_eval_mode, expected_steps)
+    budget_s = SMOKE_EVAL_AIM * h.max_wallclock_seconds - periodic * periodic_fixed_s
+    rate = sum(n * per_target_s[m] for m, n in counts.items())  # seconds per val target
+    low = min(max(SMOKE_VAL_MIN_TOKENS, h.eval_len), available)
+    fits = math.floor(max(budget_s, 0.0) / max(rate, 1e-12) / 1024) * 1024
+    tokens = int(min(max(fits, low), available))
+    expected_s = periodic * periodic_fixed_s + rate * tokens
+    share = expected_s / h.max_wallclock_seconds
+    over = ""
+    if share > SMOKE_EVAL_SHARE:
+        over = f" WARNING: over {SMOKE_EVAL_SHARE:g} of the training time even at the fewest;"
+    costs = ", ".join(f"{m} x{n} {1e3 * per_target_s[m]:.3f}ms" for m, n in counts.items())
+    line = (
+        f"smoke_sizing: VAL_MAX_TOKENS={tokens} (bounds {low}..{available}) from probe evals "
+        f"({costs} per target; {periodic} periodic validations with {periodic_fixed_s:.2f}s of "
+        f"sample and probes each): evals ~{expected_s:.1f}s, {share:.2f} of "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} (at most {SMOKE_EVAL_SHARE:g} "
+        f"wanted);{over} VAL_MAX_TOKENS=N or SMOKE_AUTOSIZE=0 overrides"
+    )
+    return {"tokens": tokens, "expected_s": expected_s, "counts": counts, "line": line}
 
 
 @dataclass
@@ -155,6 +307,10 @@ class BaseHyperparameters:
     when the model registers: its presets, builder and script."""
 
     spec = None  # a class attribute, not a field
+    # The fields whose variables the environment gave (from_env sets it): an explicit
+    # TRAIN_BATCH_TOKENS or VAL_MAX_TOKENS wins over the smoke sizing. A class attribute, not a
+    # field: it is neither logged nor stored in an artifact.
+    given = frozenset()
 
     # Run: where the data lives, how the run is named and logged.
     preset: str = "record"
@@ -336,6 +492,9 @@ class BaseHyperparameters:
     token_order: int = 16
     token_threshold: float = 0.8
     token_boost: float = 2.625
+    # Issue 25: a wallclock-bound run sizes its batch and val prefix to the machine (the smoke
+    # preset turns it on; see SMOKE_MIN_STEPS above).
+    smoke_autosize: bool = False
 
     @classmethod
     def from_env(cls, env=None):
@@ -368,6 +527,7 @@ class BaseHyperparameters:
                 )
             values["gptq_reserve_measured"] = False
         h = cls(**values)
+        h.given = frozenset(f.name for f in dataclasses.fields(cls) if f.name.upper() in env)
         h.validate()
         return h
 

@@ -6008,7 +6008,6 @@ def describe_tilt(label, tilt):
 # --- the pipeline: run_main calls these stages in order -----------------------------------------
 
 
-@contextlib.contextmanager
 def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
     """Validity (audits, the byte budget, and on the 10-minute track the two clocks), the time
     ledger, the `summary: {json}` line, the end event and the final status. Every time figure of
@@ -6757,6 +6756,7 @@ def timed_eval(run, model, mode, label=None):
     return res
 
 
+@contextlib.contextmanager
 def failures_recorded(logger):
     """An exception inside goes to the run's text log and status file (`state: failed`, the
     one-line message) before it propagates; `main` then exits non-zero."""

@@ -3,7 +3,6 @@ that every figure of a run's last lines, submission.json and pack.py's complianc
 the result block and eval descriptions printed at the end. Split from golf/train.py (the training
 stages), which calls it; nothing here trains or evaluates."""
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -101,7 +100,6 @@ def describe_tilt(label, tilt):
 # --- the pipeline: run_main calls these stages in order -----------------------------------------
 
 
-@contextlib.contextmanager
 def summarize(run, *, model_params, stats, sizes, audits, pre, roundtrip, final, mode):
     """Validity (audits, the byte budget, and on the 10-minute track the two clocks), the time
     ledger, the `summary: {json}` line, the end event and the final status. Every time figure of

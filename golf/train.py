@@ -675,6 +675,7 @@ def timed_eval(run, model, mode, label=None):
     return res
 
 
+@contextlib.contextmanager
 def failures_recorded(logger):
     """An exception inside goes to the run's text log and status file (`state: failed`, the
     one-line message) before it propagates; `main` then exits non-zero."""

@@ -740,5 +740,6 @@ class BaseHyperparameters:
 
     @property
     def record_track(self):
-        """Whether the run competes on the 10-minute track (PRESET=record or RECORD_ATTEMPT=1)."""
+        """Whether the run competes on the 10-minute track: PRESET=record, any preset that sets
+        RECORD_ATTEMPT (train_gpt.py's frontier and record_1855), or RECORD_ATTEMPT=1."""
         return self.preset == "record" or self.record_attempt

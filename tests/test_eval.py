@@ -228,6 +228,7 @@ def test_audit_passes_on_every_preset(name):
             "NUM_KV_HEADS": "1",
             "VOCAB_SIZE": "128",
             "TRAIN_SEQ_LEN": "128",
+            "TRAIN_SEQ_SCHEDULE": "",  # the frontier's schedule ends at its own TRAIN_SEQ_LEN
             "TRAIN_BATCH_TOKENS": "8192",
             "EVAL_SEQ_LEN": "128",
             "RECUR_LAYERS": "0,1",

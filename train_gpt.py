@@ -113,6 +113,9 @@ def ttt_short_chunk_steps(h):
     return steps
 
 
+# TTT_LORA_FORM values: our per-module adapters, or #2135's per-pass ones.
+TTT_LORA_FORMS = ("module", "record")
+
 # TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
 # are the records' spellings of "", every role).
 TTT_MASKS = {
@@ -530,6 +533,11 @@ class BaseHyperparameters:
     ttt_lora_alpha: float = 0.0
     ttt_warm_start_a: bool = False
     ttt_lora_eps: float = 1e-8
+    # TTT_LORA_FORM (#2135's parametrisation, golf/ttt.py): "module" (the default) puts one adapter
+    # on each adapted module, shared by a looped layer's passes; "record" puts one adapter per
+    # layer pass, the O and MLP adapters across the whole sublayer from its normed input, the
+    # head adapter in logit space, and A drawn per batch row.
+    ttt_lora_form: str = "module"
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -764,6 +772,8 @@ class BaseHyperparameters:
                 self.bad(name, "must not be negative")
         if not self.ttt_lora_eps > 0:
             self.bad("ttt_lora_eps", "must be positive")
+        if self.ttt_lora_form not in TTT_LORA_FORMS:
+            self.bad("ttt_lora_form", f"must be one of {', '.join(TTT_LORA_FORMS)}")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
@@ -844,7 +854,8 @@ class BaseHyperparameters:
 #   blocks - the layer list: score-first TTT freezes the first TTT_FREEZE_BLOCKS of them.
 #   tok_emb - the token embedding, probed before and after quantization.
 #   lora_targets() - {name: module} that LoRA TTT adapts (default: nn.Linear under `blocks`, an
-#       `lm_head` module, else `final_norm` in front of a tied head).
+#       `lm_head` module, else `final_norm` in front of a tied head). TTT_LORA_FORM=record does
+#       not call it: it needs gpt's blocks.N.attn / blocks.N.mlp modules and a head module.
 
 MODEL_CONTRACT_REQUIRED = (
     "Hyperparameters",
@@ -5510,8 +5521,9 @@ def lora_targets(model, head=True):
 # MLP's. A target's role comes from its module name: c_q / c_k / c_v / proj under an `attn`
 # module, anything under an `mlp` module, the head (lm_head, or final_norm for a tied head); the
 # records adapt the head always. The records' O and MLP adapters run from the block's normed input
-# to the sublayer's output; ours sit on the model's own Linear modules (the attention output
-# projection, the MLP's layers), the same roles in our parametrisation.
+# to the sublayer's output (TTT_LORA_FORM=record: the `attn` and `mlp` modules themselves); by
+# default ours sit on the model's own Linear modules (the attention output projection, the MLP's
+# layers), the same roles in our parametrisation.
 LORA_ROLE_SWITCHES = {
     "q": "ttt_q_lora",
     "k": "ttt_k_lora",
@@ -5523,10 +5535,15 @@ _ATTN_ROLES = {"c_q": "q", "c_k": "k", "c_v": "v", "proj": "o"}
 
 
 def lora_role(name):
-    """The role of a LoRA target from its module name: q, k, v, o, mlp, head or other."""
+    """The role of a LoRA target from its module name: q, k, v, o, mlp, head or other. The record
+    form's O and MLP targets are the `attn` and `mlp` modules themselves."""
     parts = name.split(".")
-    if name in ("lm_head", "final_norm"):
+    if name in ("lm_head", "final_norm", "tied_head"):
         return "head"
+    if len(parts) > 1 and parts[-1] == "attn":
+        return "o"
+    if len(parts) > 1 and parts[-1] == "mlp":
+        return "mlp"
     if "attn" in parts[:-1] and parts[-1] in _ATTN_ROLES:
         return _ATTN_ROLES[parts[-1]]
     if "mlp" in parts[:-1]:
@@ -5534,10 +5551,49 @@ def lora_role(name):
     return "other"
 
 
+# TTT_LORA_FORM=record (#2135's BatchedTTTLoRA, its forward_ttt and _block_with_lora): Q, K and V
+# adapters on the block's normed input n (as ours), but the O adapter maps n to the attention's
+# output (added after the output projection, before attn_scale) and the MLP adapter maps the MLP's
+# normed input to the MLP's output: one dim -> dim adapter across each sublayer, here a hook on the
+# `attn` and `mlp` modules themselves. The head adapter maps final_norm's output to the logits
+# (embed_dim -> vocab, B of rank x vocab, added before the softcap); ours with a tied head is
+# x <- x + x A B in front of the head (B of rank x dim). The tied head's logit-space hook point is
+# the model's parameterless `tied_head` module.
+_RECORD_ATTN_LINEARS = ("c_q", "c_k", "c_v")
+
+
+def record_lora_targets(model, head=True):
+    """{name: module} of the record form: c_q / c_k / c_v under each block's `attn`, each block's
+    `attn` (O) and `mlp` (MLP) module, and the head (`lm_head`, or `tied_head`)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name, m in modules.items():
+        parts = name.split(".")
+        if parts[0] != "blocks":
+            continue
+        linear = isinstance(m, nn.Linear) and parts[-1] in _RECORD_ATTN_LINEARS
+        if (linear and parts[-2] == "attn") or (len(parts) == 3 and parts[-1] in ("attn", "mlp")):
+            found[name] = m
+    if not any(lora_role(name) == "o" for name in found):
+        raise ValueError(
+            "TTT_LORA_FORM=record: the model has no blocks.N.attn / blocks.N.mlp modules to adapt"
+        )
+    if head:
+        heads = [n for n in ("lm_head", "tied_head") if modules.get(n) is not None]
+        if not heads:
+            raise ValueError("TTT_LORA_FORM=record: the model has no lm_head or tied_head module")
+        found[heads[0]] = modules[heads[0]]
+    return found
+
+
 def masked_lora_targets(model, h):
-    """lora_targets less the roles that TTT_MASK and the TTT_*_LORA switches turn off. A role
-    turned off that the model does not have is an error: the switch would change nothing."""
-    targets = lora_targets(model, h.ttt_lora_head)
+    """lora_targets (record_lora_targets with TTT_LORA_FORM=record) less the roles that TTT_MASK
+    and the TTT_*_LORA switches turn off. A role turned off that the model does not have is an
+    error: the switch would change nothing."""
+    if h.ttt_lora_form == "record":
+        targets = record_lora_targets(model, h.ttt_lora_head)
+    else:
+        targets = lora_targets(model, h.ttt_lora_head)
     dropped = set(TTT_MASKS[h.ttt_mask])
     dropped |= {role for role, field in LORA_ROLE_SWITCHES.items() if not getattr(h, field)}
     roles = {name: lora_role(name) for name in targets}
@@ -5576,6 +5632,11 @@ def lora_scale(h):
     return h.ttt_lora_alpha / h.ttt_lora_rank
 
 
+def slot_key(name, slot):
+    """The adapter key of pass `slot` of target `name` (TTT_LORA_FORM=record)."""
+    return f"{name}@{slot}"
+
+
 class LoraAdapters:
     """Rank-r adapters for up to `rows` documents on each target module, applied by forward hooks:
     an nn.Linear's output gains s x A_b B_b (x its input), any other module's output y gains
@@ -5592,21 +5653,43 @@ class LoraAdapters:
     there, each logged and audited like any step (it may read scored positions only), and every
     document of a group is fully scored before the next group starts, so A carries information
     from scored documents alone, as the phase SGD does with the base weights (docs/rules.md C3).
-    With B = 0 the adapters' output is exactly zero after every reset, warm or not."""
+    With B = 0 the adapters' output is exactly zero after every reset, warm or not.
+
+    TTT_LORA_FORM=record (#2135's BatchedTTTLoRA): every target's output, input to output (a
+    tuple output's first item: the attention's), gains s x A B, with one adapter per pass of the
+    module in a forward (#2135: one slot per executed layer, 17 with its loop on): the hook counts
+    the module's calls since the forward began and picks the slot, so a looped layer's passes
+    adapt apart. A is drawn per batch row, uniform in +-1/sqrt(in) (#2135's
+    torch.empty(bsz, rank, in).uniform_), at every reset that does not keep it, from a generator
+    seeded by SEED on the adapters' device: one run, one sequence of draws."""
 
     def __init__(self, model, h, rows, device):
         self.h = h
         self.rows = rows
         self.device = device
+        self.record = h.ttt_lora_form == "record"
         self.targets = masked_lora_targets(model, h)
-        dims = self._dims(model, device)
-        gen = torch.Generator().manual_seed(h.seed)
+        self.calls = dict.fromkeys(self.targets, 0)  # calls since the forward began (record)
         r = h.ttt_lora_rank
-        self.init_a = {
-            name: ((torch.rand(d_in, r, generator=gen) * 2 - 1) / math.sqrt(d_in)).to(device)
-            for name, (d_in, _) in dims.items()
-        }
-        self.dims = dims
+        self.init_a = None
+        self.start_a = {}  # A as the last cold reset drew it (record)
+        if self.record:
+            self.passes, dims = self._probe(model, device)
+            self.dims = {
+                slot_key(name, p): dims[name]
+                for name in self.targets
+                for p in range(self.passes[name])
+            }
+            self.gen = torch.Generator(device=device).manual_seed(h.seed)
+        else:
+            self.passes = dict.fromkeys(self.targets, 1)
+            dims = self._dims(model, device)
+            gen = torch.Generator().manual_seed(h.seed)
+            self.init_a = {
+                name: ((torch.rand(d_in, r, generator=gen) * 2 - 1) / math.sqrt(d_in)).to(device)
+                for name, (d_in, _) in dims.items()
+            }
+            self.dims = dims
         self.scale = lora_scale(h)
         self.active = 0
         self.carry_a = False  # whether the next reset may keep A (TTT_WARM_START_A)
@@ -5634,30 +5717,65 @@ class LoraAdapters:
 
                 return hook
 
-            handles = [m.register_forward_hook(record(name)) for name, m in other.items()]
-            try:
-                with torch.no_grad():
-                    model.forward_logits(torch.ones(1, 2, dtype=torch.int64, device=device))
-            finally:
-                for handle in handles:
-                    handle.remove()
+            self._probe_forward(model, device, {n: record(n) for n in other})
         return dims
+
+    def _probe(self, model, device):
+        """(passes, dims) per target from a forward on two tokens: how often the module runs in
+        one forward (a looped layer's modules more than once) and its (in, out) features."""
+        passes = dict.fromkeys(self.targets, 0)
+        dims = {}
+
+        def record(name):
+            def hook(module, args, out):
+                main = out[0] if isinstance(out, tuple) else out
+                dims[name] = (args[0].size(-1), main.size(-1))
+                passes[name] += 1
+
+            return hook
+
+        self._probe_forward(model, device, {n: record(n) for n in self.targets})
+        for name, count in passes.items():
+            if count == 0:
+                raise ValueError(f"TTT_LORA_FORM=record: {name} does not run in a forward")
+        return passes, dims
+
+    def _probe_forward(self, model, device, hooks):
+        handles = [self.targets[name].register_forward_hook(hook) for name, hook in hooks.items()]
+        try:
+            with torch.no_grad():
+                model.forward_logits(torch.ones(1, 2, dtype=torch.int64, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def new_phase(self):
         """The next reset draws A afresh (the start of a phase: #2135 re-creates its adapters
         after each global SGD pause)."""
         self.carry_a = False
 
+    def _draw_a(self):
+        """A per batch row for every slot (record form): uniform in +-1/sqrt(in)."""
+        r = self.h.ttt_lora_rank
+        drawn = {}
+        for key, (d_in, _) in self.dims.items():
+            u = torch.rand(self.rows, d_in, r, generator=self.gen, device=self.device)
+            drawn[key] = (u * 2 - 1) / math.sqrt(d_in)
+        return drawn
+
     def reset(self, docs=None):
         """Fresh adapters for a new group of `docs` documents (None: every row) and a fresh
-        AdamW: B zero, and A the shared draw, or with TTT_WARM_START_A each row's A as the
-        previous full group of this phase left it."""
+        AdamW: B zero, and A the shared draw (record form: a new draw per row), or with
+        TTT_WARM_START_A each row's A as the previous full group of this phase left it."""
         h = self.h
         full = docs is None or docs == self.rows
         self.warm = h.ttt_warm_start_a and self.carry_a and full
         self.carry_a = h.ttt_warm_start_a and full
         if self.warm:
             self.a = {n: a.detach().requires_grad_(True) for n, a in self.a.items()}
+        elif self.record:
+            self.start_a = self._draw_a()
+            self.a = {n: a.clone().requires_grad_(True) for n, a in self.start_a.items()}
         else:
             self.a = {
                 n: a[None].repeat(self.rows, 1, 1).requires_grad_(True)
@@ -5687,41 +5805,62 @@ class LoraAdapters:
         self.steps += 1
 
     def fresh(self):
-        """Whether the adapters are as a reset must leave them: B zero and A the shared draw, or
-        after a warm reset (TTT_WARM_START_A) B zero and A finite, so that the adapters' output
-        x A B is exactly zero and a group starts from the model as scored without TTT."""
+        """Whether the adapters are as a reset must leave them: B zero and A the shared draw (the
+        record form: the reset's own draw), or after a warm reset (TTT_WARM_START_A) B zero and A
+        finite, so that the adapters' output x A B is exactly zero and a group starts from the
+        model as scored without TTT."""
         with torch.no_grad():  # one host sync, not one per tensor
             moved = sum(b.abs().sum() for b in self.b.values())
             if self.warm:
                 moved = moved + sum((~torch.isfinite(a)).sum() for a in self.a.values())
+            elif self.record:
+                moved = moved + sum((a - self.start_a[n]).abs().sum() for n, a in self.a.items())
             else:
                 moved = moved + sum((a - self.init_a[n]).abs().sum() for n, a in self.a.items())
         return bool(moved == 0)
 
     def _hook(self, name, linear):
+        passes = self.passes.get(name, 1)
+
         def add_delta(module, args, out):
             n = self.active
-            x = args[0] if linear else out
+            key = name
+            if self.record:  # the pass of this call within the forward picks the slot
+                key = slot_key(name, self.calls[name] % passes)
+                self.calls[name] += 1
+            main = out[0] if isinstance(out, tuple) else out
+            x = args[0] if linear else main
             flat = x.reshape(n, -1, x.size(-1))
-            a = self.a[name][:n].to(flat.dtype)
-            b = self.b[name][:n].to(flat.dtype)
+            a = self.a[key][:n].to(flat.dtype)
+            b = self.b[key][:n].to(flat.dtype)
             delta = torch.bmm(torch.bmm(flat, a), b)
             if self.scale != 1.0:  # TTT_LORA_ALPHA; scale 1 keeps the default's arithmetic
                 delta = delta * self.scale
-            return out + delta.reshape(out.shape).to(out.dtype)
+            main = main + delta.reshape(main.shape).to(main.dtype)
+            if isinstance(out, tuple):
+                return (main, *out[1:])
+            return main
 
         return add_delta
 
     @contextlib.contextmanager
     def applied(self, n_rows):
-        """Hooks on while the first n_rows adapters serve a batch of n_rows documents."""
+        """Hooks on while the first n_rows adapters serve a batch of n_rows documents. The record
+        form's pass counters start at zero and must end at whole forwards."""
         self.active = n_rows
+        self.calls = dict.fromkeys(self.targets, 0)
         handles = [
-            m.register_forward_hook(self._hook(name, isinstance(m, nn.Linear)))
+            m.register_forward_hook(self._hook(name, self.record or isinstance(m, nn.Linear)))
             for name, m in self.targets.items()
         ]
         try:
             yield
+            partial = [n for n, c in self.calls.items() if c % self.passes[n]]
+            if partial:
+                raise RuntimeError(
+                    f"LoRA TTT: {partial[0]} ran {self.calls[partial[0]]} times, not a whole "
+                    f"number of forwards ({self.passes[partial[0]]} passes each)"
+                )
         finally:
             for handle in handles:
                 handle.remove()
@@ -5992,6 +6131,8 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         lora_scale=run.adapters.scale,
         warm_a_groups=sum(1 for e in run.ledger if e.get("warm_a")),  # this rank's groups
         lora_targets=len(run.adapters.targets),
+        lora_form=h.ttt_lora_form,
+        lora_slots=len(run.adapters.dims),  # adapters per row: one per pass with the record form
         seq_len=h.ttt_eval_len,
         chunk=h.ttt_lora_chunk,
         chunk_groups=dict(sorted(run.chunk_groups.items())),  # this rank's groups
@@ -8107,6 +8248,15 @@ class Block(nn.Module):
         return new0, new1, v
 
 
+class TiedHead(nn.Module):
+    """The tied head's logits, x W_emb^T, as a module without parameters (the state dict is
+    unchanged): a hook point in logit space, where TTT_LORA_FORM=record puts #2135's head adapter
+    (dim -> vocab, added to the logits before the softcap)."""
+
+    def forward(self, x, weight):
+        return F.linear(x, weight)
+
+
 class BigramHash(nn.Module):
     """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
     bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at
@@ -8227,6 +8377,7 @@ class GPT(nn.Module):
         self.lm_head = (
             None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
         )
+        self.tied_head = TiedHead() if h.tie_embeddings else None
         self._init_weights(h)
 
     def _init_weights(self, h):
@@ -8330,7 +8481,7 @@ class GPT(nn.Module):
             x = self.flow(x)
         if self.lm_head is not None:
             return self.lm_head(x)
-        return F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return self.tied_head(x, self.tok_emb.weight.to(x.dtype))
 
     def logits(self, x):
         logits = self._raw_logits(x).float()

@@ -50,6 +50,9 @@ def ttt_short_chunk_steps(h):
     return steps
 
 
+# TTT_LORA_FORM values: our per-module adapters, or #2135's per-pass ones.
+TTT_LORA_FORMS = ("module", "record")
+
 # TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
 # are the records' spellings of "", every role).
 TTT_MASKS = {
@@ -467,6 +470,11 @@ class BaseHyperparameters:
     ttt_lora_alpha: float = 0.0
     ttt_warm_start_a: bool = False
     ttt_lora_eps: float = 1e-8
+    # TTT_LORA_FORM (#2135's parametrisation, golf/ttt.py): "module" (the default) puts one adapter
+    # on each adapted module, shared by a looped layer's passes; "record" puts one adapter per
+    # layer pass, the O and MLP adapters across the whole sublayer from its normed input, the
+    # head adapter in logit space, and A drawn per batch row.
+    ttt_lora_form: str = "module"
     # Issue 15, the artifact frontier: SD-clip k of tensors that are neither MLP, attention nor
     # embedding (#1855: 12.85); GPTQ on the tied embedding; LQER low-rank corrections; int8
     # gates; rows sorted in per-group compression; the compressed header; the compact code form.
@@ -701,6 +709,8 @@ class BaseHyperparameters:
                 self.bad(name, "must not be negative")
         if not self.ttt_lora_eps > 0:
             self.bad("ttt_lora_eps", "must be positive")
+        if self.ttt_lora_form not in TTT_LORA_FORMS:
+            self.bad("ttt_lora_form", f"must be one of {', '.join(TTT_LORA_FORMS)}")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)

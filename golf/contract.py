@@ -35,7 +35,8 @@ from dataclasses import dataclass
 #   blocks - the layer list: score-first TTT freezes the first TTT_FREEZE_BLOCKS of them.
 #   tok_emb - the token embedding, probed before and after quantization.
 #   lora_targets() - {name: module} that LoRA TTT adapts (default: nn.Linear under `blocks`, an
-#       `lm_head` module, else `final_norm` in front of a tied head).
+#       `lm_head` module, else `final_norm` in front of a tied head). TTT_LORA_FORM=record does
+#       not call it: it needs gpt's blocks.N.attn / blocks.N.mlp modules and a head module.
 
 MODEL_CONTRACT_REQUIRED = (
     "Hyperparameters",

@@ -642,6 +642,15 @@ class Block(nn.Module):
         return new0, new1, v
 
 
+class TiedHead(nn.Module):
+    """The tied head's logits, x W_emb^T, as a module without parameters (the state dict is
+    unchanged): a hook point in logit space, where TTT_LORA_FORM=record puts #2135's head adapter
+    (dim -> vocab, added to the logits before the softcap)."""
+
+    def forward(self, x, weight):
+        return F.linear(x, weight)
+
+
 class BigramHash(nn.Module):
     """BigramHash (#65; 3072 x 112 as #1019): a table row per hashed (previous, current) token pair,
     bucket (prev * 92821 + cur) mod buckets, projected to the model width. The table starts at
@@ -762,6 +771,7 @@ class GPT(nn.Module):
         self.lm_head = (
             None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, bias=False)
         )
+        self.tied_head = TiedHead() if h.tie_embeddings else None
         self._init_weights(h)
 
     def _init_weights(self, h):
@@ -865,7 +875,7 @@ class GPT(nn.Module):
             x = self.flow(x)
         if self.lm_head is not None:
             return self.lm_head(x)
-        return F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return self.tied_head(x, self.tok_emb.weight.to(x.dtype))
 
     def logits(self, x):
         logits = self._raw_logits(x).float()

@@ -200,6 +200,7 @@ def test_record_preset_is_2135_with_our_compliance(gpt):
     assert (h.eval_seq_len, h.ttt_eval_seq_len, h.ttt_phases) == (2560, 2560, "2500")
     assert (h.ttt_lora_lr, h.ttt_lora_wd, h.ttt_k_lora, h.ttt_lora_rank) == (8e-5, 2.0, False, 80)
     assert (h.ttt_lora_alpha, h.ttt_warm_start_a, h.ttt_lora_eps) == (144.0, True, 1e-10)
+    assert h.ttt_lora_form == "record"
     assert (h.lqer_group, h.gptq_calib_seqs, h.gate_int8) == (32, 1536, False)
     assert h.ngram_tilt_enabled and (h.token_order, h.token_threshold, h.token_boost) == (
         16,

@@ -278,6 +278,9 @@ RECORD_2135 = {
     "ttt_lora_alpha": 144.0,
     "ttt_warm_start_a": True,
     "ttt_lora_eps": 1e-10,
+    # #2135's adapter form: one adapter per layer pass (17 with the loop), O and MLP adapters
+    # across the sublayer from its normed input, the head adapter in logit space, A per row.
+    "ttt_lora_form": "record",
     # Artifact: 32 calibration batches of 48 x 2048 tokens per rank on 8 GPUs = 1,536 sequences
     # (#2135), LQER groups of 32 (#2060), gates in fp16 as #2135 stores them.
     "gptq_calib_seqs": 1536,

@@ -1962,7 +1962,8 @@ def val_byte_counter(h, sp, val_tokens, device):
         raise ValueError(
             f"DATA_PATH={h.data_path!r}: no val byte sidecars (fineweb_val_bytes_*.bin), but "
             f"the text is {transform} (TOKENIZER_PATH={h.tokenizer_path!r}): bits per byte "
-            "count the original bytes only the sidecars hold; build the shards with "
+            "count the original bytes only the sidecars hold; get the CaseOps export with "
+            "`python -m data.download --variant sp8192_caseops`, or build shards with "
             "`python -m data.build shards --caseops`"
         )
     return build_sentencepiece_luts(sp, h.vocab_size, device)

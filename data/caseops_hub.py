@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data import caseops
-from data.hub import make_source
+from data.hub import expected_shard_tokens, make_source
 from data.shards import (
     HEADER_BYTES,
     check_shard,
@@ -244,33 +244,14 @@ def plan_caseops(manifest: dict, train_shards: int) -> tuple[list[PlanEntry], di
     if entry is None:
         names = ", ".join(d.get("name", "?") for d in manifest.get("datasets", [])) or "none"
         raise ValueError(f"the hub manifest has no dataset {HUB_DATASET} (it lists {names})")
-    stats = entry.get("stats") or {}
-    files_val = int(stats.get("files_val", 1))
-    files_train = stats.get("files_train")
-    if train_shards < 0:
-        raise ValueError(f"--train-shards {train_shards}: must be >= 0")
-    if files_train is not None and train_shards > int(files_train):
-        raise ValueError(
-            f"--train-shards {train_shards}: {VARIANT} has only {files_train} train shards"
-        )
-    shard_size = manifest.get("shard_size")
-
-    def expected(i: int, files, tokens) -> int | None:
-        if shard_size is None or files is None or tokens is None:
-            return None
-        if i < int(files) - 1:
-            return int(shard_size)
-        return int(tokens) - (int(files) - 1) * int(shard_size)
-
+    val, train = expected_shard_tokens(manifest, entry, VARIANT, train_shards)
     base = entry.get("path") or f"datasets/{HUB_DATASET}"
     plan = []
-    for i in range(files_val):
-        tokens = expected(i, files_val, stats.get("tokens_val"))
+    for i, tokens in enumerate(val):
         plan.append((f"{base}/fineweb_val_{i:06d}.bin", f"fineweb_val_{i:06d}.bin", tokens))
         name = f"fineweb_val_bytes_{i:06d}.bin"
         plan.append((f"{base}/{name}", name, tokens))
-    for i in range(train_shards):
-        tokens = expected(i, files_train, stats.get("tokens_train"))
+    for i, tokens in enumerate(train):
         name = f"fineweb_train_{i:06d}.bin"
         plan.append((f"{base}/{name}", name, tokens))
     return plan, entry

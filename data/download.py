@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 from data.build import report
 from data.caseops_hub import CASEOPS_REPO_ID, CHECK_DOCS, download_caseops
 from data.caseops_hub import VARIANT as CASEOPS_VARIANT
-from data.hub import HUB_DIR_ENV, explain_hub_error
+from data.hub import HUB_DIR_ENV, expected_shard_tokens, explain_hub_error
 from data.shards import check_shard, progress, write_binding
 
 REPO_ID = "willdepueoai/parameter-golf"
@@ -91,35 +91,10 @@ def plan_files(manifest: dict, variant: str, train_shards: int) -> list[tuple[st
             f"the manifest lists {', '.join(sorted(variants)) or 'none'}"
         )
     entry = variants[variant]
-    stats = entry.get("stats") or {}
-    files_val = int(stats.get("files_val", 1))
-    files_train = stats.get("files_train")
-    if train_shards < 0:
-        raise ValueError(f"--train-shards {train_shards}: must be >= 0")
-    if files_train is not None and train_shards > int(files_train):
-        raise ValueError(
-            f"--train-shards {train_shards}: {variant} has only {files_train} train shards"
-        )
-    shard_size = manifest.get("shard_size")
-
-    def expected(i: int, files, tokens) -> int | None:
-        if shard_size is None or files is None or tokens is None:
-            return None
-        return (
-            int(shard_size)
-            if i < int(files) - 1
-            else int(tokens) - (int(files) - 1) * int(shard_size)
-        )
-
+    val, train = expected_shard_tokens(manifest, entry, variant, train_shards)
     base = entry.get("path") or f"datasets/{entry['name']}"
-    plan = [
-        (f"{base}/fineweb_val_{i:06d}.bin", expected(i, files_val, stats.get("tokens_val")))
-        for i in range(files_val)
-    ]
-    plan += [
-        (f"{base}/fineweb_train_{i:06d}.bin", expected(i, files_train, stats.get("tokens_train")))
-        for i in range(train_shards)
-    ]
+    plan = [(f"{base}/fineweb_val_{i:06d}.bin", tokens) for i, tokens in enumerate(val)]
+    plan += [(f"{base}/fineweb_train_{i:06d}.bin", tokens) for i, tokens in enumerate(train)]
     tokenizer = next(
         (t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")),
         {},

@@ -173,3 +173,31 @@ def make_source(repo_id: str, hub_dir: str | os.PathLike | None = None):
     if not Path(hub_dir).is_dir():
         raise ValueError(f"--hub-dir/{HUB_DIR_ENV}={str(hub_dir)!r}: not a directory")
     return LocalSource(hub_dir, repo_id)
+
+
+def expected_shard_tokens(manifest: dict, entry: dict, name: str, train_shards: int):
+    """([tokens of each val file], [tokens of each of the first train_shards train files]) that a
+    dataset entry of an export manifest implies: shard_size tokens a file, the rest in the last
+    one; None where the manifest does not say. ValueError for a train_shards the dataset (`name`
+    in the message) does not have."""
+    stats = entry.get("stats") or {}
+    files_val = int(stats.get("files_val", 1))
+    files_train = stats.get("files_train")
+    if train_shards < 0:
+        raise ValueError(f"--train-shards {train_shards}: must be >= 0")
+    if files_train is not None and train_shards > int(files_train):
+        raise ValueError(
+            f"--train-shards {train_shards}: {name} has only {files_train} train shards"
+        )
+    shard_size = manifest.get("shard_size")
+
+    def expected(i: int, files, tokens) -> int | None:
+        if shard_size is None or files is None or tokens is None:
+            return None
+        if i < int(files) - 1:
+            return int(shard_size)
+        return int(tokens) - (int(files) - 1) * int(shard_size)
+
+    val = [expected(i, files_val, stats.get("tokens_val")) for i in range(files_val)]
+    train = [expected(i, files_train, stats.get("tokens_train")) for i in range(train_shards)]
+    return val, train

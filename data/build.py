@@ -30,6 +30,7 @@ from data.shards import (
     MAX_TOKEN_ID,
     SHARD_SIZE,
     check_export_args,
+    document_text,
     progress,
     remove_stale_shards,
     sha256_file,
@@ -81,14 +82,7 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: bad JSON line ({e.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f'{path}:{lineno}: no string "text" field')
-                yield text
+                yield document_text(line, f"{path}:{lineno}")
     elif stem.endswith(".txt"):
         with opener(path, "rt", encoding="utf-8") as f:
             block: list[str] = []

@@ -41,6 +41,7 @@ from data.hub import expected_shard_tokens, make_source
 from data.shards import (
     HEADER_BYTES,
     check_shard,
+    document_text,
     progress,
     read_shard,
     write_binding,
@@ -179,14 +180,7 @@ def read_first_documents(stream, count: int, where: str) -> list[str]:
             break
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{where}: document {len(texts)}: bad JSON line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f'{where}: document {len(texts)}: no string "text" field')
-        texts.append(text)
+        texts.append(document_text(line, f"{where}: document {len(texts)}"))
     return texts
 
 

@@ -60,7 +60,13 @@ from data.caseops_hub import (
     write_export_manifest,
 )
 from data.hub import make_source
-from data.shards import PROGRESS_EVERY_S, write_binding, write_bytes_atomic, write_shard
+from data.shards import (
+    PROGRESS_EVERY_S,
+    document_text,
+    write_binding,
+    write_bytes_atomic,
+    write_shard,
+)
 
 CHUNK_DOCS = 2048
 SHARD_NAME = re.compile(r"fineweb_(val|val_bytes|train)_\d{6}\.bin")
@@ -196,16 +202,7 @@ def _init_worker(model_path: str) -> None:
 def encode_chunk(task: tuple) -> tuple:
     """(per-document token counts, tokens, sidecar or None) of one chunk, in document order."""
     split, first, lines, where = task
-    texts = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{where}: document {first + i}: bad JSON line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f'{where}: document {first + i}: no string "text" field')
-        texts.append(text)
+    texts = [document_text(line, f"{where}: document {first + i}") for i, line in enumerate(lines)]
     if split == "val":
         parts = [caseops.tokenize_document(_SP, text) for text in texts]
         tokens = [p[0] for p in parts]

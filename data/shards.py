@@ -230,3 +230,16 @@ def write_binding(
     path = out_dir / BINDING_NAME
     write_bytes_atomic(path, (json.dumps(binding, indent=2) + "\n").encode("utf-8"))
     return path
+
+
+def document_text(line: str, where: str) -> str:
+    """The string "text" field of one JSON line of a document file (the official
+    docs_selected.jsonl form); ValueError naming `where` (file and line or document) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: bad JSON line ({e.msg})") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f'{where}: no string "text" field')
+    return text

@@ -1,11 +1,12 @@
 """Time of the n-gram tilt's hint precompute (golf/ngram.py) on a full-size val stream, this CPU.
 
-  FINEWEB_SAMPLE=../shared/data python scripts/ngram_bench.py
-  python scripts/ngram_bench.py --shard PATH/fineweb_val_000000.bin --tokens 47853343
+  FINEWEB_SAMPLE=DIR python scripts/ngram_bench.py   # DIR holds shards/realtext_sp8192/
+  python scripts/ngram_bench.py --shard data/datasets/fineweb10B_sp8192/fineweb_val_000000.bin
 
-Reads the real val tokens of a shard (default: FINEWEB_SAMPLE's shards/realtext_sp8192 val shard;
-shards are 256 int32 of header, then uint16 tokens), tiles them to --tokens (default 47,853,343,
-the CaseOps SP8192 val split), computes the hints once in this process with the record's
+Reads the real val tokens of a shard (default: $FINEWEB_SAMPLE/shards/realtext_sp8192's val shard,
+BENCHMARKS.md "Machines"; any shard in the official format serves, e.g. the sp8192 export of
+`python -m data.download --variant sp8192`), checked and read by golf.data, tiles them to
+--tokens (default 47,853,343, the CaseOps SP8192 val split), computes the hints once in this process with the record's
 parameters (TOKEN_ORDER=16, TOKEN_THRESHOLD=0.8) and prints `ngram_precompute_s: <seconds>`, the
 gated count and the process's peak resident memory. A tiled stream repeats its contexts far more
 often than the real split does: more positions read a hint than in the real val, so the figure is,
@@ -23,10 +24,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from golf.data import load_data_shard  # noqa: E402
 from golf.ngram import ngram_hints  # noqa: E402
 
 SAMPLE = os.environ.get("FINEWEB_SAMPLE", "")
-SHARD_HEADER_INTS = 256
 CASEOPS_VAL_TOKENS = 47_853_343
 
 
@@ -39,10 +40,13 @@ def fail(message):
 def load_tokens(path):
     if not os.path.isfile(path):
         fail(
-            f"--shard {path!r}: no such file (set FINEWEB_SAMPLE to the shared data folder or pass "
-            "--shard)"
+            f"--shard {path!r}: no such file (set FINEWEB_SAMPLE to a folder holding "
+            "shards/realtext_sp8192/, or pass --shard)"
         )
-    tokens = np.fromfile(path, dtype="<u2", offset=4 * SHARD_HEADER_INTS)
+    try:
+        tokens = load_data_shard(path).numpy()
+    except (OSError, ValueError) as e:
+        fail(f"--shard {path!r}: {e}")
     if tokens.size < 2:
         fail(f"--shard {path!r}: holds {tokens.size} tokens, need at least 2")
     return tokens

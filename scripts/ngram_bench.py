@@ -3,14 +3,14 @@
   FINEWEB_SAMPLE=DIR python scripts/ngram_bench.py   # DIR holds shards/realtext_sp8192/
   python scripts/ngram_bench.py --shard data/datasets/fineweb10B_sp8192/fineweb_val_000000.bin
 
-Reads the real val tokens of a shard (default: $FINEWEB_SAMPLE/shards/realtext_sp8192's val shard,
-BENCHMARKS.md "Machines"; any shard in the official format serves, e.g. the sp8192 export of
-`python -m data.download --variant sp8192`), checked and read by golf.data, tiles them to
---tokens (default 47,853,343, the CaseOps SP8192 val split), computes the hints once in this process with the record's
-parameters (TOKEN_ORDER=16, TOKEN_THRESHOLD=0.8) and prints `ngram_precompute_s: <seconds>`, the
-gated count and the process's peak resident memory. A tiled stream repeats its contexts far more
-often than the real split does: more positions read a hint than in the real val, so the figure is,
-if anything, a slower case of the real one.
+Reads the real val tokens of a shard (default: $FINEWEB_SAMPLE/shards/realtext_sp8192's val
+shard, BENCHMARKS.md "Machines"; any shard in the official format serves, e.g. the sp8192 export
+of `python -m data.download --variant sp8192`), checked and read by golf.data, and tiles them to
+--tokens (default 47,853,343, the CaseOps SP8192 val split). It computes the hints once in this
+process with the record's parameters (TOKEN_ORDER=16, TOKEN_THRESHOLD=0.8) and prints
+`ngram_precompute_s: <seconds>`, the gated count and the process's peak resident memory. A tiled
+stream repeats its contexts far more often than the real split does: more positions read a hint
+than in the real val, so the figure is, if anything, a slower case of the real one.
 """
 
 import argparse

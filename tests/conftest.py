@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -126,3 +127,22 @@ def summary_of(log_text):
 
     lines = [line for line in log_text.splitlines() if line.startswith("summary: ")]
     return json.loads(lines[-1][len("summary: ") :]) if lines else None
+
+
+def perturbed_model(module, env, seed=0):
+    """(model, h) of `module` built from `env`, every weight perturbed, so zero-initialized
+    projections, gates and lambdas do not hide what a technique computes."""
+    h = module.Hyperparameters.from_env(env)
+    torch.manual_seed(seed)
+    model = module.build_model(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, h
+
+
+def random_tokens(h, batch=2, seq=32, seed=1):
+    """Token ids of a (batch, seq) input, never a special id."""
+    return torch.randint(
+        2, h.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
+    )

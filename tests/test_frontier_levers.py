@@ -11,7 +11,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, TINY_ENV, TINY_RUN, run_script, summary_of
+from conftest import (
+    REPO,
+    TINY_ENV,
+    TINY_RUN,
+    perturbed_model,
+    random_tokens,
+    run_script,
+    summary_of,
+)
 from test_eval import FakeSP, V, small_h
 from test_lora_ttt import make_docs, stream
 
@@ -30,18 +38,10 @@ SMALL = {
 
 
 def small_model(gpt, seed=0, **env):
-    h = gpt.Hyperparameters.from_env({**SMALL, **env})
-    torch.manual_seed(seed)
-    model = gpt.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, h
+    return perturbed_model(gpt, {**SMALL, **env}, seed)
 
 
-def tokens(h, batch=2, seq=32, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(2, h.vocab_size, (batch, seq), generator=gen)
+tokens = random_tokens
 
 
 # --- AsymLogit Rescale ---------------------------------------------------------------------------

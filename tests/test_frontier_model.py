@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, perturbed_model, random_tokens
 
 SMALL = {
     "PRESET": "baseline",
@@ -54,20 +54,10 @@ STACK = {
 
 
 def small_model(gpt, seed=0, **env):
-    """A small model with every weight perturbed, so zero-initialized gates and lambdas act."""
-    h = gpt.Hyperparameters.from_env({**SMALL, **env})
-    torch.manual_seed(seed)
-    model = gpt.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, h
+    return perturbed_model(gpt, {**SMALL, **env}, seed)
 
 
-def tokens(h, batch=2, seq=32, seed=1):
-    return torch.randint(
-        2, h.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
-    )
+tokens = random_tokens
 
 
 @pytest.mark.parametrize("flag", ["off", *FLAGS, "all", "stack"])

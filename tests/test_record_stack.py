@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, perturbed_model, random_tokens
 
 # A baseline-shaped model small enough for a 2-core CPU, with GQA (4 heads over 2 KV heads).
 SMALL = {
@@ -42,21 +42,10 @@ ALL_ON = {k: v for flags in FLAGS.values() for k, v in flags.items()}
 
 
 def small_model(gpt, seed=0, **env):
-    """A small model with every weight perturbed, so zero-initialized projections and gates do not
-    hide what a technique computes."""
-    h = gpt.Hyperparameters.from_env({**SMALL, **env})
-    torch.manual_seed(seed)
-    model = gpt.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, h
+    return perturbed_model(gpt, {**SMALL, **env}, seed)
 
 
-def tokens(h, batch=2, seq=32, seed=1):
-    return torch.randint(
-        2, h.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
-    )
+tokens = random_tokens
 
 
 @pytest.mark.parametrize("flag", ["none", *FLAGS, "all", "all_vocab4096"])

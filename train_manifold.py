@@ -2322,15 +2322,24 @@ def ngram_hints(tokens, order=16, threshold=0.8):
 # trainers learn from the untilted NLL, and the correction is computed without gradient.
 
 
-def tilted_nll(logits, targets, hint, gate, boost):
+def tilted_nll(logits, targets, hint, gate, boost, nll=None):
     """Per-token NLL (fp32, shaped like targets) of the targets under the tilted distribution: at
     positions where `gate` holds, the model's distribution boosted by e^boost on `hint` and
-    renormalized in closed form; elsewhere exactly the untilted cross-entropy."""
+    renormalized in closed form; elsewhere exactly the untilted cross-entropy. `nll`: that
+    cross-entropy when the caller has it already (the log-sum-exp over the vocabulary is the
+    costly part, and it is done once)."""
     flat = logits.float().reshape(-1, logits.size(-1))
-    nll = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    y = targets.reshape(-1)
+    if nll is None:
+        nll = F.cross_entropy(flat, y, reduction="none")
+    nll = nll.reshape(-1)
     with torch.no_grad():
-        hint_nll = F.cross_entropy(flat.detach(), hint.reshape(-1).long(), reduction="none")
-        hit = targets.reshape(-1) == hint.reshape(-1)
+        h = hint.reshape(-1).long()
+        # -log p(h) = -log p(y) + z_y - z_h: the same log-sum-exp, no second pass.
+        z_y = flat.detach().gather(1, y[:, None]).squeeze(1)
+        z_h = flat.detach().gather(1, h[:, None]).squeeze(1)
+        hint_nll = nll.detach() + z_y - z_h
+        hit = y == h
         # log Z in float64: log1p(p(h) (e^b - 1)), p(h) = e^-hint_nll
         log_z = torch.log1p(torch.exp(-hint_nll.double()) * math.expm1(boost))
         tilted = (nll.detach().double() - boost * hit.double() + log_z).float()
@@ -2347,9 +2356,11 @@ class NgramTilt:
         self.boost = boost
         self.info = info
 
-    def nll(self, logits, targets, positions):
-        """tilted_nll of targets at val `positions` (absolute target positions, same shape)."""
-        return tilted_nll(logits, targets, self.hint[positions], self.gate[positions], self.boost)
+    def nll(self, logits, targets, positions, nll=None):
+        """tilted_nll of targets at val `positions` (absolute target positions, same shape);
+        `nll`: their untilted cross-entropy, when the caller has it."""
+        hint = self.hint[positions]
+        return tilted_nll(logits, targets, hint, self.gate[positions], self.boost, nll)
 
 
 AUDIT_TOKENS = 1 << 16  # the val prefix the run-time audit recomputes
@@ -4686,7 +4697,7 @@ def token_nll_scored(model, x, y, tilt, positions):
     if tilt is None:
         return nll, nll
     with torch.no_grad():
-        return nll, tilt.nll(logits.detach(), y, positions)
+        return nll, tilt.nll(logits.detach(), y, positions, nll.detach())
 
 
 def tilt_result(tilt):

@@ -73,7 +73,7 @@ def token_nll_scored(model, x, y, tilt, positions):
     if tilt is None:
         return nll, nll
     with torch.no_grad():
-        return nll, tilt.nll(logits.detach(), y, positions)
+        return nll, tilt.nll(logits.detach(), y, positions, nll.detach())
 
 
 def tilt_result(tilt):

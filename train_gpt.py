@@ -116,6 +116,9 @@ def ttt_short_chunk_steps(h):
 # TTT_LORA_FORM values: our per-module adapters, or #2135's per-pass ones.
 TTT_LORA_FORMS = ("module", "record")
 
+# TTT_DOC_ORDER values: the val file's order, or longest document first (#2135).
+TTT_DOC_ORDERS = ("stream", "length")
+
 # TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
 # are the records' spellings of "", every role).
 TTT_MASKS = {
@@ -509,6 +512,12 @@ class BaseHyperparameters:
     ttt_phase_lr: float = 0.001
     ttt_phase_momentum: float = 0.9
     ttt_phase_epochs: int = 1
+    # TTT_DOC_ORDER: the order the LoRA TTT evals score the documents in, and so which documents
+    # each TTT_PHASES count takes. "stream": the val file's order, so a phase's prefix is its first
+    # documents. "length": longest first (ties in file order), as #2135's scheduler claims its
+    # batches, so the prefix is the longest documents and the phase SGD trains on them, shortest
+    # first (#2135's order for its global SGD).
+    ttt_doc_order: str = "stream"
     # The eval/TTT levers of the 1.0565 frontier (#1953, #2014, #2135; issue 23). TTT_EVAL_SEQ_LEN:
     # the per-document LoRA context (0 = EVAL_SEQ_LEN); the phase trainer keeps EVAL_SEQ_LEN, as
     # in the records. TTT_MASK and the TTT_*_LORA switches drop adapter roles (Q, K, V, the
@@ -774,6 +783,8 @@ class BaseHyperparameters:
             self.bad("ttt_lora_eps", "must be positive")
         if self.ttt_lora_form not in TTT_LORA_FORMS:
             self.bad("ttt_lora_form", f"must be one of {', '.join(TTT_LORA_FORMS)}")
+        if self.ttt_doc_order not in TTT_DOC_ORDERS:
+            self.bad("ttt_doc_order", f"must be one of {', '.join(TTT_DOC_ORDERS)}")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
@@ -5486,10 +5497,73 @@ def ttt_lora_span(doc_lo, first, last, window):
     return max(doc_lo, last - window), last + 1
 
 
-def ttt_phase_range(lo, last_target):
-    """The val positions [lo, hi) the phase trainer reads: the documents scored since the last
-    pause, from the first one's BOS to the last scored target."""
-    return lo, last_target + 1
+def ttt_doc_order(h, docs):
+    """The documents (rows of val_documents) in the order the LoRA TTT evals score them and
+    TTT_PHASES counts them: the val file's (TTT_DOC_ORDER=stream) or longest first with ties in
+    file order (length: #2135 sorts its documents by length and claims the batches of the longest
+    first, so its phase prefix is the longest documents)."""
+    if h.ttt_doc_order == "length":
+        return np.argsort(-(docs[:, 2] - docs[:, 1]), kind="stable")
+    return np.arange(len(docs))
+
+
+def ttt_phase_docs(h, docs, ids):
+    """The documents `ids` of a phase in the order the phase trainer reads them: stream order
+    as scored; with TTT_DOC_ORDER=length shortest first (#2135 sorts its scored documents by
+    their length-sorted batch before its global SGD)."""
+    if h.ttt_doc_order == "length":
+        lengths = docs[ids, 2] - docs[ids, 1]
+        return ids[np.argsort(lengths, kind="stable")]
+    return ids
+
+
+def ttt_phase_pieces(docs, ids, ends_at_bos):
+    """The val spans [lo, hi) the phase trainer reads, as one stream: documents `ids` (rows of
+    val_documents) in that order, each from its BOS to its last target. A last target that is a
+    BOS (`ends_at_bos`, per document) is left out, as the next piece brings its own BOS, except
+    after the last piece; pieces that meet merge, so documents in file order are one span."""
+    pieces = []
+    for k, i in enumerate(ids.tolist()):
+        lo = int(docs[i, 0])
+        hi = int(docs[i, 2])
+        if not ends_at_bos[i] or k == len(ids) - 1:
+            hi += 1
+        if pieces and pieces[-1][1] == lo:
+            pieces[-1] = (pieces[-1][0], hi)
+        else:
+            pieces.append((lo, hi))
+    return pieces
+
+
+class PieceView:
+    """Spans of the val stream read as one stream: position t of the view is a position in
+    piece k; every read goes through `view` (a RecordedTokens), so the score-first audit sees
+    the val positions actually read."""
+
+    def __init__(self, view, pieces):
+        self.view = view
+        self.pieces = pieces
+        self.offsets = np.cumsum([0] + [hi - lo for lo, hi in pieces])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def read(self, lo, hi):
+        lo = int(lo)
+        hi = int(hi)
+        if not 0 <= lo <= hi <= len(self):
+            raise IndexError(f"phase tokens {lo}..{hi - 1}: outside 0..{len(self) - 1}")
+        k = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        parts = []
+        while lo < hi:
+            start = self.pieces[k][0] + lo - int(self.offsets[k])
+            take = min(hi - lo, self.pieces[k][1] - start)
+            parts.append(self.view.read(start, start + take))
+            lo += take
+            k += 1
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts)
 
 
 def val_documents(tokens, bos_id=1):
@@ -5916,6 +5990,8 @@ class _LoraEval:
         self.docs = val_documents(self.tokens)
         self.starts = torch.zeros(self.tokens.numel(), dtype=torch.bool, device=self.device)
         self.starts[torch.as_tensor(self.docs[:, 0], device=self.device)] = True
+        last_targets = torch.as_tensor(self.docs[:, 2], device=self.device)
+        self.ends_at_bos = (self.tokens[last_targets] == BOS_ID).cpu().numpy()
         self.scored_upto = -1
         self.steps = 0
         self.chunk = 0
@@ -6040,10 +6116,12 @@ class _LoraEval:
         targets = pos[mask]
         self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=self.coverage.dtype))
 
-    def pause(self, lo, last_target, phase):
-        """Global SGD on the base weights over the documents scored since the last pause."""
+    def pause(self, ids, phase):
+        """Global SGD on the base weights over the documents `ids` scored since the last pause."""
         _, world = _dist_info()
-        lo, hi = ttt_phase_range(lo, last_target)
+        ids = ttt_phase_docs(self.h, self.docs, ids)
+        pieces = ttt_phase_pieces(self.docs, ids, self.ends_at_bos)
+        stream = PieceView(self.phase_view, pieces)
         scored = self.coverage
         if world > 1:  # every rank's documents of this phase are scored by now
             scored = self.coverage.clone()
@@ -6055,7 +6133,7 @@ class _LoraEval:
             )
         for p in self.trainer.params:
             p.requires_grad_(True)
-        for step in self.trainer.train_chunk(self.phase_view, lo, hi, 0):
+        for step in self.trainer.train_chunk(stream, 0, len(stream), 0):
             spans = self.phase_view.take_spans()
             self.ledger.append(
                 {
@@ -6081,6 +6159,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
     rank, world = _dist_info()
     run = _LoraEval(h, model, val_tokens, luts, phased, doc_scores)
     docs = run.docs
+    order = ttt_doc_order(h, docs)
     bounds = [b for b in ttt_phase_bounds(h) if b < len(docs)] if phased else []
     edges = [0, *bounds, len(docs)]
     was_training = model.training
@@ -6091,7 +6170,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         for phase in range(len(edges) - 1):
             d0 = edges[phase]
             d1 = edges[phase + 1]
-            mine = np.arange(d0, d1)[rank::world]
+            mine = order[d0:d1][rank::world]
             mine = mine[np.argsort(-(docs[mine, 2] - docs[mine, 1]), kind="stable")]
             run.phase = phase
             run.adapters.new_phase()
@@ -6099,7 +6178,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
                 ids = mine[g : g + h.ttt_lora_batch_docs]
                 run.score_group(docs[ids], ids.tolist())
             if d1 < len(docs) and phased:
-                run.pause(int(docs[d0, 0]), int(docs[d1 - 1, 2]), phase)
+                run.pause(order[d0:d1], phase)
     finally:
         for p in run.model.parameters():
             p.requires_grad_(grads[id(p)])
@@ -6137,6 +6216,7 @@ def _lora_ttt_eval(h, model, val_tokens, luts, phased, doc_scores=None):
         "ttt_phased" if phased else "ttt_lora",
         **extra,
         docs=len(docs),
+        doc_order=h.ttt_doc_order,
         phases=len(bounds),
         lora_steps=run.steps,
         lora_rank=h.ttt_lora_rank,
@@ -7890,6 +7970,8 @@ RECORD_2135 = {
     "eval_seq_len": 2560,
     "ttt_eval_seq_len": 2560,
     "ttt_phases": "2500",
+    # #2135 scores the longest documents first, so its one phase trains on the 2,500 longest.
+    "ttt_doc_order": "length",
     "ttt_lora_lr": 8e-5,
     "ttt_lora_wd": 2.0,
     "ttt_k_lora": False,

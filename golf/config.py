@@ -53,6 +53,9 @@ def ttt_short_chunk_steps(h):
 # TTT_LORA_FORM values: our per-module adapters, or #2135's per-pass ones.
 TTT_LORA_FORMS = ("module", "record")
 
+# TTT_DOC_ORDER values: the val file's order, or longest document first (#2135).
+TTT_DOC_ORDERS = ("stream", "length")
+
 # TTT_MASK values (#1953, #2014): the adapter roles each one removes ("all" and "baseline_all"
 # are the records' spellings of "", every role).
 TTT_MASKS = {
@@ -446,6 +449,12 @@ class BaseHyperparameters:
     ttt_phase_lr: float = 0.001
     ttt_phase_momentum: float = 0.9
     ttt_phase_epochs: int = 1
+    # TTT_DOC_ORDER: the order the LoRA TTT evals score the documents in, and so which documents
+    # each TTT_PHASES count takes. "stream": the val file's order, so a phase's prefix is its first
+    # documents. "length": longest first (ties in file order), as #2135's scheduler claims its
+    # batches, so the prefix is the longest documents and the phase SGD trains on them, shortest
+    # first (#2135's order for its global SGD).
+    ttt_doc_order: str = "stream"
     # The eval/TTT levers of the 1.0565 frontier (#1953, #2014, #2135; issue 23). TTT_EVAL_SEQ_LEN:
     # the per-document LoRA context (0 = EVAL_SEQ_LEN); the phase trainer keeps EVAL_SEQ_LEN, as
     # in the records. TTT_MASK and the TTT_*_LORA switches drop adapter roles (Q, K, V, the
@@ -711,6 +720,8 @@ class BaseHyperparameters:
             self.bad("ttt_lora_eps", "must be positive")
         if self.ttt_lora_form not in TTT_LORA_FORMS:
             self.bad("ttt_lora_form", f"must be one of {', '.join(TTT_LORA_FORMS)}")
+        if self.ttt_doc_order not in TTT_DOC_ORDERS:
+            self.bad("ttt_doc_order", f"must be one of {', '.join(TTT_DOC_ORDERS)}")
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)

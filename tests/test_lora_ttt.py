@@ -163,13 +163,14 @@ def test_a_phase_trainer_reading_the_next_phase_is_caught(setup, monkeypatch):
     tokens = stream(DOCS)
     h = lora_h(gpt)
     assert gpt.eval_val_ttt_phased(h, model, tokens, luts)["score_first"]["passed"]
-    shipped = gpt.ttt_phase_range
+    shipped = gpt.ttt_phase_pieces
 
-    def into_the_next_phase(lo, last_target):
-        lo, hi = shipped(lo, last_target)
-        return lo, min(hi + L, tokens.numel())
+    def into_the_next_phase(docs, ids, ends_at_bos):
+        pieces = shipped(docs, ids, ends_at_bos)
+        lo, hi = pieces[-1]
+        return [*pieces[:-1], (lo, min(hi + L, tokens.numel()))]
 
-    monkeypatch.setattr(gpt, "ttt_phase_range", into_the_next_phase)
+    monkeypatch.setattr(gpt, "ttt_phase_pieces", into_the_next_phase)
     audit = gpt.eval_val_ttt_phased(h, model, tokens, luts)["score_first"]
     assert not audit["passed"]
     assert any("on chunk phase" in f and "before they were scored" in f for f in audit["failures"])
@@ -200,7 +201,7 @@ from test_lora_ttt import DOCS, lora_h, stream
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
 gpt = load_script("train_gpt.py")
-h = lora_h(gpt)
+h = lora_h(gpt, ttt_doc_order=os.environ["TTT_DOC_ORDER"])
 torch.manual_seed(0)
 model = gpt.build_model(h).eval()
 with torch.no_grad():
@@ -221,10 +222,11 @@ os._exit(0)
 """
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("order", ["stream", "length"])
+def test_two_gloo_processes_equal_one(tmp_path, order):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests")))
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TTT_DOC_ORDER": order}
     runs = []
     for cmd in (
         [sys.executable, str(script)],

@@ -272,6 +272,8 @@ RECORD_2135 = {
     "eval_seq_len": 2560,
     "ttt_eval_seq_len": 2560,
     "ttt_phases": "2500",
+    # #2135 scores the longest documents first, so its one phase trains on the 2,500 longest.
+    "ttt_doc_order": "length",
     "ttt_lora_lr": 8e-5,
     "ttt_lora_wd": 2.0,
     "ttt_k_lora": False,

@@ -492,6 +492,9 @@ class BaseHyperparameters:
     # written: B x TRAIN_BATCH_TOKENS / (8 x TRAIN_SEQ_LEN) sequences, so its 32 at 786,432 x
     # 2,048 is GPTQ_CALIB_SEQS=1536 here (our ranks split them: 1/8 of the time on 8 GPUs).
     gptq_calib_seqs: int = 32
+    # GPTQ_CALIB_SOURCE: "train" continues the training loader where the loop stopped; "self"
+    # samples from the model; "random" (#2135's GPTQ_CALIBRATION_MODE=random) reads random
+    # TRAIN_SEQ_LEN windows of the rank's own training shards, seeded by the rank, not SEED.
     gptq_calib_source: str = "train"
     # GPTQ_RESERVE_MEASURED: the reserve is one calibration batch timed before the loop x the
     # batches a rank will read x GPTQ_RESERVE_SAFETY, instead of GPTQ_RESERVE_SECONDS (an explicit
@@ -709,7 +712,7 @@ class BaseHyperparameters:
             ("EMBED_BITS", QUANT_INT_BITS),
             ("QAT_BITS", (0, *QUANT_INT_BITS)),
             ("CLIP_METHOD", ("percentile", "search", "sdclip")),
-            ("GPTQ_CALIB_SOURCE", ("train", "self")),
+            ("GPTQ_CALIB_SOURCE", ("train", "self", "random")),
             ("COMPRESSOR", ("auto", "pergroup", *COMPRESSOR_NAMES)),
             ("CODE_FORM", ("readable", "compact")),
             ("LQER_RANK", tuple(range(65))),
@@ -733,7 +736,9 @@ class BaseHyperparameters:
                 self.bad(name, "must not be negative")
         if self.awq_lite_enabled and not self.gptq_enabled:
             self.bad("awq_lite_enabled", "AWQ-lite runs inside GPTQ: it needs GPTQ_ENABLED=1")
-        if self.gptq_reserve_measured and self.gptq_calib_source != "train":
+        if self.gptq_reserve_measured and self.gptq_calib_source == "self":
+            # The probe reads a batch of training data (the loader's or random windows) as
+            # calibrate will; generating samples is a cost it does not time.
             self.bad(
                 "gptq_reserve_measured",
                 "the probe times a training-data batch: with GPTQ_CALIB_SOURCE=self set "
@@ -1580,6 +1585,80 @@ class DistributedTokenLoader:
         self.shard_streams = {k: s for k, s in self.shard_streams.items() if k in state[1]}
         for k, st in state[1].items():
             self.shard_streams[k].restore(st)
+
+
+def shard_memmap(path):
+    """A shard's tokens as a read-only uint16 memmap (the header checked first): reading a window
+    pages in its bytes alone, not the whole ~200 MB file."""
+    num_tokens = shard_token_count(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def _shuffled_windows(rng, num_tokens, seq_len):
+    """One shard's (phase, window count, window order) for one pass: a random phase in
+    [0, seq_len) (less where the shard is short) and a random order of the seq_len-token windows
+    that start at it, each read with its next token."""
+    max_phase = min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+    phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+    count = max(0, (num_tokens - 1 - phase) // seq_len)
+    return phase, count, rng.permutation(count)
+
+
+def random_calibration_windows(data_path, n, seq_len, rank=0, world=1, vocab_size=0, seed=0):
+    """GPTQ_CALIB_SOURCE=random (#2135's GPTQ_CALIBRATION_MODE=random): `n` windows of seq_len + 1
+    training tokens as an int64 [n, seq_len + 1] tensor (x = [:, :-1], y = [:, 1:]), drawn as
+    #2135's fresh calibration loader draws them. The rank reads its own train shards
+    (files[rank::world]; a rank past the shard count reads files[rank % count]), never val. Each
+    shard gets a random phase and a random order of its windows; each draw picks a shard with
+    probability proportional to the windows it has left and takes its next window, so no window
+    repeats until every one of the rank's windows has been read (then a fresh pass begins).
+    Windows are read through a memmap, and an id >= vocab_size (when given) is a one-line error
+    naming the shard."""
+    files = shard_files(data_path, "train")
+    mine = files[rank::world] or [files[rank % len(files)]]
+    counts = [shard_token_count(path) for path in mine]
+    # PCG64 seeded by the rank, as #2135's loader is: SeedSequence pads its entropy with zeros, so
+    # [rank, 0] seeds exactly as rank alone does. Calibration passes no seed, so the windows do not
+    # depend on SEED (as in #2135): every seed of a run calibrates on the same windows.
+    rng = np.random.Generator(np.random.PCG64([rank, seed]))
+    offsets = np.arange(seq_len + 1)
+    out = np.empty((n, seq_len + 1), dtype=np.int64)
+    filled = 0
+    while filled < n:
+        passes = [_shuffled_windows(rng, count, seq_len) for count in counts]
+        left = np.array([count for _, count, _ in passes], dtype=np.float64)
+        if not left.any():
+            raise ValueError(
+                f"DATA_PATH={data_path!r}: the train shards of rank {rank} ({len(mine)} files) "
+                f"hold no window of TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens"
+            )
+        take = min(n - filled, int(left.sum()))
+        # Each draw's odds depend on the draws before it, so this stays a loop; its uniforms are
+        # drawn at once (the same doubles one rng.choice(p=...) per window would draw, so the
+        # stream is #2135's) and the loop does one small cumsum and search per window.
+        uniforms = rng.random(take)
+        picks = np.empty(take, dtype=np.int64)
+        for i, u in enumerate(uniforms):
+            cdf = (left / left.sum()).cumsum()
+            cdf /= cdf[-1]
+            shard = int(cdf.searchsorted(u, side="right"))
+            picks[i] = shard
+            left[shard] -= 1
+        for shard in np.unique(picks):
+            rows = np.flatnonzero(picks == shard)
+            phase, count, order = passes[shard]
+            # A shard's windows are taken from the end of its order, as #2135 pops them.
+            starts = phase + order[count - 1 - np.arange(rows.size)] * seq_len
+            block = shard_memmap(mine[shard])[starts[:, None] + offsets]
+            top = int(block.max())
+            if top >= vocab_size > 0:
+                raise ValueError(
+                    f"{mine[shard]}: token id {top} >= VOCAB_SIZE={vocab_size}; the shard was not "
+                    "made with this tokenizer"
+                )
+            out[filled + rows] = block
+        filled += take
+    return torch.from_numpy(out)
 
 
 def val_token_count(data_path):
@@ -2975,9 +3054,18 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
     return tokens
 
 
+def calibration_batch_rows(h):
+    """Sequences in one calibration batch: a training-loader batch's rows (TRAIN_BATCH_TOKENS / 8
+    tokens; world size x grad accum is 8), so random windows run in batches of the size the
+    `train` source reads and the measured reserve's batch count holds for both."""
+    return max(1, h.train_batch_tokens // (8 * h.train_seq_len))
+
+
 def gptq_calibrate(model, h, next_batch=None):
-    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()`
-    returns an (x, y) batch) or self-generated samples (GPTQ_CALIB_SOURCE=self). It counts
+    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks (each takes
+    max(1, GPTQ_CALIB_SEQS // world)): training data (`next_batch()` returns an (x, y) batch),
+    self-generated samples (GPTQ_CALIB_SOURCE=self) or random windows of this rank's training
+    shards (GPTQ_CALIB_SOURCE=random, #2135; golf/data.py random_calibration_windows). It counts
     against the 600 s training clock (docs/rules.md, Training clock): run it inside
     GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -2989,6 +3077,11 @@ def gptq_calibrate(model, h, next_batch=None):
                 model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank
             ).split(8)
         )
+    if h.gptq_calib_source == "random":
+        windows = random_calibration_windows(
+            h.data_path, n, h.train_seq_len, rank, world, h.vocab_size
+        )
+        seqs = list(windows[:, :-1].contiguous().split(calibration_batch_rows(h)))
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][: n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs, embed=h.gptq_embed)
@@ -6844,19 +6937,31 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, 
 
 def measured_gptq_reserve(h, rt, model, loader, logger):
     """GPTQ_RESERVE_MEASURED: one calibration batch as calibrate reads it (a training-loader batch,
-    its Hessians collected, summed over ranks) timed before the loop, x the batches each rank will
-    read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is restored, so training sees
-    the same tokens; the probe's time counts in the loop's setup (inside the training clock)."""
+    or with GPTQ_CALIB_SOURCE=random the first batch of random windows, read by the same function
+    from the same shards), its Hessians collected, summed over ranks, timed before the loop, x the
+    batches each rank will read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is
+    restored, so training sees the same tokens; the probe's time counts in the loop's setup
+    (inside the training clock)."""
     per_rank = max(1, h.gptq_calib_seqs // rt.world_size)
+    rows = calibration_batch_rows(h)
     state = loader.state()
     _sync(rt.device)
     t0 = time.perf_counter()  # the batch's read counts too: calibrate reads its batches
-    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
-    collect_hessians(model, [x[:per_rank]], embed=h.gptq_embed)
+    if h.gptq_calib_source == "random":
+        # A fresh draw each call (no loader state): the probe reads the windows calibrate reads
+        # first, each pass's shard headers, phases and orders included.
+        windows = random_calibration_windows(
+            h.data_path, min(rows, per_rank), h.train_seq_len, rt.rank, rt.world_size, h.vocab_size
+        )
+        x = windows[:, :-1].contiguous()
+    else:
+        x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
+        x = x[:per_rank]
+    collect_hessians(model, [x], embed=h.gptq_embed)
     _sync(rt.device)
     elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=rt.device)
     loader.restore(state)
-    batches = -(-per_rank // x.shape[0])
+    batches = -(-per_rank // rows)
     per_batch_s = float(dist_max(elapsed))
     reserve = per_batch_s * batches * h.gptq_reserve_safety
     logger.log0(
@@ -7240,8 +7345,9 @@ def train(run, model):
 
 
 def calibrate(run, model):
-    """GPTQ Hessians (GPTQ_ENABLED) on training data or self-samples, never val; the time counts
-    against the training budget. Closes the training clock with its `training_budget` line."""
+    """GPTQ Hessians (GPTQ_ENABLED) on training data (the loader continued, or random windows of
+    the training shards) or self-samples, never val; the time counts against the training
+    budget. Closes the training clock with its `training_budget` line."""
     h = run.h
     hessians = None
     if h.gptq_enabled:

@@ -421,6 +421,9 @@ class BaseHyperparameters:
     # written: B x TRAIN_BATCH_TOKENS / (8 x TRAIN_SEQ_LEN) sequences, so its 32 at 786,432 x
     # 2,048 is GPTQ_CALIB_SEQS=1536 here (our ranks split them: 1/8 of the time on 8 GPUs).
     gptq_calib_seqs: int = 32
+    # GPTQ_CALIB_SOURCE: "train" continues the training loader where the loop stopped; "self"
+    # samples from the model; "random" (#2135's GPTQ_CALIBRATION_MODE=random) reads random
+    # TRAIN_SEQ_LEN windows of the rank's own training shards, seeded by the rank, not SEED.
     gptq_calib_source: str = "train"
     # GPTQ_RESERVE_MEASURED: the reserve is one calibration batch timed before the loop x the
     # batches a rank will read x GPTQ_RESERVE_SAFETY, instead of GPTQ_RESERVE_SECONDS (an explicit
@@ -638,7 +641,7 @@ class BaseHyperparameters:
             ("EMBED_BITS", QUANT_INT_BITS),
             ("QAT_BITS", (0, *QUANT_INT_BITS)),
             ("CLIP_METHOD", ("percentile", "search", "sdclip")),
-            ("GPTQ_CALIB_SOURCE", ("train", "self")),
+            ("GPTQ_CALIB_SOURCE", ("train", "self", "random")),
             ("COMPRESSOR", ("auto", "pergroup", *COMPRESSOR_NAMES)),
             ("CODE_FORM", ("readable", "compact")),
             ("LQER_RANK", tuple(range(65))),
@@ -662,7 +665,9 @@ class BaseHyperparameters:
                 self.bad(name, "must not be negative")
         if self.awq_lite_enabled and not self.gptq_enabled:
             self.bad("awq_lite_enabled", "AWQ-lite runs inside GPTQ: it needs GPTQ_ENABLED=1")
-        if self.gptq_reserve_measured and self.gptq_calib_source != "train":
+        if self.gptq_reserve_measured and self.gptq_calib_source == "self":
+            # The probe reads a batch of training data (the loader's or random windows) as
+            # calibrate will; generating samples is a cost it does not time.
             self.bad(
                 "gptq_reserve_measured",
                 "the probe times a training-data batch: with GPTQ_CALIB_SOURCE=self set "

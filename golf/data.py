@@ -196,6 +196,80 @@ class DistributedTokenLoader:
             self.shard_streams[k].restore(st)
 
 
+def shard_memmap(path):
+    """A shard's tokens as a read-only uint16 memmap (the header checked first): reading a window
+    pages in its bytes alone, not the whole ~200 MB file."""
+    num_tokens = shard_token_count(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def _shuffled_windows(rng, num_tokens, seq_len):
+    """One shard's (phase, window count, window order) for one pass: a random phase in
+    [0, seq_len) (less where the shard is short) and a random order of the seq_len-token windows
+    that start at it, each read with its next token."""
+    max_phase = min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+    phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+    count = max(0, (num_tokens - 1 - phase) // seq_len)
+    return phase, count, rng.permutation(count)
+
+
+def random_calibration_windows(data_path, n, seq_len, rank=0, world=1, vocab_size=0, seed=0):
+    """GPTQ_CALIB_SOURCE=random (#2135's GPTQ_CALIBRATION_MODE=random): `n` windows of seq_len + 1
+    training tokens as an int64 [n, seq_len + 1] tensor (x = [:, :-1], y = [:, 1:]), drawn as
+    #2135's fresh calibration loader draws them. The rank reads its own train shards
+    (files[rank::world]; a rank past the shard count reads files[rank % count]), never val. Each
+    shard gets a random phase and a random order of its windows; each draw picks a shard with
+    probability proportional to the windows it has left and takes its next window, so no window
+    repeats until every one of the rank's windows has been read (then a fresh pass begins).
+    Windows are read through a memmap, and an id >= vocab_size (when given) is a one-line error
+    naming the shard."""
+    files = shard_files(data_path, "train")
+    mine = files[rank::world] or [files[rank % len(files)]]
+    counts = [shard_token_count(path) for path in mine]
+    # PCG64 seeded by the rank, as #2135's loader is: SeedSequence pads its entropy with zeros, so
+    # [rank, 0] seeds exactly as rank alone does. Calibration passes no seed, so the windows do not
+    # depend on SEED (as in #2135): every seed of a run calibrates on the same windows.
+    rng = np.random.Generator(np.random.PCG64([rank, seed]))
+    offsets = np.arange(seq_len + 1)
+    out = np.empty((n, seq_len + 1), dtype=np.int64)
+    filled = 0
+    while filled < n:
+        passes = [_shuffled_windows(rng, count, seq_len) for count in counts]
+        left = np.array([count for _, count, _ in passes], dtype=np.float64)
+        if not left.any():
+            raise ValueError(
+                f"DATA_PATH={data_path!r}: the train shards of rank {rank} ({len(mine)} files) "
+                f"hold no window of TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens"
+            )
+        take = min(n - filled, int(left.sum()))
+        # Each draw's odds depend on the draws before it, so this stays a loop; its uniforms are
+        # drawn at once (the same doubles one rng.choice(p=...) per window would draw, so the
+        # stream is #2135's) and the loop does one small cumsum and search per window.
+        uniforms = rng.random(take)
+        picks = np.empty(take, dtype=np.int64)
+        for i, u in enumerate(uniforms):
+            cdf = (left / left.sum()).cumsum()
+            cdf /= cdf[-1]
+            shard = int(cdf.searchsorted(u, side="right"))
+            picks[i] = shard
+            left[shard] -= 1
+        for shard in np.unique(picks):
+            rows = np.flatnonzero(picks == shard)
+            phase, count, order = passes[shard]
+            # A shard's windows are taken from the end of its order, as #2135 pops them.
+            starts = phase + order[count - 1 - np.arange(rows.size)] * seq_len
+            block = shard_memmap(mine[shard])[starts[:, None] + offsets]
+            top = int(block.max())
+            if top >= vocab_size > 0:
+                raise ValueError(
+                    f"{mine[shard]}: token id {top} >= VOCAB_SIZE={vocab_size}; the shard was not "
+                    "made with this tokenizer"
+                )
+            out[filled + rows] = block
+        filled += take
+    return torch.from_numpy(out)
+
+
 def val_token_count(data_path):
     """Number of val tokens from the file sizes alone, so a too-short split fails before training
     without opening a val file."""

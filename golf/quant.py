@@ -13,6 +13,7 @@ from torch import nn
 
 from golf.config import QUANT_INT_BITS
 from golf.contract import is_control_tensor
+from golf.data import random_calibration_windows
 from golf.runtime import Progress, dist_sum
 
 # dtype name in the header -> (torch dtype, numpy dtype of a "raw" tensor or None for float dtypes)
@@ -334,9 +335,18 @@ def generate_calibration_tokens(model, n_seqs, seq_len, vocab_size, temperature=
     return tokens
 
 
+def calibration_batch_rows(h):
+    """Sequences in one calibration batch: a training-loader batch's rows (TRAIN_BATCH_TOKENS / 8
+    tokens; world size x grad accum is 8), so random windows run in batches of the size the
+    `train` source reads and the measured reserve's batch count holds for both."""
+    return max(1, h.train_batch_tokens // (8 * h.train_seq_len))
+
+
 def gptq_calibrate(model, h, next_batch=None):
-    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks: training data (`next_batch()`
-    returns an (x, y) batch) or self-generated samples (GPTQ_CALIB_SOURCE=self). It counts
+    """Hessians from GPTQ_CALIB_SEQS sequences split over the ranks (each takes
+    max(1, GPTQ_CALIB_SEQS // world)): training data (`next_batch()` returns an (x, y) batch),
+    self-generated samples (GPTQ_CALIB_SOURCE=self) or random windows of this rank's training
+    shards (GPTQ_CALIB_SOURCE=random, #2135; golf/data.py random_calibration_windows). It counts
     against the 600 s training clock (docs/rules.md, Training clock): run it inside
     GPTQ_RESERVE_SECONDS."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -348,6 +358,11 @@ def gptq_calibrate(model, h, next_batch=None):
                 model, n, h.train_seq_len, h.vocab_size, 0.8, h.seed + rank
             ).split(8)
         )
+    if h.gptq_calib_source == "random":
+        windows = random_calibration_windows(
+            h.data_path, n, h.train_seq_len, rank, world, h.vocab_size
+        )
+        seqs = list(windows[:, :-1].contiguous().split(calibration_batch_rows(h)))
     while sum(x.shape[0] for x in seqs) < n:
         seqs.append(next_batch()[0][: n - sum(x.shape[0] for x in seqs)])
     return collect_hessians(model, seqs, embed=h.gptq_embed)

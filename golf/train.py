@@ -56,6 +56,7 @@ from golf.data import (
     check_data_present,
     load_checked_val_tokens,
     load_data_shard,
+    random_calibration_windows,
     shard_files,
     val_token_count,
 )
@@ -64,6 +65,7 @@ from golf.modes import EVAL_MODES
 from golf.optim import EMA, Muon, lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5
 from golf.quant import (
     QuantScheme,
+    calibration_batch_rows,
     collect_hessians,
     enable_qat,
     gptq_calibrate,
@@ -524,19 +526,31 @@ def train_model(h, rt, model, logger, ledger=None, validator=None, loader=None, 
 
 def measured_gptq_reserve(h, rt, model, loader, logger):
     """GPTQ_RESERVE_MEASURED: one calibration batch as calibrate reads it (a training-loader batch,
-    its Hessians collected, summed over ranks) timed before the loop, x the batches each rank will
-    read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is restored, so training sees
-    the same tokens; the probe's time counts in the loop's setup (inside the training clock)."""
+    or with GPTQ_CALIB_SOURCE=random the first batch of random windows, read by the same function
+    from the same shards), its Hessians collected, summed over ranks, timed before the loop, x the
+    batches each rank will read, x GPTQ_RESERVE_SAFETY; the slowest rank's time. The loader is
+    restored, so training sees the same tokens; the probe's time counts in the loop's setup
+    (inside the training clock)."""
     per_rank = max(1, h.gptq_calib_seqs // rt.world_size)
+    rows = calibration_batch_rows(h)
     state = loader.state()
     _sync(rt.device)
     t0 = time.perf_counter()  # the batch's read counts too: calibrate reads its batches
-    x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
-    collect_hessians(model, [x[:per_rank]], embed=h.gptq_embed)
+    if h.gptq_calib_source == "random":
+        # A fresh draw each call (no loader state): the probe reads the windows calibrate reads
+        # first, each pass's shard headers, phases and orders included.
+        windows = random_calibration_windows(
+            h.data_path, min(rows, per_rank), h.train_seq_len, rt.rank, rt.world_size, h.vocab_size
+        )
+        x = windows[:, :-1].contiguous()
+    else:
+        x = loader.next_batch(h.train_batch_tokens, h.train_seq_len, rt.grad_accum_steps)[0]
+        x = x[:per_rank]
+    collect_hessians(model, [x], embed=h.gptq_embed)
     _sync(rt.device)
     elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=rt.device)
     loader.restore(state)
-    batches = -(-per_rank // x.shape[0])
+    batches = -(-per_rank // rows)
     per_batch_s = float(dist_max(elapsed))
     reserve = per_batch_s * batches * h.gptq_reserve_safety
     logger.log0(
@@ -920,8 +934,9 @@ def train(run, model):
 
 
 def calibrate(run, model):
-    """GPTQ Hessians (GPTQ_ENABLED) on training data or self-samples, never val; the time counts
-    against the training budget. Closes the training clock with its `training_budget` line."""
+    """GPTQ Hessians (GPTQ_ENABLED) on training data (the loader continued, or random windows of
+    the training shards) or self-samples, never val; the time counts against the training
+    budget. Closes the training clock with its `training_budget` line."""
     h = run.h
     hessians = None
     if h.gptq_enabled:

@@ -33,16 +33,19 @@ def slowed(gpt, monkeypatch, delays):
     return calls
 
 
+@pytest.mark.parametrize("source", ["train", "random"])
 def test_the_reserve_is_the_measured_batch_time_times_batches_and_safety(
-    gpt, embedded, tmp_path, monkeypatch
+    gpt, embedded, tmp_path, monkeypatch, source
 ):
     calls = slowed(gpt, monkeypatch, [0.3, 0.0])
-    # TINY_ENV: 4096 tokens / 8 / 64 = 8 sequences per loader batch; 20 sequences: 3 batches.
+    # TINY_ENV: 4096 tokens / 8 / 64 = 8 sequences per loader batch; 20 sequences: 3 batches. The
+    # random source (#2135) reads its windows in batches of the same 8 rows.
     env = run_env(
         embedded,
         tmp_path,
         "probe",
         gptq_enabled=1,
+        gptq_calib_source=source,
         gptq_reserve_measured=1,
         gptq_reserve_safety=2.0,
         gptq_calib_seqs=20,
@@ -51,10 +54,21 @@ def test_the_reserve_is_the_measured_batch_time_times_batches_and_safety(
     )
     run = gpt.open_run(gpt.Hyperparameters.from_env(env))
     model, _ = gpt.build_run_model(run)
+    reads = []
+    if source == "random":  # the probe and calibration read through the same window reader
+        shipped = gpt.random_calibration_windows
+
+        def counted(*args, **kwargs):
+            out = shipped(*args, **kwargs)
+            reads.append(out.shape[0])
+            return out
+
+        monkeypatch.setattr(gpt, "random_calibration_windows", counted)
     gpt.train(run, model)
     assert calls == [1]  # the probe: one batch
     gpt.calibrate(run, model)
     assert calls == [1, 3]  # calibration read the 3 batches the reserve counted
+    assert reads == ([8, 20] if source == "random" else [])
     log = (tmp_path / "probe.txt").read_text()
     line = re.search(r"gptq:reserve measured ([\d.]+)s/batch x (\d+) batches x", log)
     assert line, log

@@ -284,8 +284,11 @@ RECORD_2135 = {
     # across the sublayer from its normed input, the head adapter in logit space, A per row.
     "ttt_lora_form": "record",
     # Artifact: 32 calibration batches of 48 x 2048 tokens per rank on 8 GPUs = 1,536 sequences
-    # (#2135), LQER groups of 32 (#2060), gates in fp16 as #2135 stores them.
+    # (#2135), read as #2135 reads them (GPTQ_CALIBRATION_MODE=random): random windows of each
+    # rank's own training shards, the same for every seed; LQER groups of 32 (#2060), gates in
+    # fp16 as #2135 stores them.
     "gptq_calib_seqs": 1536,
+    "gptq_calib_source": "random",
     "gptq_reserve_measured": True,
     "lqer_group": 32,
     "gate_int8": False,
@@ -296,7 +299,8 @@ RECORD_2135 = {
 # progressive context trains at 3072, so eval and TTT use 3072 as #2014 does; the Q/V-free TTT
 # mask of three records (#1945, #1953, #2014) with K kept; TTT_LOCAL_LR_MULT 0.75 on lr 1e-4
 # (#1953) rather than #2135's 8e-5 (nearly the same lr); #2135's weight decay 2.0; the BOS-masked
-# SmearGate of three records; int8 gates (#1945, #1953, #2014).
+# SmearGate of three records; int8 gates (#1945, #1953, #2014). GPTQ calibrates as `record` does,
+# on #2135's random windows of the training shards.
 FRONTIER = {
     **RECORD_2135,
     "qk_gain_init": 5.25,  # #1953

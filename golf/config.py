@@ -50,6 +50,19 @@ def ttt_short_chunk_steps(h):
     return steps
 
 
+def ttt_short_chunk_schedule(h):
+    """The [(longest document, chunk)] steps TTT_SHORT_SCORE_FIRST_ENABLED scores by: the
+    TTT_SHORT_SCORE_FIRST_STEPS pairs, or where there are none #2014's single step,
+    (TTT_SHORT_DOC_LEN, TTT_SHORT_CHUNK_SIZE; 0 = TTT_LORA_CHUNK)."""
+    steps = ttt_short_chunk_steps(h)
+    if steps:
+        return steps
+    chunk = h.ttt_short_chunk_size
+    if chunk == 0:
+        chunk = h.ttt_lora_chunk
+    return [(h.ttt_short_doc_len, chunk)]
+
+
 # TTT_LORA_FORM values: our per-module adapters, or #2135's per-pass ones.
 TTT_LORA_FORMS = ("module", "record")
 
@@ -474,6 +487,11 @@ class BaseHyperparameters:
     ttt_local_lr_mult: float = 1.0
     ttt_short_score_first_enabled: bool = False
     ttt_short_score_first_steps: str = ""
+    # #2014's fallback where TTT_SHORT_SCORE_FIRST_STEPS is empty: a group whose longest document
+    # is at most TTT_SHORT_DOC_LEN tokens is scored in chunks of TTT_SHORT_CHUNK_SIZE (0 means
+    # TTT_LORA_CHUNK, #2014's default, so the switch alone changes nothing).
+    ttt_short_doc_len: int = 512
+    ttt_short_chunk_size: int = 0
     # #2135's LoRA form (#1767's levers; hidden defaults in its script): TTT_LORA_ALPHA scales
     # the adapter output by alpha / TTT_LORA_RANK; 0 (the default) means alpha = rank, scale 1,
     # whatever the rank (#2135: 144 at rank 80, scale 1.8). TTT_WARM_START_A: a group's reset
@@ -730,12 +748,11 @@ class BaseHyperparameters:
         if self.ttt_mask not in TTT_MASKS:
             self.bad("ttt_mask", f"must be one of {', '.join(repr(m) for m in TTT_MASKS)}")
         ttt_phase_bounds(self)
-        steps = ttt_short_chunk_steps(self)
-        if self.ttt_short_score_first_enabled and not steps:
-            self.bad(
-                "ttt_short_score_first_steps",
-                "TTT_SHORT_SCORE_FIRST_ENABLED=1 needs doc_len:chunk pairs, e.g. '256:8,2000:24'",
-            )
+        ttt_short_chunk_steps(self)
+        if self.ttt_short_doc_len <= 0:
+            self.bad("ttt_short_doc_len", "must be positive")
+        if self.ttt_short_chunk_size < 0:
+            self.bad("ttt_short_chunk_size", "must not be negative (0 = TTT_LORA_CHUNK)")
 
     def validate_run_id(self):
         """RUN_ID names files in LOG_DIR: a plain name (letters, digits, `._-`), never a path."""

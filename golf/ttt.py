@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from golf.bpb import target_bytes
-from golf.config import TTT_MASKS, ttt_phase_bounds, ttt_short_chunk_steps
+from golf.config import TTT_MASKS, ttt_phase_bounds, ttt_short_chunk_schedule
 from golf.contract import model_hook
 from golf.data import BOS_ID
 from golf.evaluation import (
@@ -253,10 +253,11 @@ def masked_lora_targets(model, h):
 def lora_chunk_for(h, longest_targets):
     """The score-first chunk of a group whose longest document has `longest_targets` targets:
     TTT_LORA_CHUNK, or with TTT_SHORT_SCORE_FIRST_ENABLED the chunk of the first step of
-    TTT_SHORT_SCORE_FIRST_STEPS whose length the document does not exceed (#2014: its length
-    counts the BOS and the closing BOS, targets + 1, and the group's longest document decides)."""
+    TTT_SHORT_SCORE_FIRST_STEPS (else of TTT_SHORT_DOC_LEN:TTT_SHORT_CHUNK_SIZE) whose length
+    the document does not exceed (#2014: its length counts the BOS and the closing BOS,
+    targets + 1, and the group's longest document decides)."""
     if h.ttt_short_score_first_enabled:
-        for doc_len, chunk in ttt_short_chunk_steps(h):
+        for doc_len, chunk in ttt_short_chunk_schedule(h):
             if longest_targets + 1 <= doc_len:
                 return chunk
     return h.ttt_lora_chunk

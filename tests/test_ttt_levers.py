@@ -177,8 +177,36 @@ def test_bad_short_chunk_steps_are_one_line_errors(setup):
     for steps in ("256", "256:0", "a:8", "256:8,256:16", "-5:8"):
         with pytest.raises(ValueError, match="TTT_SHORT_SCORE_FIRST_STEPS"):
             lora_h(gpt, ttt_short_score_first_steps=steps)
-    with pytest.raises(ValueError, match="TTT_SHORT_SCORE_FIRST_STEPS.*needs doc_len:chunk"):
-        lora_h(gpt, ttt_short_score_first_enabled=True)
+    for kw, name in (
+        ({"ttt_short_doc_len": 0}, "TTT_SHORT_DOC_LEN"),
+        ({"ttt_short_chunk_size": -1}, "TTT_SHORT_CHUNK_SIZE"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            lora_h(gpt, **kw)
+
+
+def test_without_steps_the_short_chunk_is_2014s_single_step(setup):
+    """#2014's fallback: with no TTT_SHORT_SCORE_FIRST_STEPS a group whose longest document is
+    at most TTT_SHORT_DOC_LEN tokens (targets + 1) is cut at TTT_SHORT_CHUNK_SIZE; its default
+    (0: TTT_LORA_CHUNK, as #2014's) leaves every chunk as it was."""
+    gpt = setup[0]
+    h = lora_h(
+        gpt,
+        ttt_lora_chunk=48,
+        ttt_short_score_first_enabled=True,
+        ttt_short_doc_len=2000,
+        ttt_short_chunk_size=24,
+    )
+    assert gpt.ttt_short_chunk_schedule(h) == [(2000, 24)]
+    got = {n: gpt.lora_chunk_for(h, n) for n in (1, 1999, 2000, 10**6)}
+    assert got == {1: 24, 1999: 24, 2000: 48, 10**6: 48}
+    default = lora_h(gpt, ttt_lora_chunk=48, ttt_short_score_first_enabled=True)
+    assert gpt.ttt_short_chunk_schedule(default) == [(512, 48)]
+    assert {gpt.lora_chunk_for(default, n) for n in got} == {48}
+    # The steps string, when given, decides alone.
+    both = dataclasses.replace(h, ttt_short_score_first_steps="256:8")
+    assert gpt.ttt_short_chunk_schedule(both) == [(256, 8)]
+    assert gpt.lora_chunk_for(both, 1999) == 48
 
 
 SHORT = {"ttt_short_score_first_enabled": True, "ttt_short_score_first_steps": "12:2,50:4"}

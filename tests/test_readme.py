@@ -67,6 +67,11 @@ def test_the_record_stack_table_is_the_presets(gpt):
         assert hasattr(record, field), f"README names {name}, which is not a hyperparameter"
         assert same(default, getattr(baseline, field)), (name, default, getattr(baseline, field))
         assert same(in_record, getattr(record, field)), (name, in_record, getattr(record, field))
+    # Every setting in which `record` differs from `baseline` is in the table, except the run's
+    # own identity: the preset's name, its data and tokenizer paths, the record-track switch.
+    named = {name.lower() for name, _, _ in entries}
+    differ = {f for f in vars(record) if getattr(record, f) != getattr(baseline, f)}
+    assert differ - named == {"preset", "data_path", "tokenizer_path", "record_attempt"}
 
 
 def test_the_readme_parameter_count_is_the_record_models(gpt):

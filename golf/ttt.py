@@ -88,9 +88,10 @@ def ttt_phase_pieces(docs, ids, ends_at_bos):
 
 
 class PieceView:
-    """Spans of the val stream read as one stream: position t of the view is a position in
-    piece k; every read goes through `view` (a RecordedTokens), so the score-first audit sees
-    the val positions actually read."""
+    """Spans of the val stream read as one stream: position t of the view, inside piece k (t in
+    offsets[k]..offsets[k + 1] - 1), is val position pieces[k][0] + t - offsets[k]. Every read
+    goes through `view` (a RecordedTokens), so the score-first audit sees the val positions
+    actually read."""
 
     def __init__(self, view, pieces):
         self.view = view

@@ -4790,21 +4790,11 @@ def _autocast(device):  # bf16 on CUDA, plain fp32 on CPU
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def token_nll(model, x, y, tilt=None, positions=None):
-    """Per-token NLL (fp32) under the full softmax of `forward_logits`; with `tilt` (an NgramTilt),
-    the tilted NLL that scoring counts for the targets at val `positions`."""
-    with _autocast(x.device):
-        logits = model.forward_logits(x)
-    if tilt is not None:
-        return tilt.nll(logits, y, positions)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
-    ).view_as(y)
-
-
 def token_nll_scored(model, x, y, tilt, positions):
-    """(nll, scored) from one forward: the per-token NLL a trainer learns from, and the NLL scoring
-    counts, the same tensor without a tilt, the tilted one (no gradient) with one."""
+    """(nll, scored) from one forward: the per-token NLL (fp32, under the full softmax of
+    `forward_logits`) a trainer learns from, and the NLL scoring counts: the same tensor without a
+    tilt, with `tilt` (an NgramTilt) the tilted one of the targets at val `positions`, from the
+    same log-sum-exp and without gradient."""
     with _autocast(x.device):
         logits = model.forward_logits(x)
     nll = F.cross_entropy(
@@ -4814,6 +4804,12 @@ def token_nll_scored(model, x, y, tilt, positions):
         return nll, nll
     with torch.no_grad():
         return nll, tilt.nll(logits.detach(), y, positions, nll.detach())
+
+
+def token_nll(model, x, y, tilt=None, positions=None):
+    """The per-token NLL that scoring counts (token_nll_scored's second; without a tilt, the NLL
+    with its gradient)."""
+    return token_nll_scored(model, x, y, tilt, positions)[1]
 
 
 def tilt_result(tilt):

@@ -141,6 +141,23 @@ def perturbed_model(module, env, seed=0):
     return model, h
 
 
+def run_interpreted(code, *args, timeout=600):
+    """stdout of `code` run by a fresh interpreter with TRITON_INTERPRET=1 (the Triton kernels on
+    the CPU, which must be set before triton is imported) and one thread; a failure unless it
+    exits 0. Skips where triton is not installed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 def random_tokens(h, batch=2, seq=32, seed=1):
     """Token ids of a (batch, seq) input, never a special id."""
     return torch.randint(

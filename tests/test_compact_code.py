@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import REPO, SCRIPTS, TINY_ENV, TINY_RUN, summary_of
+from conftest import REPO, SCRIPTS, TINY_ENV, TINY_RUN, run_interpreted, summary_of
 
 import golf.compact as compact_tools
 
@@ -177,21 +177,11 @@ print("kernels agree")
 
 
 def test_triton_kernels_of_the_compact_form_run_under_the_interpreter(compact, tmp_path):
-    pytest.importorskip("triton")
     _, blob = compact
     path = tmp_path / "train_gpt_compact.py"
     path.write_bytes(blob)
     code = KERNELS.format(repo=str(REPO), readable=str(REPO / "train_gpt.py"), path=str(path))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert "kernels agree" in done.stdout, done.stderr[-3000:]
+    assert "kernels agree" in run_interpreted(code)
 
 
 def _run(script_path, env, cwd):

@@ -4,9 +4,6 @@ QK gain 5.25 (#1953) and progressive sequence length (#2014). Each toggles and t
 and all of them together pass the causality audit."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +14,7 @@ from conftest import (
     TINY_RUN,
     perturbed_model,
     random_tokens,
+    run_interpreted,
     run_script,
     summary_of,
 )
@@ -136,17 +134,8 @@ ASYM_KERNEL_CHECK = textwrap.dedent("""
 def test_fused_ce_kernel_takes_the_asym_caps_under_the_interpreter():
     """FUSED_CE with ASYM_LOGIT_RESCALE: the Triton kernel applies the two caps and returns their
     gradient (the CUDA training path), equal to torch's autograd of asym_softcap."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", ASYM_KERNEL_CHECK, str(REPO)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    res = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_interpreted(ASYM_KERNEL_CHECK, str(REPO))
+    res = json.loads(out.strip().splitlines()[-1])
     print(f"\nasym softcapped CE, triton interpreter vs torch: {res}")
     assert "Interpreted" in res["interpreted"]
     assert res["forward"] < 1e-4 and res["symmetric"] < 1e-6

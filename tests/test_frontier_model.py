@@ -5,14 +5,11 @@ is a floor, and the record_1855 preset has #1855's parameter count (`record` is 
 tests/test_record_preset.py)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO, perturbed_model, random_tokens
+from conftest import REPO, perturbed_model, random_tokens, run_interpreted
 
 SMALL = {
     "PRESET": "baseline",
@@ -390,17 +387,8 @@ KERNEL_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernels_match_torch_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK, str(REPO)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    res = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_interpreted(KERNEL_CHECK, str(REPO))
+    res = json.loads(out.strip().splitlines()[-1])
     print(f"\ntriton interpreter vs torch: {res}")
     assert "Interpreted" in res["interpreted"]
     assert res["mlp_forward"] < 1e-4 * max(1.0, res["mlp_scale"])

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, run_interpreted
 
 # The record preset at tiny shapes, every model flag of the preset on (2 layers: layer 1 looped
 # twice more, so 2 then 4 layer passes; parallel residuals from layer 1; XSA on both), plus late
@@ -375,19 +375,7 @@ print("kernels agree")
 
 
 def test_triton_kernels_run_and_agree_under_triton_interpret(gpt):
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = INTERPRETED.format(repo=str(REPO))
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "kernels agree" in out.stdout
+    assert "kernels agree" in run_interpreted(INTERPRETED.format(repo=str(REPO)), timeout=300)
 
 
 def test_a_kernel_builder_that_raises_never_crashes_the_dispatch(monkeypatch):

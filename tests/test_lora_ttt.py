@@ -142,10 +142,8 @@ def test_every_target_is_scored_once_and_a_duplicated_document_is_caught(setup, 
     assert not audit["passed"] and audit["scored_twice"] == tokens.numel() - 1
 
 
-@pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
-def test_a_lora_trainer_reading_one_chunk_ahead_is_caught(setup, monkeypatch, mode):
-    gpt, model, luts = setup
-    tokens = stream(DOCS)
+def read_one_chunk_ahead(gpt, monkeypatch, tokens):
+    """Rig the per-document LoRA trainer to read 8 positions past each chunk it trains on."""
     shipped = gpt.ttt_lora_span
 
     def one_chunk_ahead(doc_lo, first, last, window):
@@ -153,6 +151,13 @@ def test_a_lora_trainer_reading_one_chunk_ahead_is_caught(setup, monkeypatch, mo
         return lo, min(hi + 8, tokens.numel())
 
     monkeypatch.setattr(gpt, "ttt_lora_span", one_chunk_ahead)
+
+
+@pytest.mark.parametrize("mode", ["ttt_lora", "ttt_phased"])
+def test_a_lora_trainer_reading_one_chunk_ahead_is_caught(setup, monkeypatch, mode):
+    gpt, model, luts = setup
+    tokens = stream(DOCS)
+    read_one_chunk_ahead(gpt, monkeypatch, tokens)
     audit = gpt.EVAL_MODES[mode].evaluate(lora_h(gpt), model, tokens, luts)["score_first"]
     assert not audit["passed"] and audit["scored_twice"] == 0
     assert any("positions before they were scored" in f for f in audit["failures"])

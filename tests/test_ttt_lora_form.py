@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import load_script
 from test_eval import FakeSP, V, small_h
-from test_lora_ttt import DOCS, L, reference_per_document, stream
+from test_lora_ttt import DOCS, L, read_one_chunk_ahead, reference_per_document, stream
 
 # Three layers, layer 1 looped twice more: the forward runs 0, 1, 1, 1, 2 (five passes).
 RECUR = {"num_layers": 3, "recur_layers": "1", "recur_loops": 2}
@@ -225,13 +225,7 @@ def test_the_audits_catch_a_trainer_reading_ahead_with_the_record_form(setup, mo
     tokens = stream(DOCS)
     audit = gpt.EVAL_MODES[mode].evaluate(record_h(gpt), model, tokens, luts)["score_first"]
     assert audit["passed"] and audit["scored_twice"] == 0 and audit["never_scored"] == 0
-    shipped = gpt.ttt_lora_span
-
-    def one_chunk_ahead(doc_lo, first, last, window):
-        lo, hi = shipped(doc_lo, first, last, window)
-        return lo, min(hi + 8, tokens.numel())
-
-    monkeypatch.setattr(gpt, "ttt_lora_span", one_chunk_ahead)
+    read_one_chunk_ahead(gpt, monkeypatch, tokens)
     audit = gpt.EVAL_MODES[mode].evaluate(record_h(gpt), model, tokens, luts)["score_first"]
     assert not audit["passed"]
     assert any("positions before they were scored" in f for f in audit["failures"])
